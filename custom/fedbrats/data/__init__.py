@@ -1,0 +1,1 @@
+"""BraTS data: naming conventions, synthetic generator, datalist preparation, validation and transforms."""
