@@ -1,0 +1,201 @@
+"""Datasets and data loaders for training, validation and evaluation of one site."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset
+from monai.transforms import (
+    CenterSpatialCropd,
+    Compose,
+    CropForegroundd,
+    DivisiblePadd,
+    EnsureTyped,
+    NormalizeIntensityd,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+    SpatialPadd,
+    Zoomd,
+)
+
+from fedbrats.constants import MODALITIES
+from fedbrats.data.transforms import MASK_KEY, ConvertBraTSLabelsd, LoadBraTSCased, ModalityDropoutd
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """How a site turns its cases into tensors. The same for every site of a job (it lives in the job config).
+
+    Attributes:
+        roi_size: training crop and sliding-window size (voxels per side); a multiple of 8.
+        zoom: resampling factor applied after foreground cropping (0.5 halves each side; lets a CPU train on
+            real 240 x 240 x 155 volumes). 1.0 keeps the native 1 mm grid.
+        max_eval_size: validation volumes are centre-cropped to at most this many voxels per side (0: never).
+        batch_size: training batch size.
+        cache_rate: fraction of cases whose deterministic preprocessing is cached in memory.
+        modality_dropout: probability of hiding some of a training case's present sequences.
+        augment: random flips and intensity scale/shift during training.
+        num_workers: data-loading worker processes (0 keeps one process per simulated site).
+    """
+
+    roi_size: Sequence[int] = (32, 32, 32)
+    zoom: float = 1.0
+    max_eval_size: int = 0
+    batch_size: int = 1
+    cache_rate: float = 1.0
+    modality_dropout: float = 0.0
+    augment: bool = True
+    num_workers: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.roi_size = tuple(int(s) for s in self.roi_size)
+        if len(self.roi_size) != 3 or any(s < 8 or s % 8 for s in self.roi_size):
+            raise ValueError(f"roi_size must be three multiples of 8 (>= 8), got {self.roi_size}")
+        if not 0.05 <= self.zoom <= 1.0:
+            raise ValueError(f"zoom must be in [0.05, 1], got {self.zoom}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.cache_rate <= 1.0:
+            raise ValueError(f"cache_rate must be in [0, 1], got {self.cache_rate}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> DataConfig:
+        """Build from a config mapping, rejecting unknown keys by name."""
+        values = dict(values or {})
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown data option(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def _preprocess(modalities: Sequence[str], convention: str, zoom: float) -> list:
+    keys = ["image", "label"]
+    steps: list = [
+        LoadBraTSCased(keys, modalities=modalities, convention=convention),
+        ConvertBraTSLabelsd("label", convention=convention),
+        # Skull-stripped volumes are mostly background: cropping to the head first saves most of the compute.
+        CropForegroundd(keys, source_key="image", allow_missing_keys=True, allow_smaller=True),
+    ]
+    if zoom < 1.0:
+        steps.append(
+            Zoomd(keys, zoom=zoom, mode=("trilinear", "nearest"), keep_size=False, allow_missing_keys=True)
+        )
+    # Normalising only non-zero voxels per channel keeps zero-filled (absent) channels at exactly zero.
+    steps.append(NormalizeIntensityd("image", nonzero=True, channel_wise=True))
+    return steps
+
+
+def train_transforms(modalities: Sequence[str], convention: str, cfg: DataConfig) -> Compose:
+    """Training pipeline: load available sequences, crop, normalise, random crop/augment, modality dropout."""
+    keys = ["image", "label"]
+    steps = _preprocess(modalities, convention, cfg.zoom)
+    steps += [
+        SpatialPadd(keys, spatial_size=cfg.roi_size),
+        RandSpatialCropd(keys, roi_size=cfg.roi_size, random_size=False),
+    ]
+    if cfg.augment:
+        steps += [
+            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            RandFlipd(keys, prob=0.5, spatial_axis=2),
+            RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        ]
+    if cfg.modality_dropout > 0:
+        steps.append(ModalityDropoutd("image", prob=cfg.modality_dropout))
+    steps.append(EnsureTyped(["image", "label", MASK_KEY], dtype=torch.float32, track_meta=False))
+    return Compose(steps)
+
+
+def eval_transforms(modalities: Sequence[str], convention: str, cfg: DataConfig, divisor: int = 8) -> Compose:
+    """Validation / evaluation pipeline: whole (cropped, resampled) volumes, padded to a multiple of ``divisor``."""
+    keys = ["image", "label"]
+    steps = _preprocess(modalities, convention, cfg.zoom)
+    if cfg.max_eval_size:
+        steps.append(CenterSpatialCropd(keys, roi_size=[cfg.max_eval_size] * 3, allow_missing_keys=True))
+    steps += [
+        DivisiblePadd(keys, k=divisor, allow_missing_keys=True),
+        EnsureTyped(["image", "label", MASK_KEY], dtype=torch.float32, track_meta=False, allow_missing_keys=True),
+    ]
+    return Compose(steps)
+
+
+def read_datalist(path: str, key: str) -> list[dict[str, Any]]:
+    """Entries under ``key`` (``training``, ``validation`` or ``test``) of a Decathlon-style datalist.
+
+    Raises:
+        ValueError: the file is missing, not JSON, lacks ``key`` or the list is empty.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"datalist {path!r} does not exist; run `fedbrats prepare` or fix the site config")
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"datalist {path!r} is not valid JSON: {e}") from e
+    entries = content.get(key)
+    if entries is None:
+        raise ValueError(f"datalist {path!r} has no {key!r} list (keys: {sorted(content)})")
+    if not entries:
+        raise ValueError(f"datalist {path!r}: the {key!r} list is empty; this site has no cases to use")
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    for entry in entries:
+        e = dict(entry)
+        # Relative paths in a datalist are relative to the datalist, as in MONAI's load_decathlon_datalist.
+        e["image"] = [os.path.join(base, p) if p and not os.path.isabs(p) else p for p in e["image"]]
+        if e.get("label") and not os.path.isabs(e["label"]):
+            e["label"] = os.path.join(base, e["label"])
+        out.append(e)
+    return out
+
+
+def make_dataset(entries: list[dict[str, Any]], transform: Compose, cache_rate: float) -> Dataset:
+    """A cached dataset (deterministic steps computed once) or a plain one when ``cache_rate`` is 0."""
+    if cache_rate > 0:
+        return CacheDataset(entries, transform=transform, cache_rate=cache_rate, num_workers=0, progress=False)
+    return Dataset(entries, transform=transform)
+
+
+def make_loaders(
+    datalist: str, modalities: Sequence[str], convention: str, cfg: DataConfig, divisor: int = 8
+) -> tuple[DataLoader, DataLoader]:
+    """Training and validation loaders of one site.
+
+    Args:
+        datalist: the site's Decathlon-style datalist (``training`` and ``validation`` lists).
+        modalities: the sequences the site has; others are zero-filled and never read.
+        convention: the site's BraTS label convention.
+        cfg: data options.
+        divisor: validation volumes are padded to a multiple of this (the network's down-sampling).
+    """
+    unknown = sorted(set(modalities) - set(MODALITIES))
+    if unknown:
+        raise ValueError(f"modalities {unknown} are not among {list(MODALITIES)}")
+    train_entries = read_datalist(datalist, "training")
+    val_entries = read_datalist(datalist, "validation")
+    train_ds = make_dataset(train_entries, train_transforms(modalities, convention, cfg), cfg.cache_rate)
+    val_ds = make_dataset(val_entries, eval_transforms(modalities, convention, cfg, divisor), cfg.cache_rate)
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
+    val_loader = DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=cfg.num_workers)
+    logger.info(
+        "data: %d training / %d validation cases, sequences %s, roi %s, zoom %.2f",
+        len(train_ds),
+        len(val_ds),
+        ",".join(modalities),
+        cfg.roi_size,
+        cfg.zoom,
+    )
+    return train_loader, val_loader

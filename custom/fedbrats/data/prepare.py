@@ -1,0 +1,737 @@
+"""Scan a BraTS folder, validate every case and write one Decathlon-style datalist per federated site.
+
+The output folder holds:
+
+- ``<site>.json``: the site's ``training`` and ``validation`` cases; ``image`` lists the four sequences in
+  canonical order (:data:`fedbrats.constants.MODALITIES`), ``null`` where the file is absent or the site's
+  modality profile says the site does not have that sequence.
+- ``test.json``: a held-out ``test`` set, drawn per site (stratified), with all four sequences, because
+  evaluation covers all 15 sequence combinations.
+- ``sites.json``: the manifest a federated client reads to find its own datalist and available sequences.
+
+Command line::
+
+    python -m fedbrats.data.prepare --data-dir /data/brats2018 --out-dir datalists --split institution \\
+        --site-modalities "CBICA=t1,t1ce,t2,flair;TCIA=t1,t2,flair;2013=t2,flair"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fedbrats.constants import MODALITIES
+from fedbrats.data.conventions import (
+    BRATS2018,
+    BRATS2023,
+    CONVENTIONS,
+    BraTSConvention,
+    get_convention,
+    institution_of,
+)
+from fedbrats.data.validation import CaseInfo, CaseValidationError, validate_case
+
+logger = logging.getLogger(__name__)
+
+#: Ways of assigning cases to sites.
+SPLITS: tuple[str, ...] = ("institution", "random", "map")
+
+#: Version of the ``sites.json`` layout.
+MANIFEST_VERSION: int = 1
+
+#: File names the output folder reserves; a site may not be called after them.
+_RESERVED_SITE_NAMES = frozenset({"test", "sites"})
+#: Site names become file names and NVFlare client names: keep them plain.
+_SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+_LABEL_NAMES = {0: "background", 1: "necrotic / non-enhancing tumour core", 2: "peritumoural edema"}
+
+
+class InvalidCasesError(ValueError):
+    """Raised when cases fail validation and invalid cases are not to be skipped.
+
+    Attributes:
+        errors: one :class:`CaseValidationError` per bad case.
+    """
+
+    def __init__(self, errors: Sequence[CaseValidationError], total: int) -> None:
+        self.errors = list(errors)
+        lines = "\n".join(f"  - {e}" for e in self.errors)
+        super().__init__(
+            f"{len(self.errors)} of {total} cases failed validation; fix them, or pass --skip-invalid "
+            f"(skip_invalid=True) to leave them out:\n{lines}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scanning and splitting
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _is_case_dir(path: str) -> bool:
+    try:
+        return any(name.endswith(".nii.gz") for name in os.listdir(path))
+    except OSError:
+        return False
+
+
+def scan_cases(data_dir: str) -> list[str]:
+    """Case folders directly under ``data_dir``, sorted by name.
+
+    A case folder is a directory holding at least one ``.nii.gz`` file; its name is the case id.
+
+    Args:
+        data_dir: the BraTS folder, laid out as ``data_dir/<case_id>/<case_id>_<sequence>.nii.gz``.
+
+    Returns:
+        Absolute paths of the case folders.
+
+    Raises:
+        ValueError: ``data_dir`` does not exist, or holds no case folder.
+    """
+    if not data_dir:
+        raise ValueError("data_dir: empty path")
+    data_dir = os.path.abspath(data_dir)
+    if not os.path.isdir(data_dir):
+        raise ValueError(f"data_dir {data_dir!r} does not exist or is not a folder")
+    subdirs = sorted(
+        os.path.join(data_dir, name)
+        for name in os.listdir(data_dir)
+        if not name.startswith(".") and os.path.isdir(os.path.join(data_dir, name))
+    )
+    cases = [d for d in subdirs if _is_case_dir(d)]
+    if not cases:
+        # The original BraTS 2018 download nests cases under HGG/ and LGG/: say so rather than just "empty".
+        nested = [os.path.basename(d) for d in subdirs if any(_is_case_dir(os.path.join(d, n)) for n in os.listdir(d))]
+        hint = f"; the subfolders {nested} hold case folders: point data_dir at one of them" if nested else ""
+        raise ValueError(
+            f"data_dir {data_dir!r} holds no case folder; expected one folder per case with its NIfTI files, "
+            f"e.g. {data_dir}/Brats18_CBICA_AAB_1/Brats18_CBICA_AAB_1_t1.nii.gz "
+            f"or {data_dir}/BraTS-GLI-00000-000/BraTS-GLI-00000-000-t1n.nii.gz{hint}"
+        )
+    return cases
+
+
+def _check_case_ids(case_ids: Sequence[str]) -> list[str]:
+    if isinstance(case_ids, str):
+        raise ValueError("case_ids: expected a sequence of case ids, got a single string")
+    ids = list(case_ids)
+    if not ids:
+        raise ValueError("case_ids: no cases to split")
+    dupes = sorted({c for c in ids if ids.count(c) > 1})
+    if dupes:
+        raise ValueError(f"case_ids: duplicated case ids {dupes}")
+    return ids
+
+
+def split_by_institution(case_ids: Sequence[str]) -> dict[str, list[str]]:
+    """One site per institution encoded in the case ids (see :func:`institution_of`).
+
+    Args:
+        case_ids: the case ids.
+
+    Returns:
+        Site (institution name) -> sorted case ids, sites sorted by name.
+
+    Raises:
+        ValueError: no case ids, or an id from which no institution can be read.
+    """
+    sites: dict[str, list[str]] = {}
+    for case_id in _check_case_ids(case_ids):
+        sites.setdefault(institution_of(case_id), []).append(case_id)
+    return {site: sorted(sites[site]) for site in sorted(sites)}
+
+
+def split_random(case_ids: Sequence[str], k: int, seed: int) -> dict[str, list[str]]:
+    """Deal the cases at random over ``k`` sites ``site-1`` ... ``site-k`` (sizes differ by at most one).
+
+    Args:
+        case_ids: the case ids.
+        k: number of sites, ``1 <= k <= len(case_ids)``.
+        seed: random seed; the same ids and seed give the same split.
+
+    Returns:
+        Site -> sorted case ids.
+
+    Raises:
+        ValueError: no case ids, or ``k`` out of range.
+    """
+    ids = sorted(_check_case_ids(case_ids))
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (number of sites) must be a positive integer, got {k!r}")
+    if k > len(ids):
+        raise ValueError(f"k (number of sites) = {k} exceeds the number of cases ({len(ids)})")
+    random.Random(seed).shuffle(ids)
+    # Round-robin dealing keeps the sites balanced whatever the shuffle.
+    return {f"site-{i + 1}": sorted(ids[i::k]) for i in range(k)}
+
+
+def load_split_map(path: str) -> dict[str, Any]:
+    """Read a split map JSON file (``{case_id: site}`` or ``{site: [case_id, ...]}``).
+
+    Raises:
+        ValueError: the file is missing, not JSON, or not a JSON object.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"split_map: file {path!r} not found")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            mapping = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"split_map: cannot read {path!r} as JSON ({exc})") from exc
+    if not isinstance(mapping, dict):
+        raise ValueError(f"split_map: {path!r} must hold a JSON object, got {type(mapping).__name__}")
+    return mapping
+
+
+def split_from_map(case_ids: Sequence[str], mapping: Mapping[str, str | Sequence[str]]) -> dict[str, list[str]]:
+    """Assign cases to sites as an explicit map says.
+
+    Args:
+        case_ids: the case ids found on disk.
+        mapping: either ``{case_id: site}`` or ``{site: [case_id, ...]}``.
+
+    Returns:
+        Site -> sorted case ids, sites sorted by name.
+
+    Raises:
+        ValueError: the map is empty or mixes both forms, names case ids not found on disk, assigns a case twice,
+            or leaves cases unassigned.
+    """
+    ids = _check_case_ids(case_ids)
+    if not isinstance(mapping, Mapping) or not mapping:
+        raise ValueError("split_map: expected a non-empty mapping {case_id: site} or {site: [case_ids]}")
+    values = list(mapping.values())
+    site_of: dict[str, str] = {}
+    if all(isinstance(v, str) for v in values):
+        site_of = {str(case): str(site) for case, site in mapping.items()}
+    elif all(isinstance(v, (list, tuple)) for v in values):
+        for site, cases in mapping.items():
+            for case in cases:
+                if not isinstance(case, str):
+                    raise ValueError(f"split_map: site {site!r} lists a non-string case id {case!r}")
+                if case in site_of:
+                    raise ValueError(f"split_map: case {case!r} is assigned to both {site_of[case]!r} and {site!r}")
+                site_of[case] = str(site)
+    else:
+        raise ValueError("split_map: values must be all site names ({case_id: site}) or all lists ({site: [case_ids]})")
+    unknown = sorted(set(site_of) - set(ids))
+    if unknown:
+        raise ValueError(f"split_map names {len(unknown)} case id(s) not found in the data folder: {unknown}")
+    unmapped = sorted(set(ids) - set(site_of))
+    if unmapped:
+        raise ValueError(
+            f"split_map leaves {len(unmapped)} case(s) without a site: {unmapped}; assign them or remove the folders"
+        )
+    sites: dict[str, list[str]] = {}
+    for case in ids:
+        sites.setdefault(site_of[case], []).append(case)
+    return {site: sorted(sites[site]) for site in sorted(sites)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Site modality profiles
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _canonical_modalities(names: Sequence[str] | str, site: str) -> list[str]:
+    if isinstance(names, str):
+        names = names.split(",")
+    cleaned = [str(n).strip() for n in names if str(n).strip()]
+    if not cleaned:
+        raise ValueError(f"site_modalities: site {site!r} lists no sequence; choose from {list(MODALITIES)}")
+    for name in cleaned:
+        if name not in MODALITIES:
+            hint = ""
+            # Help with the 2023+ file suffixes, which are not the canonical names.
+            for conv in (BRATS2023, BRATS2018):
+                if name in conv.suffixes:
+                    hint = f" (did you mean {MODALITIES[conv.suffixes.index(name)]!r}?)"
+            raise ValueError(
+                f"site_modalities: site {site!r}: unknown sequence {name!r}{hint}; choose from {list(MODALITIES)}"
+            )
+    return [m for m in MODALITIES if m in set(cleaned)]
+
+
+def parse_site_modalities(
+    spec: str | Mapping[str, Sequence[str] | str] | None, sites: Sequence[str] | None = None
+) -> dict[str, list[str]]:
+    """Parse a site -> available sequences profile.
+
+    Args:
+        spec: a JSON file path (``{"site-1": ["t1", "t2"], ...}``), an inline spec
+            (``"site-1=t1,t1ce,t2,flair;site-2=t1,t2,flair"``), a mapping, or ``None`` (all four everywhere).
+        sites: the real site names; when given, unknown sites are an error and sites not in ``spec`` get all
+            four sequences.
+
+    Returns:
+        Site -> available sequences in canonical order.
+
+    Raises:
+        ValueError: unreadable file, malformed spec, unknown sequence (naming it and the site), or unknown site
+            (listing the real ones).
+    """
+    raw: Mapping[str, Sequence[str] | str]
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        raw = {}
+    elif isinstance(spec, Mapping):
+        raw = spec
+    elif isinstance(spec, str):
+        text = spec.strip()
+        if os.path.isfile(text) or text.endswith(".json"):
+            if not os.path.isfile(text):
+                raise ValueError(f"site_modalities: file {text!r} not found")
+            try:
+                with open(text, encoding="utf-8") as fh:
+                    raw = json.load(fh)
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ValueError(f"site_modalities: cannot read {text!r} as JSON ({exc})") from exc
+            if not isinstance(raw, dict):
+                raise ValueError(f"site_modalities: {text!r} must hold a JSON object {{site: [sequences]}}")
+        else:
+            parsed: dict[str, str] = {}
+            for part in (p.strip() for p in text.split(";")):
+                if not part:
+                    continue
+                site, sep, mods = part.partition("=")
+                if not sep or not site.strip():
+                    raise ValueError(
+                        f"site_modalities: cannot parse {part!r}; expected 'site=seq,seq;site=seq,...', "
+                        "e.g. 'site-1=t1,t1ce,t2,flair;site-2=t1,t2,flair'"
+                    )
+                if site.strip() in parsed:
+                    raise ValueError(f"site_modalities: site {site.strip()!r} given twice")
+                parsed[site.strip()] = mods
+            raw = parsed
+    else:
+        raise ValueError(f"site_modalities: expected a path, an inline spec or a mapping, got {type(spec).__name__}")
+
+    profile = {str(site): _canonical_modalities(mods, str(site)) for site, mods in raw.items()}
+    if sites is None:
+        return profile
+    unknown = sorted(set(profile) - set(sites))
+    if unknown:
+        raise ValueError(f"site_modalities names unknown site(s) {unknown}; the sites of this split are {list(sites)}")
+    for site in sites:
+        if site not in profile:
+            profile[site] = list(MODALITIES)
+    return {site: profile[site] for site in sites}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hold-out and datalists
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _round_half_up(x: float) -> int:
+    # Python's round() is banker's rounding (round(2.5) == 2): surprising for case counts.
+    return int(math.floor(x + 0.5))
+
+
+def _check_fraction(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def split_site(
+    site: str,
+    case_ids: Sequence[str],
+    test_eligible: Sequence[str],
+    test_fraction: float,
+    val_fraction: float,
+    seed: int,
+) -> tuple[list[str], list[str], list[str]]:
+    """Split one site's cases into training, validation and (held-out) test cases.
+
+    ``round(n * test_fraction)`` cases go to test, chosen among ``test_eligible`` (those with all four
+    sequences) and never all of the site's cases; ``round(m * val_fraction)`` of the remaining ``m`` go to
+    validation, at least one when ``m >= 2`` and ``val_fraction > 0``, always leaving one for training.
+
+    Args:
+        site: the site name (part of the random seed, so sites draw independently).
+        case_ids: the site's cases.
+        test_eligible: the subset that may be held out for testing.
+        test_fraction: share of the site's cases held out for the global test set.
+        val_fraction: share of the remaining cases used for validation.
+        seed: random seed.
+
+    Returns:
+        ``(training, validation, test)``, each sorted.
+    """
+    test_fraction = _check_fraction("test_fraction", test_fraction)
+    val_fraction = _check_fraction("val_fraction", val_fraction)
+    ids = sorted(case_ids)
+    eligible = sorted(set(test_eligible) & set(ids))
+    # A string seed is hashed deterministically by random (not by PYTHONHASHSEED).
+    rng = random.Random(f"{seed}:{site}")
+
+    n = len(ids)
+    wanted = _round_half_up(n * test_fraction) if n > 1 else 0
+    n_test = max(0, min(wanted, n - 1, len(eligible)))
+    if n_test < wanted:
+        logger.warning(
+            "site %s: only %d of the %d wanted test cases could be held out (%d cases have all four sequences)",
+            site,
+            n_test,
+            wanted,
+            len(eligible),
+        )
+    test = sorted(rng.sample(eligible, n_test))
+
+    rest = [c for c in ids if c not in set(test)]
+    m = len(rest)
+    n_val = _round_half_up(m * val_fraction)
+    if val_fraction > 0 and m >= 2:
+        n_val = max(1, n_val)
+    n_val = max(0, min(n_val, m - 1))
+    order = rng.sample(rest, m)
+    return sorted(order[n_val:]), sorted(order[:n_val]), test
+
+
+def _labels_of(convention: BraTSConvention) -> dict[str, str]:
+    names = dict(_LABEL_NAMES)
+    names[convention.et_label] = "enhancing tumour"
+    return {str(v): names.get(v, f"label {v}") for v in convention.labels}
+
+
+def _entry(info: CaseInfo, modalities: Sequence[str]) -> dict[str, Any]:
+    return {
+        "case_id": info.case_id,
+        "image": [info.paths.get(m) if m in modalities else None for m in MODALITIES],
+        "label": info.label,
+    }
+
+
+def _datalist(
+    name: str, description: str, convention: BraTSConvention, sections: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "description": description,
+        "convention": convention.name,
+        "modality": {str(i): m for i, m in enumerate(MODALITIES)},
+        "labels": _labels_of(convention),
+        **sections,
+    }
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON through a temporary file and ``os.replace`` so readers never see half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole preparation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _assign_sites(
+    case_ids: list[str], split: str, k: int | None, split_map: str | Mapping[str, Any] | None, seed: int
+) -> dict[str, list[str]]:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    if split != "random" and k is not None:
+        raise ValueError(f"k (--num-sites) is only used with split='random', not split={split!r}")
+    if split != "map" and split_map is not None:
+        raise ValueError(f"split_map (--split-map) is only used with split='map', not split={split!r}")
+    if split == "institution":
+        return split_by_institution(case_ids)
+    if split == "random":
+        if k is None:
+            raise ValueError("split='random' needs k (--num-sites)")
+        return split_random(case_ids, k, seed)
+    if split_map is None:
+        raise ValueError("split='map' needs split_map (--split-map FILE.json)")
+    mapping = load_split_map(split_map) if isinstance(split_map, str) else split_map
+    return split_from_map(case_ids, mapping)
+
+
+def _validate_all(
+    case_dirs: dict[str, str],
+    site_of: dict[str, str],
+    profile: dict[str, list[str]],
+    convention: BraTSConvention | None,
+    deep: bool,
+    progress_every: int,
+) -> tuple[dict[str, CaseInfo], list[CaseValidationError]]:
+    infos: dict[str, CaseInfo] = {}
+    errors: list[CaseValidationError] = []
+    total = len(case_dirs)
+    start = time.monotonic()
+    logger.info("validating %d cases (%s)", total, "deep: reading all voxels" if deep else "shallow: headers only")
+    for i, (case_id, case_dir) in enumerate(sorted(case_dirs.items()), start=1):
+        try:
+            infos[case_id] = validate_case(
+                case_dir, convention=convention, required_modalities=profile[site_of[case_id]], deep=deep
+            )
+        except CaseValidationError as exc:
+            errors.append(exc)
+        if progress_every > 0 and (i % progress_every == 0 or i == total):
+            logger.info(
+                "validated %d/%d cases (%d invalid so far, %.1f s)", i, total, len(errors), time.monotonic() - start
+            )
+    return infos, errors
+
+
+def prepare(
+    data_dir: str,
+    out_dir: str,
+    *,
+    split: str = "institution",
+    k: int | None = None,
+    split_map: str | Mapping[str, Any] | None = None,
+    site_modalities: str | Mapping[str, Sequence[str] | str] | None = None,
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    convention: str | BraTSConvention | None = None,
+    deep_validate: bool = True,
+    skip_invalid: bool = False,
+    progress_every: int = 10,
+) -> dict[str, Any]:
+    """Scan ``data_dir``, validate every case, split into sites and write the datalists and ``sites.json``.
+
+    Nothing is written unless every check passes (or, with ``skip_invalid``, unless enough cases remain).
+
+    Args:
+        data_dir: the BraTS folder (one sub-folder per case).
+        out_dir: where ``<site>.json``, ``test.json`` and ``sites.json`` go (created if needed).
+        split: ``"institution"`` (one site per institution in the case ids), ``"random"`` (``k`` balanced
+            sites) or ``"map"`` (``split_map``).
+        k: number of sites for ``split="random"``.
+        split_map: JSON file path or mapping for ``split="map"``.
+        site_modalities: site -> available sequences (see :func:`parse_site_modalities`); default all four.
+        test_fraction: share of each site's cases held out for the global test set, in [0, 1).
+        val_fraction: share of each site's remaining cases used for validation, in [0, 1).
+        seed: random seed for the random split and the hold-outs.
+        convention: ``"brats2018"``, ``"brats2023"`` or ``None`` to detect it per case.
+        deep_validate: decompress every volume (catches truncated files and bad labels) instead of headers only.
+        skip_invalid: leave invalid cases out with a warning instead of aborting.
+        progress_every: log validation progress every this many cases (0: only errors and the summary).
+
+    Returns:
+        The manifest written to ``sites.json``.
+
+    Raises:
+        InvalidCasesError: cases failed validation and ``skip_invalid`` is off (lists every bad case).
+        ValueError: any bad argument, an empty or mostly invalid site, mixed conventions.
+    """
+    test_fraction = _check_fraction("test_fraction", test_fraction)
+    val_fraction = _check_fraction("val_fraction", val_fraction)
+    if not out_dir:
+        raise ValueError("out_dir: empty path")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out_dir {out_dir!r} exists and is not a folder")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    conv = get_convention(convention) if isinstance(convention, str) else convention
+    data_dir = os.path.abspath(data_dir)
+    out_dir = os.path.abspath(out_dir)
+
+    case_dirs = {os.path.basename(d): d for d in scan_cases(data_dir)}
+    sites = _assign_sites(list(case_dirs), split, k, split_map, seed)
+    for site, members in sites.items():
+        if not _SITE_NAME_RE.match(site) or site in _RESERVED_SITE_NAMES:
+            raise ValueError(
+                f"site name {site!r} cannot be used: it must match {_SITE_NAME_RE.pattern} "
+                f"and not be one of {sorted(_RESERVED_SITE_NAMES)}"
+            )
+        if not members:
+            raise ValueError(f"site {site!r} has no cases")
+    profile = parse_site_modalities(site_modalities, list(sites))
+    site_of = {case: site for site, members in sites.items() for case in members}
+
+    infos, errors = _validate_all(case_dirs, site_of, profile, conv, deep_validate, progress_every)
+    if errors and not skip_invalid:
+        raise InvalidCasesError(errors, len(case_dirs))
+    bad_by_site: dict[str, int] = {}
+    for err in errors:
+        logger.warning("skipping invalid case: %s", err)
+        bad_by_site[site_of[err.case_id]] = bad_by_site.get(site_of[err.case_id], 0) + 1
+    for site, n_bad in bad_by_site.items():
+        n = len(sites[site])
+        if 2 * n_bad > n:
+            raise ValueError(f"site {site}: {n_bad} of {n} cases invalid; refusing to train on almost nothing")
+
+    conventions_found = sorted({info.convention for info in infos.values()})
+    if len(conventions_found) != 1:
+        raise ValueError(
+            f"data_dir {data_dir!r} mixes conventions {conventions_found}; prepare each release separately "
+            "or convert the files to one naming"
+        )
+    conv = CONVENTIONS[conventions_found[0]]
+
+    # Hold-outs first, all in memory: nothing is written until every site is known to be usable.
+    splits: dict[str, tuple[list[str], list[str], list[str]]] = {}
+    for site, members in sites.items():
+        valid = [c for c in members if c in infos]
+        if not valid:
+            raise ValueError(f"site {site!r} has no valid case left")
+        eligible = [c for c in valid if all(infos[c].paths[m] is not None for m in MODALITIES)]
+        train, val, test = split_site(site, valid, eligible, test_fraction, val_fraction, seed)
+        if not train:
+            raise ValueError(f"site {site!r} has no training case after the test/validation split")
+        splits[site] = (train, val, test)
+    test_cases = sorted(c for _, _, test in splits.values() for c in test)
+    if test_fraction > 0 and not test_cases:
+        logger.warning("no test case could be held out (too few cases, or none with all four sequences)")
+
+    os.makedirs(out_dir, exist_ok=True)
+    manifest_sites: dict[str, Any] = {}
+    for site, (train, val, _) in splits.items():
+        mods = profile[site]
+        path = os.path.join(out_dir, f"{site}.json")
+        _write_json_atomic(
+            path,
+            _datalist(
+                name=f"fedbrats-{site}",
+                description=(
+                    f"BraTS site {site}: {len(train)} training and {len(val)} validation cases from {data_dir}; "
+                    f"available sequences {mods}"
+                ),
+                convention=conv,
+                sections={
+                    "training": [_entry(infos[c], mods) for c in train],
+                    "validation": [_entry(infos[c], mods) for c in val],
+                },
+            ),
+        )
+        manifest_sites[site] = {
+            "datalist": path,
+            "modalities": mods,
+            "convention": conv.name,
+            "num_training": len(train),
+            "num_validation": len(val),
+        }
+    test_path = os.path.join(out_dir, "test.json")
+    _write_json_atomic(
+        test_path,
+        _datalist(
+            name="fedbrats-test",
+            description=f"Held-out BraTS test cases ({len(test_cases)}) from {data_dir}, all four sequences",
+            convention=conv,
+            sections={"test": [_entry(infos[c], MODALITIES) for c in test_cases]},
+        ),
+    )
+    manifest: dict[str, Any] = {
+        "version": MANIFEST_VERSION,
+        "data_dir": data_dir,
+        "convention": conv.name,
+        "test_datalist": test_path,
+        "split": split,
+        "seed": seed,
+        "test_fraction": test_fraction,
+        "val_fraction": val_fraction,
+        "num_test": len(test_cases),
+        "skipped_cases": sorted(e.case_id for e in errors),
+        "sites": manifest_sites,
+    }
+    # sites.json last: once it exists, every datalist it points to is complete.
+    _write_json_atomic(os.path.join(out_dir, "sites.json"), manifest)
+    _log_summary(splits, profile, out_dir)
+    return manifest
+
+
+def _log_summary(
+    splits: dict[str, tuple[list[str], list[str], list[str]]], profile: dict[str, list[str]], out: str
+) -> None:
+    width = max([len("site")] + [len(s) for s in splits])
+    lines = [f"{'site':<{width}}  cases  train  val  test  modalities"]
+    for site, (train, val, test) in splits.items():
+        n = len(train) + len(val) + len(test)
+        lines.append(
+            f"{site:<{width}}  {n:>5}  {len(train):>5}  {len(val):>3}  {len(test):>4}  {','.join(profile[site])}"
+        )
+    logger.info("datalists written to %s:\n%s", out, "\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``prepare`` command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog="fedbrats-prepare",
+        description="Validate a BraTS folder and write per-site Decathlon-style datalists and sites.json.",
+    )
+    parser.add_argument("--data-dir", required=True, help="BraTS folder with one sub-folder per case")
+    parser.add_argument("--out-dir", required=True, help="output folder for <site>.json, test.json, sites.json")
+    parser.add_argument("--split", choices=SPLITS, default="institution", help="how cases are assigned to sites")
+    parser.add_argument("--num-sites", type=int, default=None, help="number of sites for --split random")
+    parser.add_argument("--split-map", default=None, help="JSON {case_id: site} or {site: [case_ids]} for --split map")
+    parser.add_argument(
+        "--site-modalities",
+        default=None,
+        help="JSON file or inline 'site-1=t1,t1ce,t2,flair;site-2=t1,t2,flair' (default: all four everywhere)",
+    )
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="share of each site held out for test")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each site's rest for validation")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (random split and hold-outs)")
+    parser.add_argument("--convention", choices=sorted(CONVENTIONS), default=None, help="default: detect per case")
+    parser.add_argument("--skip-invalid", action="store_true", help="leave invalid cases out instead of aborting")
+    parser.add_argument("--shallow", action="store_true", help="check headers only (fast, misses truncated files)")
+    parser.add_argument("--progress-every", type=int, default=10, help="log progress every N cases")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``prepare`` command.
+
+    Returns:
+        0 on success, 1 when the data or the options are wrong (the reason is logged).
+    """
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    else:
+        logging.getLogger("fedbrats").setLevel(args.log_level)
+    try:
+        prepare(
+            args.data_dir,
+            args.out_dir,
+            split=args.split,
+            k=args.num_sites,
+            split_map=args.split_map,
+            site_modalities=args.site_modalities,
+            test_fraction=args.test_fraction,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            convention=args.convention,
+            deep_validate=not args.shallow,
+            skip_invalid=args.skip_invalid,
+            progress_every=args.progress_every,
+        )
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

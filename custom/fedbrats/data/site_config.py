@@ -1,0 +1,118 @@
+"""Where a site's data is and which sequences it has: the site's own configuration, never the job's.
+
+A site looks for its configuration, in this order:
+
+1. the file named by the environment variable ``FEDBRATS_SITE_CONFIG``;
+2. ``<site workspace>/local/fedbrats_site.json`` (NVFlare startup kits keep site-local settings in ``local/``);
+3. the embedded default: a synthetic BraTS federation generated on first use (see :mod:`fedbrats.data.federation`).
+
+A configuration file is the ``sites.json`` written by ``fedbrats prepare`` (a site picks its own entry) or a
+single-site file of the same shape::
+
+    {"sites": {"site-2": {"datalist": "/data/brats/site-2.json", "modalities": ["t1", "t2", "flair"],
+                          "convention": "brats2018"}}}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fedbrats.constants import MODALITIES, modality_mask
+from fedbrats.data.conventions import get_convention
+
+logger = logging.getLogger(__name__)
+
+SITE_CONFIG_ENV = "FEDBRATS_SITE_CONFIG"
+LOCAL_CONFIG_NAME = "fedbrats_site.json"
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A site's data and sequence availability.
+
+    Attributes:
+        site_name: the NVFlare client name.
+        datalist: the site's Decathlon-style datalist (``training`` / ``validation``).
+        modalities: the sequences the site has, in canonical order.
+        convention: BraTS label convention of the site's files.
+        source: where this configuration came from (for the log).
+    """
+
+    site_name: str
+    datalist: str
+    modalities: tuple[str, ...]
+    convention: str = "brats2018"
+    source: str = ""
+
+    @property
+    def mask(self) -> list[bool]:
+        """Availability over :data:`MODALITIES`."""
+        return modality_mask(list(self.modalities))
+
+
+def load_site_config(path: str, site_name: str) -> SiteConfig:
+    """Read ``site_name``'s entry of a sites file.
+
+    Raises:
+        ValueError: the file is missing or malformed, has no entry for the site, or the entry is invalid.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"site config {path!r} does not exist (set {SITE_CONFIG_ENV} or fix the path)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"site config {path!r} is not valid JSON: {e}") from e
+    sites = content.get("sites")
+    if not isinstance(sites, dict) or not sites:
+        raise ValueError(f"site config {path!r} needs a non-empty 'sites' mapping of site name to settings")
+    if site_name not in sites:
+        raise ValueError(f"site config {path!r} has no entry for site {site_name!r}; it has {sorted(sites)}")
+    entry = sites[site_name]
+    return site_config_from_entry(site_name, entry, base_dir=os.path.dirname(os.path.abspath(path)), source=path)
+
+
+def site_config_from_entry(site_name: str, entry: dict, base_dir: str = "", source: str = "") -> SiteConfig:
+    """Validate one site entry (``datalist``, ``modalities``, optional ``convention``)."""
+    where = f"site {site_name!r} in {source or 'site config'}"
+    datalist = entry.get("datalist")
+    if not datalist:
+        raise ValueError(f"{where}: 'datalist' is missing")
+    if not os.path.isabs(datalist):
+        datalist = os.path.join(base_dir, datalist)
+    if not os.path.isfile(datalist):
+        raise ValueError(f"{where}: datalist {datalist!r} does not exist")
+    modalities = entry.get("modalities", list(MODALITIES))
+    if not isinstance(modalities, Sequence) or isinstance(modalities, str):
+        raise ValueError(f"{where}: 'modalities' must be a list such as {list(MODALITIES)}, got {modalities!r}")
+    try:
+        modality_mask(list(modalities))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    convention = entry.get("convention", "brats2018")
+    get_convention(convention)
+    ordered = tuple(m for m in MODALITIES if m in set(modalities))
+    return SiteConfig(site_name, datalist, ordered, convention, source)
+
+
+def resolve_site_config(site_name: str, workspace_root: str | None = None) -> SiteConfig:
+    """Find the site's configuration (see the module docstring for the order) and load it."""
+    env_path = os.environ.get(SITE_CONFIG_ENV)
+    if env_path:
+        cfg = load_site_config(env_path, site_name)
+    elif workspace_root and os.path.isfile(os.path.join(workspace_root, "local", LOCAL_CONFIG_NAME)):
+        cfg = load_site_config(os.path.join(workspace_root, "local", LOCAL_CONFIG_NAME), site_name)
+    else:
+        from fedbrats.data.federation import ensure_default_federation
+
+        manifest = ensure_default_federation()
+        logger.info("no site configuration found; using the embedded synthetic federation at %s", manifest)
+        cfg = load_site_config(manifest, site_name)
+    logger.info(
+        "site %s: sequences %s, datalist %s (from %s)", site_name, ",".join(cfg.modalities), cfg.datalist, cfg.source
+    )
+    return cfg

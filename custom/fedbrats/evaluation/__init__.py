@@ -1,0 +1,1 @@
+"""Metrics, sliding-window inference and the 15-combination evaluation."""

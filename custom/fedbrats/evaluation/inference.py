@@ -1,0 +1,36 @@
+"""Sliding-window inference for any network of the package, with the modality mask passed through."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.inferers import sliding_window_inference
+
+
+def predict_logits(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    modality_mask: torch.Tensor,
+    roi_size: Sequence[int],
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+) -> torch.Tensor:
+    """Logits (B x 3 x ...) of ``model`` over a whole volume, window by window.
+
+    Args:
+        model: a network whose ``forward(x, modality_mask)`` returns logits or a dict with ``"logits"``.
+        image: B x 4 x H x W x D, zero where a sequence is absent.
+        modality_mask: B x 4 availability (1 = present).
+        roi_size: window size; volumes smaller than it are padded by MONAI.
+        overlap: window overlap.
+        sw_batch_size: windows per forward pass.
+    """
+    mask = modality_mask.to(image.device, torch.float32)
+
+    def _predictor(window: torch.Tensor) -> torch.Tensor:
+        # All windows of a batch come from the same case here, so the case's mask applies to each.
+        out = model(window, mask.expand(window.shape[0], -1) if mask.shape[0] == 1 else mask)
+        return out["logits"] if isinstance(out, dict) else out
+
+    return sliding_window_inference(image, list(roi_size), sw_batch_size, _predictor, overlap=overlap)

@@ -1,0 +1,65 @@
+"""NVFlare executor that runs the package's Client API script with the job's training options.
+
+A job config names this class instead of NVFlare's ``ClientAPIExecutor`` so that jobs hold configuration
+only: the script lives in the installed package, not in a copy under the job's ``app/custom``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
+
+from fedbrats.federated.client.trainer import TrainConfig
+
+SCRIPT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_script.py")
+
+
+def encode_config(config: dict[str, Any]) -> str:
+    """Training options as one whitespace-free token (NVFlare splits script arguments on whitespace)."""
+    return base64.urlsafe_b64encode(json.dumps(config, sort_keys=True).encode()).decode()
+
+
+def decode_config(token: str) -> dict[str, Any]:
+    """Inverse of :func:`encode_config`."""
+    return json.loads(base64.urlsafe_b64decode(token.encode()).decode())
+
+
+class FedBratsExecutor(ClientAPIExecutor):
+    """Client API executor (in-process) for :mod:`fedbrats.federated.client.train_script`.
+
+    Args:
+        training: the job's training options (see :class:`fedbrats.federated.client.trainer.TrainConfig`);
+            validated here, so a typo fails when the job starts, naming the option.
+        train_task_name: name of the training task.
+        evaluate_task_name: name of the validation task.
+    """
+
+    def __init__(
+        self,
+        training: dict[str, Any] | None = None,
+        train_task_name: str = "train",
+        evaluate_task_name: str = "validate",
+    ) -> None:
+        TrainConfig.from_dict(training)  # fail early on bad options
+        self.training = dict(training or {})
+        super().__init__(
+            execution_mode="in_process",
+            task_script_path=SCRIPT_PATH,
+            task_script_args="",
+            params_exchange_format="pytorch",
+            train_task_name=train_task_name,
+            evaluate_task_name=evaluate_task_name,
+        )
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.START_RUN:
+            # The site's workspace root is where a startup kit keeps local/ settings (data paths, modalities).
+            root = fl_ctx.get_engine().get_workspace().get_root_dir()
+            self._task_script_args = f"--training {encode_config(self.training)} --workspace {root}"
+        super().handle_event(event_type, fl_ctx)

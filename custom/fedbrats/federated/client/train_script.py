@@ -1,0 +1,104 @@
+"""Client API training script run by :class:`fedbrats.federated.client.executor.FedBratsExecutor` at each site.
+
+Per round: receive the global model (and the method's extras), score it on the site's validation cases
+(the metric the server uses to select the best model), train locally, and send back the weights, the
+metrics and the method's declared extras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import nvflare.client as flare
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.client.tracking import SummaryWriter
+
+from fedbrats.data.site_config import resolve_site_config
+from fedbrats.federated.client.executor import decode_config
+from fedbrats.federated.client.trainer import SiteTrainer, TrainConfig
+from fedbrats.federated.payload import to_wire
+from fedbrats.networks import build_from_spec
+
+logger = logging.getLogger("fedbrats.client")
+
+
+def run(training: dict, workspace: str | None) -> None:
+    """The site's federated loop (returns when the server ends the job)."""
+    flare.init()
+    site_name = flare.get_site_name()
+    config = TrainConfig.from_dict(training)
+    site = resolve_site_config(site_name, workspace)
+    writer = SummaryWriter()
+    trainer: SiteTrainer | None = None
+    has_local_weights = False
+
+    while flare.is_running():
+        input_model = flare.receive()
+        if input_model is None:
+            break
+        meta = input_model.meta or {}
+        current_round = input_model.current_round or 0
+        if trainer is None:
+            # The server sends the network's spec with the weights: the architecture is defined once, on the server.
+            model = build_from_spec(meta["model_spec"])
+            trainer = SiteTrainer(site, config, model, log_scalar=writer.add_scalar)
+            logger.info("site %s: method %s, %d training cases", site_name, config.method, trainer.num_train_cases)
+
+        keep_local = bool(meta.get("keep_local_weights")) and has_local_weights
+        if not keep_local:
+            trainer.load_weights(input_model.params)
+        trainer.method.on_global_model(trainer.model, meta, current_round)
+
+        if flare.is_evaluate():
+            metrics = trainer.validate()
+            logger.info("round %d | site %s | validation %s", current_round, site_name, _fmt(metrics))
+            flare.send(FLModel(metrics=metrics, meta={"site_name": site_name}))
+            continue
+        if flare.is_submit_model():
+            flare.send(FLModel(params=trainer.weights(), meta={"site_name": site_name}))
+            continue
+
+        started = time.monotonic()
+        metrics = trainer.validate()
+        for tag, value in metrics.items():
+            writer.add_scalar(tag, value, current_round)
+        logger.info("round %d | site %s | global model on local validation: %s", current_round, site_name, _fmt(metrics))
+        summary = trainer.train_round(current_round)
+        extras = trainer.method.round_payload(trainer.model, trainer.train_loader)
+        has_local_weights = True
+        out_meta = {
+            "site_name": site_name,
+            "modalities": list(site.modalities),
+            "num_train_cases": trainer.num_train_cases,
+            "NUM_STEPS_CURRENT_ROUND": summary["num_steps"],
+            **summary,
+            **to_wire(extras),
+        }
+        flare.send(FLModel(params=trainer.weights(), metrics=metrics, meta=out_meta))
+        logger.info(
+            "round %d | site %s | sent update: %d steps, loss %.4f, %.1fs",
+            current_round,
+            site_name,
+            summary["num_steps"],
+            summary["train_loss"],
+            time.monotonic() - started,
+        )
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    keys = ("val_dice_WT", "val_dice_TC", "val_dice_ET", "val_mean_dice")
+    return " ".join(f"{k[4:]}={metrics[k]:.3f}" for k in keys if k in metrics)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--training", required=True, help="encoded training options (set by the executor)")
+    parser.add_argument("--workspace", default=None, help="the site's workspace root (for local/ settings)")
+    args = parser.parse_args(argv)
+    run(decode_config(args.training), args.workspace)
+
+
+if __name__ == "__main__":
+    main()

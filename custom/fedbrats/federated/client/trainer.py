@@ -1,0 +1,207 @@
+"""The training and validation loop of one site, shared by every method and by the non-federated baselines."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedbrats.data.loader import DataConfig, make_loaders
+from fedbrats.data.site_config import SiteConfig
+from fedbrats.evaluation.inference import predict_logits
+from fedbrats.evaluation.metrics import logits_to_regions, region_dice, region_hd95, summarize
+from fedbrats.federated.methods import ClientMethod, build_method
+from fedbrats.federated.payload import METRIC_PREFIX
+
+logger = logging.getLogger(__name__)
+
+ScalarLogger = Callable[[str, float, int], None]
+
+
+@dataclass
+class TrainConfig:
+    """Training options of a job (identical for every site of the job).
+
+    Attributes:
+        method: client method name (``fedavg``, ``fedkd``, ...), see :mod:`fedbrats.federated.methods`.
+        method_args: keyword arguments of the method (loss weights and options).
+        epochs_per_round: local epochs between two aggregations.
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        max_steps_per_epoch: cap on batches per epoch (0: the whole training list).
+        val_overlap: sliding-window overlap during validation.
+        num_threads: torch CPU threads of this site (1 per simulated site keeps a small machine usable).
+        seed: seed of the site's random draws (offset by a hash of the site name).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        data: data options, see :class:`fedbrats.data.loader.DataConfig`.
+    """
+
+    method: str = "fedavg"
+    method_args: dict[str, Any] = field(default_factory=dict)
+    epochs_per_round: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    max_steps_per_epoch: int = 0
+    val_overlap: float = 0.25
+    num_threads: int = 1
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            self.data = DataConfig.from_dict(self.data)
+        if self.epochs_per_round < 1:
+            raise ValueError(f"epochs_per_round must be >= 1, got {self.epochs_per_round}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> TrainConfig:
+        """Build from a job-config mapping, rejecting unknown keys by name."""
+        values = dict(values or {})
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**values)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class SiteTrainer:
+    """Trains and validates one site's model; knows nothing about NVFlare.
+
+    Args:
+        site: the site's data configuration.
+        config: training options.
+        model: the network (built by the caller, e.g. from the server's model spec).
+        log_scalar: optional ``(tag, value, step)`` sink (TensorBoard).
+    """
+
+    def __init__(
+        self,
+        site: SiteConfig,
+        config: TrainConfig,
+        model: torch.nn.Module,
+        log_scalar: ScalarLogger | None = None,
+    ) -> None:
+        self.site = site
+        self.config = config
+        torch.set_num_threads(config.num_threads)
+        seed_everything(config.seed + sum(map(ord, site.site_name)))
+        use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.model = model.to(self.device)
+        self.method: ClientMethod = build_method(config.method, **config.method_args)
+        self.method.setup(self.model, site.modalities, self.device)
+        divisor = int(getattr(model, "spatial_divisor", 8))
+        self.train_loader, self.val_loader = make_loaders(
+            site.datalist, site.modalities, site.convention, config.data, divisor
+        )
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.log_scalar = log_scalar or (lambda tag, value, step: None)
+        self.global_step = 0
+        self.epochs_done = 0
+
+    @property
+    def num_train_cases(self) -> int:
+        return len(self.train_loader.dataset)
+
+    def load_weights(self, params: dict[str, Any]) -> None:
+        """Load (global) weights; arrays or tensors, strict on names and shapes."""
+        state = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v) for k, v in params.items()}
+        self.model.load_state_dict(state, strict=True)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The current weights on the CPU."""
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def train_round(self, current_round: int, abort: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Train ``epochs_per_round`` epochs; return steps, mean loss and the mean of each loss term."""
+        self.model.train()
+        cfg = self.config
+        steps, loss_sum, terms_sum = 0, 0.0, {}
+        started = time.monotonic()
+        for epoch in range(cfg.epochs_per_round):
+            epoch_loss, epoch_steps = 0.0, 0
+            for batch_idx, batch in enumerate(self.train_loader):
+                if abort is not None and abort():
+                    logger.info("site %s: training aborted at round %d", self.site.site_name, current_round)
+                    return self._round_summary(steps, loss_sum, terms_sum)
+                if cfg.max_steps_per_epoch and batch_idx >= cfg.max_steps_per_epoch:
+                    break
+                batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                self.optimizer.zero_grad(set_to_none=True)
+                loss, terms = self.method.training_loss(self.model, batch, self.epochs_done)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"site {self.site.site_name}: loss became {float(loss)} at round {current_round}, "
+                        f"epoch {epoch}, batch {batch_idx} (terms {terms}); lower lr or check the data"
+                    )
+                loss.backward()
+                self.optimizer.step()
+                value = float(loss.detach())
+                epoch_loss += value
+                epoch_steps += 1
+                loss_sum += value
+                steps += 1
+                self.global_step += 1
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + v
+            self.epochs_done += 1
+            mean = epoch_loss / max(epoch_steps, 1)
+            self.log_scalar("train_loss", mean, self.epochs_done)
+            logger.info(
+                "round %d | site %s | epoch %d/%d | loss %.4f | %d steps | %.1fs",
+                current_round,
+                self.site.site_name,
+                epoch + 1,
+                cfg.epochs_per_round,
+                mean,
+                epoch_steps,
+                time.monotonic() - started,
+            )
+        return self._round_summary(steps, loss_sum, terms_sum)
+
+    @staticmethod
+    def _round_summary(steps: int, loss_sum: float, terms_sum: dict[str, float]) -> dict[str, Any]:
+        n = max(steps, 1)
+        return {"num_steps": steps, "train_loss": loss_sum / n, "loss_terms": {k: v / n for k, v in terms_sum.items()}}
+
+    @torch.no_grad()
+    def validate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
+        """Dice and HD95 per region of ``model`` (default: the site's) on the site's validation cases, with the
+        site's own sequences. Keys start with ``val_``; ``val_mean_dice`` is the model-selection metric."""
+        model = model or self.model
+        model.eval()
+        dices, hds = [], []
+        spacing = 1.0 / self.config.data.zoom
+        for batch in self.val_loader:
+            image = batch["image"].to(self.device)
+            mask = batch["modality_mask"].to(self.device)
+            logits = predict_logits(model, image, mask, self.config.data.roi_size, overlap=self.config.val_overlap)
+            pred = logits_to_regions(logits).cpu()
+            label = batch["label"]
+            dices.append(region_dice(pred, label))
+            hds.append(region_hd95(pred, label, spacing=spacing))
+        if not dices:
+            return {}
+        metrics = summarize(torch.cat(dices), torch.cat(hds), prefix=METRIC_PREFIX)
+        for k, v in metrics.items():
+            if not math.isfinite(v):
+                logger.warning("site %s: validation metric %s is %s", self.site.site_name, k, v)
+        return metrics

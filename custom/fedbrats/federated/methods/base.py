@@ -1,0 +1,42 @@
+"""The interface a client method implements."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+
+class ClientMethod:
+    """Per-site logic of a federated method, plugged into :class:`fedbrats.federated.client.trainer.SiteTrainer`.
+
+    The trainer owns the loop, optimiser, data and communication; a method decides the loss of a batch, what
+    it does with the server's extras when a global model arrives, and which extras it sends back.
+
+    Attributes:
+        name: method name used in configs and logs.
+        payload_keys: the meta keys this method adds to a site's update beyond
+            :data:`fedbrats.federated.payload.BASE_META_KEYS`; the server rejects anything undeclared.
+    """
+
+    name: ClassVar[str] = "base"
+    payload_keys: ClassVar[frozenset[str]] = frozenset()
+
+    def setup(self, model: torch.nn.Module, modalities: tuple[str, ...], device: torch.device) -> None:
+        """Called once, after the model is built, with the site's available sequences."""
+        self.model = model
+        self.modalities = modalities
+        self.device = device
+
+    def on_global_model(self, model: torch.nn.Module, global_meta: dict[str, Any], current_round: int) -> None:
+        """Called after the global weights are loaded, before local training (e.g. snapshot a teacher)."""
+
+    def training_loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one batch and its named terms (floats, for logging)."""
+        raise NotImplementedError
+
+    def round_payload(self, model: torch.nn.Module, train_loader: Any) -> dict[str, Any]:
+        """Extra items sent with this round's update (numpy arrays, lists or numbers; never tensors)."""
+        return {}

@@ -1,0 +1,1 @@
+"""Server side: the round controller and pluggable aggregation strategies."""

@@ -1,0 +1,269 @@
+"""The server's round controller (an NVFlare ``ModelController``) with pluggable aggregation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.abstract.model import make_model_learnable
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_common.workflows.model_controller import ModelController
+
+from fedbrats.federated.server.aggregation import AggregationStrategy, SiteUpdate
+from fedbrats.federated.server.update_checks import update_problem
+from fedbrats.networks import model_spec
+
+
+class FedBratsController(ModelController):
+    """Runs the rounds: send the global model and extras, collect, check, aggregate, save, select the best.
+
+    Args:
+        num_rounds: training rounds.
+        min_clients: usable updates a round needs; a site that fails or is late is left out of that round
+            (and named in the log) as long as this many arrive. 0 means every site.
+        aggregation_id: id of the :class:`AggregationStrategy` component in the server config.
+        train_timeout: seconds a round waits for updates (0: no limit).
+        wait_time_after_min_received: seconds to wait for late sites once ``min_clients`` updates arrived.
+        final_validation: after the last round, have the sites score the final global model, so that it
+            takes part in best-model selection too.
+        persistor_id: id of the model persistor component.
+    """
+
+    def __init__(
+        self,
+        num_rounds: int = 2,
+        min_clients: int = 0,
+        aggregation_id: str = "aggregation",
+        train_timeout: int = 0,
+        wait_time_after_min_received: int = 10,
+        final_validation: bool = True,
+        persistor_id: str = "persistor",
+    ) -> None:
+        super().__init__(persistor_id=persistor_id, ignore_result_error=True)
+        if num_rounds < 1:
+            raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
+        if min_clients < 0:
+            raise ValueError(f"min_clients must be >= 0, got {min_clients}")
+        self.num_rounds = num_rounds
+        self.min_clients = min_clients
+        self.aggregation_id = aggregation_id
+        self.train_timeout = train_timeout
+        self.wait_time_after_min_received = wait_time_after_min_received
+        self.final_validation = final_validation
+        self.strategy: AggregationStrategy | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # ---- the workflow -------------------------------------------------------------------------------------
+    def run(self) -> None:
+        strategy = self.get_component(self.aggregation_id)
+        if not isinstance(strategy, AggregationStrategy):
+            self.panic(f"component {self.aggregation_id!r} must be an AggregationStrategy, got {type(strategy)}")
+            return
+        self.strategy = strategy
+        model = self.load_model()
+        spec = self._model_spec()
+        global_params = {k: _to_numpy(v) for k, v in model.params.items()}
+        self._set_global_model(global_params)
+        self.info(f"start: {self.num_rounds} rounds, aggregation {strategy.name}, model {spec['path']}")
+        self.fl_ctx.set_prop(AppConstants.NUM_ROUNDS, self.num_rounds, private=True, sticky=False)
+
+        for current_round in range(self.num_rounds):
+            if self.abort_signal and self.abort_signal.triggered:
+                return
+            started = time.monotonic()
+            self.fl_ctx.set_prop(AppConstants.CURRENT_ROUND, current_round, private=True, sticky=True)
+            self.event(AppEventType.ROUND_STARTED)
+            targets = self.sample_clients()
+            self.info(f"round {current_round}/{self.num_rounds - 1}: sending the global model to {targets}")
+            results = self.send_model_and_wait(
+                task_name="train",
+                data=self._outgoing(global_params, spec, current_round),
+                targets=targets,
+                min_responses=self._min_responses(targets),
+                timeout=self.train_timeout,
+            )
+            updates, record = self._accept(global_params, results, targets, current_round)
+            self.event(AppEventType.BEFORE_AGGREGATION)  # lets IntimeModelSelector judge the model just scored
+            if updates:
+                global_params = strategy.aggregate(global_params, updates, current_round)
+                self._set_global_model(global_params)
+                self.save_model(FLModel(params={k: torch.as_tensor(v) for k, v in global_params.items()}))
+                self._save_extras(updates)
+            else:
+                self.error(f"round {current_round}: no usable update; the global model is unchanged")
+            record["seconds"] = round(time.monotonic() - started, 2)
+            self._record(record)
+            self.event(AppEventType.ROUND_DONE)
+
+        if self.final_validation:
+            self._validate_final(global_params, spec)
+        self.info(f"finished {self.num_rounds} rounds; results in {self.get_run_dir()}")
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+    def _model_spec(self) -> dict[str, Any]:
+        net = getattr(self.persistor, "model", None)
+        if not isinstance(net, torch.nn.Module):
+            raise ValueError("the persistor must hold a fedbrats network (PTFileModelPersistor with 'model')")
+        return model_spec(net)
+
+    def _min_responses(self, targets: list[str]) -> int:
+        return min(self.min_clients, len(targets)) if self.min_clients else len(targets)
+
+    def _outgoing(self, params: dict[str, np.ndarray], spec: dict[str, Any], current_round: int) -> FLModel:
+        assert self.strategy is not None
+        meta = {"model_spec": spec, "keep_local_weights": self.strategy.keep_local_weights}
+        meta.update(self.strategy.global_meta())
+        return FLModel(
+            params={k: torch.as_tensor(v) for k, v in params.items()},
+            current_round=current_round,
+            total_rounds=self.num_rounds,
+            meta=meta,
+        )
+
+    def _accept(
+        self, global_params: dict[str, np.ndarray], results: list[FLModel], targets: list[str], current_round: int
+    ) -> tuple[list[SiteUpdate], dict[str, Any]]:
+        assert self.strategy is not None
+        declared = set(getattr(self.strategy, "accepted_meta_keys", ()))
+        updates: list[SiteUpdate] = []
+        rejected: dict[str, str] = {}
+        sites: dict[str, Any] = {}
+        for result in results:
+            meta = dict(result.meta or {})
+            name = meta.get("client_name") or meta.get("site_name") or "?"
+            meta.pop("client_name", None)
+            meta = {k: v for k, v in meta.items() if not k.startswith("_") and k not in _NVFLARE_META_KEYS}
+            params = {k: _to_numpy(v) for k, v in (result.params or {}).items()}
+            problem = update_problem(global_params, params, meta, declared)
+            if problem:
+                rejected[name] = problem
+                self.warning(f"round {current_round}: rejected the update of {name}: {problem}")
+                continue
+            weight = float(meta.get("num_steps", 1) or 1)
+            metrics = {k: float(v) for k, v in (result.metrics or {}).items() if _is_number(v)}
+            updates.append(SiteUpdate(name, params, meta, metrics, weight))
+            sites[name] = {
+                "metrics": metrics,
+                "train_loss": meta.get("train_loss"),
+                "loss_terms": meta.get("loss_terms"),
+                "num_steps": meta.get("num_steps"),
+                "modalities": meta.get("modalities"),
+            }
+            self.info(
+                f"round {current_round}: {name} ({','.join(meta.get('modalities', []))}) "
+                f"loss {meta.get('train_loss', float('nan')):.4f}, val mean Dice {metrics.get('val_mean_dice', float('nan')):.3f}"
+            )
+        responded = {u.site_name for u in updates} | set(rejected)
+        left_out = sorted(set(targets) - responded)
+        if left_out:
+            self.warning(f"round {current_round}: no update from {left_out}; aggregating the {len(updates)} that arrived")
+        record = {
+            "round": current_round,
+            "sites": sites,
+            "aggregated": _weighted_metrics(updates),
+            "left_out": left_out,
+            "rejected": rejected,
+        }
+        return updates, record
+
+    def _set_global_model(self, params: dict[str, np.ndarray]) -> None:
+        # Empty meta: the saved checkpoint must load with torch.load(weights_only=True).
+        learnable = make_model_learnable(weights={k: torch.as_tensor(v) for k, v in params.items()}, meta_props={})
+        self.fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, learnable, private=True, sticky=True)
+
+    def _save_extras(self, updates: list[SiteUpdate]) -> None:
+        assert self.strategy is not None
+        run_dir = self.get_run_dir()
+        state = self.strategy.state()
+        if state:
+            np.savez(os.path.join(run_dir, "server_state.npz"), **{k: np.asarray(v) for k, v in state.items()})
+        if self.strategy.keep_local_weights:
+            folder = os.path.join(run_dir, "site_models")
+            os.makedirs(folder, exist_ok=True)
+            for u in updates:
+                weights = {k: torch.as_tensor(v) for k, v in u.params.items()}
+                torch.save({"model": weights}, os.path.join(folder, f"{u.site_name}.pt"))
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        agg = record["aggregated"]
+        self.info(
+            f"round {record['round']} done in {record['seconds']}s: mean val Dice "
+            f"{agg.get('val_mean_dice', float('nan')):.3f} over {len(record['sites'])} site(s)"
+        )
+        path = os.path.join(self.get_run_dir(), "metrics.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.history, f, indent=2, default=_json_default)
+        os.replace(tmp, path)
+
+    def _validate_final(self, params: dict[str, np.ndarray], spec: dict[str, Any]) -> None:
+        final_round = self.num_rounds
+        self.fl_ctx.set_prop(AppConstants.CURRENT_ROUND, final_round, private=True, sticky=True)
+        targets = self.sample_clients()
+        self.info(f"final validation of the global model on {targets}")
+        results = self.send_model_and_wait(
+            task_name="validate",
+            data=self._outgoing(params, spec, final_round),
+            targets=targets,
+            min_responses=self._min_responses(targets),
+            timeout=self.train_timeout,
+        )
+        sites = {}
+        for r in results:
+            name = (r.meta or {}).get("client_name") or (r.meta or {}).get("site_name", "?")
+            sites[name] = {"metrics": {k: float(v) for k, v in (r.metrics or {}).items() if _is_number(v)}}
+        self.event(AppEventType.BEFORE_AGGREGATION)
+        updates = [SiteUpdate(n, {}, {}, s["metrics"], 1.0) for n, s in sites.items()]
+        self._record(
+            {
+                "round": final_round,
+                "final_validation": True,
+                "sites": sites,
+                "aggregated": _weighted_metrics(updates),
+                "left_out": sorted(set(targets) - set(sites)),
+                "rejected": {},
+                "seconds": 0.0,
+            }
+        )
+
+
+_NVFLARE_META_KEYS = {"current_round", "total_rounds", "CURRENT_ROUND", "TOTAL_ROUNDS", "JOB_ID", "SITE_NAME"}
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+
+
+def _weighted_metrics(updates: list[SiteUpdate]) -> dict[str, float]:
+    """Validation metrics averaged over sites, weighted by each site's number of training cases."""
+    sums: dict[str, float] = {}
+    totals: dict[str, float] = {}
+    for u in updates:
+        w = float(u.meta.get("num_train_cases", 1) or 1)
+        for k, v in u.metrics.items():
+            if math.isfinite(v):
+                sums[k] = sums.get(k, 0.0) + w * v
+                totals[k] = totals.get(k, 0.0) + w
+    return {k: sums[k] / totals[k] for k in sums}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)

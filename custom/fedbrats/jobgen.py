@@ -1,0 +1,157 @@
+"""Job folders, defined once here and written by ``fedbrats make-jobs``.
+
+The committed folders under ``jobs/`` are exactly what :func:`write_job` produces (a test checks it), so an
+option lives in one place and a job holds configuration only; the code comes from the installed package.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+from fedbrats.networks import network_class_path
+
+#: Options every job shares unless it overrides them.
+BASE_TRAINING: dict[str, Any] = {
+    "method": "fedavg",
+    "method_args": {},
+    "epochs_per_round": 2,
+    "lr": 1e-3,
+    "weight_decay": 1e-5,
+    "num_threads": 1,
+    "data": {"roi_size": [32, 32, 32], "batch_size": 2, "modality_dropout": 0.0},
+}
+BASE_NETWORK: dict[str, Any] = {"name": "segresnet", "args": {"init_filters": 8}}
+
+JOBS: dict[str, dict[str, Any]] = {
+    "fedavg": {
+        "description": "FedAvg over sites with missing sequences (zero-filled), MONAI SegResNet, Dice loss.",
+        "aggregation": {"path": "fedbrats.federated.server.aggregation.WeightedAverage", "args": {}},
+        "training": {},
+        "min_clients": 0,
+    },
+    "local_only": {
+        "description": "Local-only baseline: every site trains alone on its own sequences; no averaging.",
+        "aggregation": {"path": "fedbrats.federated.server.aggregation.LocalOnly", "args": {}},
+        "training": {},
+        "min_clients": 0,
+    },
+    "centralized": {
+        "description": "Centralized upper bound: run with the single site 'central' (all cases, all sequences).",
+        "aggregation": {"path": "fedbrats.federated.server.aggregation.WeightedAverage", "args": {}},
+        "training": {},
+        "min_clients": 1,
+    },
+}
+
+DEFAULT_ROUNDS = 10
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def job_configs(name: str, num_rounds: int = DEFAULT_ROUNDS, **training_overrides: Any) -> dict[str, dict]:
+    """The three files of job ``name``: ``meta.json``, server and client configs, as dicts.
+
+    Args:
+        name: a key of :data:`JOBS`.
+        num_rounds: federated rounds.
+        training_overrides: replace training options (nested dicts are merged), e.g. ``epochs_per_round=1``.
+    """
+    if name not in JOBS:
+        raise ValueError(f"job must be one of {sorted(JOBS)}, got {name!r}")
+    spec = JOBS[name]
+    training = _merge(_merge(BASE_TRAINING, spec.get("training", {})), training_overrides)
+    network = _merge(BASE_NETWORK, spec.get("network", {}))
+    meta = {
+        "name": name,
+        "description": spec["description"],
+        "resource_spec": {},
+        "deploy_map": {"app": ["@ALL"]},
+        "min_clients": max(1, spec["min_clients"]),
+    }
+    server = {
+        "format_version": 2,
+        "workflows": [
+            {
+                "id": "controller",
+                "path": "fedbrats.federated.server.controller.FedBratsController",
+                "args": {"num_rounds": num_rounds, "min_clients": spec["min_clients"]},
+            }
+        ],
+        "components": [
+            {
+                "id": "persistor",
+                "path": "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
+                "args": {"model": {"path": network_class_path(network["name"]), "args": network["args"]}},
+            },
+            {"id": "aggregation", **spec["aggregation"]},
+            {
+                "id": "model_selector",
+                "path": "nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector",
+                "args": {"key_metric": "val_mean_dice"},
+            },
+            {
+                "id": "model_locator",
+                "path": "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator",
+                "args": {"pt_persistor_id": "persistor"},
+            },
+            {
+                "id": "tb_receiver",
+                "path": "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
+                "args": {"events": ["fed.analytix_log_stats"]},
+            },
+        ],
+    }
+    client = {
+        "format_version": 2,
+        "executors": [
+            {
+                "tasks": ["train", "validate", "submit_model"],
+                "executor": {
+                    "path": "fedbrats.federated.client.executor.FedBratsExecutor",
+                    "args": {"training": training},
+                },
+            }
+        ],
+        "components": [
+            {
+                "id": "event_to_fed",
+                "path": "nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent",
+                "args": {"events_to_convert": ["analytix_log_stats"], "fed_event_prefix": "fed."},
+            }
+        ],
+        "task_data_filters": [],
+        "task_result_filters": [],
+    }
+    return {
+        "meta.json": meta,
+        os.path.join("app", "config", "config_fed_server.json"): server,
+        os.path.join("app", "config", "config_fed_client.json"): client,
+    }
+
+
+def write_job(name: str, out_dir: str, num_rounds: int = DEFAULT_ROUNDS, **training_overrides: Any) -> str:
+    """Write job ``name`` into ``out_dir/name`` and return that folder."""
+    job_dir = os.path.join(out_dir, name)
+    for rel, content in job_configs(name, num_rounds, **training_overrides).items():
+        path = os.path.join(job_dir, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2)
+            f.write("\n")
+    return job_dir
+
+
+def write_all_jobs(out_dir: str) -> list[str]:
+    """Write every job of :data:`JOBS` with its defaults (what ``jobs/`` in the repository holds)."""
+    return [write_job(name, out_dir) for name in sorted(JOBS)]
