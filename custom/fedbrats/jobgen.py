@@ -48,6 +48,16 @@ JOBS: dict[str, dict[str, Any]] = {
 
 DEFAULT_ROUNDS = 10
 
+# NVFlare treats a job with app/custom as bring-your-own-code and then skips the site's class allow-list;
+# without it, every fedbrats class must be on each site's allow-list. The folder holds no code on purpose.
+CUSTOM_README = """This folder is intentionally free of code.
+
+The job's classes come from the `fedbrats` package installed at every site (`pip install` of the project).
+NVFlare treats a job that has an `app/custom` folder as bring-your-own-code: the submitter needs that right,
+and the site's class allow-list is not consulted. To run without it, delete this folder and add `fedbrats.`
+to `class_allow_list` in each site's `local/resources.json` (see the project README, "Production").
+"""
+
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
@@ -59,7 +69,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def job_configs(name: str, num_rounds: int = DEFAULT_ROUNDS, **training_overrides: Any) -> dict[str, dict]:
+def job_configs(name: str, num_rounds: int = DEFAULT_ROUNDS, **training_overrides: Any) -> dict[str, Any]:
     """The three files of job ``name``: ``meta.json``, server and client configs, as dicts.
 
     Args:
@@ -135,6 +145,7 @@ def job_configs(name: str, num_rounds: int = DEFAULT_ROUNDS, **training_override
     }
     return {
         "meta.json": meta,
+        os.path.join("app", "custom", "README.md"): CUSTOM_README,
         os.path.join("app", "config", "config_fed_server.json"): server,
         os.path.join("app", "config", "config_fed_client.json"): client,
     }
@@ -147,8 +158,11 @@ def write_job(name: str, out_dir: str, num_rounds: int = DEFAULT_ROUNDS, **train
         path = os.path.join(job_dir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=2)
-            f.write("\n")
+            if isinstance(content, str):
+                f.write(content)
+            else:
+                json.dump(content, f, indent=2)
+                f.write("\n")
     return job_dir
 
 

@@ -130,12 +130,7 @@ def add_pooled_site(manifest_path: str, name: str = POOLED_SITE) -> None:
             datalist = json.load(f)
         for key in pooled:
             for case in datalist.get(key, []):
-                if not all(case["image"]):
-                    raise ValueError(
-                        f"case {case.get('case_id')} of site {site} lacks a sequence on disk; "
-                        "a pooled (centralized) site needs all four for every case"
-                    )
-                pooled[key].append(case)
+                pooled[key].append(_with_all_sequences(case, site))
     out = {k: v for k, v in datalist.items() if k not in ("training", "validation", "test")}
     out.update(name=name, description="all sites' cases pooled, all sequences (centralized upper bound)", **pooled)
     out_path = os.path.join(base, f"{name}.json")
@@ -148,6 +143,29 @@ def add_pooled_site(manifest_path: str, name: str = POOLED_SITE) -> None:
         "num_validation": len(pooled["validation"]),
     }
     _write_json(manifest_path, manifest)
+
+
+def _with_all_sequences(case: dict, site: str) -> dict:
+    """The case with every sequence's path, found next to its label where the site's datalist hides one."""
+    from fedbrats.data.conventions import detect_convention
+
+    case = dict(case)
+    if all(case["image"]):
+        return case
+    case_dir = os.path.dirname(case.get("label") or next(p for p in case["image"] if p))
+    convention = detect_convention(case_dir)
+    case_id = os.path.basename(case_dir)
+    paths = []
+    for modality, path in zip(MODALITIES, case["image"]):
+        path = path or os.path.join(case_dir, convention.filename(case_id, modality))
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"case {case_id} of site {site}: {path} does not exist; a pooled (centralized) site needs all "
+                "four sequences of every case"
+            )
+        paths.append(path)
+    case["image"] = paths
+    return case
 
 
 def ensure_default_federation(cache_dir: str | None = None) -> str:

@@ -64,14 +64,16 @@ TISSUE_NAMES: tuple[str, ...] = (
 _BG, _CSF, _GM, _WM, _DGM, _ED, _NCR, _ET, _NET = range(len(TISSUE_NAMES))
 
 # Mean intensity of each tissue (rows) on t1, t1ce, t2, flair (columns), relative to T1 white matter.
-# The enhancing rim is kept close to necrosis everywhere except T1ce, so only that sequence separates them;
-# FLAIR suppresses CSF while edema stays bright, so edema vs CSF needs FLAIR.
+# The enhancing rim is kept close to necrosis everywhere except T1ce, so only that sequence separates them (on
+# pre-contrast T1 it is set a little darker than grey matter, as real enhancing tumour is often hypointense there,
+# rather than iso to grey matter, which would give T1 alone a rim-vs-necrosis cue). FLAIR suppresses CSF while edema
+# stays brightest, so edema vs CSF is clear on FLAIR and only weak on T2, where both are bright.
 _TISSUE_MEANS = np.array(
     [
         [0.00, 0.00, 0.00, 0.00],  # background (outside the skull-stripped brain)
         [0.30, 0.32, 1.60, 0.18],  # CSF
-        [0.70, 0.72, 0.80, 0.82],  # cortical grey matter
-        [1.00, 1.00, 0.52, 0.62],  # white matter
+        [0.70, 0.72, 0.80, 0.88],  # cortical grey matter
+        [1.00, 1.00, 0.52, 0.60],  # white matter
         [0.82, 0.84, 0.66, 0.72],  # deep grey matter (basal ganglia, thalami)
         [0.62, 0.64, 1.30, 1.55],  # peritumoural edema
         [0.42, 0.44, 1.42, 1.05],  # necrosis
@@ -210,7 +212,7 @@ def _build_anatomy(
     u = (grid - centre[:, None, None, None]) / semi_axes[:, None, None, None]
     radius_vox = float(np.prod(semi_axes) ** (1 / 3))
 
-    low, gyri, sulci, _ = _smooth_fields(rng, shape, [0.3 * min(shape), max(1.2, 0.08 * min(shape)), 1.0, 1.0])
+    low, gyri, sulci = _smooth_fields(rng, shape, [0.3 * min(shape), max(1.2, 0.08 * min(shape)), 1.0])
     # Normalised radius, deformed by a low-frequency field and an egg-like front-back taper.
     rho = np.sqrt((u**2).sum(axis=0)) * (1 + 0.07 * low) * (1 + 0.05 * u[1])
     brain = rho < 1.0
@@ -266,20 +268,40 @@ def _add_lesions(
         rim = max(1.0, radius_vox * rng.uniform(0.05, 0.09))
         edema_radius = core_radius + rim + max(1.5, scale * radius_vox * rng.uniform(0.1, 0.25))
 
-        not_core = ~np.isin(tissue, (_NCR, _ET, _NET))
+        free = ~np.isin(tissue, (_NCR, _ET, _NET))  # an earlier lesion's core is never overwritten
+        core = (core_distance < core_radius + rim) & brain & free
+        # The voxel at the centre is always tumour, so every case has a non-empty whole tumour.
+        middle = tuple(np.clip(np.rint(position).astype(int), 0, np.asarray(shape) - 1))
+        core[middle] = core[middle] or bool(free[middle])
         # Edema follows parenchyma and does not fill CSF spaces, which keeps edema and CSF adjacent but distinct.
-        parenchyma = np.isin(tissue, (_WM, _GM, _DGM, _ED))
-        tissue[(edema_distance < edema_radius) & parenchyma & brain] = _ED
-        core = (core_distance < core_radius + rim) & brain & not_core
+        # Only edema connected to the core is kept: the noisy boundary would otherwise scatter far islands.
+        parenchyma = np.isin(tissue, (_WM, _GM, _DGM, _ED)) & brain
+        edema = _grow_within(core, core | ((edema_distance < edema_radius) & parenchyma)) & ~core
+        tissue[edema] = _ED
         if low_grade:
             tissue[core] = _NET
         else:
             tissue[core & (core_distance < core_radius)] = _NCR
             tissue[core & (core_distance >= core_radius)] = _ET
-        # The voxel at the centre is always tumour, so every case has a non-empty whole tumour.
-        nearest = tuple(np.clip(np.rint(position).astype(int), 0, np.asarray(shape) - 1))
-        if tissue[nearest] not in (_NCR, _ET, _NET):
-            tissue[nearest] = _NET if low_grade else _NCR
+            if core[middle]:
+                tissue[middle] = _NCR
+
+
+def _grow_within(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` 6-connected to ``seed`` (geodesic reconstruction by repeated one-voxel dilation)."""
+    region = seed & mask
+    while True:
+        grown = region.copy()
+        for axis in range(3):
+            ahead = [slice(None)] * 3
+            behind = [slice(None)] * 3
+            ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
+            grown[tuple(ahead)] |= region[tuple(behind)]
+            grown[tuple(behind)] |= region[tuple(ahead)]
+        grown &= mask
+        if np.array_equal(grown, region):
+            return region
+        region = grown
 
 
 def _lesion_position(
@@ -627,7 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     Raises:
         ValueError: naming the offending argument, before anything is written.
     """
-    parser = argparse.ArgumentParser(prog="python -m fedbrats.data.synthetic", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fedbrats.data.synthetic", description="Write a synthetic BraTS-like data set."
+    )
     parser.add_argument("--out-dir", required=True, help="parent folder of the case folders")
     parser.add_argument("--n-cases", type=int, default=12, help="number of cases (>= 1)")
     parser.add_argument("--size", default="32", help=f"volume side, or three comma-separated sides (>= {MIN_SIZE})")

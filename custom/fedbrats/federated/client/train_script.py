@@ -54,7 +54,9 @@ def run(training: dict, workspace: str | None) -> None:
         if flare.is_evaluate():
             metrics = trainer.validate()
             logger.info("round %d | site %s | validation %s", current_round, site_name, _fmt(metrics))
-            flare.send(FLModel(metrics=metrics, meta={"site_name": site_name}))
+            # The weights go back unchanged only so that NVFlare's model selector, which ignores metrics-only
+            # results, also judges the final global model.
+            flare.send(FLModel(params=trainer.weights(), metrics=metrics, meta={"site_name": site_name}))
             continue
         if flare.is_submit_model():
             flare.send(FLModel(params=trainer.weights(), meta={"site_name": site_name}))

@@ -21,6 +21,9 @@ from fedbrats.federated.server.update_checks import update_problem
 from fedbrats.networks import model_spec
 
 
+MODEL_SPEC_FILE = "model_spec.json"
+
+
 class FedBratsController(ModelController):
     """Runs the rounds: send the global model and extras, collect, check, aggregate, save, select the best.
 
@@ -70,6 +73,9 @@ class FedBratsController(ModelController):
         model = self.load_model()
         spec = self._model_spec()
         global_params = {k: _to_numpy(v) for k, v in model.params.items()}
+        # Saved models hold weights only; this file says which network they belong to (for evaluation/export).
+        with open(os.path.join(self.get_run_dir(), MODEL_SPEC_FILE), "w", encoding="utf-8") as f:
+            json.dump(spec, f, indent=2)
         self._set_global_model(global_params)
         self.info(f"start: {self.num_rounds} rounds, aggregation {strategy.name}, model {spec['path']}")
         self.fl_ctx.set_prop(AppConstants.NUM_ROUNDS, self.num_rounds, private=True, sticky=False)
@@ -94,7 +100,7 @@ class FedBratsController(ModelController):
             if updates:
                 global_params = strategy.aggregate(global_params, updates, current_round)
                 self._set_global_model(global_params)
-                self.save_model(FLModel(params={k: torch.as_tensor(v) for k, v in global_params.items()}))
+                self.save_model(FLModel(params=dict(global_params)))
                 self._save_extras(updates)
             else:
                 self.error(f"round {current_round}: no usable update; the global model is unchanged")
@@ -120,8 +126,9 @@ class FedBratsController(ModelController):
         assert self.strategy is not None
         meta = {"model_spec": spec, "keep_local_weights": self.strategy.keep_local_weights}
         meta.update(self.strategy.global_meta())
+        # numpy on the wire: the clients' exchange format converts to torch (tensors here would need streaming).
         return FLModel(
-            params={k: torch.as_tensor(v) for k, v in params.items()},
+            params=dict(params),
             current_round=current_round,
             total_rounds=self.num_rounds,
             meta=meta,
@@ -175,7 +182,7 @@ class FedBratsController(ModelController):
 
     def _set_global_model(self, params: dict[str, np.ndarray]) -> None:
         # Empty meta: the saved checkpoint must load with torch.load(weights_only=True).
-        learnable = make_model_learnable(weights={k: torch.as_tensor(v) for k, v in params.items()}, meta_props={})
+        learnable = make_model_learnable(weights=dict(params), meta_props={})
         self.fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, learnable, private=True, sticky=True)
 
     def _save_extras(self, updates: list[SiteUpdate]) -> None:
@@ -235,7 +242,17 @@ class FedBratsController(ModelController):
         )
 
 
-_NVFLARE_META_KEYS = {"current_round", "total_rounds", "CURRENT_ROUND", "TOTAL_ROUNDS", "JOB_ID", "SITE_NAME"}
+# Keys NVFlare itself adds to a result's meta on the way (not sent by the site's method).
+_NVFLARE_META_KEYS = {
+    "current_round",
+    "total_rounds",
+    "CURRENT_ROUND",
+    "TOTAL_ROUNDS",
+    "JOB_ID",
+    "SITE_NAME",
+    "initial_metrics",
+    "props",
+}
 
 
 def _to_numpy(value: Any) -> np.ndarray:
