@@ -32,6 +32,14 @@ JOBS: dict[str, dict[str, Any]] = {
         "training": {},
         "min_clients": 0,
     },
+    "fedkd": {
+        "description": "FedKD: modality-aware network with DRL and RCL, distillation from the global model and "
+        "global region prototypes, modality-aware aggregation.",
+        "aggregation": {"path": "fedbrats.federated.server.aggregation.ModalityAwareAggregation", "args": {}},
+        "network": {"name": "modality_aware", "args": {"init_filters": 8}},
+        "training": {"method": "fedkd"},
+        "min_clients": 0,
+    },
     "local_only": {
         "description": "Local-only baseline: every site trains alone on its own sequences; no averaging.",
         "aggregation": {"path": "fedbrats.federated.server.aggregation.LocalOnly", "args": {}},

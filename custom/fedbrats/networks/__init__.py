@@ -8,7 +8,10 @@ import torch
 
 from fedbrats.networks.segresnet import BraTSSegResNet
 
-_NETWORKS = {"segresnet": "fedbrats.networks.segresnet.BraTSSegResNet"}
+_NETWORKS = {
+    "segresnet": "fedbrats.networks.segresnet.BraTSSegResNet",
+    "modality_aware": "fedbrats.networks.modality_aware.ModalityAwareSegNet",
+}
 
 
 def register_network(name: str, class_path: str) -> None:
@@ -18,7 +21,6 @@ def register_network(name: str, class_path: str) -> None:
 
 def network_class_path(name: str) -> str:
     """Import path of a registered network, as NVFlare component configs need it."""
-    _ensure_builtin()
     try:
         return _NETWORKS[name]
     except KeyError:
@@ -32,10 +34,6 @@ def build_network(name: str, **kwargs: Any) -> torch.nn.Module:
     module_name, cls_name = network_class_path(name).rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), cls_name)
     return cls(**kwargs)
-
-
-def _ensure_builtin() -> None:
-    _NETWORKS.setdefault("modality_aware", "fedbrats.networks.modality_aware.ModalityAwareSegNet")
 
 
 

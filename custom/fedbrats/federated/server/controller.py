@@ -138,7 +138,7 @@ class FedBratsController(ModelController):
         self, global_params: dict[str, np.ndarray], results: list[FLModel], targets: list[str], current_round: int
     ) -> tuple[list[SiteUpdate], dict[str, Any]]:
         assert self.strategy is not None
-        declared = set(getattr(self.strategy, "accepted_meta_keys", ()))
+        declared = set(self.strategy.accepted_meta_keys)
         updates: list[SiteUpdate] = []
         rejected: dict[str, str] = {}
         sites: dict[str, Any] = {}

@@ -1,0 +1,488 @@
+"""Score a trained model on every one of the 15 non-empty combinations of MRI sequences.
+
+Every test case is loaded once with all four sequences; each combination is then simulated by zero-filling the
+channels of the absent sequences and telling the network which ones are present, which is exactly what a site
+that lacks those sequences feeds the network (absent channels are zero after the per-channel normalisation of
+non-zero voxels). One table therefore shows how much each sequence matters to a model and how gracefully the
+model degrades when sequences are missing.
+
+Also here: turning a checkpoint, a federated run folder or an exported model folder into a ready network
+(:func:`load_model`), used by the prediction and export commands too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedbrats.constants import MODALITIES, REGIONS, combination_name, modality_combinations, modality_mask
+from fedbrats.data.loader import DataConfig, eval_transforms, read_datalist
+from fedbrats.data.transforms import MASK_KEY, apply_modality_mask
+from fedbrats.evaluation.inference import predict_logits
+from fedbrats.evaluation.metrics import logits_to_regions, region_dice, region_hd95
+from fedbrats.networks import build_from_spec
+
+logger = logging.getLogger(__name__)
+
+MODEL_SPEC_FILE = "model_spec.json"
+#: Files of an exported model folder (see :mod:`fedbrats.evaluation.export`).
+EXPORTED_MODEL_FILE = "model.pt"
+EXPORTED_METADATA_FILE = "metadata.json"
+#: Server checkpoints of a federated run, best first.
+RUN_CHECKPOINTS: tuple[str, ...] = ("best_FL_global_model.pt", "FL_global_model.pt")
+FULL_COMBINATION = combination_name(MODALITIES)
+
+
+# ---- models -----------------------------------------------------------------------------------------------
+def resolve_checkpoint(path: str) -> str:
+    """The weights file behind a checkpoint path, an exported model folder or a federated run folder.
+
+    A folder resolves to ``model.pt`` (exported model), else ``app_server/best_FL_global_model.pt`` falling
+    back to ``app_server/FL_global_model.pt`` (run folder), else the same files directly inside it; a
+    simulator workspace holding exactly one run (``.../app_server/...`` up to three levels down) works too.
+
+    Raises:
+        ValueError: the path does not exist, or a folder holds no (or more than one) candidate checkpoint.
+    """
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise ValueError(f"model {path!r} does not exist (expected a checkpoint, a run folder or an exported model)")
+    candidates = [os.path.join(path, EXPORTED_MODEL_FILE)]
+    candidates += [os.path.join(path, "app_server", name) for name in RUN_CHECKPOINTS]
+    candidates += [os.path.join(path, name) for name in RUN_CHECKPOINTS]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    # A simulator workspace nests the run folder (e.g. <workspace>/server/simulate_job/app_server).
+    for name in RUN_CHECKPOINTS:
+        found = sorted(
+            {p for depth in range(1, 4) for p in glob.glob(os.path.join(path, *["*"] * depth, "app_server", name))}
+        )
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ValueError(f"folder {path!r} holds several runs {found}; pass one run folder or checkpoint")
+    raise ValueError(
+        f"folder {path!r} holds no model: expected {EXPORTED_MODEL_FILE} (exported model) or "
+        f"app_server/{RUN_CHECKPOINTS[0]} / app_server/{RUN_CHECKPOINTS[1]} (federated run)"
+    )
+
+
+def _read_json(path: str, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as exc:
+        raise ValueError(f"{what} {path!r} cannot be read: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {path!r} is not valid JSON: {exc}") from exc
+
+
+def _spec_from_json(path: str) -> dict[str, Any]:
+    content = _read_json(path, "model spec")
+    # An exported model's metadata.json holds the spec under "model_spec"; model_spec.json is the spec itself.
+    spec = content.get("model_spec", content) if isinstance(content, dict) else None
+    if not isinstance(spec, dict) or "path" not in spec:
+        raise ValueError(f"{path!r} holds no model spec (a JSON object with 'path' and 'args')")
+    return spec
+
+
+def find_model_spec(checkpoint: str) -> str:
+    """Path of the ``model_spec.json`` (or exported ``metadata.json``) that describes ``checkpoint``.
+
+    Looked for in the checkpoint's folder and up to two parent folders: a run folder has the spec at its top
+    and the checkpoints in ``app_server/`` (or local models in ``site_models/``).
+
+    Raises:
+        ValueError: no spec file was found.
+    """
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    searched = []
+    for _ in range(3):
+        searched.append(folder)
+        spec_path = os.path.join(folder, MODEL_SPEC_FILE)
+        if os.path.isfile(spec_path):
+            return spec_path
+        meta_path = os.path.join(folder, EXPORTED_METADATA_FILE)
+        if os.path.isfile(meta_path):
+            return meta_path
+        folder = os.path.dirname(folder)
+    raise ValueError(
+        f"no {MODEL_SPEC_FILE} or {EXPORTED_METADATA_FILE} found for checkpoint {checkpoint!r} (searched {searched}); "
+        "pass the network description with --spec / spec="
+    )
+
+
+def load_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
+    """Weights of a checkpoint saved as ``{"model": state_dict}`` or as a bare state dict.
+
+    Only ``torch.load(weights_only=True)`` is used, so a checkpoint cannot run code when it is opened.
+
+    Raises:
+        ValueError: the file is missing, cannot be loaded or holds no state dict.
+    """
+    if not os.path.isfile(checkpoint):
+        raise ValueError(f"checkpoint {checkpoint!r} does not exist")
+    try:
+        content = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError...) for bad files
+        raise ValueError(f"checkpoint {checkpoint!r} cannot be loaded with torch.load(weights_only=True): {exc}") from exc
+    state = content.get("model", content) if isinstance(content, Mapping) else None
+    if not isinstance(state, Mapping) or not state or not all(isinstance(k, str) for k in state):
+        raise ValueError(f"checkpoint {checkpoint!r} holds no state dict (expected {{'model': state_dict}} or one)")
+    try:
+        return {k: torch.as_tensor(v) for k, v in state.items()}
+    except (TypeError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"checkpoint {checkpoint!r}: not every entry is a tensor ({exc})") from exc
+
+
+def load_model(checkpoint: str, spec: dict[str, Any] | str | None = None) -> torch.nn.Module:
+    """Build the network a checkpoint belongs to and load its weights (evaluation mode, on the CPU).
+
+    Args:
+        checkpoint: a ``.pt`` file, a federated run folder or an exported model folder (see
+            :func:`resolve_checkpoint`).
+        spec: ``{"path": ..., "args": ...}`` of the network, or a path to ``model_spec.json`` /
+            ``metadata.json``; ``None`` looks for one next to the checkpoint (see :func:`find_model_spec`).
+
+    Raises:
+        ValueError: the checkpoint or spec is missing or unreadable, or the weights do not fit the network.
+    """
+    path = resolve_checkpoint(checkpoint)
+    if spec is None:
+        spec_source = find_model_spec(path)
+        spec = _spec_from_json(spec_source)
+    elif isinstance(spec, str):
+        if not os.path.isfile(spec):
+            raise ValueError(f"model spec {spec!r} does not exist")
+        spec_source = spec
+        spec = _spec_from_json(spec)
+    elif isinstance(spec, Mapping):
+        spec_source = "the given spec"
+        spec = dict(spec)
+    else:
+        raise ValueError(f"spec must be a dict, a path or None, got {type(spec).__name__}")
+    try:
+        model = build_from_spec(spec)
+    except (TypeError, ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"cannot build the network described by {spec_source} ({spec.get('path')!r}): {exc}") from exc
+    state = load_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"checkpoint {path!r} does not fit the network {spec.get('path')!r} described by {spec_source}: {exc}"
+        ) from exc
+    model.eval()
+    logger.info("loaded %s from %s", spec.get("path"), path)
+    return model
+
+
+def read_model_metadata(model: str) -> dict[str, Any]:
+    """The ``metadata.json`` of an exported model (given as its folder or its ``model.pt``), else ``{}``."""
+    folder = model if os.path.isdir(model) else os.path.dirname(os.path.abspath(model))
+    path = os.path.join(folder, EXPORTED_METADATA_FILE)
+    if not os.path.isfile(path):
+        return {}
+    content = _read_json(path, "model metadata")
+    return content if isinstance(content, dict) else {}
+
+
+def metadata_input_defaults(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """``roi_size`` and ``zoom`` an exported model documents for its input (empty when it documents none)."""
+    image = metadata.get("inputs", {}).get("image", {}) if isinstance(metadata.get("inputs"), Mapping) else {}
+    out: dict[str, Any] = {}
+    if image.get("roi_size"):
+        out["roi_size"] = tuple(int(s) for s in image["roi_size"])
+    if image.get("zoom"):
+        out["zoom"] = float(image["zoom"])
+    return out
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------
+def datalist_convention(datalist: str) -> str:
+    """The label convention a datalist declares in its ``convention`` field (default ``brats2018``)."""
+    content = _read_json(datalist, "datalist") if os.path.isfile(datalist) else {}
+    return str(content.get("convention") or "brats2018") if isinstance(content, dict) else "brats2018"
+
+
+def _row(dice: torch.Tensor, hd95: torch.Tensor, modalities: Sequence[str]) -> dict[str, Any]:
+    """One table row from per-case values (N x 3)."""
+    dice_mean = dice.double().mean(0)
+    hd_mean = hd95.double().mean(0)
+    return {
+        "modalities": list(modalities),
+        "dice": {r: float(dice_mean[i]) for i, r in enumerate(REGIONS)},
+        "hd95": {r: float(hd_mean[i]) for i, r in enumerate(REGIONS)},
+        "mean_dice": float(dice_mean.mean()),
+        "mean_hd95": float(hd_mean.mean()),
+        # Per-case values allow paired tests between methods on the same cases.
+        "per_case": {"dice": dice.tolist(), "hd95": hd95.tolist()},
+    }
+
+
+def mean_over_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Unweighted mean of table rows (each combination counts once)."""
+    if not rows:
+        raise ValueError("no rows to average")
+    dice = {r: float(np.mean([row["dice"][r] for row in rows])) for r in REGIONS}
+    hd95 = {r: float(np.mean([row["hd95"][r] for row in rows])) for r in REGIONS}
+    return {
+        "dice": dice,
+        "hd95": hd95,
+        "mean_dice": float(np.mean(list(dice.values()))),
+        "mean_hd95": float(np.mean(list(hd95.values()))),
+    }
+
+
+def _check_combinations(combinations: Sequence[Sequence[str]] | None) -> list[tuple[str, ...]]:
+    if combinations is None:
+        return modality_combinations()
+    out: list[tuple[str, ...]] = []
+    for combo in combinations:
+        if isinstance(combo, str):  # "t1+flair" or a single sequence name
+            combo = combo.split("+")
+        modality_mask(list(combo))  # raises ValueError naming unknown or empty combinations
+        canonical = tuple(m for m in MODALITIES if m in set(combo))
+        if canonical not in out:
+            out.append(canonical)
+    if not out:
+        raise ValueError("combinations must name at least one non-empty set of sequences")
+    return out
+
+
+@torch.no_grad()
+def evaluate_combinations(
+    model: torch.nn.Module,
+    datalist: str,
+    *,
+    key: str = "test",
+    data: DataConfig | dict[str, Any] | None = None,
+    combinations: Sequence[Sequence[str]] | None = None,
+    overlap: float = 0.5,
+    device: str | torch.device = "cpu",
+    max_cases: int = 0,
+    model_name: str | None = None,
+) -> dict[str, Any]:
+    """Dice and HD95 per region of ``model`` for every combination of sequences, on complete test cases.
+
+    Args:
+        model: a network of the package (``forward(image, modality_mask)``).
+        datalist: Decathlon-style datalist; its ``convention`` field (default ``brats2018``) gives the labels.
+        key: the list of cases to use (``test``, ``validation``...).
+        data: preprocessing options (``roi_size`` is the sliding-window size, ``zoom``, ``max_eval_size``).
+        combinations: subsets of sequences to score (tuples or names like ``"t1+flair"``); default all 15.
+        overlap: sliding-window overlap.
+        device: where inference runs.
+        max_cases: use only the first N cases (0: all).
+        model_name: how the model is named in the results (default: its class name).
+
+    Returns:
+        ``{"model", "datalist", "key", "convention", "num_cases", "cases", "data", "overlap", "combinations":
+        {name: row}, "mean_over_combinations", "full_modality", "seconds"}``; a row holds ``modalities``,
+        ``dice`` and ``hd95`` per region, ``mean_dice``, ``mean_hd95`` and the ``per_case`` values.
+        ``full_modality`` is the row of all four sequences (None when it was not scored).
+
+    Raises:
+        ValueError: bad options, an unreadable datalist, or a case that lacks a sequence (the evaluation needs
+            all four of every case).
+    """
+    cfg = data if isinstance(data, DataConfig) else DataConfig.from_dict(data)
+    combos = _check_combinations(combinations)
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if max_cases < 0:
+        raise ValueError(f"max_cases must be >= 0, got {max_cases}")
+    entries = read_datalist(datalist, key)
+    if max_cases:
+        entries = entries[:max_cases]
+    for entry in entries:
+        paths = entry.get("image") or []
+        missing = [m for m, p in zip(MODALITIES, paths) if not p] + list(MODALITIES[len(paths) :])
+        if missing:
+            raise ValueError(
+                f"datalist {datalist!r}: case {entry.get('case_id', '?')} lacks {missing}; scoring all sequence "
+                "combinations needs all four sequences of every case"
+            )
+        if not entry.get("label"):
+            raise ValueError(f"datalist {datalist!r}: case {entry.get('case_id', '?')} has no label to score against")
+    convention = datalist_convention(datalist)
+    divisor = max(8, int(getattr(model, "spatial_divisor", 8)))
+    transform = eval_transforms(MODALITIES, convention, cfg, divisor=divisor)
+    spacing = 1.0 / cfg.zoom  # voxels are 1 mm before zooming
+    device = torch.device(device)
+    model = model.to(device).eval()
+    masks = {combo: torch.tensor(modality_mask(list(combo)), dtype=torch.float32) for combo in combos}
+    dices: dict[tuple[str, ...], list[torch.Tensor]] = {combo: [] for combo in combos}
+    hds: dict[tuple[str, ...], list[torch.Tensor]] = {combo: [] for combo in combos}
+    case_ids: list[str] = []
+    started = time.monotonic()
+    logger.info(
+        "evaluating %d case(s) of %s on %d combination(s), roi %s, zoom %.2f",
+        len(entries),
+        datalist,
+        len(combos),
+        cfg.roi_size,
+        cfg.zoom,
+    )
+    for index, entry in enumerate(entries):
+        case_started = time.monotonic()
+        case_id = str(entry.get("case_id") or os.path.basename(os.path.dirname(entry["label"])))
+        sample = transform(entry)
+        image = torch.as_tensor(sample["image"])[None].to(device)
+        label = torch.as_tensor(sample["label"])[None]
+        for combo in combos:
+            mask = masks[combo]
+            # Zero-filling after normalisation equals never loading the sequence (absent channels load as 0
+            # and stay 0 because only non-zero voxels are normalised).
+            masked = apply_modality_mask(image, mask.to(device))
+            logits = predict_logits(model, masked, mask[None].to(device), cfg.roi_size, overlap=overlap)
+            pred = logits_to_regions(logits).cpu()
+            dices[combo].append(region_dice(pred, label))
+            hds[combo].append(region_hd95(pred, label, spacing=spacing))
+        case_ids.append(case_id)
+        full = dices[combos[-1]][-1].mean().item()
+        logger.info(
+            "case %d/%d %s: mean Dice %.3f with %s (%.1fs)",
+            index + 1,
+            len(entries),
+            case_id,
+            full,
+            combination_name(combos[-1]),
+            time.monotonic() - case_started,
+        )
+    rows = {combination_name(c): _row(torch.cat(dices[c]), torch.cat(hds[c]), c) for c in combos}
+    results: dict[str, Any] = {
+        "model": model_name or type(model).__name__,
+        "datalist": os.path.abspath(datalist),
+        "key": key,
+        "convention": convention,
+        "num_cases": len(case_ids),
+        "cases": case_ids,
+        "data": {"roi_size": list(cfg.roi_size), "zoom": cfg.zoom, "max_eval_size": cfg.max_eval_size},
+        "overlap": overlap,
+        "regions": list(REGIONS),
+        "combinations": rows,
+        "mean_over_combinations": mean_over_rows(list(rows.values())),
+        "full_modality": rows.get(FULL_COMBINATION),
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    summary = results["mean_over_combinations"]
+    logger.info(
+        "done in %.1fs: mean over %d combinations Dice %.3f, HD95 %.1f mm",
+        results["seconds"],
+        len(rows),
+        summary["mean_dice"],
+        summary["mean_hd95"],
+    )
+    return results
+
+
+# ---- command line -----------------------------------------------------------------------------------------
+def default_test_datalist(sites: str | None = None) -> str:
+    """The ``test_datalist`` of a ``sites.json`` (default: the embedded synthetic federation's)."""
+    if sites is None:
+        from fedbrats.data.federation import ensure_default_federation
+
+        sites = ensure_default_federation()
+    if not os.path.isfile(sites):
+        raise ValueError(f"sites file {sites!r} does not exist")
+    manifest = _read_json(sites, "sites file")
+    path = manifest.get("test_datalist") if isinstance(manifest, dict) else None
+    if not path:
+        raise ValueError(f"sites file {sites!r} names no 'test_datalist'; pass --datalist")
+    return path if os.path.isabs(path) else os.path.join(os.path.dirname(os.path.abspath(sites)), path)
+
+
+def _roi(values: Sequence[int] | None) -> tuple[int, ...] | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return (values[0],) * 3
+    if len(values) != 3:
+        raise ValueError(f"--roi-size takes one or three integers, got {list(values)}")
+    return tuple(values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``evaluate`` command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog="fedbrats-evaluate",
+        description="Score a model on the test cases with each of the 15 combinations of MRI sequences.",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint (.pt), federated run folder or exported model")
+    parser.add_argument("--spec", default=None, help="model_spec.json (default: found next to the model)")
+    parser.add_argument("--datalist", default=None, help="datalist with the test cases (default: --sites' test set)")
+    parser.add_argument("--sites", default=None, help="sites.json whose test_datalist to use (default: embedded)")
+    parser.add_argument("--key", default="test", help="list of the datalist to evaluate (default: test)")
+    parser.add_argument("--roi-size", type=int, nargs="+", default=None, help="sliding-window size (1 or 3 ints)")
+    parser.add_argument("--zoom", type=float, default=None, help="resampling factor after cropping (default 1.0)")
+    parser.add_argument("--max-eval-size", type=int, default=0, help="centre-crop volumes to this side (0: never)")
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--out-dir", default=None, help="where results.json/.md and heatmaps go (default: none)")
+    parser.add_argument("--label", default=None, help="name of the model in the report (default: the model path)")
+    parser.add_argument("--max-cases", type=int, default=0, help="use only the first N cases (0: all)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``evaluate`` command.
+
+    Returns:
+        0 on success, 1 when the model, the data or the options are wrong (the reason is logged).
+    """
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    else:
+        logging.getLogger("fedbrats").setLevel(args.log_level)
+    try:
+        model = load_model(args.model, args.spec)
+        # An exported model documents the window and resampling it was made for; the options override them.
+        defaults = metadata_input_defaults(read_model_metadata(resolve_checkpoint(args.model)))
+        data: dict[str, Any] = {"max_eval_size": args.max_eval_size}
+        roi = _roi(args.roi_size) or defaults.get("roi_size")
+        if roi:
+            data["roi_size"] = roi
+        zoom = args.zoom if args.zoom is not None else defaults.get("zoom")
+        if zoom:
+            data["zoom"] = zoom
+        datalist = args.datalist or default_test_datalist(args.sites)
+        label = args.label or os.path.basename(os.path.normpath(args.model))
+        results = evaluate_combinations(
+            model,
+            datalist,
+            key=args.key,
+            data=data,
+            overlap=args.overlap,
+            device=args.device,
+            max_cases=args.max_cases,
+            model_name=label,
+        )
+        from fedbrats.evaluation.report import format_table, write_reports
+
+        logger.info("results of %s on %d case(s):\n%s", label, results["num_cases"], format_table(results))
+        if args.out_dir:
+            paths = write_reports(results, args.out_dir, label=label)
+            logger.info("wrote %s", ", ".join(paths.values()))
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

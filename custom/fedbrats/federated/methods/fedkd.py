@@ -1,0 +1,214 @@
+"""FedKD at a site: supervised Dice plus DRL, RCL and knowledge distillation from the global model.
+
+Our interpretation of "Feature Representation-Aware Knowledge Distillation for Incomplete Local Information
+in Federated Learning" (MICCAI 2025): the paper names DRL and RCL; the federated protocol, the distillation
+targets and the weights below are this project's design (see docs/fedkd.md).
+
+Per batch, with ``f`` the fused content at 1/8 resolution and ``c_m`` each available sequence's content:
+
+    L = w_dice * Dice(y, s)
+      + w_drl  * DRL(c, style, mask)                                   (content agreement, content/style independence)
+      + w_rcl  * InfoNCE_regions(pool(f, y), pool(c_m, y), P_global)   (region-aware contrast)
+      + w_kd   * KL_T(sigmoid(s/T) || sigmoid(t/T)) * T^2              (teacher = frozen global model)
+      + w_proto* (1 - cos(pool(f, y), P_global))                        (feature distillation to global prototypes)
+      + w_self * KL_T(full-sequence logits || dropped-sequence logits)  (sites with all four sequences only)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from monai.losses import DiceLoss
+
+from fedbrats.data.transforms import apply_modality_mask
+from fedbrats.federated.methods.base import ClientMethod
+from fedbrats.losses import (
+    DRLLoss,
+    RegionContrastiveLoss,
+    logit_kd_loss,
+    prototype_kd_loss,
+    region_prototypes,
+    self_distillation_loss,
+)
+
+#: Meta keys the server sends with the global model.
+GLOBAL_PROTOTYPES = "global_prototypes"
+GLOBAL_PROTOTYPE_VALID = "global_prototype_valid"
+
+
+class FedKDMethod(ClientMethod):
+    """The site side of FedKD. Every loss term has a weight; 0 switches it off (ablations).
+
+    Args:
+        dice_weight: supervised soft Dice.
+        drl_weight: disentangled representation learning (DRL) as a whole.
+        drl_consistency: DRL content agreement across a case's sequences.
+        drl_independence: DRL content/style cross-correlation penalty.
+        drl_style: DRL separation of different sequences' style vectors.
+        rcl_weight: region-aware contrastive learning (RCL).
+        rcl_temperature: InfoNCE temperature of RCL.
+        kd_weight: logit distillation from the frozen global model (the teacher).
+        kd_temperature: distillation temperature.
+        proto_kd_weight: feature distillation of local region embeddings towards the global prototypes.
+        self_distill_weight: at sites with all four sequences, distillation from the full-sequence output to the
+            output with randomly dropped sequences.
+        kd_start_round: first round with distillation (round 0's global model is untrained).
+        min_prototype_cases: a region's prototype is sent only when at least this many cases contributed to it,
+            so that no single patient's features leave the site.
+    """
+
+    name: ClassVar[str] = "fedkd"
+    payload_keys: ClassVar[frozenset[str]] = frozenset({"prototypes", "prototype_counts", "prototype_cases"})
+
+    def __init__(
+        self,
+        dice_weight: float = 1.0,
+        drl_weight: float = 0.1,
+        drl_consistency: float = 1.0,
+        drl_independence: float = 0.1,
+        drl_style: float = 0.1,
+        rcl_weight: float = 0.1,
+        rcl_temperature: float = 0.07,
+        kd_weight: float = 0.5,
+        kd_temperature: float = 2.0,
+        proto_kd_weight: float = 0.1,
+        self_distill_weight: float = 0.5,
+        kd_start_round: int = 1,
+        min_prototype_cases: int = 2,
+    ) -> None:
+        weights = {
+            "dice_weight": dice_weight,
+            "drl_weight": drl_weight,
+            "rcl_weight": rcl_weight,
+            "kd_weight": kd_weight,
+            "proto_kd_weight": proto_kd_weight,
+            "self_distill_weight": self_distill_weight,
+        }
+        for arg, value in weights.items():
+            if value < 0:
+                raise ValueError(f"{arg} must be >= 0, got {value}")
+        self.weights = weights
+        self.kd_temperature = kd_temperature
+        self.kd_start_round = kd_start_round
+        self.min_prototype_cases = min_prototype_cases
+        self.dice = DiceLoss(smooth_nr=0, smooth_dr=1e-5, squared_pred=True, sigmoid=True)
+        self.drl = DRLLoss(drl_consistency, drl_independence, drl_style)
+        self.rcl = RegionContrastiveLoss(rcl_temperature)
+        self.teacher: torch.nn.Module | None = None
+        self.global_protos: torch.Tensor | None = None
+        self.global_valid: torch.Tensor | None = None
+        self._reset_prototype_sums()
+
+    # ---- round hooks --------------------------------------------------------------------------------------
+    def on_global_model(self, model: torch.nn.Module, global_meta: dict[str, Any], current_round: int) -> None:
+        use_kd = current_round >= self.kd_start_round
+        if use_kd and (self.weights["kd_weight"] > 0):
+            self.teacher = copy.deepcopy(model).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        else:
+            self.teacher = None
+        protos = global_meta.get(GLOBAL_PROTOTYPES)
+        if protos is not None and len(protos):
+            self.global_protos = torch.as_tensor(np.asarray(protos, dtype=np.float32), device=self.device)
+            valid = global_meta.get(GLOBAL_PROTOTYPE_VALID)
+            self.global_valid = torch.as_tensor(
+                np.asarray(valid if valid is not None else [True] * len(protos), dtype=bool), device=self.device
+            )
+        else:
+            self.global_protos, self.global_valid = None, None
+        self.use_proto_kd = use_kd and self.global_protos is not None
+        self._reset_prototype_sums()
+
+    def training_loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        image, label, mask = batch["image"], batch["label"], batch["modality_mask"]
+        out = model(image, mask)
+        w = self.weights
+        terms: dict[str, torch.Tensor] = {"dice": self.dice(out["logits"], label)}
+        if w["drl_weight"] > 0:
+            terms["drl"] = self.drl(out["content"], out["style"], mask)
+        protos, counts = region_prototypes(out["fused"], label)
+        self._accumulate_prototypes(protos.detach(), counts.detach(), batch.get("case_id"))
+        if w["rcl_weight"] > 0:
+            seq_protos, _ = region_prototypes(out["content"], label)
+            terms["rcl"] = self.rcl(
+                protos, counts, seq_protos, mask, self.global_protos if self.use_proto_kd else None, self.global_valid
+            )
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(image, mask)["logits"]
+            terms["kd"] = logit_kd_loss(out["logits"], teacher_logits, self.kd_temperature)
+        if self.use_proto_kd and w["proto_kd_weight"] > 0:
+            terms["proto_kd"] = prototype_kd_loss(protos, counts, self.global_protos, self.global_valid)
+        if w["self_distill_weight"] > 0 and bool((mask > 0).all()):
+            dropped_mask = _random_subset_mask(mask)
+            dropped = model(apply_modality_mask(image, dropped_mask), dropped_mask)
+            terms["self_distill"] = self_distillation_loss(out["logits"], dropped["logits"], self.kd_temperature)
+        weight_of = {
+            "dice": w["dice_weight"],
+            "drl": w["drl_weight"],
+            "rcl": w["rcl_weight"],
+            "kd": w["kd_weight"],
+            "proto_kd": w["proto_kd_weight"],
+            "self_distill": w["self_distill_weight"],
+        }
+        loss = sum(weight_of[k] * v for k, v in terms.items())
+        return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+    def round_payload(self, model: torch.nn.Module, train_loader: Any) -> dict[str, Any]:
+        """Region prototypes of this round: the mean fused content per region over the round's training
+        batches (an average over many voxels and cases), with voxel and case counts. A region seen in fewer
+        than ``min_prototype_cases`` cases is withheld (count 0)."""
+        counts = self._count_sum.clone()
+        cases = torch.tensor([float(len(ids)) for ids in self._case_ids]) if self._case_ids else torch.zeros(0)
+        withheld = cases < self.min_prototype_cases
+        counts[withheld] = 0
+        means = self._proto_sum / counts.clamp_min(1e-6).unsqueeze(-1)
+        means[withheld] = 0
+        return {
+            "prototypes": means.cpu().numpy().astype(np.float32),
+            "prototype_counts": counts.cpu().numpy().astype(np.float32),
+            "prototype_cases": cases.cpu().numpy().astype(np.float32),
+        }
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+    def _reset_prototype_sums(self) -> None:
+        self._proto_sum = torch.zeros(0)
+        self._count_sum = torch.zeros(0)
+        self._case_ids: list[set[str]] = []
+
+    def _accumulate_prototypes(self, protos: torch.Tensor, counts: torch.Tensor, case_ids: Any) -> None:
+        weighted = (protos * counts.unsqueeze(-1)).sum(0).cpu()  # (R, C)
+        if self._proto_sum.numel() == 0:
+            self._proto_sum = torch.zeros_like(weighted)
+            self._count_sum = torch.zeros(weighted.shape[0])
+            self._case_ids = [set() for _ in range(weighted.shape[0])]
+        self._proto_sum += weighted
+        self._count_sum += counts.sum(0).cpu()
+        # Distinct cases, not visits: a case seen in every epoch still counts once towards the privacy floor.
+        ids = list(case_ids) if case_ids is not None else [f"batch{id(protos)}_{i}" for i in range(len(counts))]
+        for b, case in enumerate(ids):
+            for r in torch.nonzero(counts[b] > 1e-6).flatten().tolist():
+                self._case_ids[r].add(str(case))
+
+
+def _random_subset_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Per case, a random non-empty proper subset of the present sequences (1 = kept)."""
+    batch, n_mod = mask.shape
+    keep = torch.rand(batch, n_mod, device=mask.device) < 0.5
+    keep &= mask > 0
+    for b in range(batch):
+        present = torch.nonzero(mask[b] > 0).flatten()
+        if keep[b].sum() == 0:
+            keep[b, present[torch.randint(len(present), (1,))]] = True
+        elif keep[b].sum() == len(present) and len(present) > 1:
+            keep[b, present[torch.randint(len(present), (1,))]] = False
+    return keep.float()
+
+
+__all__ = ["GLOBAL_PROTOTYPES", "GLOBAL_PROTOTYPE_VALID", "FedKDMethod"]
