@@ -41,5 +41,5 @@ def modality_mask(available: list[str] | tuple[str, ...]) -> list[bool]:
     if unknown:
         raise ValueError(f"available modalities {unknown} are not among {list(MODALITIES)}")
     if not available:
-        raise ValueError("available modalities must name at least one of " f"{list(MODALITIES)}")
+        raise ValueError(f"available modalities must name at least one of {list(MODALITIES)}")
     return [m in set(available) for m in MODALITIES]

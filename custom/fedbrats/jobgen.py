@@ -77,12 +77,18 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def job_configs(name: str, num_rounds: int = DEFAULT_ROUNDS, **training_overrides: Any) -> dict[str, Any]:
+def job_configs(
+    name: str,
+    num_rounds: int = DEFAULT_ROUNDS,
+    aggregation_args: dict[str, Any] | None = None,
+    **training_overrides: Any,
+) -> dict[str, Any]:
     """The three files of job ``name``: ``meta.json``, server and client configs, as dicts.
 
     Args:
         name: a key of :data:`JOBS`.
         num_rounds: federated rounds.
+        aggregation_args: override arguments of the aggregation strategy (e.g. ``{"modality_aware": False}``).
         training_overrides: replace training options (nested dicts are merged), e.g. ``epochs_per_round=1``.
     """
     if name not in JOBS:
@@ -90,6 +96,7 @@ def job_configs(name: str, num_rounds: int = DEFAULT_ROUNDS, **training_override
     spec = JOBS[name]
     training = _merge(_merge(BASE_TRAINING, spec.get("training", {})), training_overrides)
     network = _merge(BASE_NETWORK, spec.get("network", {}))
+    aggregation = _merge(spec["aggregation"], {"args": aggregation_args or {}})
     meta = {
         "name": name,
         "description": spec["description"],
@@ -112,7 +119,7 @@ def job_configs(name: str, num_rounds: int = DEFAULT_ROUNDS, **training_override
                 "path": "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
                 "args": {"model": {"path": network_class_path(network["name"]), "args": network["args"]}},
             },
-            {"id": "aggregation", **spec["aggregation"]},
+            {"id": "aggregation", **aggregation},
             {
                 "id": "model_selector",
                 "path": "nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector",
@@ -159,10 +166,16 @@ def job_configs(name: str, num_rounds: int = DEFAULT_ROUNDS, **training_override
     }
 
 
-def write_job(name: str, out_dir: str, num_rounds: int = DEFAULT_ROUNDS, **training_overrides: Any) -> str:
-    """Write job ``name`` into ``out_dir/name`` and return that folder."""
+def write_job(
+    name: str,
+    out_dir: str,
+    num_rounds: int = DEFAULT_ROUNDS,
+    aggregation_args: dict[str, Any] | None = None,
+    **training_overrides: Any,
+) -> str:
+    """Write job ``name`` into ``out_dir/name`` (arguments as :func:`job_configs`) and return that folder."""
     job_dir = os.path.join(out_dir, name)
-    for rel, content in job_configs(name, num_rounds, **training_overrides).items():
+    for rel, content in job_configs(name, num_rounds, aggregation_args, **training_overrides).items():
         path = os.path.join(job_dir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:

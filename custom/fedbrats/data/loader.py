@@ -89,9 +89,7 @@ def _preprocess(modalities: Sequence[str], convention: str, zoom: float) -> list
         CropForegroundd(keys, source_key="image", allow_missing_keys=True, allow_smaller=True),
     ]
     if zoom < 1.0:
-        steps.append(
-            Zoomd(keys, zoom=zoom, mode=("trilinear", "nearest"), keep_size=False, allow_missing_keys=True)
-        )
+        steps.append(Zoomd(keys, zoom=zoom, mode=("trilinear", "nearest"), keep_size=False, allow_missing_keys=True))
     # Normalising only non-zero voxels per channel keeps zero-filled (absent) channels at exactly zero.
     steps.append(NormalizeIntensityd("image", nonzero=True, channel_wise=True))
     return steps

@@ -87,7 +87,9 @@ class LoadBraTSCase(Transform):
                 ref_shape, ref_affine, ref_path = data.shape, affine, path
             elif data.shape != ref_shape:
                 raise CaseValidationError(
-                    case_id, path, f"shape {data.shape} differs from {ref_shape} of {ref_path}; sequences must be co-registered"
+                    case_id,
+                    path,
+                    f"shape {data.shape} differs from {ref_shape} of {ref_path}; sequences must be co-registered",
                 )
             elif not np.allclose(affine, ref_affine, atol=self.affine_tolerance):
                 raise CaseValidationError(
@@ -107,7 +109,9 @@ class LoadBraTSCase(Transform):
         if label_path:
             label, label_affine = load_nifti_checked(label_path, case_id)
             if label.shape != ref_shape:
-                raise CaseValidationError(case_id, label_path, f"label shape {label.shape} differs from image {ref_shape}")
+                raise CaseValidationError(
+                    case_id, label_path, f"label shape {label.shape} differs from image {ref_shape}"
+                )
             label = np.rint(label).astype(np.int16)
             check_label_values(np.unique(label), self.convention, case_id, label_path)
             out["label"] = torch.from_numpy(label.astype(np.uint8))[None]
@@ -179,7 +183,10 @@ class ConvertBraTSLabelsd(MapTransform):
     """Dictionary version of :class:`ConvertBraTSLabels`."""
 
     def __init__(
-        self, keys: KeysCollection = "label", convention: str | BraTSConvention = "brats2018", allow_missing_keys: bool = True
+        self,
+        keys: KeysCollection = "label",
+        convention: str | BraTSConvention = "brats2018",
+        allow_missing_keys: bool = True,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.converter = ConvertBraTSLabels(convention)

@@ -27,7 +27,7 @@ import torch
 
 from fedbrats.constants import MODALITIES, REGIONS, combination_name, modality_combinations, modality_mask
 from fedbrats.data.loader import DataConfig, eval_transforms, read_datalist
-from fedbrats.data.transforms import MASK_KEY, apply_modality_mask
+from fedbrats.data.transforms import apply_modality_mask
 from fedbrats.evaluation.inference import predict_logits
 from fedbrats.evaluation.metrics import logits_to_regions, region_dice, region_hd95
 from fedbrats.networks import build_from_spec
@@ -137,7 +137,9 @@ def load_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
     try:
         content = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError...) for bad files
-        raise ValueError(f"checkpoint {checkpoint!r} cannot be loaded with torch.load(weights_only=True): {exc}") from exc
+        raise ValueError(
+            f"checkpoint {checkpoint!r} cannot be loaded with torch.load(weights_only=True): {exc}"
+        ) from exc
     state = content.get("model", content) if isinstance(content, Mapping) else None
     if not isinstance(state, Mapping) or not state or not all(isinstance(k, str) for k in state):
         raise ValueError(f"checkpoint {checkpoint!r} holds no state dict (expected {{'model': state_dict}} or one)")

@@ -36,8 +36,6 @@ def build_network(name: str, **kwargs: Any) -> torch.nn.Module:
     return cls(**kwargs)
 
 
-
-
 def model_spec(model: torch.nn.Module) -> dict[str, Any]:
     """``{"path": ..., "args": ...}`` that rebuilds ``model`` (its constructor arguments, read off attributes).
 

@@ -66,7 +66,9 @@ def run(training: dict, workspace: str | None) -> None:
         metrics = trainer.validate()
         for tag, value in metrics.items():
             writer.add_scalar(tag, value, current_round)
-        logger.info("round %d | site %s | global model on local validation: %s", current_round, site_name, _fmt(metrics))
+        logger.info(
+            "round %d | site %s | global model on local validation: %s", current_round, site_name, _fmt(metrics)
+        )
         summary = trainer.train_round(current_round)
         extras = trainer.method.round_payload(trainer.model, trainer.train_loader)
         has_local_weights = True

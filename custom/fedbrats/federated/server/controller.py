@@ -20,7 +20,6 @@ from fedbrats.federated.server.aggregation import AggregationStrategy, SiteUpdat
 from fedbrats.federated.server.update_checks import update_problem
 from fedbrats.networks import model_spec
 
-
 MODEL_SPEC_FILE = "model_spec.json"
 
 
@@ -163,14 +162,16 @@ class FedBratsController(ModelController):
                 "num_steps": meta.get("num_steps"),
                 "modalities": meta.get("modalities"),
             }
-            self.info(
-                f"round {current_round}: {name} ({','.join(meta.get('modalities', []))}) "
-                f"loss {meta.get('train_loss', float('nan')):.4f}, val mean Dice {metrics.get('val_mean_dice', float('nan')):.3f}"
-            )
+            loss = meta.get("train_loss", float("nan"))
+            dice = metrics.get("val_mean_dice", float("nan"))
+            mods = ",".join(meta.get("modalities", []))
+            self.info(f"round {current_round}: {name} ({mods}) loss {loss:.4f}, val mean Dice {dice:.3f}")
         responded = {u.site_name for u in updates} | set(rejected)
         left_out = sorted(set(targets) - responded)
         if left_out:
-            self.warning(f"round {current_round}: no update from {left_out}; aggregating the {len(updates)} that arrived")
+            self.warning(
+                f"round {current_round}: no update from {left_out}; aggregating the {len(updates)} that arrived"
+            )
         record = {
             "round": current_round,
             "sites": sites,
