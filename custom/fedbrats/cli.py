@@ -90,6 +90,7 @@ COMMANDS = {
     "make-jobs": "rewrite the job folders from their single definition",
     "simulate": "run a job in the NVFlare simulator with overrides",
     "evaluate": "score a model on all 15 sequence combinations (JSON, markdown, heatmaps)",
+    "compare": "train methods with the same budget and compare them on all 15 combinations",
     "export": "package a trained model with metadata.json",
     "predict": "segment a new patient from any subset of sequences",
 }
@@ -98,6 +99,7 @@ _MODULES = {
     "prepare": "fedbrats.data.prepare",
     "evaluate": "fedbrats.evaluation.evaluate",
     "export": "fedbrats.evaluation.export",
+    "compare": "fedbrats.evaluation.compare",
     "predict": "fedbrats.evaluation.predict",
 }
 _FUNCS = {

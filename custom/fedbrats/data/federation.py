@@ -93,7 +93,12 @@ def make_synthetic_federation(
     )
     from fedbrats.data.conventions import institution_of
 
-    site_of_institution = dict(zip(institutions, profiles))
+    from fedbrats.data.synthetic import synthetic_case_id
+
+    # The institution token inside a case id depends on the naming convention (2023 ids prefix it with SYN).
+    site_of_institution = {
+        institution_of(synthetic_case_id(inst, 0, convention)): site for inst, site in zip(institutions, profiles)
+    }
     split_map = {os.path.basename(c): site_of_institution[institution_of(os.path.basename(c))] for c in case_dirs}
     prepare(
         cases_dir,

@@ -17,6 +17,7 @@ from monai.transforms import (
     CropForegroundd,
     DivisiblePadd,
     EnsureTyped,
+    Lambda,
     NormalizeIntensityd,
     RandFlipd,
     RandScaleIntensityd,
@@ -27,7 +28,13 @@ from monai.transforms import (
 )
 
 from fedbrats.constants import MODALITIES
-from fedbrats.data.transforms import MASK_KEY, ConvertBraTSLabelsd, LoadBraTSCased, ModalityDropoutd
+from fedbrats.data.transforms import (
+    MASK_KEY,
+    ConvertBraTSLabelsd,
+    LoadBraTSCased,
+    ModalityDropoutd,
+    apply_modality_mask,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +102,12 @@ def _preprocess(modalities: Sequence[str], convention: str, zoom: float) -> list
     return steps
 
 
+def _zero_absent_channels(data: dict[str, Any]) -> dict[str, Any]:
+    d = dict(data)
+    d["image"] = apply_modality_mask(d["image"], d[MASK_KEY])
+    return d
+
+
 def train_transforms(modalities: Sequence[str], convention: str, cfg: DataConfig) -> Compose:
     """Training pipeline: load available sequences, crop, normalise, random crop/augment, modality dropout."""
     keys = ["image", "label"]
@@ -110,6 +123,8 @@ def train_transforms(modalities: Sequence[str], convention: str, cfg: DataConfig
             RandFlipd(keys, prob=0.5, spatial_axis=2),
             RandScaleIntensityd("image", factors=0.1, prob=0.5),
             RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+            # The shift adds its offset to every channel: put absent sequences back to exactly zero.
+            Lambda(_zero_absent_channels),
         ]
     if cfg.modality_dropout > 0:
         steps.append(ModalityDropoutd("image", prob=cfg.modality_dropout))

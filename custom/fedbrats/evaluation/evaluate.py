@@ -79,7 +79,12 @@ def resolve_checkpoint(path: str) -> str:
     )
 
 
-def _read_json(path: str, what: str) -> Any:
+def read_json(path: str, what: str) -> Any:
+    """Parsed JSON file; ``what`` names the file's role in the error message.
+
+    Raises:
+        ValueError: the file cannot be read or is not valid JSON.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -89,8 +94,13 @@ def _read_json(path: str, what: str) -> Any:
         raise ValueError(f"{what} {path!r} is not valid JSON: {exc}") from exc
 
 
-def _spec_from_json(path: str) -> dict[str, Any]:
-    content = _read_json(path, "model spec")
+def spec_from_json(path: str) -> dict[str, Any]:
+    """The network spec in ``model_spec.json`` or in an exported model's ``metadata.json``.
+
+    Raises:
+        ValueError: the file is unreadable or holds no spec.
+    """
+    content = read_json(path, "model spec")
     # An exported model's metadata.json holds the spec under "model_spec"; model_spec.json is the spec itself.
     spec = content.get("model_spec", content) if isinstance(content, dict) else None
     if not isinstance(spec, dict) or "path" not in spec:
@@ -164,12 +174,12 @@ def load_model(checkpoint: str, spec: dict[str, Any] | str | None = None) -> tor
     path = resolve_checkpoint(checkpoint)
     if spec is None:
         spec_source = find_model_spec(path)
-        spec = _spec_from_json(spec_source)
+        spec = spec_from_json(spec_source)
     elif isinstance(spec, str):
         if not os.path.isfile(spec):
             raise ValueError(f"model spec {spec!r} does not exist")
         spec_source = spec
-        spec = _spec_from_json(spec)
+        spec = spec_from_json(spec)
     elif isinstance(spec, Mapping):
         spec_source = "the given spec"
         spec = dict(spec)
@@ -197,7 +207,7 @@ def read_model_metadata(model: str) -> dict[str, Any]:
     path = os.path.join(folder, EXPORTED_METADATA_FILE)
     if not os.path.isfile(path):
         return {}
-    content = _read_json(path, "model metadata")
+    content = read_json(path, "model metadata")
     return content if isinstance(content, dict) else {}
 
 
@@ -215,7 +225,7 @@ def metadata_input_defaults(metadata: Mapping[str, Any]) -> dict[str, Any]:
 # ---- evaluation -------------------------------------------------------------------------------------------
 def datalist_convention(datalist: str) -> str:
     """The label convention a datalist declares in its ``convention`` field (default ``brats2018``)."""
-    content = _read_json(datalist, "datalist") if os.path.isfile(datalist) else {}
+    content = read_json(datalist, "datalist") if os.path.isfile(datalist) else {}
     return str(content.get("convention") or "brats2018") if isinstance(content, dict) else "brats2018"
 
 
@@ -400,7 +410,7 @@ def default_test_datalist(sites: str | None = None) -> str:
         sites = ensure_default_federation()
     if not os.path.isfile(sites):
         raise ValueError(f"sites file {sites!r} does not exist")
-    manifest = _read_json(sites, "sites file")
+    manifest = read_json(sites, "sites file")
     path = manifest.get("test_datalist") if isinstance(manifest, dict) else None
     if not path:
         raise ValueError(f"sites file {sites!r} names no 'test_datalist'; pass --datalist")

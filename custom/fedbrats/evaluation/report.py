@@ -157,7 +157,8 @@ def write_reports(results: Mapping[str, Any], out_dir: str, label: str = "model"
         "",
         f"{results.get('num_cases', '?')} test cases from `{results.get('datalist', '?')}` "
         f"(list `{results.get('key', 'test')}`, labels {results.get('convention', 'brats2018')}); "
-        f"sliding window {data.get('roi_size', '?')}, zoom {data.get('zoom', '?')}, overlap {results.get('overlap', '?')}.",
+        f"sliding window {data.get('roi_size', '?')}, zoom {data.get('zoom', '?')}, "
+        f"overlap {results.get('overlap', '?')}.",
         "",
         f"{PRESENT} sequence given to the model, {ABSENT} sequence absent (zero-filled). Dice: higher is better; "
         "HD95 in mm, lower is better (373.13 mm when a region is predicted but absent, or missed).",

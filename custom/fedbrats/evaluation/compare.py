@@ -1,0 +1,153 @@
+"""Train several methods on the same federation with the same budget and compare them on all 15 combinations.
+
+This is the command behind the results page (docs/results.md): every number there comes from a run of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from typing import Any
+
+from fedbrats.constants import modality_combinations
+from fedbrats.data.federation import ensure_default_federation
+from fedbrats.evaluation.evaluate import evaluate_combinations, load_model, mean_over_rows
+from fedbrats.evaluation.report import compare_table, write_reports
+from fedbrats.federated.simulate import parse_overrides, simulate
+
+logger = logging.getLogger(__name__)
+
+#: Methods and ablations: (job, training overrides, aggregation overrides).
+EXPERIMENTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "centralized": ("centralized", {}, {}),
+    "local_only": ("local_only", {}, {}),
+    "fedavg": ("fedavg", {}, {}),
+    "fedkd": ("fedkd", {}, {}),
+    "fedkd_no_drl": ("fedkd", {"method_args": {"drl_weight": 0.0}}, {}),
+    "fedkd_no_rcl": ("fedkd", {"method_args": {"rcl_weight": 0.0}}, {}),
+    "fedkd_no_kd": (
+        "fedkd",
+        {"method_args": {"kd_weight": 0.0, "proto_kd_weight": 0.0, "self_distill_weight": 0.0}},
+        {},
+    ),
+    "fedkd_no_modality_aware_agg": ("fedkd", {}, {"modality_aware": False}),
+}
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _average_results(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per combination, the mean over sites' models (the local-only baseline has one model per site)."""
+    first = next(iter(per_site.values()))
+    combos = {}
+    for name in first["combinations"]:
+        rows = [r["combinations"][name] for r in per_site.values()]
+        combos[name] = {"modalities": rows[0]["modalities"], **mean_over_rows(rows)}
+    out = {k: v for k, v in first.items() if k not in ("combinations", "mean_over_combinations", "full_modality")}
+    out.update(
+        model=f"mean of {len(per_site)} site models ({', '.join(sorted(per_site))})",
+        combinations=combos,
+        mean_over_combinations=mean_over_rows(list(combos.values())),
+        full_modality=combos.get("t1+t1ce+t2+flair"),
+    )
+    return out
+
+
+def run_experiment(
+    name: str,
+    workspace: str,
+    sites_file: str,
+    num_rounds: int,
+    overrides: dict[str, Any],
+    eval_data: dict[str, Any],
+    test_datalist: str,
+    max_cases: int = 0,
+) -> dict[str, Any]:
+    """Simulate one method and evaluate its best global model (every site model for local-only)."""
+    job, job_overrides, agg_overrides = EXPERIMENTS[name]
+    result = simulate(
+        job,
+        os.path.join(workspace, name),
+        sites_file=sites_file,
+        num_rounds=num_rounds,
+        overrides=_merge(overrides, job_overrides),
+        aggregation_args=agg_overrides,
+    )
+    spec = os.path.join(result.run_dir, "model_spec.json")
+    if job == "local_only":
+        site_dir = os.path.join(result.run_dir, "site_models")
+        per_site = {}
+        for fname in sorted(os.listdir(site_dir)):
+            model = load_model(os.path.join(site_dir, fname), spec)
+            per_site[fname[:-3]] = evaluate_combinations(
+                model, test_datalist, data=eval_data, max_cases=max_cases, model_name=f"local {fname[:-3]}"
+            )
+        results = _average_results(per_site)
+        results["per_site"] = {s: r["mean_over_combinations"] for s, r in per_site.items()}
+    else:
+        model = load_model(result.best_model, spec)
+        results = evaluate_combinations(model, test_datalist, data=eval_data, max_cases=max_cases, model_name=name)
+    results["training"] = {
+        "job": job,
+        "rounds": num_rounds,
+        "overrides": _merge(overrides, job_overrides),
+        "aggregation_overrides": agg_overrides,
+        "simulator_seconds": round(result.seconds, 1),
+        "final_val_mean_dice": (result.history[-1].get("aggregated") or {}).get("val_mean_dice"),
+    }
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fedbrats compare", description=__doc__)
+    p.add_argument("--sites", default=None, help="sites.json (default: the embedded synthetic federation)")
+    p.add_argument("--workspace", required=True, help="where runs are kept")
+    p.add_argument("--out-dir", required=True, help="where the reports go")
+    p.add_argument("--experiments", default="centralized,local_only,fedavg,fedkd", help=f"of {sorted(EXPERIMENTS)}")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training override for all")
+    p.add_argument("--max-cases", type=int, default=0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sites_file = os.path.abspath(a.sites or ensure_default_federation())
+    with open(sites_file, encoding="utf-8") as f:
+        test_datalist = json.load(f)["test_datalist"]
+    overrides = parse_overrides(a.set)
+    from fedbrats.jobgen import BASE_TRAINING
+
+    eval_data = _merge(BASE_TRAINING["data"], overrides.get("data", {}))
+    eval_data = {k: v for k, v in eval_data.items() if k in ("roi_size", "zoom", "max_eval_size")}
+    os.makedirs(a.out_dir, exist_ok=True)
+    all_results: dict[str, dict[str, Any]] = {}
+    for name in a.experiments.split(","):
+        if name not in EXPERIMENTS:
+            raise ValueError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)}")
+        started = time.monotonic()
+        results = run_experiment(
+            name, a.workspace, sites_file, a.rounds, overrides, eval_data, test_datalist, a.max_cases
+        )
+        results["total_seconds"] = round(time.monotonic() - started, 1)
+        write_reports(results, os.path.join(a.out_dir, name), label=name)
+        all_results[name] = results
+        logger.info(
+            "%s: mean Dice over %d combinations %.4f",
+            name,
+            len(modality_combinations()),
+            results["mean_over_combinations"]["mean_dice"],
+        )
+    command = "fedbrats compare " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[2:]))
+    with open(os.path.join(a.out_dir, "comparison.md"), "w", encoding="utf-8") as f:
+        f.write(f"Produced by `{command}`\n\nsites: `{sites_file}`\n\n")
+        f.write(compare_table(all_results))
+        f.write("\n")
+    return 0

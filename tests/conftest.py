@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny synthetic federations made once per session, and the real-data location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "brats2018"
+
+
+@pytest.fixture(scope="session")
+def tiny_federation(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 4-site synthetic federation (3 cases per site, 16^3 voxels); returns its sites.json."""
+    from fedbrats.data.federation import make_synthetic_federation
+
+    out = tmp_path_factory.mktemp("tiny_federation")
+    return make_synthetic_federation(str(out), cases_per_site=3, size=16, test_fraction=0.34, val_fraction=0.5)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never write the embedded default data into the user's home during tests."""
+    monkeypatch.setenv("FEDBRATS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.delenv("FEDBRATS_SITE_CONFIG", raising=False)
+
+
+def real_data_or_skip() -> Path:
+    """The shared BraTS 2018 cases, or skip the test where they are absent (CI and users)."""
+    if not REAL_DATA.is_dir() or not any(REAL_DATA.iterdir()):
+        pytest.skip(f"real BraTS data not found at {REAL_DATA}")
+    return REAL_DATA
+
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
