@@ -654,6 +654,7 @@ def wait_for_clients(session: Any, kits: Kits, timeout: float = 60.0) -> float:
 _LOG_LINE = re.compile(
     r"^(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - (?P<logger>\S+) - (?P<level>[A-Z]+) - (?:\[[^\]]*\] - )?(?P<msg>.*)$"
 )
+_PROGRESS = re.compile(r"^(start: |round \d|final validation|finished \d+ rounds)")
 _ROUND_START = re.compile(r"^round (?P<round>\d+)/\d+: sending")
 _ROUND_DONE = re.compile(r"^round (?P<round>\d+) done in")
 
@@ -690,7 +691,7 @@ class ServerLogFollower:
         if not m:
             return
         msg, level, source = m["msg"], m["level"], m["logger"]
-        if source.endswith("Controller") or source == "IntimeModelSelector":
+        if source.endswith("Controller") and (level in ("WARNING", "ERROR") or _PROGRESS.match(msg)):
             logger.log(logging.WARNING if level in ("WARNING", "ERROR") else logging.INFO, "server: %s", msg)
         elif level == "ERROR":
             logger.warning("server error (%s): %s", source, msg)
@@ -1120,6 +1121,8 @@ def run_from_args(cls: type[Deployment], args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        logging.getLogger("nvflare").setLevel(logging.WARNING)
     raise_on_termination()
     try:
         job = args.job or default_job_dir()
