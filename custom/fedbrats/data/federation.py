@@ -92,7 +92,6 @@ def make_synthetic_federation(
         seed=seed,
     )
     from fedbrats.data.conventions import institution_of
-
     from fedbrats.data.synthetic import synthetic_case_id
 
     # The institution token inside a case id depends on the naming convention (2023 ids prefix it with SYN).
