@@ -124,7 +124,7 @@ def train_transforms(modalities: Sequence[str], convention: str, cfg: DataConfig
             RandScaleIntensityd("image", factors=0.1, prob=0.5),
             RandShiftIntensityd("image", offsets=0.1, prob=0.5),
             # The shift adds its offset to every channel: put absent sequences back to exactly zero.
-            # X
+            Lambda(_zero_absent_channels),
         ]
     if cfg.modality_dropout > 0:
         steps.append(ModalityDropoutd("image", prob=cfg.modality_dropout))

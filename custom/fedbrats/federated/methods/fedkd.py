@@ -100,6 +100,7 @@ class FedKDMethod(ClientMethod):
         self.teacher: torch.nn.Module | None = None
         self.global_protos: torch.Tensor | None = None
         self.global_valid: torch.Tensor | None = None
+        self.use_proto_kd = False  # until on_global_model brings prototypes (training_loss may come first)
         self._reset_prototype_sums()
 
     # ---- round hooks --------------------------------------------------------------------------------------
