@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset
+from monai.data import DataLoader, Dataset
 from monai.transforms import (
     CenterSpatialCropd,
     Compose,
@@ -20,11 +21,13 @@ from monai.transforms import (
     Lambda,
     NormalizeIntensityd,
     RandFlipd,
+    Randomizable,
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropd,
     SpatialPadd,
     Zoomd,
+    apply_transform,
 )
 
 from fedbrats.constants import MODALITIES
@@ -35,6 +38,7 @@ from fedbrats.data.transforms import (
     ModalityDropoutd,
     apply_modality_mask,
 )
+from fedbrats.data.validation import CaseValidationError
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,8 @@ class DataConfig:
         modality_dropout: probability of hiding some of a training case's present sequences.
         augment: random flips and intensity scale/shift during training.
         num_workers: data-loading worker processes (0 keeps one process per simulated site).
+        max_invalid_fraction: unreadable cases are skipped with a warning up to this share of a list; beyond
+            it the site reports an error instead of training on almost nothing.
     """
 
     roi_size: Sequence[int] = (32, 32, 32)
@@ -63,6 +69,7 @@ class DataConfig:
     modality_dropout: float = 0.0
     augment: bool = True
     num_workers: int = 0
+    max_invalid_fraction: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -175,11 +182,75 @@ def read_datalist(path: str, key: str) -> list[dict[str, Any]]:
     return out
 
 
-def make_dataset(entries: list[dict[str, Any]], transform: Compose, cache_rate: float) -> Dataset:
-    """A cached dataset (deterministic steps computed once) or a plain one when ``cache_rate`` is 0."""
+class _PreprocessedDataset(Dataset):
+    """Cases already through the deterministic steps; each access works on a copy, as random steps may modify
+    their input in place."""
+
+    def _transform(self, index: int) -> Any:
+        return apply_transform(self.transform, copy.deepcopy(self.data[index]))
+
+
+def _validation_error(exc: BaseException) -> CaseValidationError | None:
+    # MONAI wraps a transform's exception in RuntimeError; the cause chain keeps ours.
+    while exc is not None:
+        if isinstance(exc, CaseValidationError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def make_dataset(
+    entries: list[dict[str, Any]],
+    transform: Compose,
+    cache_rate: float = 1.0,
+    max_invalid_fraction: float = 0.5,
+    what: str = "site",
+) -> Dataset:
+    """Dataset whose deterministic preprocessing is done once, here, skipping unreadable cases.
+
+    Every case goes through the deterministic steps (reading, label conversion, cropping, normalisation) before
+    training starts. A case that fails (corrupt or truncated file, missing sequence, mismatched shapes, bad
+    labels) is skipped with a warning naming the file, unless more than ``max_invalid_fraction`` of the cases
+    fail: then a ValueError lists them all, rather than training on almost nothing.
+
+    Args:
+        entries: datalist entries.
+        transform: the whole pipeline; its steps up to the first random one are applied here.
+        cache_rate: 1 keeps the preprocessed cases in memory; 0 keeps only the validated entries and redoes the
+            preprocessing every epoch (for data that does not fit in memory).
+        max_invalid_fraction: the share of unreadable cases tolerated.
+        what: names the data in messages (e.g. ``"site-2 training"``).
+
+    Raises:
+        ValueError: no entries, or too many invalid cases.
+    """
+    if not entries:
+        raise ValueError(f"{what}: no cases to load")
+    steps = list(transform.transforms)
+    first_random = next((i for i, t in enumerate(steps) if isinstance(t, Randomizable)), len(steps))
+    deterministic, random_part = Compose(steps[:first_random]), Compose(steps[first_random:])
+    kept: list[Any] = []
+    problems: list[str] = []
+    for entry in entries:
+        try:
+            item = deterministic(entry)
+        except Exception as e:
+            err = _validation_error(e)
+            if err is None:
+                raise
+            problems.append(str(err))
+            logger.warning("%s: skipping case %s: %s", what, entry.get("case_id", "?"), err)
+            continue
+        kept.append(item if cache_rate > 0 else entry)
+    if problems and len(problems) > max_invalid_fraction * len(entries):
+        listing = "\n  ".join(problems)
+        raise ValueError(
+            f"{what}: {len(problems)} of {len(entries)} cases are unreadable, more than the tolerated "
+            f"{max_invalid_fraction:.0%}; refusing to train on almost nothing. Fix or remove them:\n  {listing}"
+        )
     if cache_rate > 0:
-        return CacheDataset(entries, transform=transform, cache_rate=cache_rate, num_workers=0, progress=False)
-    return Dataset(entries, transform=transform)
+        return _PreprocessedDataset(kept, transform=random_part)
+    return Dataset(kept, transform=transform)
 
 
 def make_loaders(
@@ -199,8 +270,20 @@ def make_loaders(
         raise ValueError(f"modalities {unknown} are not among {list(MODALITIES)}")
     train_entries = read_datalist(datalist, "training")
     val_entries = read_datalist(datalist, "validation")
-    train_ds = make_dataset(train_entries, train_transforms(modalities, convention, cfg), cfg.cache_rate)
-    val_ds = make_dataset(val_entries, eval_transforms(modalities, convention, cfg, divisor), cfg.cache_rate)
+    train_ds = make_dataset(
+        train_entries,
+        train_transforms(modalities, convention, cfg),
+        cfg.cache_rate,
+        cfg.max_invalid_fraction,
+        f"{datalist} training",
+    )
+    val_ds = make_dataset(
+        val_entries,
+        eval_transforms(modalities, convention, cfg, divisor),
+        cfg.cache_rate,
+        cfg.max_invalid_fraction,
+        f"{datalist} validation",
+    )
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
     val_loader = DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=cfg.num_workers)
     logger.info(
