@@ -68,3 +68,27 @@ def test_fedkd_two_rounds(tiny_federation: str, tmp_path) -> None:
     state = np.load(os.path.join(result.run_dir, "server_state.npz"))
     assert state["global_prototypes"].shape[0] == 4 and np.isfinite(state["global_prototypes"]).all()
     assert state["global_prototype_valid"].any()
+
+
+def test_a_failing_site_does_not_stop_the_federation(tiny_federation, tmp_path) -> None:
+    """site-4's data is unreadable: with min_clients=3 every round completes, and site-4 is named as left out."""
+    sites = json.loads(open(tiny_federation, encoding="utf-8").read())
+    broken = tmp_path / "broken-site-4.json"
+    datalist = json.loads(open(sites["sites"]["site-4"]["datalist"], encoding="utf-8").read())
+    for case in datalist["training"] + datalist["validation"]:
+        case["image"] = [str(tmp_path / "missing_t1.nii.gz"), None, None, None]
+    broken.write_text(json.dumps(datalist))
+    sites["sites"]["site-4"]["datalist"] = str(broken)
+    sites_file = tmp_path / "sites.json"
+    sites_file.write_text(json.dumps(sites))
+
+    result = simulate(
+        "fedavg", str(tmp_path / "run"), sites_file=str(sites_file), num_rounds=2, overrides=TINY, min_clients=3
+    )
+    rounds = _train_rounds(result.history)
+    assert len(rounds) == 2
+    for r in rounds:
+        assert sorted(r["sites"]) == ["site-1", "site-2", "site-3"]
+        assert "site-4" in r["left_out"] or "site-4" in r["rejected"]
+    log = open(os.path.join(str(tmp_path / "run"), "simulator.log"), encoding="utf-8").read()
+    assert "missing_t1.nii.gz" in log, "the failing site's error must name the file"

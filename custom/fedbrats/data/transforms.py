@@ -199,15 +199,23 @@ class ConvertBraTSLabelsd(MapTransform):
 
 
 def apply_modality_mask(image: torch.Tensor, mask: torch.Tensor | Sequence[float]) -> torch.Tensor:
-    """Zero the channels of absent sequences. ``image`` is C x ... or B x C x ...; ``mask`` has C or B x C entries."""
+    """Zero the channels of absent sequences.
+
+    Args:
+        image: one volume (C x H x W x D) or a batch (B x C x H x W x D); the rank decides, never the sizes.
+        mask: C availability flags (for every case) or B x C (one row per case).
+    """
     m = torch.as_tensor(mask, dtype=image.dtype, device=image.device)
-    if m.ndim == 1:
-        if image.shape[0] != m.shape[0] and image.ndim >= 2 and image.shape[1] == m.shape[0]:
-            m = m[None]  # one mask for a whole batch
-        shape = (*m.shape, *([1] * (image.ndim - m.ndim)))
-    else:
-        shape = (*m.shape, *([1] * (image.ndim - 2)))
-    return image * m.reshape(shape)
+    if image.ndim not in (4, 5):
+        raise ValueError(f"image must be C x H x W x D or B x C x H x W x D, got shape {tuple(image.shape)}")
+    batched = image.ndim == 5
+    if m.ndim == 1 and batched:
+        m = m[None]
+    if m.ndim == 2 and not batched:
+        raise ValueError(
+            f"a B x C mask needs a batched image, got image {tuple(image.shape)} and mask {tuple(m.shape)}"
+        )
+    return image * m.reshape(*m.shape, 1, 1, 1)
 
 
 class ModalityDropout(Randomizable, Transform):

@@ -81,6 +81,7 @@ def simulate(
     num_rounds: int | None = None,
     overrides: dict[str, Any] | None = None,
     aggregation_args: dict[str, Any] | None = None,
+    min_clients: int | None = None,
     clients: list[str] | None = None,
     threads: int | None = None,
     log_file: str | None = None,
@@ -94,6 +95,7 @@ def simulate(
         num_rounds: rounds (default: the job's).
         overrides: training-option overrides (nested dict, merged into the job's).
         aggregation_args: arguments of the job's aggregation strategy (merged into the job's).
+        min_clients: usable updates a round needs (default: the job's).
         clients: client names (default: from ``sites_file``).
         threads: clients run in parallel (default: all).
         log_file: where the simulator's output goes (default ``workspace/simulator.log``).
@@ -111,6 +113,7 @@ def simulate(
         os.path.join(workspace, "jobs"),
         num_rounds=num_rounds or DEFAULT_ROUNDS,
         aggregation_args=aggregation_args,
+        min_clients=min_clients,
         **(overrides or {}),
     )
     sim_ws = os.path.join(workspace, "sim")

@@ -165,6 +165,8 @@ class FedKDMethod(ClientMethod):
         """Region prototypes of this round: the mean fused content per region over the round's training
         batches (an average over many voxels and cases), with voxel and case counts. A region seen in fewer
         than ``min_prototype_cases`` cases is withheld (count 0)."""
+        if self._proto_sum.numel() == 0:  # no training batch this round: nothing to report
+            return {}
         counts = self._count_sum.clone()
         cases = torch.tensor([float(len(ids)) for ids in self._case_ids]) if self._case_ids else torch.zeros(0)
         withheld = cases < self.min_prototype_cases

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from typing import Any
 
@@ -87,13 +88,7 @@ class FedBratsController(ModelController):
             self.event(AppEventType.ROUND_STARTED)
             targets = self.sample_clients()
             self.info(f"round {current_round}/{self.num_rounds - 1}: sending the global model to {targets}")
-            results = self.send_model_and_wait(
-                task_name="train",
-                data=self._outgoing(global_params, spec, current_round),
-                targets=targets,
-                min_responses=self._min_responses(targets),
-                timeout=self.train_timeout,
-            )
+            results = self._collect("train", self._outgoing(global_params, spec, current_round), targets, global_params)
             updates, record = self._accept(global_params, results, targets, current_round)
             self.event(AppEventType.BEFORE_AGGREGATION)  # lets IntimeModelSelector judge the model just scored
             if updates:
@@ -121,6 +116,58 @@ class FedBratsController(ModelController):
     def _min_responses(self, targets: list[str]) -> int:
         return min(self.min_clients, len(targets)) if self.min_clients else len(targets)
 
+    def _collect(
+        self, task_name: str, data: FLModel, targets: list[str], global_params: dict[str, np.ndarray] | None
+    ) -> list[FLModel]:
+        """Send a task and gather results until ``min_clients`` USABLE ones arrived (then wait
+        ``wait_time_after_min_received`` for the rest), every site answered, or ``train_timeout`` passed.
+
+        NVFlare's own min_responses counts a site's error as a response, so a crashed site could end a round
+        before a healthy one answers; counting usable results here keeps healthy sites in the round.
+        """
+        results: list[FLModel] = []
+        usable = 0
+        lock = threading.Lock()
+
+        def _on_result(result: FLModel) -> bool:
+            nonlocal usable
+            ok = True
+            if global_params is not None:
+                meta = _site_meta(result.meta)
+                params = {k: _to_numpy(v) for k, v in (result.params or {}).items()}
+                ok = update_problem(global_params, params, meta, set(self.strategy.accepted_meta_keys)) is None
+            with lock:
+                results.append(result)
+                usable += int(ok)
+            return True
+
+        need = self._min_responses(targets)
+        self.send_model(
+            task_name=task_name,
+            data=data,
+            targets=targets,
+            min_responses=len(targets),
+            timeout=self.train_timeout,
+            callback=_on_result,
+        )
+        reached_at = None
+        while self.get_num_standing_tasks() > 0:
+            if self.abort_signal and self.abort_signal.triggered:
+                break
+            with lock:
+                n_usable, n_results = usable, len(results)
+            if n_results >= len(targets):
+                break
+            if n_usable >= need:
+                reached_at = reached_at or time.monotonic()
+                if time.monotonic() - reached_at >= self.wait_time_after_min_received:
+                    break
+            time.sleep(0.2)
+        if self.get_num_standing_tasks() > 0:
+            self.cancel_all_tasks()  # late sites are left out of this round; they get the next one
+        with lock:
+            return list(results)
+
     def _outgoing(self, params: dict[str, np.ndarray], spec: dict[str, Any], current_round: int) -> FLModel:
         assert self.strategy is not None
         meta = {"model_spec": spec, "keep_local_weights": self.strategy.keep_local_weights}
@@ -142,10 +189,8 @@ class FedBratsController(ModelController):
         rejected: dict[str, str] = {}
         sites: dict[str, Any] = {}
         for result in results:
-            meta = dict(result.meta or {})
-            name = meta.get("client_name") or meta.get("site_name") or "?"
-            meta.pop("client_name", None)
-            meta = {k: v for k, v in meta.items() if not k.startswith("_") and k not in _NVFLARE_META_KEYS}
+            name = _site_name(result)
+            meta = _site_meta(result.meta)
             params = {k: _to_numpy(v) for k, v in (result.params or {}).items()}
             problem = update_problem(global_params, params, meta, declared)
             if problem:
@@ -217,16 +262,10 @@ class FedBratsController(ModelController):
         self.fl_ctx.set_prop(AppConstants.CURRENT_ROUND, final_round, private=True, sticky=True)
         targets = self.sample_clients()
         self.info(f"final validation of the global model on {targets}")
-        results = self.send_model_and_wait(
-            task_name="validate",
-            data=self._outgoing(params, spec, final_round),
-            targets=targets,
-            min_responses=self._min_responses(targets),
-            timeout=self.train_timeout,
-        )
+        results = self._collect("validate", self._outgoing(params, spec, final_round), targets, None)
         sites = {}
         for r in results:
-            name = (r.meta or {}).get("client_name") or (r.meta or {}).get("site_name", "?")
+            name = _site_name(r)
             sites[name] = {"metrics": {k: float(v) for k, v in (r.metrics or {}).items() if _is_number(v)}}
         self.event(AppEventType.BEFORE_AGGREGATION)
         updates = [SiteUpdate(n, {}, {}, s["metrics"], 1.0) for n, s in sites.items()]
@@ -254,6 +293,20 @@ _NVFLARE_META_KEYS = {
     "initial_metrics",
     "props",
 }
+
+
+def _site_name(result: FLModel) -> str:
+    meta = result.meta or {}
+    return str(meta.get("client_name") or meta.get("site_name") or "?")
+
+
+def _site_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
+    """What the site itself sent: the meta without the items NVFlare adds on the way."""
+    return {
+        k: v
+        for k, v in (meta or {}).items()
+        if not k.startswith("_") and k not in _NVFLARE_META_KEYS and k != "client_name"
+    }
 
 
 def _to_numpy(value: Any) -> np.ndarray:

@@ -1,0 +1,280 @@
+"""Tests of the client methods: FedKD's loss terms, gradients and prototype payload, and plain supervised training."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedbrats.constants import MODALITIES
+from fedbrats.federated.methods import build_method
+from fedbrats.federated.methods.fedkd import FedKDMethod
+from fedbrats.federated.methods.supervised import SupervisedMethod
+from fedbrats.losses import region_prototypes
+from fedbrats.networks import BraTSSegResNet
+from fedbrats.networks.modality_aware import ModalityAwareSegNet
+
+FILTERS = 8
+CONTENT = 4 * FILTERS  # content channels of ModalityAwareSegNet(init_filters=8)
+CPU = torch.device("cpu")
+FULL = [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]
+PARTIAL = [[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]
+NO_T1 = [[0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]
+
+
+def _label(et_in_second: bool = True) -> torch.Tensor:
+    """(2, 3, 16, 16, 16) nested binary WT ⊃ TC ⊃ ET masks; every region in both cases unless told otherwise."""
+    label = torch.zeros(2, 3, 16, 16, 16)
+    label[:, 0, 2:13, 2:13, 2:13] = 1
+    label[:, 1, 4:11, 4:11, 4:11] = 1
+    label[:, 2, 5:9, 5:9, 5:9] = 1
+    if not et_in_second:
+        label[1, 2] = 0
+    return label
+
+
+def _batch(mask: list[list[float]], case_ids: list[str] | None = None, et_in_second: bool = True) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.randn(2, 4, 16, 16, 16, generator=generator),
+        "label": _label(et_in_second),
+        "modality_mask": torch.tensor(mask),
+        "case_id": case_ids or ["a", "b"],
+    }
+
+
+@pytest.fixture
+def model() -> ModalityAwareSegNet:
+    """A small, freshly seeded modality-aware network."""
+    torch.manual_seed(0)
+    return ModalityAwareSegNet(init_filters=FILTERS)
+
+
+def _method(model: torch.nn.Module, **kwargs: float) -> FedKDMethod:
+    method = FedKDMethod(**kwargs)
+    method.setup(model, MODALITIES, CPU)
+    return method
+
+
+def _global_meta() -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "global_prototypes": rng.normal(size=(4, CONTENT)).astype(np.float32),
+        "global_prototype_valid": np.array([True, True, True, True]),
+    }
+
+
+def _weighted_sum(method: FedKDMethod, terms: dict[str, float]) -> float:
+    weight = {k.removesuffix("_weight"): v for k, v in method.weights.items()}
+    return sum(weight[k] * v for k, v in terms.items())
+
+
+# ------------------------------------------------------------------------------------------------ loss terms
+
+
+def test_terms_before_any_global_model(model: ModalityAwareSegNet) -> None:
+    """Right after setup (no global model yet) the loss is dice + DRL + RCL, finite, and their weighted sum."""
+    method = _method(model)
+    loss, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
+    assert set(terms) == {"dice", "drl", "rcl"}
+    assert loss.ndim == 0 and math.isfinite(loss.item()) and loss.requires_grad
+    assert all(math.isfinite(v) for v in terms.values())
+    assert loss.item() == pytest.approx(_weighted_sum(method, terms), rel=1e-5)
+
+
+def test_round0_has_no_distillation(model: ModalityAwareSegNet) -> None:
+    """Round 0's global model is untrained: no KD and no prototype KD, even with prototypes."""
+    method = _method(model)
+    method.on_global_model(model, _global_meta(), current_round=0)
+    assert method.teacher is None
+    _, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
+    assert set(terms) == {"dice", "drl", "rcl"}
+
+
+def test_distillation_terms_from_round_1(model: ModalityAwareSegNet) -> None:
+    """From kd_start_round on, KD (frozen teacher) and prototype KD join; KD grows once the student moves."""
+    method = _method(model)
+    method.on_global_model(model, _global_meta(), current_round=1)
+    assert method.teacher is not None and method.teacher is not model
+    assert not any(p.requires_grad for p in method.teacher.parameters())
+    loss, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
+    assert set(terms) == {"dice", "drl", "rcl", "kd", "proto_kd"}
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(_weighted_sum(method, terms), rel=1e-5)
+    assert terms["kd"] == pytest.approx(0.0, abs=1e-6)  # student == teacher
+    assert 0.0 <= terms["proto_kd"] <= 2.0
+
+    with torch.no_grad():
+        model.decoder.head.weight.add_(0.5)
+    _, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
+    assert terms["kd"] > 1e-4
+    teacher_head = method.teacher.decoder.head.weight
+    assert not torch.allclose(teacher_head, model.decoder.head.weight)  # the teacher is a frozen snapshot
+
+
+def test_kd_start_round_delays_distillation(model: ModalityAwareSegNet) -> None:
+    """With kd_start_round=3, round 1 and 2 train without KD terms."""
+    method = _method(model, kd_start_round=3)
+    method.on_global_model(model, _global_meta(), current_round=2)
+    _, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
+    assert "kd" not in terms and "proto_kd" not in terms
+
+
+def test_self_distillation_only_when_every_case_is_complete(model: ModalityAwareSegNet) -> None:
+    """Self-distillation needs all four sequences in every case of the batch."""
+    method = _method(model)
+    method.on_global_model(model, _global_meta(), current_round=1)
+    _, terms = method.training_loss(model, _batch(FULL), epoch=0)
+    assert set(terms) == {"dice", "drl", "rcl", "kd", "proto_kd", "self_distill"}
+    assert math.isfinite(terms["self_distill"]) and terms["self_distill"] >= 0
+    _, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
+    assert "self_distill" not in terms
+
+
+@pytest.mark.parametrize("term", ["drl", "rcl", "kd", "proto_kd", "self_distill"])
+def test_zero_weight_removes_term(model: ModalityAwareSegNet, term: str) -> None:
+    """A weight of 0 switches its term off entirely (ablations)."""
+    method = _method(model, **{f"{term}_weight": 0.0})
+    method.on_global_model(model, _global_meta(), current_round=1)
+    loss, terms = method.training_loss(model, _batch(FULL), epoch=0)
+    expected = {"dice", "drl", "rcl", "kd", "proto_kd", "self_distill"} - {term}
+    assert set(terms) == expected
+    assert loss.item() == pytest.approx(_weighted_sum(method, terms), rel=1e-5)
+
+
+def test_zero_dice_weight_removes_dice_from_loss(model: ModalityAwareSegNet) -> None:
+    """dice_weight=0: Dice is still reported, but the loss is only the other terms."""
+    method = _method(model, dice_weight=0.0)
+    loss, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
+    assert terms["dice"] > 0
+    others = terms["drl"] * method.weights["drl_weight"] + terms["rcl"] * method.weights["rcl_weight"]
+    assert loss.item() == pytest.approx(others, rel=1e-5)
+
+
+def test_absent_sequence_encoder_gets_no_gradient(model: ModalityAwareSegNet) -> None:
+    """With t1 absent from every case, no loss term (KD and prototypes included) reaches the t1 encoder."""
+    method = _method(model)
+    method.on_global_model(model, _global_meta(), current_round=1)
+    loss, terms = method.training_loss(model, _batch(NO_T1), epoch=0)
+    assert {"kd", "proto_kd"} <= set(terms)
+    loss.backward()
+    grads = {i: [p.grad for n, p in model.named_parameters() if n.startswith(f"encoders.{i}.")] for i in range(4)}
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in grads[0])
+    for i in (1, 2, 3):
+        assert any(g is not None and torch.count_nonzero(g) > 0 for g in grads[i]), i
+    assert model.decoder.head.weight.grad is not None
+
+
+# ------------------------------------------------------------------------------------------------ prototypes
+
+
+def test_round_payload_shapes_and_values(model: ModalityAwareSegNet) -> None:
+    """Prototypes are float32 (4, C), counts and cases (4,); the mean fused content per region over the batch."""
+    method = _method(model)
+    batch = _batch(PARTIAL)
+    method.training_loss(model, batch, epoch=0)
+    payload = method.round_payload(model, train_loader=None)
+    assert set(payload) == {"prototypes", "prototype_counts", "prototype_cases"}
+    assert set(payload) == set(FedKDMethod.payload_keys)
+    protos, counts, cases = payload["prototypes"], payload["prototype_counts"], payload["prototype_cases"]
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in payload.values())
+    assert protos.shape == (4, CONTENT) and counts.shape == (4,) and cases.shape == (4,)
+    np.testing.assert_array_equal(cases, [2, 2, 2, 2])
+    assert bool((counts > 0).all())
+
+    with torch.no_grad():
+        fused = model(batch["image"], batch["modality_mask"])["fused"]
+        per_case, per_case_counts = region_prototypes(fused, batch["label"])
+    expected = (per_case * per_case_counts[..., None]).sum(0) / per_case_counts.sum(0)[:, None]
+    np.testing.assert_allclose(counts, per_case_counts.sum(0).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(protos, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_round_payload_withholds_region_seen_in_one_case(model: ModalityAwareSegNet) -> None:
+    """ET present in one case only (< min_prototype_cases = 2): its prototype and count are withheld."""
+    method = _method(model)
+    method.training_loss(model, _batch(PARTIAL, et_in_second=False), epoch=0)
+    payload = method.round_payload(model, None)
+    np.testing.assert_array_equal(payload["prototype_cases"], [2, 2, 2, 1])
+    assert payload["prototype_counts"][3] == 0 and not payload["prototypes"][3].any()
+    assert bool((payload["prototype_counts"][:3] > 0).all())
+    assert all(payload["prototypes"][r].any() for r in range(3))
+
+
+def test_same_case_seen_twice_counts_once(model: ModalityAwareSegNet) -> None:
+    """Seeing one case in several batches (epochs) does not lift it over the privacy floor."""
+    method = _method(model)
+    method.training_loss(model, _batch(PARTIAL, ["a", "a"]), epoch=0)
+    method.training_loss(model, _batch(PARTIAL, ["a", "a"]), epoch=1)
+    payload = method.round_payload(model, None)
+    np.testing.assert_array_equal(payload["prototype_cases"], [1, 1, 1, 1])
+    assert not payload["prototype_counts"].any() and not payload["prototypes"].any()
+
+    method = _method(model, min_prototype_cases=3)
+    method.training_loss(model, _batch(PARTIAL, ["a", "b"]), epoch=0)
+    method.training_loss(model, _batch(PARTIAL, ["b", "a"]), epoch=1)
+    payload = method.round_payload(model, None)
+    np.testing.assert_array_equal(payload["prototype_cases"], [2, 2, 2, 2])
+    assert not payload["prototype_counts"].any()
+    method.training_loss(model, _batch(PARTIAL, ["c", "a"]), epoch=2)
+    assert method.round_payload(model, None)["prototype_counts"].all()
+
+
+def test_new_global_model_resets_prototype_sums(model: ModalityAwareSegNet) -> None:
+    """Each round's payload covers that round only: on_global_model clears the sums and case sets."""
+    method = _method(model)
+    method.training_loss(model, _batch(PARTIAL, ["a", "b"]), epoch=0)
+    method.on_global_model(model, {}, current_round=1)
+    method.training_loss(model, _batch(PARTIAL, ["c", "c"]), epoch=0)
+    np.testing.assert_array_equal(method.round_payload(model, None)["prototype_cases"], [1, 1, 1, 1])
+
+
+# ------------------------------------------------------------------------------------------ construction
+
+
+@pytest.mark.parametrize(
+    "arg", ["dice_weight", "drl_weight", "rcl_weight", "kd_weight", "proto_kd_weight", "self_distill_weight"]
+)
+def test_negative_weight_rejected_by_name(arg: str) -> None:
+    """A negative loss weight is refused, naming the argument."""
+    with pytest.raises(ValueError, match=arg):
+        FedKDMethod(**{arg: -0.1})
+
+
+def test_build_method() -> None:
+    """Methods are built by name with their arguments; an unknown name lists the known ones."""
+    with pytest.raises(ValueError, match="nope") as info:
+        build_method("nope")
+    for name in ("fedavg", "fedkd", "supervised"):
+        assert name in str(info.value)
+    method = build_method("fedkd", kd_weight=0.25, min_prototype_cases=4)
+    assert isinstance(method, FedKDMethod)
+    assert method.weights["kd_weight"] == 0.25 and method.min_prototype_cases == 4
+    assert isinstance(build_method("fedavg"), SupervisedMethod)
+    with pytest.raises(TypeError):
+        build_method("fedavg", rcl_weight=0.1)
+
+
+# ------------------------------------------------------------------------------------------------ supervised
+
+
+def test_supervised_method_dice_only(model: ModalityAwareSegNet) -> None:
+    """Supervised training reports only Dice, scaled by its weight; it sends no extras."""
+    method = SupervisedMethod(dice_weight=2.0)
+    method.setup(model, MODALITIES, CPU)
+    loss, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
+    assert set(terms) == {"dice"} and math.isfinite(loss.item())
+    plain = SupervisedMethod().training_loss(model, _batch(PARTIAL), epoch=0)[0]
+    assert loss.item() == pytest.approx(2.0 * plain.item(), rel=1e-5)
+    assert method.round_payload(model, None) == {}
+
+
+def test_supervised_method_with_plain_tensor_network() -> None:
+    """The baseline network returns a tensor, not a dict: the method handles both."""
+    torch.manual_seed(0)
+    net = BraTSSegResNet(init_filters=8, blocks_down=(1, 1, 1, 1), blocks_up=(1, 1, 1))
+    loss, terms = SupervisedMethod().training_loss(net, _batch(PARTIAL), epoch=0)
+    assert set(terms) == {"dice"} and math.isfinite(loss.item())
+    loss.backward()
+    assert net.conv_final[-1].conv.weight.grad is not None
