@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -68,6 +69,7 @@ def _simulate(argv: list[str]) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training option override")
     p.add_argument("--agg", action="append", default=[], metavar="KEY=VALUE", help="aggregation argument")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--resume-from", default="", help="a previous run dir to continue (model, rounds, prototypes)")
     a = p.parse_args(argv)
     result = simulate(
         a.job,
@@ -76,6 +78,7 @@ def _simulate(argv: list[str]) -> int:
         num_rounds=a.rounds,
         overrides=parse_overrides(a.set),
         aggregation_args=parse_overrides(a.agg),
+        controller_args={"resume_from": os.path.abspath(a.resume_from)} if a.resume_from else None,
         threads=a.threads,
     )
     logging.getLogger("fedbrats").info("run dir: %s (%.1fs)", result.run_dir, result.seconds)

@@ -40,6 +40,14 @@ JOBS: dict[str, dict[str, Any]] = {
         "training": {"method": "fedkd"},
         "min_clients": 0,
     },
+    "mstkd": {
+        "description": "MST-KDNet distillation: a site-local full-sequence teacher distils into the federated "
+        "student (transformer, logit and style KD); FedAvg of the student only.",
+        "aggregation": {"path": "fedbrats.federated.server.aggregation.WeightedAverage", "args": {}},
+        "network": {"name": "mstkd", "args": {"init_filters": 8}},
+        "training": {"method": "mstkd"},
+        "min_clients": 0,
+    },
     "local_only": {
         "description": "Local-only baseline: every site trains alone on its own sequences; no averaging.",
         "aggregation": {"path": "fedbrats.federated.server.aggregation.LocalOnly", "args": {}},
@@ -81,6 +89,8 @@ def job_configs(
     name: str,
     num_rounds: int = DEFAULT_ROUNDS,
     aggregation_args: dict[str, Any] | None = None,
+    min_clients: int | None = None,
+    controller_args: dict[str, Any] | None = None,
     **training_overrides: Any,
 ) -> dict[str, Any]:
     """The three files of job ``name``: ``meta.json``, server and client configs, as dicts.
@@ -89,6 +99,8 @@ def job_configs(
         name: a key of :data:`JOBS`.
         num_rounds: federated rounds.
         aggregation_args: override arguments of the aggregation strategy (e.g. ``{"modality_aware": False}``).
+        min_clients: usable updates a round needs (default: the job's; 0 means every site).
+        controller_args: further controller arguments (e.g. ``{"resume_from": run_dir, "train_timeout": 600}``).
         training_overrides: replace training options (nested dicts are merged), e.g. ``epochs_per_round=1``.
     """
     if name not in JOBS:
@@ -97,12 +109,13 @@ def job_configs(
     training = _merge(_merge(BASE_TRAINING, spec.get("training", {})), training_overrides)
     network = _merge(BASE_NETWORK, spec.get("network", {}))
     aggregation = _merge(spec["aggregation"], {"args": aggregation_args or {}})
+    min_clients = spec["min_clients"] if min_clients is None else min_clients
     meta = {
         "name": name,
         "description": spec["description"],
         "resource_spec": {},
         "deploy_map": {"app": ["@ALL"]},
-        "min_clients": max(1, spec["min_clients"]),
+        "min_clients": max(1, min_clients),
     }
     server = {
         "format_version": 2,
@@ -110,7 +123,7 @@ def job_configs(
             {
                 "id": "controller",
                 "path": "fedbrats.federated.server.controller.FedBratsController",
-                "args": {"num_rounds": num_rounds, "min_clients": spec["min_clients"]},
+                "args": {"num_rounds": num_rounds, "min_clients": min_clients, **(controller_args or {})},
             }
         ],
         "components": [
@@ -171,11 +184,15 @@ def write_job(
     out_dir: str,
     num_rounds: int = DEFAULT_ROUNDS,
     aggregation_args: dict[str, Any] | None = None,
+    min_clients: int | None = None,
+    controller_args: dict[str, Any] | None = None,
     **training_overrides: Any,
 ) -> str:
     """Write job ``name`` into ``out_dir/name`` (arguments as :func:`job_configs`) and return that folder."""
     job_dir = os.path.join(out_dir, name)
-    for rel, content in job_configs(name, num_rounds, aggregation_args, **training_overrides).items():
+    for rel, content in job_configs(
+        name, num_rounds, aggregation_args, min_clients, controller_args, **training_overrides
+    ).items():
         path = os.path.join(job_dir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:

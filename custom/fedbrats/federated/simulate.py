@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -62,6 +63,24 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _keep_resume_source(run_dir: str, workspace: str) -> str:
+    """Copy what a resume needs out of ``run_dir``: the simulator wipes its workspace, which may hold it."""
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"resume_from={run_dir!r} is not a folder")
+    target = os.path.join(os.path.abspath(workspace), f"resume_source_{int(time.time())}")
+    os.makedirs(os.path.join(target, "app_server"), exist_ok=True)
+    for rel in (
+        "metrics.json",
+        "model_spec.json",
+        "server_state.npz",
+        os.path.join("app_server", "FL_global_model.pt"),
+    ):
+        src = os.path.join(run_dir, rel)
+        if os.path.isfile(src):
+            shutil.copy2(src, os.path.join(target, rel))
+    return target
+
+
 def site_names(sites_file: str, job: str) -> list[str]:
     """The clients to simulate: the pooled site for the centralized job, every other site otherwise."""
     with open(sites_file, encoding="utf-8") as f:
@@ -82,6 +101,7 @@ def simulate(
     overrides: dict[str, Any] | None = None,
     aggregation_args: dict[str, Any] | None = None,
     min_clients: int | None = None,
+    controller_args: dict[str, Any] | None = None,
     clients: list[str] | None = None,
     threads: int | None = None,
     log_file: str | None = None,
@@ -96,6 +116,7 @@ def simulate(
         overrides: training-option overrides (nested dict, merged into the job's).
         aggregation_args: arguments of the job's aggregation strategy (merged into the job's).
         min_clients: usable updates a round needs (default: the job's).
+        controller_args: further controller arguments, e.g. ``{"resume_from": previous_run_dir}``.
         clients: client names (default: from ``sites_file``).
         threads: clients run in parallel (default: all).
         log_file: where the simulator's output goes (default ``workspace/simulator.log``).
@@ -106,6 +127,10 @@ def simulate(
     if job not in JOBS:
         raise ValueError(f"job must be one of {sorted(JOBS)}, got {job!r}")
     sites_file = os.path.abspath(sites_file or ensure_default_federation())
+    if controller_args and controller_args.get("resume_from"):
+        controller_args = dict(
+            controller_args, resume_from=_keep_resume_source(controller_args["resume_from"], workspace)
+        )
     clients = clients or site_names(sites_file, job)
     os.makedirs(workspace, exist_ok=True)
     job_dir = write_job(
@@ -114,6 +139,7 @@ def simulate(
         num_rounds=num_rounds or DEFAULT_ROUNDS,
         aggregation_args=aggregation_args,
         min_clients=min_clients,
+        controller_args=controller_args,
         **(overrides or {}),
     )
     sim_ws = os.path.join(workspace, "sim")

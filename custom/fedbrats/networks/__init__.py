@@ -11,6 +11,7 @@ from fedbrats.networks.segresnet import BraTSSegResNet
 _NETWORKS = {
     "segresnet": "fedbrats.networks.segresnet.BraTSSegResNet",
     "modality_aware": "fedbrats.networks.modality_aware.ModalityAwareSegNet",
+    "mstkd": "fedbrats.networks.mstkd.MSTKDNet",
 }
 
 

@@ -15,6 +15,7 @@ _METHODS: dict[str, str] = {
     "supervised": "fedbrats.federated.methods.supervised.SupervisedMethod",
     "fedavg": "fedbrats.federated.methods.supervised.SupervisedMethod",
     "fedkd": "fedbrats.federated.methods.fedkd.FedKDMethod",
+    "mstkd": "fedbrats.federated.methods.mstkd.MSTKDMethod",
 }
 
 

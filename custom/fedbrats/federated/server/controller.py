@@ -36,6 +36,9 @@ class FedBratsController(ModelController):
         wait_time_after_min_received: seconds to wait for late sites once ``min_clients`` updates arrived.
         final_validation: after the last round, have the sites score the final global model, so that it
             takes part in best-model selection too.
+        resume_from: a previous run's folder (the server's run dir, or a copy of it): continue from its last
+            saved global model, round counter and server state (prototypes); at most the interrupted round is
+            redone. Best-model selection starts afresh.
         persistor_id: id of the model persistor component.
     """
 
@@ -47,6 +50,7 @@ class FedBratsController(ModelController):
         train_timeout: int = 0,
         wait_time_after_min_received: int = 10,
         final_validation: bool = True,
+        resume_from: str = "",
         persistor_id: str = "persistor",
     ) -> None:
         super().__init__(persistor_id=persistor_id, ignore_result_error=True)
@@ -60,6 +64,7 @@ class FedBratsController(ModelController):
         self.train_timeout = train_timeout
         self.wait_time_after_min_received = wait_time_after_min_received
         self.final_validation = final_validation
+        self.resume_from = resume_from
         self.strategy: AggregationStrategy | None = None
         self.history: list[dict[str, Any]] = []
 
@@ -76,11 +81,14 @@ class FedBratsController(ModelController):
         # Saved models hold weights only; this file says which network they belong to (for evaluation/export).
         with open(os.path.join(self.get_run_dir(), MODEL_SPEC_FILE), "w", encoding="utf-8") as f:
             json.dump(spec, f, indent=2)
+        start_round = 0
+        if self.resume_from:
+            global_params, start_round = self._resume(global_params, spec)
         self._set_global_model(global_params)
         self.info(f"start: {self.num_rounds} rounds, aggregation {strategy.name}, model {spec['path']}")
         self.fl_ctx.set_prop(AppConstants.NUM_ROUNDS, self.num_rounds, private=True, sticky=False)
 
-        for current_round in range(self.num_rounds):
+        for current_round in range(start_round, self.num_rounds):
             if self.abort_signal and self.abort_signal.triggered:
                 return
             started = time.monotonic()
@@ -112,6 +120,33 @@ class FedBratsController(ModelController):
         if not isinstance(net, torch.nn.Module):
             raise ValueError("the persistor must hold a fedbrats network (PTFileModelPersistor with 'model')")
         return model_spec(net)
+
+    def _resume(self, params: dict[str, np.ndarray], spec: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+        """Load the last saved global model, the completed rounds and the strategy's state of a previous run."""
+        assert self.strategy is not None
+        run_dir = self.resume_from
+        model_file = os.path.join(run_dir, "app_server", "FL_global_model.pt")
+        metrics_file = os.path.join(run_dir, "metrics.json")
+        for path in (model_file, metrics_file):
+            if not os.path.isfile(path):
+                raise ValueError(f"resume_from={run_dir!r}: {path} is missing; point it at the server's run folder")
+        with open(os.path.join(run_dir, MODEL_SPEC_FILE), encoding="utf-8") as f:
+            old_spec = json.load(f)
+        if old_spec != spec:
+            raise ValueError(f"resume_from={run_dir!r} holds a {old_spec['path']} with other arguments than this job")
+        state = torch.load(model_file, weights_only=True)["model"]
+        if set(state) != set(params):
+            raise ValueError(f"resume_from={run_dir!r}: the saved weights do not fit this job's model")
+        with open(metrics_file, encoding="utf-8") as f:
+            history = [r for r in json.load(f) if not r.get("final_validation")]
+        self.history = history
+        start_round = history[-1]["round"] + 1 if history else 0
+        state_file = os.path.join(run_dir, "server_state.npz")
+        if os.path.isfile(state_file):
+            with np.load(state_file) as saved:
+                self.strategy.load_state({k: saved[k] for k in saved.files})
+        self.info(f"resuming from {run_dir}: {len(history)} round(s) done, continuing at round {start_round}")
+        return {k: _to_numpy(v) for k, v in state.items()}, start_round
 
     def _min_responses(self, targets: list[str]) -> int:
         return min(self.min_clients, len(targets)) if self.min_clients else len(targets)
