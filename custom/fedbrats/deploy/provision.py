@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -28,9 +29,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -53,7 +55,10 @@ LOCAL_HOST = "localhost"
 MARKER_ENV = "FEDBRATS_DEPLOYMENT_ID"
 #: What a site adds to ``class_allow_list`` in ``local/resources.json`` to run fedbrats jobs without ``app/custom``:
 #: the package, and the NVFlare class the jobs use that NVFlare 2.9's default list leaves out.
-FEDBRATS_CLASS_ALLOW_LIST: tuple[str, ...] = ("fedbrats.", "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor")
+FEDBRATS_CLASS_ALLOW_LIST: tuple[str, ...] = (
+    "fedbrats.",
+    "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
+)
 #: Job statuses after which a job does no more work (NVFlare reports ``FINISHED:<how>`` for ended jobs).
 _TERMINAL = ("FINISHED", "ABORTED", "ABANDONED", "FAILED")
 
@@ -73,6 +78,24 @@ def raise_on_termination() -> None:
         raise Interrupted(f"received signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, _handler)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """While stopping, a further Ctrl-C or SIGTERM is logged instead of cutting the clean-up short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _handler(signum: int, _frame: Any) -> None:
+        logger.warning("%s received while stopping; finishing the clean-up first", signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, _handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # ---- tools, ports -----------------------------------------------------------------------------------------------
@@ -353,7 +376,9 @@ def make_demo_federation(out_dir: str, site_names: Sequence[str], cases_per_site
     from fedbrats.data.federation import DEFAULT_SITE_MODALITIES, make_synthetic_federation
 
     profiles = list(DEFAULT_SITE_MODALITIES.values())
-    modalities = {name: DEFAULT_SITE_MODALITIES.get(name, profiles[i % len(profiles)]) for i, name in enumerate(site_names)}
+    modalities = {
+        name: DEFAULT_SITE_MODALITIES.get(name, profiles[i % len(profiles)]) for i, name in enumerate(site_names)
+    }
     started = time.monotonic()
     manifest = make_synthetic_federation(out_dir, cases_per_site=cases_per_site, size=size, site_modalities=modalities)
     logger.info(
@@ -652,7 +677,8 @@ def wait_for_clients(session: Any, kits: Kits, timeout: float = 60.0) -> float:
 
 
 _LOG_LINE = re.compile(
-    r"^(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - (?P<logger>\S+) - (?P<level>[A-Z]+) - (?:\[[^\]]*\] - )?(?P<msg>.*)$"
+    r"^(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - (?P<logger>\S+) - (?P<level>[A-Z]+) - "
+    r"(?:\[[^\]]*\] - )?(?P<msg>.*)$"
 )
 _PROGRESS = re.compile(r"^(start: |round \d|final validation|finished \d+ rounds)")
 _ROUND_START = re.compile(r"^round (?P<round>\d+)/\d+: sending")
@@ -914,7 +940,9 @@ class Deployment(abc.ABC):
         if not self.port:
             self.port = find_free_port()
         elif not port_is_free(self.port):
-            raise DeploymentError(f"port {self.port} is in use (pids {listening_pids(self.port)}); choose another --port")
+            raise DeploymentError(
+                f"port {self.port} is in use (pids {listening_pids(self.port)}); choose another --port"
+            )
 
     def _localized_project(self) -> dict[str, Any]:
         project = local_project(load_project(self.project_file), self.num_sites, self.port)
@@ -930,9 +958,7 @@ class Deployment(abc.ABC):
                 path = allow_fedbrats_classes(kits.dir(participant))
                 logger.info("%s: allowed %s in %s", participant, ", ".join(FEDBRATS_CLASS_ALLOW_LIST), path)
 
-    def run(
-        self, job_dir: str, out_dir: str, *, num_rounds: int | None = None, timeout: float = 3600.0
-    ) -> RunReport:
+    def run(self, job_dir: str, out_dir: str, *, num_rounds: int | None = None, timeout: float = 3600.0) -> RunReport:
         """Prepare, start, run ``job_dir``, download its result into ``out_dir``, stop and check.
 
         Whatever happens (an error, Ctrl-C, SIGTERM after :func:`raise_on_termination`), everything started is
@@ -968,7 +994,11 @@ class Deployment(abc.ABC):
             )
 
             outcome = submit_and_follow(
-                self.session, staged, server_dir=self.kits.dir(self.kits.server), timeout=timeout, on_submit=job_id.append
+                self.session,
+                staged,
+                server_dir=self.kits.dir(self.kits.server),
+                timeout=timeout,
+                on_submit=job_id.append,
             )
             report.job_id, report.status = outcome.job_id, outcome.status
             timings["job_s"] = outcome.seconds
@@ -999,6 +1029,10 @@ class Deployment(abc.ABC):
                 logger.debug("abort of job %s: %s", job_id[0], e)
 
     def _shutdown(self, report: RunReport, started: bool) -> None:
+        with _signals_deferred():
+            self._shutdown_now(report, started)
+
+    def _shutdown_now(self, report: RunReport, started: bool) -> None:
         t = time.monotonic()
         if started:
             try:
@@ -1038,21 +1072,23 @@ class Deployment(abc.ABC):
         with open(path, "w", encoding="utf-8") as f:
             json.dump(asdict(report), f, indent=2)
             f.write("\n")
+        steps = [
+            f"{label} {report.timings[key]}s"
+            for key, label in (
+                ("prepare_s", "prepare"),
+                ("start_s", "start"),
+                ("job_s", "job"),
+                ("download_s", "download"),
+                ("stop_s", "stop"),
+                ("gone_s", "all gone after"),
+            )
+            if key in report.timings
+        ]
         rounds = ", ".join(f"{r['round']}: {r['seconds']}s" for r in report.timings.get("rounds", []))
-        logger.info(
-            "%s run %s: prepare %ss, start %ss, job %ss (rounds %s), download %ss, stop %ss, all gone after %ss; "
-            "report %s",
-            report.mode,
-            "OK" if report.ok else "FAILED",
-            report.timings.get("prepare_s"),
-            report.timings.get("start_s"),
-            report.timings.get("job_s"),
-            rounds or "-",
-            report.timings.get("download_s"),
-            report.timings.get("stop_s"),
-            report.timings.get("gone_s"),
-            path,
-        )
+        if rounds:
+            steps.append(f"rounds {rounds}")
+        outcome = "OK" if report.ok else f"FAILED ({report.error or report.status or 'see the log'})"
+        logger.info("%s run %s: %s; report %s", report.mode, outcome, ", ".join(steps), path)
 
 
 class ProvisionedDeployment(Deployment):
@@ -1080,8 +1116,8 @@ class ProvisionedDeployment(Deployment):
 
         if self.session is None:
             self.session = open_admin_session(self.kits, timeout=10)
-        self.session.shutdown(TargetType.ALL, wait=True, timeout=30)
-        self.session = None  # closed by shutdown of the server
+        # No waiting here: ensure_stopped() then watches the processes and the port themselves.
+        self.session.shutdown(TargetType.ALL, wait=False)
 
 
 # ---- command line -----------------------------------------------------------------------------------------------
