@@ -91,6 +91,7 @@ def job_configs(
     aggregation_args: dict[str, Any] | None = None,
     min_clients: int | None = None,
     controller_args: dict[str, Any] | None = None,
+    privacy: dict[str, Any] | None = None,
     **training_overrides: Any,
 ) -> dict[str, Any]:
     """The three files of job ``name``: ``meta.json``, server and client configs, as dicts.
@@ -101,6 +102,9 @@ def job_configs(
         aggregation_args: override arguments of the aggregation strategy (e.g. ``{"modality_aware": False}``).
         min_clients: usable updates a round needs (default: the job's; 0 means every site).
         controller_args: further controller arguments (e.g. ``{"resume_from": run_dir, "train_timeout": 600}``).
+        privacy: site-side privacy filters: ``{"prototypes": {"clip_norm": 1.0, "noise_multiplier": 1.0}}`` (our
+            filter on FedKD's prototypes) and/or ``{"weights": {"path": "nvflare.app_common.filters.svt_privacy.
+            SVTPrivacy", "args": {...}}}`` (an NVFlare filter on weight differences; sites then send differences).
         training_overrides: replace training options (nested dicts are merged), e.g. ``epochs_per_round=1``.
     """
     if name not in JOBS:
@@ -150,6 +154,19 @@ def job_configs(
             },
         ],
     }
+    privacy = privacy or {}
+    result_filters: list[dict[str, Any]] = []
+    if "weights" in privacy:
+        result_filters.append(privacy["weights"])
+    if "prototypes" in privacy:
+        result_filters.append(
+            {"path": "fedbrats.federated.filters.PrototypePrivacyFilter", "args": privacy["prototypes"]}
+        )
+    # The audit comes last, so it records exactly what leaves the site.
+    result_filters.append({"path": "fedbrats.federated.filters.PayloadAuditFilter", "args": {}})
+    executor_args: dict[str, Any] = {"training": training}
+    if "weights" in privacy:
+        executor_args["params_transfer_type"] = "DIFF"
     client = {
         "format_version": 2,
         "executors": [
@@ -157,7 +174,7 @@ def job_configs(
                 "tasks": ["train", "validate", "submit_model"],
                 "executor": {
                     "path": "fedbrats.federated.client.executor.FedBratsExecutor",
-                    "args": {"training": training},
+                    "args": executor_args,
                 },
             }
         ],
@@ -169,7 +186,7 @@ def job_configs(
             }
         ],
         "task_data_filters": [],
-        "task_result_filters": [],
+        "task_result_filters": [{"tasks": ["train", "validate", "submit_model"], "filters": result_filters}],
     }
     return {
         "meta.json": meta,
@@ -186,12 +203,13 @@ def write_job(
     aggregation_args: dict[str, Any] | None = None,
     min_clients: int | None = None,
     controller_args: dict[str, Any] | None = None,
+    privacy: dict[str, Any] | None = None,
     **training_overrides: Any,
 ) -> str:
     """Write job ``name`` into ``out_dir/name`` (arguments as :func:`job_configs`) and return that folder."""
     job_dir = os.path.join(out_dir, name)
     for rel, content in job_configs(
-        name, num_rounds, aggregation_args, min_clients, controller_args, **training_overrides
+        name, num_rounds, aggregation_args, min_clients, controller_args, privacy, **training_overrides
     ).items():
         path = os.path.join(job_dir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -501,7 +501,12 @@ def deployment_env(marker: str, home: str | None = None) -> dict[str, str]:
 
 
 def find_processes(marker: str | None = None, paths: Iterable[str] = ()) -> list[psutil.Process]:
-    """Processes tagged with ``marker`` or whose command line names one of ``paths`` (this process excluded)."""
+    """Processes tagged with ``marker``, or NVFlare processes whose command line names one of ``paths``.
+
+    The second test finds what an earlier, killed run left (another id); it only matches NVFlare's own processes
+    (``nvflare`` modules or a kit's ``startup/`` scripts), not, say, an editor open on a log. This process and its
+    parents are never included.
+    """
     paths = [os.path.abspath(p) for p in paths]
     own = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
     found = []
@@ -510,7 +515,7 @@ def find_processes(marker: str | None = None, paths: Iterable[str] = ()) -> list
             continue
         try:
             cmdline = " ".join(proc.info["cmdline"] or [])
-            if any(p in cmdline for p in paths):
+            if any(p in cmdline for p in paths) and ("nvflare" in cmdline or "/startup/" in cmdline):
                 found.append(proc)
                 continue
             if marker and proc.environ().get(MARKER_ENV) == marker:

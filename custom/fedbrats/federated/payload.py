@@ -21,6 +21,10 @@ BASE_META_KEYS: frozenset[str] = frozenset(
         "train_loss",  # mean training loss of the round
         "loss_terms",  # mean of each loss term of the round
         "NUM_STEPS_CURRENT_ROUND",  # NVFlare's own key for the same count
+        # Added by NVFlare's privacy filters on the way out: which filters ran and the privacy spent.
+        "filter_history",
+        "svt_privacy_budget",
+        "svt_privacy_accountant",
     }
 )
 

@@ -102,6 +102,7 @@ def simulate(
     aggregation_args: dict[str, Any] | None = None,
     min_clients: int | None = None,
     controller_args: dict[str, Any] | None = None,
+    privacy: dict[str, Any] | None = None,
     clients: list[str] | None = None,
     threads: int | None = None,
     log_file: str | None = None,
@@ -117,6 +118,7 @@ def simulate(
         aggregation_args: arguments of the job's aggregation strategy (merged into the job's).
         min_clients: usable updates a round needs (default: the job's).
         controller_args: further controller arguments, e.g. ``{"resume_from": previous_run_dir}``.
+        privacy: site-side privacy filters, see :func:`fedbrats.jobgen.job_configs`.
         clients: client names (default: from ``sites_file``).
         threads: clients run in parallel (default: all).
         log_file: where the simulator's output goes (default ``workspace/simulator.log``).
@@ -140,6 +142,7 @@ def simulate(
         aggregation_args=aggregation_args,
         min_clients=min_clients,
         controller_args=controller_args,
+        privacy=privacy,
         **(overrides or {}),
     )
     sim_ws = os.path.join(workspace, "sim")

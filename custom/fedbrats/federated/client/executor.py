@@ -38,6 +38,8 @@ class FedBratsExecutor(ClientAPIExecutor):
             validated here, so a typo fails when the job starts, naming the option.
         train_task_name: name of the training task.
         evaluate_task_name: name of the validation task.
+        params_transfer_type: ``FULL`` weights or ``DIFF`` (differences to the received global model, which
+            NVFlare's privacy filters on weight differences, e.g. ``SVTPrivacy``, need).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class FedBratsExecutor(ClientAPIExecutor):
         training: dict[str, Any] | None = None,
         train_task_name: str = "train",
         evaluate_task_name: str = "validate",
+        params_transfer_type: str = "FULL",
     ) -> None:
         TrainConfig.from_dict(training)  # fail early on bad options
         self.training = dict(training or {})
@@ -55,6 +58,7 @@ class FedBratsExecutor(ClientAPIExecutor):
             params_exchange_format="pytorch",
             train_task_name=train_task_name,
             evaluate_task_name=evaluate_task_name,
+            params_transfer_type=params_transfer_type,
         )
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:

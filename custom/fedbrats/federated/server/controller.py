@@ -169,7 +169,7 @@ class FedBratsController(ModelController):
             ok = True
             if global_params is not None:
                 meta = _site_meta(result.meta)
-                params = {k: _to_numpy(v) for k, v in (result.params or {}).items()}
+                params = _full_params(result, global_params)
                 ok = update_problem(global_params, params, meta, set(self.strategy.accepted_meta_keys)) is None
             with lock:
                 results.append(result)
@@ -226,7 +226,7 @@ class FedBratsController(ModelController):
         for result in results:
             name = _site_name(result)
             meta = _site_meta(result.meta)
-            params = {k: _to_numpy(v) for k, v in (result.params or {}).items()}
+            params = _full_params(result, global_params)
             problem = update_problem(global_params, params, meta, declared)
             if problem:
                 rejected[name] = problem
@@ -328,6 +328,15 @@ _NVFLARE_META_KEYS = {
     "initial_metrics",
     "props",
 }
+
+
+def _full_params(result: FLModel, global_params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A site's weights as full weights: sites that send differences (for NVFlare's privacy filters on weight
+    differences) have them added to the global model they started from."""
+    params = {k: _to_numpy(v) for k, v in (result.params or {}).items()}
+    if str(getattr(result.params_type, "value", result.params_type)) == "DIFF":
+        return {k: global_params[k] + v if k in global_params else v for k, v in params.items()}
+    return params
 
 
 def _site_name(result: FLModel) -> str:
