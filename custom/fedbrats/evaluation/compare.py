@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_data = _merge(BASE_TRAINING["data"], overrides.get("data", {}))
     eval_data = {k: v for k, v in eval_data.items() if k in ("roi_size", "zoom", "max_eval_size")}
     os.makedirs(a.out_dir, exist_ok=True)
+    command = "fedbrats compare " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[2:]))
     all_results: dict[str, dict[str, Any]] = {}
     for name in a.experiments.split(","):
         if name not in EXPERIMENTS:
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             name, a.workspace, sites_file, a.rounds, overrides, eval_data, test_datalist, a.max_cases
         )
         results["total_seconds"] = round(time.monotonic() - started, 1)
+        results["command"] = command
         write_reports(results, os.path.join(a.out_dir, name), label=name)
         all_results[name] = results
         logger.info(
@@ -149,9 +151,17 @@ def main(argv: list[str] | None = None) -> int:
             len(modality_combinations()),
             results["mean_over_combinations"]["mean_dice"],
         )
-    command = "fedbrats compare " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[2:]))
+    # The comparison covers every method reported in out_dir, from this run or an earlier one, each with the
+    # command that produced it.
+    for name in EXPERIMENTS:
+        path = os.path.join(a.out_dir, name, "results.json")
+        if name not in all_results and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                all_results[name] = json.load(f)
+    ordered = {name: all_results[name] for name in EXPERIMENTS if name in all_results}
+    commands = sorted({r.get("command", "") for r in ordered.values() if r.get("command")})
     with open(os.path.join(a.out_dir, "comparison.md"), "w", encoding="utf-8") as f:
-        f.write(f"Produced by `{command}`\n\nsites: `{sites_file}`\n\n")
-        f.write(compare_table(all_results))
+        f.write("Produced by:\n\n" + "".join(f"- `{c}`\n" for c in commands) + f"\nsites: `{sites_file}`\n\n")
+        f.write(compare_table(ordered))
         f.write("\n")
     return 0
