@@ -29,11 +29,13 @@ def build_method(name: str, **kwargs: Any) -> ClientMethod:
 
     Raises:
         ValueError: unknown method name.
+        ImportError: a dotted path that does not import.
     """
-    try:
-        module_name, cls_name = _METHODS[name].rsplit(".", 1)
-    except KeyError:
-        raise ValueError(f"method must be one of {sorted(_METHODS)}, got {name!r}") from None
+    # A dotted path names a method class outside this package (a site's or a researcher's own plug-in).
+    path = _METHODS.get(name) or (name if "." in name else None)
+    if path is None:
+        raise ValueError(f"method must be one of {sorted(_METHODS)} or a 'module.Class' path, got {name!r}")
+    module_name, cls_name = path.rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), cls_name)
     return cls(**kwargs)
 
