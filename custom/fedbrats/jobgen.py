@@ -71,7 +71,7 @@ CUSTOM_README = """This folder is intentionally free of code.
 The job's classes come from the `fedbrats` package installed at every site (`pip install` of the project).
 NVFlare treats a job that has an `app/custom` folder as bring-your-own-code: the submitter needs that right,
 and the site's class allow-list is not consulted. To run without it, delete this folder and add `fedbrats.`
-to `class_allow_list` in each site's `local/resources.json` (see the project README, "Production").
+to `class_allow_list` in each site's `local/resources.json` (see docs/deployment.md in the project).
 """
 
 
