@@ -41,6 +41,18 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "mstkd_no_logit_kd": ("mstkd", {"method_args": {"logit_kd_weight": 0.0, "consistency_weight": 0.0}}, {}),
     "mstkd_no_style": ("mstkd", {"method_args": {"gram_weight": 0.0, "adv_weight": 0.0}}, {}),
 }
+#: Experiments with site-side privacy filters (see fedbrats.jobgen.job_configs), to measure their cost in Dice.
+PRIVACY: dict[str, dict[str, Any]] = {
+    "fedkd_dp_prototypes": {"prototypes": {"clip_norm": 1.0, "noise_multiplier": 1.0}},
+    "fedavg_svt": {
+        "weights": {
+            "path": "nvflare.app_common.filters.svt_privacy.SVTPrivacy",
+            "args": {"fraction": 0.1, "epsilon": 0.1, "noise_var": 0.1, "gamma": 1e-5, "tau": 1e-6},
+        }
+    },
+}
+EXPERIMENTS["fedkd_dp_prototypes"] = ("fedkd", {}, {})
+EXPERIMENTS["fedavg_svt"] = ("fedavg", {}, {})
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -86,6 +98,7 @@ def run_experiment(
         num_rounds=num_rounds,
         overrides=_merge(overrides, job_overrides),
         aggregation_args=agg_overrides,
+        privacy=PRIVACY.get(name),
     )
     spec = os.path.join(result.run_dir, "model_spec.json")
     if job == "local_only":
@@ -106,6 +119,7 @@ def run_experiment(
         "rounds": num_rounds,
         "overrides": _merge(overrides, job_overrides),
         "aggregation_overrides": agg_overrides,
+        "privacy": PRIVACY.get(name),
         "simulator_seconds": round(result.seconds, 1),
         "final_val_mean_dice": (result.history[-1].get("aggregated") or {}).get("val_mean_dice"),
     }
