@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from fedbrats.logging_setup import configure_logging
+
 
 def _synth_federation(argv: list[str]) -> int:
     from fedbrats.data.federation import DEFAULT_SITE_MODALITIES, make_synthetic_federation
@@ -116,7 +118,7 @@ _FUNCS = {
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedbrats`` command."""
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("INFO")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]

@@ -40,6 +40,7 @@ from fedbrats.data.conventions import (
     institution_of,
 )
 from fedbrats.data.validation import CaseInfo, CaseValidationError, validate_case
+from fedbrats.logging_setup import add_log_level_argument, configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -696,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-invalid", action="store_true", help="leave invalid cases out instead of aborting")
     parser.add_argument("--shallow", action="store_true", help="check headers only (fast, misses truncated files)")
     parser.add_argument("--progress-every", type=int, default=10, help="log progress every N cases")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level_argument(parser)
     return parser
 
 
@@ -707,10 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         0 on success, 1 when the data or the options are wrong (the reason is logged).
     """
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    else:
-        logging.getLogger("fedbrats").setLevel(args.log_level)
+    configure_logging(args.log_level)
     try:
         prepare(
             args.data_dir,

@@ -19,6 +19,7 @@ from fedbrats.data.federation import ensure_default_federation
 from fedbrats.evaluation.evaluate import evaluate_combinations, load_model, mean_over_rows
 from fedbrats.evaluation.report import compare_table, write_reports
 from fedbrats.federated.simulate import parse_overrides, simulate
+from fedbrats.logging_setup import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training override for all")
     p.add_argument("--max-cases", type=int, default=0)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("INFO")
     sites_file = os.path.abspath(a.sites or ensure_default_federation())
     with open(sites_file, encoding="utf-8") as f:
         test_datalist = json.load(f)["test_datalist"]

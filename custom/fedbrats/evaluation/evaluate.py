@@ -30,6 +30,7 @@ from fedbrats.data.loader import DataConfig, eval_transforms, read_datalist
 from fedbrats.data.transforms import apply_modality_mask
 from fedbrats.evaluation.inference import predict_logits
 from fedbrats.evaluation.metrics import logits_to_regions, region_dice, region_hd95
+from fedbrats.logging_setup import add_log_level_argument, configure_logging
 from fedbrats.networks import build_from_spec
 
 logger = logging.getLogger(__name__)
@@ -446,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", default=None, help="where results.json/.md and heatmaps go (default: none)")
     parser.add_argument("--label", default=None, help="name of the model in the report (default: the model path)")
     parser.add_argument("--max-cases", type=int, default=0, help="use only the first N cases (0: all)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level_argument(parser)
     return parser
 
 
@@ -457,10 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         0 on success, 1 when the model, the data or the options are wrong (the reason is logged).
     """
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    else:
-        logging.getLogger("fedbrats").setLevel(args.log_level)
+    configure_logging(args.log_level)
     try:
         model = load_model(args.model, args.spec)
         # An exported model documents the window and resampling it was made for; the options override them.

@@ -34,6 +34,7 @@ from fedbrats.evaluation.evaluate import (
     spec_from_json,
 )
 from fedbrats.evaluation.predict import DEFAULT_ROI_SIZE, SPATIAL_DIVISOR
+from fedbrats.logging_setup import add_log_level_argument, configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", default=None, help="results.json of `evaluate`, stored as the metrics")
     parser.add_argument("--sites", default=None, help="sites.json of the training federation")
     parser.add_argument("--site", action="append", default=None, help="a site that trained the model (repeatable)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level_argument(parser)
     return parser
 
 
@@ -261,10 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         0 on success, 1 when the model or the options are wrong (the reason is logged).
     """
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    else:
-        logging.getLogger("fedbrats").setLevel(args.log_level)
+    configure_logging(args.log_level)
     try:
         roi: Sequence[int] = DEFAULT_ROI_SIZE
         if args.roi_size:

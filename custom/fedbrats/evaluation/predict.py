@@ -29,6 +29,7 @@ from fedbrats.data.conventions import CONVENTIONS, get_convention
 from fedbrats.data.transforms import LoadBraTSCase
 from fedbrats.evaluation.evaluate import load_model, metadata_input_defaults, read_model_metadata, resolve_checkpoint
 from fedbrats.evaluation.inference import predict_logits
+from fedbrats.logging_setup import add_log_level_argument, configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--zoom", type=float, default=None, help="resampling factor (default: the model's, or 1)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level_argument(parser)
     return parser
 
 
@@ -215,10 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         0 on success, 1 when the model, the images or the options are wrong (the reason is logged).
     """
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    else:
-        logging.getLogger("fedbrats").setLevel(args.log_level)
+    configure_logging(args.log_level)
     try:
         image_paths = {m: getattr(args, m) for m in MODALITIES if getattr(args, m)}
         # Check the inputs before the (slower) model loading, so a typo fails at once.
