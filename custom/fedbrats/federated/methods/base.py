@@ -40,3 +40,10 @@ class ClientMethod:
     def round_payload(self, model: torch.nn.Module, train_loader: Any) -> dict[str, Any]:
         """Extra items sent with this round's update (numpy arrays, lists or numbers; never tensors)."""
         return {}
+
+
+def check_non_negative(values: dict[str, float]) -> None:
+    """Raise a ValueError naming the first option (e.g. a loss weight) that is negative."""
+    for arg, value in values.items():
+        if value < 0:
+            raise ValueError(f"{arg} must be >= 0, got {value}")

@@ -24,7 +24,7 @@ import torch
 from monai.losses import DiceLoss
 
 from fedbrats.data.transforms import apply_modality_mask
-from fedbrats.federated.methods.base import ClientMethod
+from fedbrats.federated.methods.base import ClientMethod, check_non_negative
 from fedbrats.losses import (
     DRLLoss,
     RegionContrastiveLoss,
@@ -87,9 +87,7 @@ class FedKDMethod(ClientMethod):
             "proto_kd_weight": proto_kd_weight,
             "self_distill_weight": self_distill_weight,
         }
-        for arg, value in weights.items():
-            if value < 0:
-                raise ValueError(f"{arg} must be >= 0, got {value}")
+        check_non_negative(weights)
         self.weights = weights
         self.kd_temperature = kd_temperature
         self.kd_start_round = kd_start_round

@@ -32,7 +32,7 @@ from monai.losses import DiceLoss
 
 from fedbrats.constants import MODALITIES, modality_combinations, modality_mask
 from fedbrats.data.transforms import apply_modality_mask
-from fedbrats.federated.methods.base import ClientMethod
+from fedbrats.federated.methods.base import ClientMethod, check_non_negative
 from fedbrats.losses.mstkd import (
     GAN_MODES,
     StyleDiscriminator,
@@ -125,9 +125,7 @@ class MSTKDMethod(ClientMethod):
             "rampup_epochs": rampup_epochs,
             "teacher_weight_decay": teacher_weight_decay,
         }
-        for arg, value in weights.items():
-            if value < 0:
-                raise ValueError(f"{arg} must be >= 0, got {value}")
+        check_non_negative(weights)
         for arg, value in (("teacher_lr", teacher_lr), ("discriminator_lr", discriminator_lr)):
             if not value > 0:
                 raise ValueError(f"{arg} must be > 0, got {value}")
