@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fedbrats.constants import MODALITIES
+from fedbrats.networks.blocks import conv_block
 
 #: Downsampling factor between the input and the bottleneck (three stride-2 stages).
 DOWNSAMPLING: int = 8
@@ -67,15 +68,6 @@ def parameter_modality(name: str, modalities: Sequence[str] = MODALITIES) -> str
     return None
 
 
-def _conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
-    # No conv bias: InstanceNorm subtracts the per-channel mean right after, so a bias would be dead weight.
-    return nn.Sequential(
-        nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
-        nn.InstanceNorm3d(out_channels, affine=True),
-        nn.LeakyReLU(0.01, inplace=True),
-    )
-
-
 class SequenceEncoder(nn.Module):
     """Light 3D encoder of one MRI sequence: four levels, total downsampling 8, plus its style head.
 
@@ -93,10 +85,10 @@ class SequenceEncoder(nn.Module):
         f = init_filters
         self.stages = nn.ModuleList(
             [
-                nn.Sequential(_conv_block(1, f), _conv_block(f, f)),
-                nn.Sequential(_conv_block(f, 2 * f, stride=2), _conv_block(2 * f, 2 * f)),
-                nn.Sequential(_conv_block(2 * f, 4 * f, stride=2), _conv_block(4 * f, 4 * f)),
-                nn.Sequential(_conv_block(4 * f, 4 * f, stride=2), _conv_block(4 * f, 4 * f)),
+                nn.Sequential(conv_block(1, f), conv_block(f, f)),
+                nn.Sequential(conv_block(f, 2 * f, stride=2), conv_block(2 * f, 2 * f)),
+                nn.Sequential(conv_block(2 * f, 4 * f, stride=2), conv_block(4 * f, 4 * f)),
+                nn.Sequential(conv_block(4 * f, 4 * f, stride=2), conv_block(4 * f, 4 * f)),
             ]
         )
         self.style_head = nn.Conv3d(4 * f, style_channels, kernel_size=1)
@@ -142,7 +134,7 @@ class SharedDecoder(nn.Module):
         self.up = nn.ModuleList(
             [nn.ConvTranspose3d(cin, cout, kernel_size=2, stride=2, bias=False) for cin, cout in zip(in_widths, widths)]
         )
-        self.blocks = nn.ModuleList([_conv_block(2 * w, w) for w in widths])
+        self.blocks = nn.ModuleList([conv_block(2 * w, w) for w in widths])
         self.head = nn.Conv3d(f, out_channels, kernel_size=1)
 
     def forward(self, content: Tensor, skips: list[Tensor]) -> Tensor:

@@ -27,17 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fedbrats.networks.blocks import conv_block
+
 #: Downsampling factor between the input and the bottleneck (three stride-2 stages).
 DOWNSAMPLING: int = 8
-
-
-def _conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
-    # No conv bias: InstanceNorm subtracts the per-channel mean right after, so a bias would be dead weight.
-    return nn.Sequential(
-        nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
-        nn.InstanceNorm3d(out_channels, affine=True),
-        nn.LeakyReLU(0.01, inplace=True),
-    )
 
 
 class ViTBlock(nn.Module):
@@ -152,10 +145,10 @@ class MSTKDNet(nn.Module):
         self.vit_patch_size = vit_patch_size
 
         f = init_filters
-        self.enc1 = nn.Sequential(_conv_block(in_channels, f), _conv_block(f, f))
-        self.enc2 = nn.Sequential(_conv_block(f, 2 * f, stride=2), _conv_block(2 * f, 2 * f))
-        self.enc3 = nn.Sequential(_conv_block(2 * f, 4 * f, stride=2), _conv_block(4 * f, 4 * f))
-        self.enc4 = nn.Sequential(_conv_block(4 * f, 8 * f, stride=2), _conv_block(8 * f, 8 * f))
+        self.enc1 = nn.Sequential(conv_block(in_channels, f), conv_block(f, f))
+        self.enc2 = nn.Sequential(conv_block(f, 2 * f, stride=2), conv_block(2 * f, 2 * f))
+        self.enc3 = nn.Sequential(conv_block(2 * f, 4 * f, stride=2), conv_block(4 * f, 4 * f))
+        self.enc4 = nn.Sequential(conv_block(4 * f, 8 * f, stride=2), conv_block(8 * f, 8 * f))
         p = vit_patch_size
         self.token_embed = nn.Conv3d(8 * f, embed_dim, kernel_size=p, stride=p)
         self.pos_embed = nn.Conv3d(embed_dim, embed_dim, kernel_size=3, padding=1, groups=embed_dim)
@@ -164,13 +157,13 @@ class MSTKDNet(nn.Module):
         self.token_out = (
             nn.ConvTranspose3d(embed_dim, 8 * f, kernel_size=p, stride=p) if p > 1 else nn.Conv3d(embed_dim, 8 * f, 1)
         )
-        self.bottleneck = _conv_block(8 * f, 8 * f)
+        self.bottleneck = conv_block(8 * f, 8 * f)
         widths = [4 * f, 2 * f, f]  # skip channels, deepest first
         in_widths = [8 * f, 4 * f, 2 * f]
         self.up = nn.ModuleList(
             [nn.ConvTranspose3d(cin, cout, kernel_size=2, stride=2, bias=False) for cin, cout in zip(in_widths, widths)]
         )
-        self.dec = nn.ModuleList([_conv_block(2 * w, w) for w in widths])
+        self.dec = nn.ModuleList([conv_block(2 * w, w) for w in widths])
         self.head = nn.Conv3d(f, out_channels, kernel_size=1)
 
     @property
