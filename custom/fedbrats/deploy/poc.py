@@ -105,24 +105,35 @@ def kit_processes(kit_dir: str) -> list[psutil.Process]:
 
 
 def kill_kit(kit_dir: str, timeout: float = 10.0) -> list[str]:
-    """Crash one participant: SIGKILL its supervisor, its NVFlare process and its job processes at once.
+    """Crash one participant: SIGKILL its supervisor, its NVFlare process and its job processes.
 
     The supervisor goes first, so that it cannot start the participant again; nothing is told to the server, as
-    when a machine loses power. Returns the killed processes as ``pid: command``.
+    when a machine loses power. The kit is scanned again until none of its processes is left.
+
+    Args:
+        kit_dir: the participant's kit folder.
+        timeout: seconds to wait for the killed processes to be gone.
+
+    Returns:
+        the killed processes as ``pid: command``.
 
     Raises:
         DeploymentError: a process survived SIGKILL for ``timeout`` seconds.
     """
-    procs = kit_processes(kit_dir)
-    killed = [describe(p) for p in procs]
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    if alive:
-        raise DeploymentError(f"processes of {kit_dir} survived SIGKILL: {[describe(p) for p in alive]}")
+    killed: list[str] = []
+    for _ in range(5):
+        procs = kit_processes(kit_dir)
+        if not procs:
+            break
+        killed += [describe(p) for p in procs]
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        if alive:
+            raise DeploymentError(f"processes of {kit_dir} survived SIGKILL: {[describe(p) for p in alive]}")
     for line in killed:
         logger.info("killed %s", line)
     return killed
