@@ -18,7 +18,7 @@ from fedbrats.constants import modality_combinations
 from fedbrats.data.federation import ensure_default_federation
 from fedbrats.evaluation.evaluate import evaluate_combinations, load_model, mean_over_rows
 from fedbrats.evaluation.report import compare_table, write_reports
-from fedbrats.federated.simulate import parse_overrides, simulate
+from fedbrats.federated.simulate import SimulationResult, parse_overrides, simulate
 from fedbrats.logging_setup import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,19 @@ def _average_results(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _finished_run(workspace: str, num_rounds: int) -> SimulationResult | None:
+    run_dir = os.path.join(workspace, "sim", "server", "simulate_job")
+    try:
+        with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
+            history = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    trained = [r for r in history if not r.get("final_validation")]
+    if len(trained) != num_rounds or not history[-1].get("final_validation"):
+        return None
+    return SimulationResult(run_dir, float("nan"), history)
+
+
 def run_experiment(
     name: str,
     workspace: str,
@@ -89,18 +102,28 @@ def run_experiment(
     eval_data: dict[str, Any],
     test_datalist: str,
     max_cases: int = 0,
+    reuse: bool = False,
+    overlap: float = 0.5,
 ) -> dict[str, Any]:
-    """Simulate one method and evaluate its best global model (every site model for local-only)."""
+    """Simulate one method and evaluate its best global model (every site model for local-only).
+
+    With ``reuse``, a finished run of the same experiment in ``workspace`` (same rounds) is evaluated again
+    instead of being retrained.
+    """
     job, job_overrides, agg_overrides = EXPERIMENTS[name]
-    result = simulate(
-        job,
-        os.path.join(workspace, name),
-        sites_file=sites_file,
-        num_rounds=num_rounds,
-        overrides=_merge(overrides, job_overrides),
-        aggregation_args=agg_overrides,
-        privacy=PRIVACY.get(name),
-    )
+    result = _finished_run(os.path.join(workspace, name), num_rounds) if reuse else None
+    if result is not None:
+        logger.info("%s: reusing the finished run %s", name, result.run_dir)
+    else:
+        result = simulate(
+            job,
+            os.path.join(workspace, name),
+            sites_file=sites_file,
+            num_rounds=num_rounds,
+            overrides=_merge(overrides, job_overrides),
+            aggregation_args=agg_overrides,
+            privacy=PRIVACY.get(name),
+        )
     spec = os.path.join(result.run_dir, "model_spec.json")
     if job == "local_only":
         site_dir = os.path.join(result.run_dir, "site_models")
@@ -108,20 +131,27 @@ def run_experiment(
         for fname in sorted(os.listdir(site_dir)):
             model = load_model(os.path.join(site_dir, fname), spec)
             per_site[fname[:-3]] = evaluate_combinations(
-                model, test_datalist, data=eval_data, max_cases=max_cases, model_name=f"local {fname[:-3]}"
+                model,
+                test_datalist,
+                data=eval_data,
+                overlap=overlap,
+                max_cases=max_cases,
+                model_name=f"local {fname[:-3]}",
             )
         results = _average_results(per_site)
         results["per_site"] = {s: r["mean_over_combinations"] for s, r in per_site.items()}
     else:
         model = load_model(result.best_model, spec)
-        results = evaluate_combinations(model, test_datalist, data=eval_data, max_cases=max_cases, model_name=name)
+        results = evaluate_combinations(
+            model, test_datalist, data=eval_data, overlap=overlap, max_cases=max_cases, model_name=name
+        )
     results["training"] = {
         "job": job,
         "rounds": num_rounds,
         "overrides": _merge(overrides, job_overrides),
         "aggregation_overrides": agg_overrides,
         "privacy": PRIVACY.get(name),
-        "simulator_seconds": round(result.seconds, 1),
+        "simulator_seconds": round(result.seconds, 1) if result.seconds == result.seconds else None,
         "final_val_mean_dice": (result.history[-1].get("aggregated") or {}).get("val_mean_dice"),
     }
     return results
@@ -136,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training override for all")
     p.add_argument("--max-cases", type=int, default=0)
+    p.add_argument(
+        "--eval-roi", type=int, nargs=3, default=None, help="sliding window of the evaluation (default: training crop)"
+    )
+    p.add_argument("--eval-overlap", type=float, default=0.5, help="sliding-window overlap of the evaluation")
+    p.add_argument("--reuse", action="store_true", help="evaluate finished runs in the workspace again, no retraining")
     a = p.parse_args(argv)
     configure_logging("INFO")
     sites_file = os.path.abspath(a.sites or ensure_default_federation())
@@ -146,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
 
     eval_data = _merge(BASE_TRAINING["data"], overrides.get("data", {}))
     eval_data = {k: v for k, v in eval_data.items() if k in ("roi_size", "zoom", "max_eval_size")}
+    if a.eval_roi:
+        # The networks are fully convolutional: a window larger than the training crop needs far fewer passes.
+        eval_data["roi_size"] = list(a.eval_roi)
     os.makedirs(a.out_dir, exist_ok=True)
     command = "fedbrats compare " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[2:]))
     all_results: dict[str, dict[str, Any]] = {}
@@ -154,7 +192,16 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)}")
         started = time.monotonic()
         results = run_experiment(
-            name, a.workspace, sites_file, a.rounds, overrides, eval_data, test_datalist, a.max_cases
+            name,
+            a.workspace,
+            sites_file,
+            a.rounds,
+            overrides,
+            eval_data,
+            test_datalist,
+            a.max_cases,
+            reuse=a.reuse,
+            overlap=a.eval_overlap,
         )
         results["total_seconds"] = round(time.monotonic() - started, 1)
         results["command"] = command
