@@ -1,0 +1,144 @@
+"""The benchmark command: its parsing helpers, and an end-to-end smoke run that writes well-formed results.
+
+No assertion is made on any timing: the smoke figures mean nothing, only their shape is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedbrats.benchmarks.federated import described_bytes, fit_scaling, memory_by_round
+from fedbrats.benchmarks.simlog import parse_simulator_log
+from fedbrats.benchmarks.system import Sample, simulator_roles
+
+LOG = """\
+2026-01-01 10:00:00,000 - INFO - start: 2 rounds, aggregation fedavg, model fedbrats.networks.segresnet.BraTSSegResNet
+2026-01-01 10:00:01,000 - INFO - round 0/1: sending the global model to ['site-1', 'site-2']
+2026-01-01 10:00:05,000 - INFO - round 0 | site site-1 | sent update: 3 steps, loss 0.9000, 2.0s
+2026-01-01 10:00:05,500 - INFO - round 0 | site site-2 | sent update: 3 steps, loss 0.9100, 2.5s
+2026-01-01 10:00:06,000 - INFO - round 0: site-1 (t1,t1ce,t2,flair) loss 0.9000, val mean Dice 0.100
+2026-01-01 10:00:06,200 - INFO - round 0 done in 5.2s: mean val Dice 0.100 over 2 site(s)
+2026-01-01 10:00:06,200 - INFO - round 1/1: sending the global model to ['site-1', 'site-2']
+2026-01-01 10:00:08,200 - INFO - round 1 | site site-1 | sent update: 3 steps, loss 0.8000, 1.0s
+2026-01-01 10:00:08,700 - INFO - round 1: site-1 (t1,t1ce,t2,flair) loss 0.8000, val mean Dice 0.200
+2026-01-01 10:00:09,200 - INFO - round 1 done in 3.0s: mean val Dice 0.200 over 1 site(s)
+2026-01-01 10:00:09,300 - INFO - final validation of the global model on ['site-1', 'site-2']
+2026-01-01 10:00:10,300 - INFO - finished 2 rounds; results in /x
+"""
+
+
+def test_simulator_log_gives_the_round_breakdown(tmp_path: Path) -> None:
+    log = tmp_path / "simulator.log"
+    log.write_text(LOG)
+    tl = parse_simulator_log(str(log))
+    assert sorted(tl.rounds) == [0, 1]
+    assert tl.finished - tl.final_validation == pytest.approx(1.0)
+    b = tl.rounds[1].breakdown()
+    assert b["wall"] == pytest.approx(3.0)
+    assert b["dispatch"] == pytest.approx(1.0)  # sent 06.2, site-1 started 08.2 - 1.0 = 07.2
+    assert b["site_work_max"] == pytest.approx(1.0)
+    assert b["return"] == pytest.approx(0.5)
+    assert b["aggregate"] == pytest.approx(0.5)
+    assert tl.rounds[0].site_steps == {"site-1": 3, "site-2": 3}
+
+
+def test_payload_bytes_and_scaling_fit() -> None:
+    desc = {"type": "dict", "items": {"w": {"type": "ndarray", "shape": [2, 3], "dtype": "float32"}}}
+    assert described_bytes(desc) == 24
+    assert described_bytes({"type": "Tensor", "shape": [4], "dtype": "torch.float16"}) == 8
+    assert described_bytes({"type": "int", "value": 3}) == 8
+    assert described_bytes({"type": "str", "length": 5}) == 5
+    fit = fit_scaling([2, 4, 8, 16], [12.0, 14.0, 18.0, 26.0])  # a fixed part plus one per site
+    assert fit["verdict"] == "linear" and fit["exponent"] == pytest.approx(1.0, abs=0.05)
+    assert fit["linear"]["slope"] == pytest.approx(1.0)
+    assert fit_scaling([2, 4, 8, 16], [5.0 + n**0.5 for n in (2, 4, 8, 16)])["verdict"] == "sublinear"
+    assert fit_scaling([2, 4, 8, 16], [5.0 + n**2 for n in (2, 4, 8, 16)])["verdict"] == "superlinear"
+    assert fit_scaling([2, 4], [1.0, 2.0])["exponent"] is None
+    assert fit_scaling([2], [1.0]) is None
+
+
+def test_memory_peaks_per_round_and_growth() -> None:
+    series = {"server": [(0.5, 100), (1.5, 200), (2.5, 210), (3.5, 205), (4.5, 214)]}
+    windows = {0: (0.0, 1.0), 1: (1.0, 2.0), 2: (2.0, 3.0), 3: (3.0, 5.0)}
+    mem = memory_by_round(series, windows)["server"]
+    assert mem["peak_bytes"] == 214
+    assert mem["per_round_peak_bytes"] == {0: 100, 1: 200, 2: 210, 3: 214}
+    assert mem["growth"]["from_round"] == 1 and mem["growth"]["to_round"] == 3
+    assert mem["growth"]["fraction"] == pytest.approx(0.07)
+    assert memory_by_round(series, {0: (0.0, 1.0), 1: (1.0, 2.0)})["server"]["growth"] is None
+
+
+def test_simulator_process_roles() -> None:
+    samples = [
+        Sample(0, 10, 1, 1, "python -m nvflare.cli simulator job -w ws"),
+        Sample(0, 11, 10, 1, "python -m nvflare.cli simulator job -w ws"),
+        Sample(0, 12, 10, 1, "python -m nvflare.cli simulator job -w ws"),
+        Sample(0, 13, 12, 1, "python -m nvflare.private.fed.app.simulator.simulator_worker -o x --client site-2"),
+    ]
+    assert simulator_roles(samples) == {10: "launcher", 11: "manager", 12: "server", 13: "client:site-2"}
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+@pytest.mark.integration
+def test_smoke_benchmark_writes_results(tmp_path: Path) -> None:
+    """``benchmarks/run.py --smoke``: every section runs and writes well-formed JSON, markdown and PNGs."""
+    from fedbrats.benchmarks.compute import NO_GPU
+    from fedbrats.benchmarks.main import main
+
+    out = tmp_path / "results"
+    argv = ["--smoke", "--out-dir", str(out), "--work-dir", str(tmp_path / "work"), "--log-level", "WARNING"]
+    assert main(argv) == 0
+
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    machine = results["machine"]
+    assert machine["cpu_model"] and machine["logical_cores"] >= 1 and machine["ram_gib"] > 0
+    assert {"python", "torch", "monai", "nvflare", "numpy"} <= set(machine["versions"])
+    assert results["command"].startswith("python benchmarks/run.py") and "--smoke" in results["command"]
+    assert set(results["section_seconds"]) == {"federated", "throughput", "inference", "scale"}
+
+    for job in ("fedavg", "fedkd"):
+        entry = results["federated"][job]
+        fed, local, overhead = entry["federated"], entry["local"], entry["overhead"]
+        assert sorted(fed["round_seconds"]) == ["0", "1"] and sorted(local["round_seconds"]) == ["0", "1"]
+        assert _finite(overhead["round_ratio"]) and overhead["round_ratio"] > 0
+        assert _finite(overhead["job_startup_seconds"])
+        assert fed["mean_breakdown"] and _finite(fed["mean_breakdown"]["dispatch"])
+        memory = fed["memory"]
+        assert {"server", "client:site-1", "client:site-2"} <= set(memory)
+        assert all(memory[k]["peak_bytes"] > 0 for k in ("server", "client:site-1", "client:site-2"))
+        comm = fed["communication"]
+        assert comm["model"]["bytes"] > 0
+        for site in ("site-1", "site-2"):
+            assert comm["sites"][site]["sent_x_model"] >= 1.0
+            assert comm["sites"][site]["received_x_model"] >= 1.0
+        throughput = results["throughput"][job]
+        assert all(r["cases_per_second"] > 0 for r in throughput["one_thread"].values())
+        if not torch.cuda.is_available():
+            assert throughput["gpu"] == {"measured": False, "reason": NO_GPU}
+        scale_rows = results["scale"][job]["rows"]
+        assert [r["sites"] for r in scale_rows] == [2] and scale_rows[0]["server_peak_bytes"] > 0
+    fedkd_comm = results["federated"]["fedkd"]["federated"]["communication"]
+    assert fedkd_comm["server_state_bytes"] > 0, "FedKD's global prototypes should be part of what sites receive"
+
+    rows = results["inference"]["rows"]
+    assert {(r["job"], r["num_sequences"]) for r in rows} == {("fedavg", 4), ("fedavg", 1), ("fedkd", 4), ("fedkd", 1)}
+    assert all(r["seconds"] > 0 for r in rows)
+
+    report = (out / "report.md").read_text(encoding="utf-8")
+    for heading in ("## Machine and settings", "## 1. Federated overhead", "## 2. Training throughput",
+                    "## 3. Memory", "## 4. Communication", "## 5. Inference", "## 6. Scale"):  # fmt: skip
+        assert heading in report
+    if not torch.cuda.is_available():
+        assert NO_GPU in report
+    for name in ("overhead", "memory", "communication", "throughput", "inference", "scale"):
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
+        assert f"]({name}.png)" in report
