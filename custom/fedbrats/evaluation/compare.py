@@ -157,6 +157,27 @@ def run_experiment(
     return results
 
 
+def write_comparison(out_dir: str, sites_file: str, results: dict[str, dict[str, Any]] | None = None) -> str:
+    """Write ``comparison.md`` over every method reported in ``out_dir`` (this run's or an earlier one's), each
+    with the command that produced it; return its path."""
+    all_results = dict(results or {})
+    # The comparison covers every method reported in out_dir, from this run or an earlier one, each with the
+    # command that produced it.
+    for name in EXPERIMENTS:
+        path = os.path.join(out_dir, name, "results.json")
+        if name not in all_results and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                all_results[name] = json.load(f)
+    ordered = {name: all_results[name] for name in EXPERIMENTS if name in all_results}
+    commands = sorted({r.get("command", "") for r in ordered.values() if r.get("command")})
+    path = os.path.join(out_dir, "comparison.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("Produced by:\n\n" + "".join(f"- `{c}`\n" for c in commands) + f"\nsites: `{sites_file}`\n\n")
+        f.write(compare_table(ordered))
+        f.write("\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedbrats compare", description=__doc__)
     p.add_argument("--sites", default=None, help="sites.json (default: the embedded synthetic federation)")
@@ -171,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--eval-overlap", type=float, default=0.5, help="sliding-window overlap of the evaluation")
     p.add_argument("--reuse", action="store_true", help="evaluate finished runs in the workspace again, no retraining")
+    p.add_argument("--report-only", action="store_true", help="only rewrite comparison.md from the results in out-dir")
     a = p.parse_args(argv)
     configure_logging("INFO")
     sites_file = os.path.abspath(a.sites or ensure_default_federation())
@@ -187,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(a.out_dir, exist_ok=True)
     command = "fedbrats compare " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[2:]))
     all_results: dict[str, dict[str, Any]] = {}
-    for name in a.experiments.split(","):
+    for name in [] if a.report_only else a.experiments.split(","):
         if name not in EXPERIMENTS:
             raise ValueError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)}")
         started = time.monotonic()
@@ -213,17 +235,5 @@ def main(argv: list[str] | None = None) -> int:
             len(modality_combinations()),
             results["mean_over_combinations"]["mean_dice"],
         )
-    # The comparison covers every method reported in out_dir, from this run or an earlier one, each with the
-    # command that produced it.
-    for name in EXPERIMENTS:
-        path = os.path.join(a.out_dir, name, "results.json")
-        if name not in all_results and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                all_results[name] = json.load(f)
-    ordered = {name: all_results[name] for name in EXPERIMENTS if name in all_results}
-    commands = sorted({r.get("command", "") for r in ordered.values() if r.get("command")})
-    with open(os.path.join(a.out_dir, "comparison.md"), "w", encoding="utf-8") as f:
-        f.write("Produced by:\n\n" + "".join(f"- `{c}`\n" for c in commands) + f"\nsites: `{sites_file}`\n\n")
-        f.write(compare_table(ordered))
-        f.write("\n")
+    write_comparison(a.out_dir, sites_file, all_results)
     return 0
