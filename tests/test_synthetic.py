@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
@@ -329,10 +328,3 @@ def test_cli_writes_dataset(tmp_path) -> None:
 def test_cli_rejects_bad_arguments(tmp_path, extra: list[str], argument: str) -> None:
     with pytest.raises(ValueError, match=argument):
         main(["--out-dir", str(tmp_path / "cli"), *extra])
-
-
-def test_generation_is_fast(tmp_path) -> None:
-    start = time.perf_counter()
-    generate_case(str(tmp_path), "Synth18_INSTA_000_1", size=32, seed=0)
-    # The budget is 0.5 s; the margin keeps a loaded CI machine from failing the suite.
-    assert time.perf_counter() - start < 2.0
