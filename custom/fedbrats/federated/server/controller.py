@@ -7,6 +7,7 @@ import math
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -97,7 +98,7 @@ class FedBratsController(ModelController):
             targets = self.sample_clients()
             self.info(f"round {current_round}/{self.num_rounds - 1}: sending the global model to {targets}")
             results = self._collect("train", self._outgoing(global_params, spec, current_round), targets, global_params)
-            updates, record = self._accept(global_params, results, targets, current_round)
+            updates, record = self._accept(results, targets, current_round)
             self.event(AppEventType.BEFORE_AGGREGATION)  # lets IntimeModelSelector judge the model just scored
             if updates:
                 global_params = strategy.aggregate(global_params, updates, current_round)
@@ -153,27 +154,24 @@ class FedBratsController(ModelController):
 
     def _collect(
         self, task_name: str, data: FLModel, targets: list[str], global_params: dict[str, np.ndarray] | None
-    ) -> list[FLModel]:
+    ) -> list[_Checked]:
         """Send a task and gather results until ``min_clients`` USABLE ones arrived (then wait
         ``wait_time_after_min_received`` for the rest), every site answered, or ``train_timeout`` passed.
 
         NVFlare's own min_responses counts a site's error as a response, so a crashed site could end a round
-        before a healthy one answers; counting usable results here keeps healthy sites in the round.
+        before a healthy one answers; counting usable results here keeps healthy sites in the round. Each result
+        is checked once, as it arrives (``global_params`` None: a validation task, whose weights are not used).
         """
-        results: list[FLModel] = []
+        results: list[_Checked] = []
         usable = 0
         lock = threading.Lock()
 
         def _on_result(result: FLModel) -> bool:
             nonlocal usable
-            ok = True
-            if global_params is not None:
-                meta = _site_meta(result.meta)
-                params = _full_params(result, global_params)
-                ok = update_problem(global_params, params, meta, set(self.strategy.accepted_meta_keys)) is None
+            checked = self._check(result, global_params)
             with lock:
-                results.append(result)
-                usable += int(ok)
+                results.append(checked)
+                usable += int(checked.problem is None)
             return True
 
         need = self._min_responses(targets)
@@ -215,25 +213,36 @@ class FedBratsController(ModelController):
             meta=meta,
         )
 
-    def _accept(
-        self, global_params: dict[str, np.ndarray], results: list[FLModel], targets: list[str], current_round: int
-    ) -> tuple[list[SiteUpdate], dict[str, Any]]:
+    def _check(self, result: FLModel, global_params: dict[str, np.ndarray] | None) -> _Checked:
+        """A site's result as full weights, its declared extras and metrics, and why it is unusable (or None)."""
         assert self.strategy is not None
-        declared = set(self.strategy.accepted_meta_keys)
+        meta = _site_meta(result.meta)
+        metrics = {k: float(v) for k, v in (result.metrics or {}).items() if _is_number(v)}
+        if global_params is None:
+            return _Checked(_site_name(result), {}, meta, metrics, None)
+        params = _full_params(result, global_params)
+        problem = update_problem(global_params, params, meta, set(self.strategy.accepted_meta_keys))
+        return _Checked(_site_name(result), params, meta, metrics, problem)
+
+    def _accept(
+        self, results: list[_Checked], targets: list[str], current_round: int
+    ) -> tuple[list[SiteUpdate], dict[str, Any]]:
         updates: list[SiteUpdate] = []
         rejected: dict[str, str] = {}
         sites: dict[str, Any] = {}
         for result in results:
-            name = _site_name(result)
-            meta = _site_meta(result.meta)
-            params = _full_params(result, global_params)
-            problem = update_problem(global_params, params, meta, declared)
+            name, params, meta, metrics, problem = (
+                result.name,
+                result.params,
+                result.meta,
+                result.metrics,
+                result.problem,
+            )
             if problem:
                 rejected[name] = problem
                 self.warning(f"round {current_round}: rejected the update of {name}: {problem}")
                 continue
             weight = float(meta.get("num_steps", 1) or 1)
-            metrics = {k: float(v) for k, v in (result.metrics or {}).items() if _is_number(v)}
             updates.append(SiteUpdate(name, params, meta, metrics, weight))
             sites[name] = {
                 "metrics": metrics,
@@ -300,8 +309,7 @@ class FedBratsController(ModelController):
         results = self._collect("validate", self._outgoing(params, spec, final_round), targets, None)
         sites = {}
         for r in results:
-            name = _site_name(r)
-            sites[name] = {"metrics": {k: float(v) for k, v in (r.metrics or {}).items() if _is_number(v)}}
+            sites[r.name] = {"metrics": r.metrics}
         self.event(AppEventType.BEFORE_AGGREGATION)
         updates = [SiteUpdate(n, {}, {}, s["metrics"], 1.0) for n, s in sites.items()]
         self._record(
@@ -328,6 +336,17 @@ _NVFLARE_META_KEYS = {
     "initial_metrics",
     "props",
 }
+
+
+@dataclass
+class _Checked:
+    """A site's result after the server's checks (``problem`` None means usable)."""
+
+    name: str
+    params: dict[str, np.ndarray]
+    meta: dict[str, Any]
+    metrics: dict[str, float]
+    problem: str | None
 
 
 def _full_params(result: FLModel, global_params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
