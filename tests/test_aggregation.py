@@ -305,6 +305,39 @@ def _good() -> dict[str, np.ndarray]:
     return {"a": np.ones((2, 3), np.float32), "b": np.ones(4, np.float32)}
 
 
+def test_update_problem_allows_only_the_omissions_the_strategy_allows() -> None:
+    """A site may leave out a weight only where ``may_omit`` says so; anything else missing is rejected."""
+    partial = {"a": np.ones((2, 3), np.float32)}
+    assert update_problem(GLOBAL, partial, {}, set(), may_omit=lambda name: name == "b") is None
+    assert "missing, e.g. ['b']" in update_problem(GLOBAL, partial, {}, set(), may_omit=lambda name: name == "a")
+
+
+def test_modality_aware_strategy_lets_sites_omit_absent_encoders_only() -> None:
+    """The encoders of sequences a site lacks may be omitted (and the aggregate is unchanged without them);
+    shared weights and present encoders may not; plain strategies allow no omission."""
+    strategy = ModalityAwareAggregation()
+    assert strategy.may_omit("encoders.1.w", ("t1", "t2"))
+    assert not strategy.may_omit("encoders.0.w", ("t1", "t2"))
+    assert not strategy.may_omit("decoder.w", ("t1",))
+    assert not ModalityAwareAggregation(modality_aware=False).may_omit("encoders.1.w", ("t1",))
+    assert not WeightedAverage().may_omit("encoders.1.w", ("t1",))
+    full = _updates()
+    partial = [
+        SiteUpdate(
+            u.site_name,
+            {k: v for k, v in u.params.items() if not strategy.may_omit(k, u.modalities)},
+            u.meta,
+            weight=u.weight,
+        )
+        for u in full
+    ]
+    assert len(partial[2].params) == 2  # t1 only: its encoder and the decoder
+    expected = ModalityAwareAggregation().aggregate(_params(0), full, 1)
+    got = strategy.aggregate(_params(0), partial, 1)
+    for key in KEYS:
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
 def test_update_problem_accepts_good_update() -> None:
     """A complete, finite update with base and declared meta is accepted."""
     meta = {"site_name": "s", "modalities": ["t1"], "num_steps": 3, "prototypes": np.ones((4, 2))}

@@ -166,6 +166,21 @@ def test_absent_sequence_encoder_gets_no_gradient(model: ModalityAwareSegNet) ->
     assert model.decoder.head.weight.grad is not None
 
 
+def test_partial_updates_leave_out_absent_encoders_only(model: ModalityAwareSegNet) -> None:
+    """A t2+flair site sends every weight but the t1 and t1ce encoders; with partial_updates off, all of them."""
+    method = FedKDMethod()
+    method.setup(model, ("t2", "flair"), CPU)
+    names = list(model.state_dict())
+    sent = {n for n in names if method.sends_parameter(n)}
+    assert not any(n.startswith(("encoders.0.", "encoders.1.")) for n in sent)
+    assert {n for n in names if n.startswith(("encoders.2.", "encoders.3."))} <= sent
+    assert {n for n in names if not n.startswith("encoders.")} <= sent
+    everything = FedKDMethod(partial_updates=False)
+    everything.setup(model, ("t2", "flair"), CPU)
+    assert all(everything.sends_parameter(n) for n in names)
+    assert all(_method(model).sends_parameter(n) for n in names), "a complete site sends everything"
+
+
 # ------------------------------------------------------------------------------------------------ prototypes
 
 

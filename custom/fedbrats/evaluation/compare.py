@@ -36,7 +36,12 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         {"method_args": {"kd_weight": 0.0, "proto_kd_weight": 0.0, "self_distill_weight": 0.0}},
         {},
     ),
-    "fedkd_no_modality_aware_agg": ("fedkd", {}, {"modality_aware": False}),
+    # Plain FedAvg needs every weight from every site, so sites send the encoders of absent sequences too.
+    "fedkd_no_modality_aware_agg": (
+        "fedkd",
+        {"method_args": {"partial_updates": False}},
+        {"modality_aware": False},
+    ),
     "mstkd": ("mstkd", {}, {}),
     "mstkd_no_transformer_kd": ("mstkd", {"method_args": {"hidden_kd_weight": 0.0, "attn_kd_weight": 0.0}}, {}),
     "mstkd_no_logit_kd": ("mstkd", {"method_args": {"logit_kd_weight": 0.0, "consistency_weight": 0.0}}, {}),

@@ -40,6 +40,8 @@ class FedBratsExecutor(ClientAPIExecutor):
         evaluate_task_name: name of the validation task.
         params_transfer_type: ``FULL`` weights or ``DIFF`` (differences to the received global model, which
             NVFlare's privacy filters on weight differences, e.g. ``SVTPrivacy``, need).
+        memory_gc_rounds: the site returns freed memory to the operating system after every round and also
+            collects garbage cycles every this many rounds (0: never); see :mod:`fedbrats.federated.memory`.
     """
 
     def __init__(
@@ -48,9 +50,13 @@ class FedBratsExecutor(ClientAPIExecutor):
         train_task_name: str = "train",
         evaluate_task_name: str = "validate",
         params_transfer_type: str = "FULL",
+        memory_gc_rounds: int = 10,
     ) -> None:
         TrainConfig.from_dict(training)  # fail early on bad options
+        if memory_gc_rounds < 0:
+            raise ValueError(f"memory_gc_rounds must be >= 0, got {memory_gc_rounds}")
         self.training = dict(training or {})
+        self.memory_gc_rounds = memory_gc_rounds
         super().__init__(
             execution_mode="in_process",
             task_script_path=SCRIPT_PATH,
@@ -65,5 +71,7 @@ class FedBratsExecutor(ClientAPIExecutor):
         if event_type == EventType.START_RUN:
             # The site's workspace root is where a startup kit keeps local/ settings (data paths, modalities).
             root = fl_ctx.get_engine().get_workspace().get_root_dir()
-            self._task_script_args = f"--training {encode_config(self.training)} --workspace {root}"
+            self._task_script_args = (
+                f"--training {encode_config(self.training)} --workspace {root} --gc-rounds {self.memory_gc_rounds}"
+            )
         super().handle_event(event_type, fl_ctx)

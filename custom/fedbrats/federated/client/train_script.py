@@ -18,14 +18,21 @@ from nvflare.client.tracking import SummaryWriter
 from fedbrats.data.site_config import resolve_site_config
 from fedbrats.federated.client.executor import decode_config
 from fedbrats.federated.client.trainer import SiteTrainer, TrainConfig
+from fedbrats.federated.memory import release_memory
 from fedbrats.federated.payload import to_wire
 from fedbrats.networks import build_from_spec
 
 logger = logging.getLogger("fedbrats.client")
 
 
-def run(training: dict, workspace: str | None) -> None:
-    """The site's federated loop (returns when the server ends the job)."""
+def run(training: dict, workspace: str | None, gc_rounds: int = 10) -> None:
+    """The site's federated loop (returns when the server ends the job).
+
+    Args:
+        training: the job's training options.
+        workspace: the site's workspace root (for ``local/`` settings).
+        gc_rounds: see :func:`fedbrats.federated.memory.release_memory`.
+    """
     flare.init()
     site_name = flare.get_site_name()
     config = TrainConfig.from_dict(training)
@@ -33,6 +40,7 @@ def run(training: dict, workspace: str | None) -> None:
     writer = SummaryWriter()
     trainer: SiteTrainer | None = None
     has_local_weights = False
+    rounds_done = 0
 
     while flare.is_running():
         input_model = flare.receive()
@@ -80,7 +88,7 @@ def run(training: dict, workspace: str | None) -> None:
             **summary,
             **to_wire(extras),
         }
-        flare.send(FLModel(params=trainer.weights(), metrics=metrics, meta=out_meta))
+        flare.send(FLModel(params=trainer.update_weights(), metrics=metrics, meta=out_meta))
         logger.info(
             "round %d | site %s | sent update: %d steps, loss %.4f, %.1fs",
             current_round,
@@ -89,6 +97,8 @@ def run(training: dict, workspace: str | None) -> None:
             summary["train_loss"],
             time.monotonic() - started,
         )
+        rounds_done += 1
+        release_memory(rounds_done, gc_rounds)
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -100,8 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--training", required=True, help="encoded training options (set by the executor)")
     parser.add_argument("--workspace", default=None, help="the site's workspace root (for local/ settings)")
+    parser.add_argument("--gc-rounds", type=int, default=10, help="collect garbage cycles every N rounds")
     args = parser.parse_args(argv)
-    run(decode_config(args.training), args.workspace)
+    run(decode_config(args.training), args.workspace, args.gc_rounds)
 
 
 if __name__ == "__main__":

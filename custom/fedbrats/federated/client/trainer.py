@@ -130,6 +130,10 @@ class SiteTrainer:
         """The current weights on the CPU."""
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
+    def update_weights(self) -> dict[str, torch.Tensor]:
+        """The weights of this site's training update: those the method sends (all, unless it leaves some out)."""
+        return {k: v for k, v in self.weights().items() if self.method.sends_parameter(k)}
+
     def train_round(self, current_round: int, abort: Callable[[], bool] | None = None) -> dict[str, Any]:
         """Train ``epochs_per_round`` epochs; return steps, mean loss and the mean of each loss term."""
         self.model.train()

@@ -41,6 +41,16 @@ class ClientMethod:
         """Extra items sent with this round's update (numpy arrays, lists or numbers; never tensors)."""
         return {}
 
+    def sends_parameter(self, name: str) -> bool:
+        """Whether the weight ``name`` goes into this site's update (default: all of them).
+
+        A method may leave out weights the site never trains (e.g. the encoder of a sequence it lacks), but only
+        where the job's aggregation strategy accepts the omission
+        (:meth:`fedbrats.federated.server.aggregation.AggregationStrategy.may_omit`); otherwise the server
+        rejects the update as incomplete.
+        """
+        return True
+
 
 def check_non_negative(values: dict[str, float]) -> None:
     """Raise a ValueError naming the first option (e.g. a loss weight) that is negative."""

@@ -58,6 +58,13 @@ class AggregationStrategy(FLComponent):
         """Return the next global weights; ``updates`` is non-empty and already validated."""
         raise NotImplementedError
 
+    def may_omit(self, name: str, modalities: tuple[str, ...]) -> bool:
+        """Whether a site with ``modalities`` may leave weight ``name`` out of its update (default: never).
+
+        A strategy that allows it must aggregate such a weight over the sites that sent it only.
+        """
+        return False
+
     def global_meta(self) -> dict[str, Any]:
         """Extras sent to every site with the global model (numpy arrays or lists, never tensors)."""
         return {}
@@ -131,7 +138,8 @@ class ModalityAwareAggregation(WeightedAverage):
     """FedKD's distillation-aware aggregation.
 
     - Each sequence's encoder (parameters named ``encoders.<i>.``) is averaged only over the sites that have that
-      sequence (as FedMEMA / FedMEPD do); a sequence no site of the round has keeps its global weights.
+      sequence (as FedMEMA / FedMEPD do); a sequence no site of the round has keeps its global weights. Sites may
+      leave the encoders of sequences they lack out of their updates.
     - Shared parts (content head, decoder) are averaged over all sites, weighted by training steps.
     - Region prototypes: ``P_r = sum_s w_sr p_sr / sum_s w_sr`` with ``w_sr = n_sr * (|M_s| / 4) ** completeness_power``
       (``n_sr`` the site's voxel count of region r, ``|M_s|`` its number of sequences), so sites that see more of
@@ -163,6 +171,12 @@ class ModalityAwareAggregation(WeightedAverage):
         self.prototype_momentum = prototype_momentum
         self.prototypes: np.ndarray | None = None
         self.prototype_valid: np.ndarray | None = None
+
+    def may_omit(self, name: str, modalities: tuple[str, ...]) -> bool:
+        """A site may leave out the encoders of sequences it lacks (they are averaged without it anyway)."""
+        from fedbrats.networks.modality_aware import parameter_modality
+
+        return self.modality_aware and parameter_modality(name) not in (None, *modalities)
 
     def aggregate(
         self, global_params: dict[str, np.ndarray], updates: list[SiteUpdate], current_round: int

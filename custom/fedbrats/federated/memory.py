@@ -1,0 +1,35 @@
+"""Give freed memory back to the operating system between rounds, at sites and on the server.
+
+Each round a process decodes a model-sized message per peer, trains or aggregates, and frees it all again. Python
+and glibc keep freed blocks for reuse instead of returning them, so without help the resident memory of a long
+job creeps up round after round (the 16-site, 50-round load test measured +15% at the sites and +240% on the
+server). ``malloc_trim`` returns the free pages and costs well under a millisecond, so it runs every round; a
+full ``gc.collect`` costs about 0.1 s in a process holding torch, MONAI and NVFlare, so it runs every
+``gc_rounds`` rounds only (cycles are rare here; reference counting frees the rest).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+from nvflare.fuel.utils.memory_utils import try_malloc_trim
+
+logger = logging.getLogger(__name__)
+
+
+def release_memory(completed_rounds: int, gc_rounds: int) -> None:
+    """Return free heap pages to the OS; every ``gc_rounds``-th round collect garbage cycles first.
+
+    Args:
+        completed_rounds: rounds this process has finished (1 after the first).
+        gc_rounds: collect cycles every this many rounds; 0 never (the trim still runs).
+    """
+    if completed_rounds < 0:
+        raise ValueError(f"completed_rounds must be >= 0, got {completed_rounds}")
+    if gc_rounds < 0:
+        raise ValueError(f"gc_rounds must be >= 0, got {gc_rounds}")
+    if gc_rounds and completed_rounds % gc_rounds == 0:
+        freed = gc.collect()
+        logger.debug("gc.collect freed %d objects after round %d", freed, completed_rounds)
+    try_malloc_trim()

@@ -1,0 +1,35 @@
+"""The per-round memory release of sites and server."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedbrats.federated import memory
+
+
+def test_release_memory_collects_cycles_every_n_rounds_and_always_trims(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(memory.gc, "collect", lambda: calls.append("gc") or 0)
+    monkeypatch.setattr(memory, "try_malloc_trim", lambda: calls.append("trim"))
+    for completed in range(1, 7):
+        memory.release_memory(completed, gc_rounds=3)
+    assert calls == ["trim", "trim", "gc", "trim", "trim", "trim", "gc", "trim"]
+    calls.clear()
+    memory.release_memory(5, gc_rounds=0)
+    assert calls == ["trim"], "gc_rounds=0 never collects but still trims"
+
+
+@pytest.mark.parametrize(("completed", "gc_rounds", "name"), [(-1, 1, "completed_rounds"), (1, -2, "gc_rounds")])
+def test_release_memory_rejects_negative_arguments(completed: int, gc_rounds: int, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        memory.release_memory(completed, gc_rounds)
+
+
+def test_controller_and_executor_reject_negative_gc_rounds() -> None:
+    from fedbrats.federated.client.executor import FedBratsExecutor
+    from fedbrats.federated.server.controller import FedBratsController
+
+    with pytest.raises(ValueError, match="memory_gc_rounds"):
+        FedBratsController(memory_gc_rounds=-1)
+    with pytest.raises(ValueError, match="memory_gc_rounds"):
+        FedBratsExecutor(memory_gc_rounds=-1)
