@@ -68,8 +68,10 @@ def test_memory_peaks_per_round_and_growth() -> None:
     mem = memory_by_round(series, windows)["server"]
     assert mem["peak_bytes"] == 214
     assert mem["per_round_peak_bytes"] == {0: 100, 1: 200, 2: 210, 3: 214}
-    assert mem["growth"]["from_round"] == 1 and mem["growth"]["to_round"] == 3
-    assert mem["growth"]["fraction"] == pytest.approx(0.07)
+    assert mem["growth"]["from_round"] == 2 and mem["growth"]["to_round"] == 3, "after round 2"
+    assert mem["growth"]["fraction"] == pytest.approx(4 / 210)
+    three = memory_by_round(series, {0: (0.0, 1.0), 1: (1.0, 2.0), 2: (2.0, 3.0)})["server"]["growth"]
+    assert three["from_round"] == 1 and three["fraction"] == pytest.approx(0.05)
     assert memory_by_round(series, {0: (0.0, 1.0), 1: (1.0, 2.0)})["server"]["growth"] is None
 
 
@@ -81,6 +83,11 @@ def test_simulator_process_roles() -> None:
         Sample(0, 13, 12, 1, "python -m nvflare.private.fed.app.simulator.simulator_worker -o x --client site-2"),
     ]
     assert simulator_roles(samples) == {10: "launcher", 11: "manager", 12: "server", 13: "client:site-2"}
+    # A client first read between fork and exec (its parent's command line) is still named by its worker line.
+    early = Sample(0, 14, 12, 1, "python -m nvflare.cli simulator job -w ws")
+    worker = Sample(1, 14, 12, 1, "python -m nvflare.private.fed.app.simulator.simulator_worker --client site-8")
+    assert simulator_roles([*samples, early, worker])[14] == "client:site-8"
+    assert simulator_roles([*samples, worker, early])[14] == "client:site-8"
 
 
 def _finite(value: float | None) -> bool:

@@ -33,3 +33,14 @@ def test_controller_and_executor_reject_negative_gc_rounds() -> None:
         FedBratsController(memory_gc_rounds=-1)
     with pytest.raises(ValueError, match="memory_gc_rounds"):
         FedBratsExecutor(memory_gc_rounds=-1)
+
+
+def test_allocator_defaults_never_override_the_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedbrats.deploy.provision import deployment_env
+
+    assert memory.with_allocator_defaults({})["MALLOC_ARENA_MAX"] == "2"
+    assert memory.with_allocator_defaults({"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert deployment_env("m")["MALLOC_ARENA_MAX"] == "2", "PoC and provisioned kits get the default"
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert deployment_env("m")["MALLOC_ARENA_MAX"] == "4"

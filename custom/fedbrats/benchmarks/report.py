@@ -476,9 +476,9 @@ def _memory_section(fed: Mapping[str, Any], plot: str | None) -> list[str]:
     lines = ["## 3. Memory", ""]
     lines += [
         "Peak RSS of each simulator process (psutil; the server is the parent of the `simulator_worker` client "
-        "processes) and its growth: the peak of the last round against the peak of the second round (rounds "
-        "are numbered from 0; the first "
-        f"includes start-up). Target: growth below {MEMORY_GROWTH_TARGET:.0%}. Without NVFlare, each site "
+        "processes) and its growth: the peak of the last round against the peak of round 2 (rounds are numbered "
+        "from 0; the first includes start-up; with only three rounds, against round 1). "
+        f"Target: growth below {MEMORY_GROWTH_TARGET:.0%}. Without NVFlare, each site "
         "process's peak for comparison.",
         "",
     ]

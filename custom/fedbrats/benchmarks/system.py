@@ -131,12 +131,12 @@ class ProcessSampler:
     def __post_init__(self) -> None:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._cmdlines: dict[int, str] = {}
 
-    def _cmdline(self, proc: psutil.Process) -> str:
-        if proc.pid not in self._cmdlines:
-            self._cmdlines[proc.pid] = " ".join(proc.cmdline())
-        return self._cmdlines[proc.pid]
+    @staticmethod
+    def _cmdline(proc: psutil.Process) -> str:
+        # Read every time, never cached: a process caught between fork and exec still shows its parent's command
+        # line (a simulator client then looked like a copy of the launcher and went unnamed).
+        return " ".join(proc.cmdline())
 
     def sample_once(self) -> None:
         """Take one reading of every process of the tree (processes that vanish meanwhile are skipped)."""
@@ -204,7 +204,9 @@ def simulator_roles(samples: list[Sample]) -> dict[int, str]:
     cmdlines: dict[int, str] = {}
     for s in samples:
         parents[s.pid] = s.ppid
-        cmdlines[s.pid] = s.cmdline
+        # A client read between fork and exec shows its parent's command line; its worker line wins.
+        if s.pid not in cmdlines or "simulator_worker" in s.cmdline:
+            cmdlines[s.pid] = s.cmdline
     server_pids: set[int] = set()
     for pid, cmd in cmdlines.items():
         if "simulator_worker" in cmd:

@@ -42,6 +42,7 @@ import psutil
 import yaml
 
 from fedbrats.data.site_config import LOCAL_CONFIG_NAME, SITE_CONFIG_ENV, load_site_config
+from fedbrats.federated.memory import with_allocator_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -487,10 +488,11 @@ def stage_job(job_dir: str, staging_root: str, *, num_rounds: int | None = None,
 def deployment_env(marker: str, home: str | None = None) -> dict[str, str]:
     """Environment for everything a run starts: tagged with ``marker``, this Python first on ``PATH``.
 
-    ``FEDBRATS_SITE_CONFIG`` is removed, so that each site reads its own ``local/fedbrats_site.json``. ``home``
+    ``FEDBRATS_SITE_CONFIG`` is removed, so that each site reads its own ``local/fedbrats_site.json``; the
+    allocator settings of :data:`fedbrats.federated.memory.ALLOCATOR_ENV` are added where unset. ``home``
     gives the NVFlare CLI a private home (``nvflare poc`` writes ``~/.nvflare/config.conf``).
     """
-    env = dict(os.environ)
+    env = dict(with_allocator_defaults(dict(os.environ)))
     env.pop(SITE_CONFIG_ENV, None)
     env[MARKER_ENV] = marker
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])

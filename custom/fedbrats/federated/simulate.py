@@ -19,6 +19,7 @@ from typing import Any
 
 from fedbrats.data.federation import POOLED_SITE, ensure_default_federation
 from fedbrats.data.site_config import SITE_CONFIG_ENV
+from fedbrats.federated.memory import with_allocator_defaults
 from fedbrats.jobgen import DEFAULT_ROUNDS, JOBS, write_job
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def simulate(
     log_file = log_file or os.path.join(workspace, "simulator.log")
     cmd = [sys.executable, "-m", "nvflare.cli", "simulator", job_dir, "-w", sim_ws, "-c", ",".join(clients)]
     cmd += ["-t", str(threads or len(clients))]
-    env = dict(os.environ, **{SITE_CONFIG_ENV: sites_file})
+    env = dict(with_allocator_defaults(dict(os.environ)), **{SITE_CONFIG_ENV: sites_file})
     logger.info("simulating %s with %s (log: %s)", job, ",".join(clients), log_file)
     started = time.monotonic()
     with open(log_file, "w", encoding="utf-8") as log:
