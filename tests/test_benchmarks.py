@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbrats.benchmarks.federated import described_bytes, fit_scaling, memory_by_round
+from fedbrats.benchmarks.federated import described_bytes, fit_scaling, memory_by_round, memory_growth
 from fedbrats.benchmarks.simlog import parse_simulator_log
 from fedbrats.benchmarks.system import Sample, simulator_roles
 
@@ -73,6 +73,11 @@ def test_memory_peaks_per_round_and_growth() -> None:
     three = memory_by_round(series, {0: (0.0, 1.0), 1: (1.0, 2.0), 2: (2.0, 3.0)})["server"]["growth"]
     assert three["from_round"] == 1 and three["fraction"] == pytest.approx(0.05)
     assert memory_by_round(series, {0: (0.0, 1.0), 1: (1.0, 2.0)})["server"]["growth"] is None
+    # Eight rounds or more: medians of rounds 2-4 and of the last three, so one spike does not decide.
+    peaks = {0: 50, 1: 90, 2: 100, 3: 101, 4: 99, 5: 102, 6: 101, 7: 180, 8: 102, 9: 103}
+    long = memory_growth(peaks)
+    assert long["from_rounds"] == [2, 3, 4] and long["to_rounds"] == [7, 8, 9]
+    assert long["fraction"] == pytest.approx(0.03)
 
 
 def test_simulator_process_roles() -> None:
@@ -126,8 +131,11 @@ def test_smoke_benchmark_writes_results(tmp_path: Path) -> None:
         comm = fed["communication"]
         assert comm["model"]["bytes"] > 0
         for site in ("site-1", "site-2"):
-            assert comm["sites"][site]["sent_x_model"] >= 1.0
             assert comm["sites"][site]["received_x_model"] >= 1.0
+            assert comm["sites"][site]["absent_sequence_weights_per_round"] == 0
+        assert comm["sites"]["site-1"]["sent_x_model"] >= 1.0, "a site with all four sequences sends the whole model"
+        if job == "fedkd":  # site-2 lacks T1ce: its FedKD update leaves that encoder out
+            assert comm["sites"]["site-2"]["sent_x_model"] < 1.0
         throughput = results["throughput"][job]
         assert all(r["cases_per_second"] > 0 for r in throughput["one_thread"].values())
         if not torch.cuda.is_available():
@@ -151,3 +159,10 @@ def test_smoke_benchmark_writes_results(tmp_path: Path) -> None:
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
         assert f"]({name}.png)" in report
+
+    # --report-only rewrites the report from the saved readings, measuring nothing.
+    (out / "report.md").unlink()
+    assert main(["--report-only", "--out-dir", str(out), "--log-level", "WARNING"]) == 0
+    assert "## 3. Memory" in (out / "report.md").read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match="results.json does not exist"):
+        main(["--report-only", "--out-dir", str(tmp_path / "empty")])

@@ -257,31 +257,60 @@ def _peak_in(series: list[tuple[float, int]], start: float, end: float) -> int |
     return max(values) if values else None
 
 
+def memory_growth(per_round: Mapping[int, int]) -> dict[str, Any] | None:
+    """Growth of a process's per-round peak RSS after warm-up, as the target "under 2% after round 2" reads.
+
+    Round 0 includes start-up (building the trainer, caching the data) and round 1 still warms up, so the
+    comparison starts at round 2. With eight or more rounds it compares the median peak of rounds 2-4 with that
+    of the last three rounds, so that one round's spike (the sampler reads every 0.5 s and may or may not catch
+    a round's true peak) cannot decide it; with four to seven rounds, round 2 with the last; with three, round 1
+    with the last; with fewer, None.
+    """
+    rounds = sorted(per_round)
+    if len(rounds) >= 8:
+        early, late = rounds[2:5], rounds[-3:]
+    elif len(rounds) >= 4:
+        early, late = rounds[2:3], rounds[-1:]
+    elif len(rounds) == 3:
+        early, late = rounds[1:2], rounds[-1:]
+    else:
+        return None
+    first = statistics.median(per_round[r] for r in early)
+    last = statistics.median(per_round[r] for r in late)
+    return {
+        "from_round": early[0],
+        "to_round": late[-1],
+        "from_rounds": early,
+        "to_rounds": late,
+        "fraction": (last - first) / max(first, 1),
+    }
+
+
 def memory_by_round(
     series: Mapping[str, list[tuple[float, int]]], windows: Mapping[int, tuple[float, float]]
 ) -> dict[str, Any]:
-    """Peak RSS of each process (label) overall and in each round window, and the growth over rounds.
-
-    Growth compares the peak of the third round (round 2) with that of the last, as the target "under 2% after
-    round 2" reads (the first round includes start-up: building the trainer, caching the data; the second
-    still warms up); with only three rounds sampled it starts at the second, with fewer it is None.
-    """
+    """Peak RSS of each process (label) overall and in each round window, and its growth (:func:`memory_growth`)."""
     out: dict[str, Any] = {}
     for label, points in sorted(series.items()):
         per_round = {r: _peak_in(points, s, e) for r, (s, e) in sorted(windows.items())}
         per_round = {r: v for r, v in per_round.items() if v is not None}
-        rounds = sorted(per_round)
-        growth = None
-        if len(rounds) >= 3:
-            start = rounds[2] if len(rounds) >= 4 else rounds[1]
-            first, last = per_round[start], per_round[rounds[-1]]
-            growth = {"from_round": start, "to_round": rounds[-1], "fraction": (last - first) / max(first, 1)}
         out[label] = {
             "peak_bytes": max(rss for _, rss in points) if points else None,
             "per_round_peak_bytes": per_round,
-            "growth": growth,
+            "growth": memory_growth(per_round),
         }
     return out
+
+
+def refresh_memory_growth(results: dict[str, Any]) -> None:
+    """Recompute every memory growth of saved ``results`` from its per-round peaks (after a change of
+    :func:`memory_growth`; the raw readings are kept in the results)."""
+    for entry in (results.get("federated") or {}).values():
+        for run in (entry.get("federated"), entry.get("local")):
+            for mem in ((run or {}).get("memory") or {}).values():
+                if isinstance(mem, dict) and "per_round_peak_bytes" in mem:
+                    per_round = {int(r): v for r, v in mem["per_round_peak_bytes"].items()}
+                    mem["growth"] = memory_growth(per_round)
 
 
 def _label_simulator(samples: list[Sample]) -> dict[str, list[tuple[float, int]]]:

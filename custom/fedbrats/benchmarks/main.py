@@ -309,6 +309,23 @@ def run_benchmarks(
     return results
 
 
+def rewrite_report(out_dir: str) -> str:
+    """Recompute the derived figures (memory growth) of ``out_dir/results.json`` from its raw readings and rewrite
+    ``results.json``, ``report.md`` and the plots; returns the report's path.
+
+    Raises:
+        ValueError: ``out_dir`` holds no ``results.json``.
+    """
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"--report-only: {path} does not exist; run the benchmark into {out_dir} first")
+    with open(path, encoding="utf-8") as f:
+        results = json.load(f)
+    federated.refresh_memory_growth(results)
+    _save(results, out_dir)
+    return write_report(results, out_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark command's parser."""
     p = argparse.ArgumentParser(
@@ -321,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default=None, help="workspaces and data (default: a temporary folder, removed)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--jobs", default=None, help="comma-separated jobs (default: fedavg,fedkd)")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: recompute derived figures of OUT_DIR/results.json and rewrite its report and plots",
+    )
     add_log_level_argument(p)
     return p
 
@@ -330,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     logging.getLogger("fedbrats").setLevel(args.log_level)
+    if args.report_only:
+        rewrite_report(args.out_dir)
+        return 0
     settings = dataclasses.replace(MODES["smoke" if args.smoke else args.mode])
     if args.jobs:
         settings.jobs = tuple(j.strip() for j in args.jobs.split(",") if j.strip())

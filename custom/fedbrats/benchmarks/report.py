@@ -472,12 +472,22 @@ def _throughput_section(tp: Mapping[str, Any], plot: str | None) -> list[str]:
     return lines
 
 
+def _rounds_compared(growth: Mapping[str, Any]) -> str:
+    def span(rounds: list[int]) -> str:
+        return f"{rounds[0]}-{rounds[-1]}" if len(rounds) > 1 else str(rounds[0])
+
+    early = growth.get("from_rounds") or [growth["from_round"]]
+    late = growth.get("to_rounds") or [growth["to_round"]]
+    return f"{span(early)} -> {span(late)}"
+
+
 def _memory_section(fed: Mapping[str, Any], plot: str | None) -> list[str]:
     lines = ["## 3. Memory", ""]
     lines += [
         "Peak RSS of each simulator process (psutil; the server is the parent of the `simulator_worker` client "
-        "processes) and its growth: the peak of the last round against the peak of round 2 (rounds are numbered "
-        "from 0; the first includes start-up; with only three rounds, against round 1). "
+        "processes) and its growth after warm-up: the median per-round peak of the last three rounds against that "
+        "of rounds 2-4 (rounds are numbered from 0; the first includes start-up; with fewer than eight rounds, "
+        "single rounds: the last against round 2, or round 1 with only three). "
         f"Target: growth below {MEMORY_GROWTH_TARGET:.0%}. Without NVFlare, each site "
         "process's peak for comparison.",
         "",
@@ -499,7 +509,7 @@ def _memory_section(fed: Mapping[str, Any], plot: str | None) -> list[str]:
                     label,
                     _mib(m["peak_bytes"]),
                     _mib(local.get(label, {}).get("peak_bytes")) if label.startswith("client:") else "",
-                    f"{g['from_round']} -> {g['to_round']}" if g else "fewer than 3 rounds",
+                    _rounds_compared(g) if g else "fewer than 3 rounds",
                     _pct(g["fraction"]) if g else "n/a",
                     verdict,
                 ]
