@@ -1,4 +1,4 @@
-"""Benchmarks of the federated jobs: ``python benchmarks/run.py --mode quick|full --out-dir benchmarks/results``.
+"""Benchmarks of the federated jobs: ``python benchmarks/run.py --mode quick|full --out-dir benchmarks/results/<mode>``.
 
 A thin entry point; the code is :mod:`fedbrats.benchmarks` (see ``benchmarks/README.md``).
 """

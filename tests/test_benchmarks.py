@@ -166,3 +166,17 @@ def test_smoke_benchmark_writes_results(tmp_path: Path) -> None:
     assert "## 3. Memory" in (out / "report.md").read_text(encoding="utf-8")
     with pytest.raises(ValueError, match="results.json does not exist"):
         main(["--report-only", "--out-dir", str(tmp_path / "empty")])
+
+
+def test_other_work_does_not_count_the_benchmarks_own_processes() -> None:
+    """A child process that keeps a core busy for a second is the benchmark's own work, not other work."""
+    import subprocess
+    import sys
+
+    from fedbrats.benchmarks.system import OtherWork
+
+    other = OtherWork()
+    subprocess.run(
+        [sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 1: pass"]
+    )
+    assert other.cores() < 0.5, "a reaped child's CPU time was counted as other work"

@@ -1,6 +1,6 @@
 """Benchmarks of the federated jobs: speed, memory, communication and scale, measured and reported.
 
-Run ``python benchmarks/run.py --mode quick --out-dir benchmarks/results`` (see ``benchmarks/README.md``). The
+Run ``python benchmarks/run.py --mode quick --out-dir benchmarks/results/quick`` (see ``benchmarks/README.md``). The
 code is split by what it measures:
 
 - :mod:`fedbrats.benchmarks.system`: the machine, library versions and a process-tree memory sampler;

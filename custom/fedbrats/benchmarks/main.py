@@ -1,6 +1,6 @@
 """Settings of each benchmark mode, the orchestration of the sections, and the command line.
 
-``python benchmarks/run.py --mode quick --out-dir benchmarks/results`` writes ``results.json``, ``report.md``
+``python benchmarks/run.py --mode quick --out-dir benchmarks/results/quick`` writes ``results.json``, ``report.md``
 and PNG plots into the output folder. ``--mode full`` is the realistic setting; ``--smoke`` shrinks everything
 further (the test suite uses it; its figures mean nothing).
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 from fedbrats.benchmarks import compute, federated
 from fedbrats.benchmarks.report import write_report
-from fedbrats.benchmarks.system import load_average, machine_info
+from fedbrats.benchmarks.system import OtherWork, load_average, machine_info
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
 
 logger = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def run_benchmarks(
         raise ValueError(f"unknown section(s) {unknown}; sections are {list(SECTIONS)}")
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(work_dir, exist_ok=True)
-    started = time.monotonic()
+    started, whole_run = time.monotonic(), OtherWork()
     results: dict[str, Any] = {
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "command": command,
@@ -189,6 +189,7 @@ def run_benchmarks(
         "machine": machine_info(),
         "section_seconds": {},
         "section_load_average": {},
+        "section_other_work_cores": {},
     }
     overrides = settings.overrides()
     main_fed = federated.make_federation(
@@ -206,11 +207,12 @@ def run_benchmarks(
     }
 
     def timed(section: str, fn: Any) -> None:
-        t0, load0 = time.monotonic(), load_average()
+        t0, load0, other = time.monotonic(), load_average(), OtherWork()
         logger.info("=== %s ===", section)
         fn()
         results["section_seconds"][section] = time.monotonic() - t0
         results["section_load_average"][section] = [load0, load_average()]
+        results["section_other_work_cores"][section] = other.cores()
         _save(results, out_dir)
 
     def run_federated() -> None:
@@ -303,6 +305,7 @@ def run_benchmarks(
         results["total_seconds"] = time.monotonic() - started
         results["finished"] = dt.datetime.now().isoformat(timespec="seconds")
         results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        results["machine"]["other_work_cores"] = whole_run.cores()
         _save(results, out_dir)
         write_report(results, out_dir)
     logger.info("benchmarks done in %.0fs; report %s", results["total_seconds"], os.path.join(out_dir, "report.md"))
@@ -334,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mode", choices=["quick", "full"], default="quick", help="quick: minutes; full: realistic")
     p.add_argument("--smoke", action="store_true", help="even smaller than quick (tests); figures mean nothing")
-    p.add_argument("--out-dir", default=os.path.join("benchmarks", "results"), help="results, report and plots")
+    p.add_argument("--out-dir", default=None, help="results, report and plots (default: benchmarks/results/<mode>)")
     p.add_argument("--work-dir", default=None, help="workspaces and data (default: a temporary folder, removed)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--jobs", default=None, help="comma-separated jobs (default: fedavg,fedkd)")
@@ -352,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     logging.getLogger("fedbrats").setLevel(args.log_level)
+    out_dir = args.out_dir or os.path.join("benchmarks", "results", "smoke" if args.smoke else args.mode)
     if args.report_only:
-        rewrite_report(args.out_dir)
+        rewrite_report(out_dir)
         return 0
     settings = dataclasses.replace(MODES["smoke" if args.smoke else args.mode])
     if args.jobs:
@@ -362,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="fedbrats-bench-")
     try:
-        run_benchmarks(settings, args.out_dir, work_dir, sections, command=command)
+        run_benchmarks(settings, out_dir, work_dir, sections, command=command)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)

@@ -9,7 +9,7 @@ global model and training (``X.X`` seconds of its own work). From these a round 
   deserialisation);
 - site work: the longest site's validation + training + extras;
 - return: from the last site's ``sent update`` to the server having every result (upload, result filters,
-  the controller's 0.2 s polling);
+  the controller noticing it);
 - aggregate: from every result being in to the round's end (checks, aggregation, saving, best-model selection).
 """
 

@@ -90,6 +90,39 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def _busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent working (all cores), since boot."""
+    t = psutil.cpu_times()
+    idle = t.idle + getattr(t, "iowait", 0.0) + getattr(t, "steal", 0.0)
+    return sum(t) - idle - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and of every descendant it (or they) waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@dataclass
+class OtherWork:
+    """How much CPU work other than the benchmark's own ran on the machine meanwhile.
+
+    The load average cannot tell: the benchmark itself runs more processes than there are cores. Instead: the
+    machine's busy CPU time minus this process's and its reaped descendants' CPU time, per second of wall time.
+    Call :meth:`cores` when every process started since has ended (it counts descendants only once reaped).
+    """
+
+    busy0: float = field(default_factory=_busy_cpu_seconds)
+    own0: float = field(default_factory=_own_cpu_seconds)
+    wall0: float = field(default_factory=time.monotonic)
+
+    def cores(self) -> float:
+        """Average number of cores other work kept busy since this object was made (0 on an idle machine)."""
+        wall = max(time.monotonic() - self.wall0, 1e-6)
+        other = (_busy_cpu_seconds() - self.busy0) - (_own_cpu_seconds() - self.own0)
+        return round(max(other, 0.0) / wall, 3)
+
+
 @dataclass
 class Sample:
     """One reading of one process.

@@ -61,7 +61,7 @@ class FedKDMethod(ClientMethod):
             so that no single patient's features leave the site.
         partial_updates: leave the encoders of sequences the site lacks out of its update: they are never
             trained there and the modality-aware aggregation ignores them, so sending them only costs bandwidth
-            (21-63% of an update in benchmarks/results). Set False with a plain-FedAvg aggregation (an ablation).
+            (each is about 21% of an update). Set False with a plain-FedAvg aggregation (an ablation).
     """
 
     name: ClassVar[str] = "fedkd"

@@ -174,6 +174,7 @@ class FedBratsController(ModelController):
         results: list[_Checked] = []
         usable = 0
         lock = threading.Lock()
+        arrived = threading.Event()
 
         def _on_result(result: FLModel) -> bool:
             nonlocal usable
@@ -181,6 +182,7 @@ class FedBratsController(ModelController):
             with lock:
                 results.append(checked)
                 usable += int(checked.problem is None)
+            arrived.set()
             return True
 
         need = self._min_responses(targets)
@@ -196,6 +198,7 @@ class FedBratsController(ModelController):
         while self.get_num_standing_tasks() > 0:
             if self.abort_signal and self.abort_signal.triggered:
                 break
+            arrived.clear()  # before reading: a result arriving after this read wakes the wait below at once
             with lock:
                 n_usable, n_results = usable, len(results)
             if n_results >= len(targets):
@@ -204,7 +207,7 @@ class FedBratsController(ModelController):
                 reached_at = reached_at or time.monotonic()
                 if time.monotonic() - reached_at >= self.wait_time_after_min_received:
                     break
-            time.sleep(0.2)
+            arrived.wait(0.2)
         if self.get_num_standing_tasks() > 0:
             self.cancel_all_tasks()  # late sites are left out of this round; they get the next one
         with lock:
