@@ -342,22 +342,31 @@ def run_simulated(
         Round times (from ``metrics.json``), start-up, the log's round breakdown, per-process memory and the
         communication per site.
     """
-    from fedbrats.federated.simulate import simulate
+    from fedbrats.federated.simulate import SimulatedSiteLostError, simulate
 
     sites = federation_sites(sites_file)
     load_before = load_average()
-    sampler = ProcessSampler(interval=sample_interval)
-    wall_start = time.time()
-    with sampler:
-        result = simulate(
-            job,
-            workspace,
-            sites_file=sites_file,
-            num_rounds=num_rounds,
-            overrides=dict(overrides or {}),
-            clients=sites,
-            threads=len(sites),
-        )
+    for attempt in range(2):
+        sampler = ProcessSampler(interval=sample_interval)
+        wall_start = time.time()
+        try:
+            with sampler:
+                result = simulate(
+                    job,
+                    workspace,
+                    sites_file=sites_file,
+                    num_rounds=num_rounds,
+                    overrides=dict(overrides or {}),
+                    clients=sites,
+                    threads=len(sites),
+                )
+            break
+        except SimulatedSiteLostError as err:
+            # NVFlare's simulator occasionally loses a site's process at start-up (not our code): measure a clean
+            # run instead, once.
+            if attempt:
+                raise
+            logger.warning("%s -- running it once more", err)
     wall_end = time.time()
     log_file = os.path.join(workspace, "simulator.log")
     timeline = parse_simulator_log(log_file)

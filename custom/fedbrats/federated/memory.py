@@ -20,11 +20,15 @@ from nvflare.fuel.utils.memory_utils import try_malloc_trim
 
 logger = logging.getLogger(__name__)
 
+#: Default ``memory_gc_rounds`` of a site (many processes on a small machine, few cycles) and of the server.
+SITE_GC_ROUNDS = 10
+SERVER_GC_ROUNDS = 1
+
 #: Environment for every NVFlare process we start (simulator, PoC, provisioned kits), unless already set. glibc
 #: gives each thread that allocates its own arena (up to 8 per core); NVFlare's many threads then keep freed
 #: memory spread over many arenas. Two is NVFlare's own advice for clients (nvflare.fuel.utils.memory_utils); in
-#: the 16-site, 50-round load run it lowered the server's peak from 768 to 639 MiB and the sites' from 627 to
-#: 589 MiB, at no cost in round time.
+#: one A/B pair of 16-site, 50-round FedAvg runs it lowered the server's peak from 768 to 639 MiB and the sites'
+#: from 627 to 589 MiB (mean round 2.94 s against 3.17 s without).
 ALLOCATOR_ENV: dict[str, str] = {"MALLOC_ARENA_MAX": "2"}
 
 

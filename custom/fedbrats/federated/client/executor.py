@@ -16,6 +16,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
 
 from fedbrats.federated.client.trainer import TrainConfig
+from fedbrats.federated.memory import SITE_GC_ROUNDS
 
 SCRIPT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_script.py")
 
@@ -50,7 +51,7 @@ class FedBratsExecutor(ClientAPIExecutor):
         train_task_name: str = "train",
         evaluate_task_name: str = "validate",
         params_transfer_type: str = "FULL",
-        memory_gc_rounds: int = 10,
+        memory_gc_rounds: int = SITE_GC_ROUNDS,
     ) -> None:
         TrainConfig.from_dict(training)  # fail early on bad options
         if memory_gc_rounds < 0:

@@ -18,14 +18,14 @@ from nvflare.client.tracking import SummaryWriter
 from fedbrats.data.site_config import resolve_site_config
 from fedbrats.federated.client.executor import decode_config
 from fedbrats.federated.client.trainer import SiteTrainer, TrainConfig
-from fedbrats.federated.memory import release_memory
+from fedbrats.federated.memory import SITE_GC_ROUNDS, release_memory
 from fedbrats.federated.payload import to_wire
 from fedbrats.networks import build_from_spec
 
 logger = logging.getLogger("fedbrats.client")
 
 
-def run(training: dict, workspace: str | None, gc_rounds: int = 10) -> None:
+def run(training: dict, workspace: str | None, gc_rounds: int = SITE_GC_ROUNDS) -> None:
     """The site's federated loop (returns when the server ends the job).
 
     Args:
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--training", required=True, help="encoded training options (set by the executor)")
     parser.add_argument("--workspace", default=None, help="the site's workspace root (for local/ settings)")
-    parser.add_argument("--gc-rounds", type=int, default=10, help="collect garbage cycles every N rounds")
+    parser.add_argument("--gc-rounds", type=int, default=SITE_GC_ROUNDS, help="collect garbage cycles every N rounds")
     args = parser.parse_args(argv)
     run(decode_config(args.training), args.workspace, args.gc_rounds)
 
