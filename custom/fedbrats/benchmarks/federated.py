@@ -303,8 +303,9 @@ def memory_by_round(
 
 
 def refresh_memory_growth(results: dict[str, Any]) -> None:
-    """Recompute every memory growth of saved ``results`` from its per-round peaks (after a change of
-    :func:`memory_growth`; the raw readings are kept in the results)."""
+    """Recompute the memory growth of the federated section of saved ``results`` from its per-round peaks (after
+    a change of :func:`memory_growth`; the raw readings are kept). The scale rows keep the growth computed when
+    they were measured (their per-round peaks are not saved)."""
     for entry in (results.get("federated") or {}).values():
         for run in (entry.get("federated"), entry.get("local")):
             for mem in ((run or {}).get("memory") or {}).values():

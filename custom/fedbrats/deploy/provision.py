@@ -492,7 +492,8 @@ def deployment_env(marker: str, home: str | None = None) -> dict[str, str]:
     allocator settings of :data:`fedbrats.federated.memory.ALLOCATOR_ENV` are added where unset. ``home``
     gives the NVFlare CLI a private home (``nvflare poc`` writes ``~/.nvflare/config.conf``).
     """
-    env = dict(with_allocator_defaults(dict(os.environ)))
+    env = dict(os.environ)
+    with_allocator_defaults(env)
     env.pop(SITE_CONFIG_ENV, None)
     env[MARKER_ENV] = marker
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])

@@ -85,7 +85,7 @@ def _keep_resume_source(run_dir: str, workspace: str) -> str:
     return target
 
 
-#: What NVFlare's simulator logs when a simulated site's process is gone (seen once in about ten 16-site runs on
+#: What NVFlare's simulator logs when a simulated site's process is gone (seen once in about fifteen 16-site runs on
 #: 2 cores: "Communication error with client site-12: [Errno 104] Connection reset by peer" as the sites started).
 #: The simulator never reports such a site as disconnected, so a round that waits for every site waits forever.
 _SITE_LOST = re.compile(r"(?:Communication error with client|Subprocess died for client) ([\w.-]+)")
@@ -226,7 +226,8 @@ def simulate(
     log_file = log_file or os.path.join(workspace, "simulator.log")
     cmd = [sys.executable, "-m", "nvflare.cli", "simulator", job_dir, "-w", sim_ws, "-c", ",".join(clients)]
     cmd += ["-t", str(threads or len(clients))]
-    env = dict(with_allocator_defaults(dict(os.environ)), **{SITE_CONFIG_ENV: sites_file})
+    env = dict(os.environ, **{SITE_CONFIG_ENV: sites_file})
+    with_allocator_defaults(env)
     logger.info("simulating %s with %s (log: %s)", job, ",".join(clients), log_file)
     needed = min_clients if min_clients is not None else JOBS[job]["min_clients"]
     started = time.monotonic()
