@@ -78,7 +78,7 @@ def test_terms_before_any_global_model(model: ModalityAwareSegNet) -> None:
     """Right after setup (no global model yet) the loss is dice + DRL + RCL, finite, and their weighted sum."""
     method = _method(model)
     loss, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
-    assert set(terms) == {"dice", "drl", "rcl"}
+    assert set(terms) == {"dice", "bce", "drl", "rcl"}
     assert loss.ndim == 0 and math.isfinite(loss.item()) and loss.requires_grad
     assert all(math.isfinite(v) for v in terms.values())
     assert loss.item() == pytest.approx(_weighted_sum(method, terms), rel=1e-5)
@@ -90,7 +90,7 @@ def test_round0_has_no_distillation(model: ModalityAwareSegNet) -> None:
     method.on_global_model(model, _global_meta(), current_round=0)
     assert method.teacher is None
     _, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
-    assert set(terms) == {"dice", "drl", "rcl"}
+    assert set(terms) == {"dice", "bce", "drl", "rcl"}
 
 
 def test_distillation_terms_from_round_1(model: ModalityAwareSegNet) -> None:
@@ -100,7 +100,7 @@ def test_distillation_terms_from_round_1(model: ModalityAwareSegNet) -> None:
     assert method.teacher is not None and method.teacher is not model
     assert not any(p.requires_grad for p in method.teacher.parameters())
     loss, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
-    assert set(terms) == {"dice", "drl", "rcl", "kd", "proto_kd"}
+    assert set(terms) == {"dice", "bce", "drl", "rcl", "kd", "proto_kd"}
     assert math.isfinite(loss.item()) and loss.item() == pytest.approx(_weighted_sum(method, terms), rel=1e-5)
     assert terms["kd"] == pytest.approx(0.0, abs=1e-6)  # student == teacher
     assert 0.0 <= terms["proto_kd"] <= 2.0
@@ -126,7 +126,7 @@ def test_self_distillation_only_when_every_case_is_complete(model: ModalityAware
     method = _method(model)
     method.on_global_model(model, _global_meta(), current_round=1)
     _, terms = method.training_loss(model, _batch(FULL), epoch=0)
-    assert set(terms) == {"dice", "drl", "rcl", "kd", "proto_kd", "self_distill"}
+    assert set(terms) == {"dice", "bce", "drl", "rcl", "kd", "proto_kd", "self_distill"}
     assert math.isfinite(terms["self_distill"]) and terms["self_distill"] >= 0
     _, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
     assert "self_distill" not in terms
@@ -138,7 +138,7 @@ def test_zero_weight_removes_term(model: ModalityAwareSegNet, term: str) -> None
     method = _method(model, **{f"{term}_weight": 0.0})
     method.on_global_model(model, _global_meta(), current_round=1)
     loss, terms = method.training_loss(model, _batch(FULL), epoch=0)
-    expected = {"dice", "drl", "rcl", "kd", "proto_kd", "self_distill"} - {term}
+    expected = {"dice", "bce", "drl", "rcl", "kd", "proto_kd", "self_distill"} - {term}
     assert set(terms) == expected
     assert loss.item() == pytest.approx(_weighted_sum(method, terms), rel=1e-5)
 
@@ -148,7 +148,8 @@ def test_zero_dice_weight_removes_dice_from_loss(model: ModalityAwareSegNet) -> 
     method = _method(model, dice_weight=0.0)
     loss, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
     assert terms["dice"] > 0
-    others = terms["drl"] * method.weights["drl_weight"] + terms["rcl"] * method.weights["rcl_weight"]
+    others = terms["bce"] * method.weights["bce_weight"]
+    others += terms["drl"] * method.weights["drl_weight"] + terms["rcl"] * method.weights["rcl_weight"]
     assert loss.item() == pytest.approx(others, rel=1e-5)
 
 
@@ -274,14 +275,15 @@ def test_build_method() -> None:
 # ------------------------------------------------------------------------------------------------ supervised
 
 
-def test_supervised_method_dice_only(model: ModalityAwareSegNet) -> None:
-    """Supervised training reports only Dice, scaled by its weight; it sends no extras."""
-    method = SupervisedMethod(dice_weight=2.0)
+def test_supervised_method_dice_and_bce(model: ModalityAwareSegNet) -> None:
+    """Supervised training reports Dice and BCE, each scaled by its weight; it sends no extras."""
+    method = SupervisedMethod(dice_weight=2.0, bce_weight=0.5)
     method.setup(model, MODALITIES, CPU)
     loss, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
-    assert set(terms) == {"dice"} and math.isfinite(loss.item())
-    plain = SupervisedMethod().training_loss(model, _batch(PARTIAL), epoch=0)[0]
-    assert loss.item() == pytest.approx(2.0 * plain.item(), rel=1e-5)
+    assert set(terms) == {"dice", "bce"} and math.isfinite(loss.item())
+    assert loss.item() == pytest.approx(2.0 * terms["dice"] + 0.5 * terms["bce"], rel=1e-5)
+    dice_only = SupervisedMethod(bce_weight=0.0).training_loss(model, _batch(PARTIAL), epoch=0)[0]
+    assert dice_only.item() == pytest.approx(terms["dice"], rel=1e-5)
     assert method.round_payload(model, None) == {}
 
 
@@ -290,6 +292,6 @@ def test_supervised_method_with_plain_tensor_network() -> None:
     torch.manual_seed(0)
     net = BraTSSegResNet(init_filters=8, blocks_down=(1, 1, 1, 1), blocks_up=(1, 1, 1))
     loss, terms = SupervisedMethod().training_loss(net, _batch(PARTIAL), epoch=0)
-    assert set(terms) == {"dice"} and math.isfinite(loss.item())
+    assert set(terms) == {"dice", "bce"} and math.isfinite(loss.item())
     loss.backward()
     assert net.conv_final[-1].conv.weight.grad is not None

@@ -254,10 +254,10 @@ def test_full_site_trains_teacher_and_discriminator_and_student() -> None:
     s0, t0, d0 = _params(student), _params(method.teacher), _params(method.discriminator)
     torch.manual_seed(3)
     loss, terms = method.training_loss(student, _batch(2), epoch=10)
-    expected = {"dice", "teacher_dice", "hidden_kd", "attn_kd", "logit_kd", "consistency", "gram", "adv", "disc"}
+    expected = {"dice", "bce", "teacher_dice", "hidden_kd", "attn_kd", "logit_kd", "consistency", "gram", "adv", "disc"}
     assert expected <= set(terms) and all(math.isfinite(v) for v in terms.values())
     # The returned loss is the student's weighted sum, with the consistency weight ramped up at epoch 10.
-    weights = {"dice": 1.0, "hidden_kd": 0.2, "attn_kd": 1.0, "logit_kd": 1.0, "gram": 1.0, "adv": 0.1}
+    weights = {"dice": 1.0, "bce": 1.0, "hidden_kd": 0.2, "attn_kd": 1.0, "logit_kd": 1.0, "gram": 1.0, "adv": 0.1}
     weighted = sum(w * terms[k] for k, w in weights.items()) + 10 * math.exp(-1.25) * terms["consistency"]
     assert loss.item() == pytest.approx(weighted, rel=1e-5)
     # Teacher and discriminator were stepped by their own optimisers; the student only by the trainer.
@@ -279,7 +279,7 @@ def test_partial_site_trains_the_student_only() -> None:
     method.setup(student, ("t1", "t2", "flair"), torch.device("cpu"))
     assert method.teacher is None and method.discriminator is None
     loss, terms = method.training_loss(student, _batch(2, torch.tensor([[1.0, 0, 1, 1]] * 2)), epoch=0)
-    assert set(terms) == {"dice"}
+    assert set(terms) == {"dice", "bce"}
     loss.backward()
     assert all(p.grad is not None for p in student.head.parameters())
 
@@ -290,7 +290,7 @@ def test_full_site_batch_with_hidden_sequence_leaves_teacher_unchanged() -> None
     method.setup(student, ALL_FOUR, torch.device("cpu"))
     t0 = _params(method.teacher)
     _, terms = method.training_loss(student, _batch(2, torch.tensor([[1.0, 1, 1, 1], [1, 0, 1, 1]])), epoch=0)
-    assert set(terms) == {"dice"}
+    assert set(terms) == {"dice", "bce"}
     assert not _changed(t0, method.teacher)
 
 
@@ -356,8 +356,8 @@ def test_mstkd_two_rounds(tiny_federation: str, tmp_path) -> None:
         assert sorted(r["sites"]) == ["site-1", "site-2", "site-3", "site-4"] and not r["rejected"]
         assert all(math.isfinite(s["train_loss"]) for s in r["sites"].values())
     terms = rounds[1]["sites"]["site-1"]["loss_terms"]
-    assert {"dice", "teacher_dice", "hidden_kd", "attn_kd", "logit_kd", "consistency", "gram", "adv", "disc"} <= set(
+    assert {"dice", "bce", "teacher_dice", "hidden_kd", "attn_kd", "logit_kd", "consistency", "gram", "adv", "disc"} <= set(
         terms
     )
     assert all(math.isfinite(v) for v in terms.values())
-    assert set(rounds[1]["sites"]["site-4"]["loss_terms"]) == {"dice"}, "T1-only site trains the student alone"
+    assert set(rounds[1]["sites"]["site-4"]["loss_terms"]) == {"dice", "bce"}, "T1-only site trains the student alone"

@@ -97,6 +97,7 @@ def job_configs(
     min_clients: int | None = None,
     controller_args: dict[str, Any] | None = None,
     privacy: dict[str, Any] | None = None,
+    seed: int = 0,
     **training_overrides: Any,
 ) -> dict[str, Any]:
     """The three files of job ``name``: ``meta.json``, server and client configs, as dicts.
@@ -110,12 +111,15 @@ def job_configs(
         privacy: site-side privacy filters: ``{"prototypes": {"clip_norm": 1.0, "noise_multiplier": 1.0}}`` (our
             filter on FedKD's prototypes) and/or ``{"weights": {"path": "nvflare.app_common.filters.svt_privacy.
             SVTPrivacy", "args": {...}}}`` (an NVFlare filter on weight differences; sites then send differences).
+        seed: seed of the run: the server's initial model and each site's data order, crops, augmentation and
+            sequence dropout (offset per site). The one place a job's seed is set.
         training_overrides: replace training options (nested dicts are merged), e.g. ``epochs_per_round=1``.
     """
     if name not in JOBS:
         raise ValueError(f"job must be one of {sorted(JOBS)}, got {name!r}")
     spec = JOBS[name]
     training = _merge(_merge(BASE_TRAINING, spec.get("training", {})), training_overrides)
+    training["seed"] = seed
     network = _merge(BASE_NETWORK, spec.get("network", {}))
     aggregation = _merge(spec["aggregation"], {"args": aggregation_args or {}})
     min_clients = spec["min_clients"] if min_clients is None else min_clients
@@ -133,7 +137,12 @@ def job_configs(
             {
                 "id": "controller",
                 "path": "fedbrats.federated.server.controller.FedBratsController",
-                "args": {"num_rounds": num_rounds, "min_clients": min_clients, **(controller_args or {})},
+                "args": {
+                    "num_rounds": num_rounds,
+                    "min_clients": min_clients,
+                    "seed": seed,
+                    **(controller_args or {}),
+                },
             }
         ],
         "components": [
@@ -210,12 +219,13 @@ def write_job(
     min_clients: int | None = None,
     controller_args: dict[str, Any] | None = None,
     privacy: dict[str, Any] | None = None,
+    seed: int = 0,
     **training_overrides: Any,
 ) -> str:
     """Write job ``name`` into ``out_dir/name`` (arguments as :func:`job_configs`) and return that folder."""
     job_dir = os.path.join(out_dir, name)
     for rel, content in job_configs(
-        name, num_rounds, aggregation_args, min_clients, controller_args, privacy, **training_overrides
+        name, num_rounds, aggregation_args, min_clients, controller_args, privacy, seed, **training_overrides
     ).items():
         path = os.path.join(job_dir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)

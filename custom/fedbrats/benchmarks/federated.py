@@ -453,14 +453,14 @@ def _local_site_worker(conn: Connection, site_name: str, sites_file: str, traini
         message = conn.recv()
         if message is None:
             break
-        params, meta, current_round = message
+        params, meta, current_round, total_rounds = message
         t0 = time.monotonic()
         trainer.load_weights(params)
         trainer.method.on_global_model(trainer.model, meta, current_round)
         t1 = time.monotonic()
-        metrics = trainer.validate()
+        metrics = trainer.validate() if trainer.should_validate(current_round) else {}
         t2 = time.monotonic()
-        summary = trainer.train_round(current_round)
+        summary = trainer.train_round(current_round, total_rounds)
         extras = trainer.method.round_payload(trainer.model, trainer.train_loader)
         t3 = time.monotonic()
         weights = {k: v.numpy() for k, v in trainer.weights().items()}
@@ -533,7 +533,7 @@ def run_local_baseline(
                 meta = {"model_spec": spec, "keep_local_weights": strategy.keep_local_weights}
                 meta.update(strategy.global_meta())
                 for conn in conns.values():
-                    conn.send((global_params, meta, current_round))
+                    conn.send((global_params, meta, current_round, num_rounds))
                 replies = {site: conn.recv() for site, conn in conns.items()}
                 updates = [
                     SiteUpdate(

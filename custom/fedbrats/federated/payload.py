@@ -20,6 +20,7 @@ BASE_META_KEYS: frozenset[str] = frozenset(
         "num_train_cases",
         "train_loss",  # mean training loss of the round
         "loss_terms",  # mean of each loss term of the round
+        "lr",  # learning rate at the end of the round (the schedule is the job's, not the data's)
         "NUM_STEPS_CURRENT_ROUND",  # NVFlare's own key for the same count
         # Added by NVFlare's privacy filters on the way out: which filters ran and the privacy spent.
         "filter_history",

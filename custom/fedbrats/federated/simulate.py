@@ -181,6 +181,7 @@ def simulate(
     clients: list[str] | None = None,
     threads: int | None = None,
     log_file: str | None = None,
+    seed: int = 0,
 ) -> SimulationResult:
     """Generate ``job`` with ``overrides`` into ``workspace/job`` and run it in the simulator.
 
@@ -197,6 +198,7 @@ def simulate(
         clients: client names (default: from ``sites_file``).
         threads: clients run in parallel (default: all).
         log_file: where the simulator's output goes (default ``workspace/simulator.log``).
+        seed: the run's seed (initial model, data order, augmentation), see :func:`fedbrats.jobgen.job_configs`.
 
     Raises:
         SimulatedSiteLostError: the simulator lost a site's process while the job needs every site (it would
@@ -220,6 +222,7 @@ def simulate(
         min_clients=min_clients,
         controller_args=controller_args,
         privacy=privacy,
+        seed=seed,
         **(overrides or {}),
     )
     sim_ws = os.path.join(workspace, "sim")

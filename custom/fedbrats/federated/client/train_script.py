@@ -71,13 +71,14 @@ def run(training: dict, workspace: str | None, gc_rounds: int = SITE_GC_ROUNDS) 
             continue
 
         started = time.monotonic()
-        metrics = trainer.validate()
+        metrics = trainer.validate() if trainer.should_validate(current_round) else {}
         for tag, value in metrics.items():
             writer.add_scalar(tag, value, current_round)
-        logger.info(
-            "round %d | site %s | global model on local validation: %s", current_round, site_name, _fmt(metrics)
-        )
-        summary = trainer.train_round(current_round)
+        if metrics:
+            logger.info(
+                "round %d | site %s | global model on local validation: %s", current_round, site_name, _fmt(metrics)
+            )
+        summary = trainer.train_round(current_round, input_model.total_rounds)
         extras = trainer.method.round_payload(trainer.model, trainer.train_loader)
         has_local_weights = True
         out_meta = {

@@ -19,10 +19,14 @@ from fedbrats.evaluation.inference import predict_logits
 from fedbrats.evaluation.metrics import logits_to_regions, region_dice, region_hd95, summarize
 from fedbrats.federated.methods import ClientMethod, build_method
 from fedbrats.federated.payload import METRIC_PREFIX
+from fedbrats.precision import autocast, resolve_precision
 
 logger = logging.getLogger(__name__)
 
 ScalarLogger = Callable[[str, float, int], None]
+
+#: Values of :attr:`TrainConfig.lr_schedule`.
+LR_SCHEDULES = ("poly", "cosine", "constant")
 
 
 @dataclass
@@ -33,10 +37,18 @@ class TrainConfig:
         method: client method name (``fedavg``, ``fedkd``, ...), see :mod:`fedbrats.federated.methods`.
         method_args: keyword arguments of the method (loss weights and options).
         epochs_per_round: local epochs between two aggregations.
-        lr: Adam learning rate.
+        lr: Adam learning rate at the start of the run.
+        lr_schedule: ``poly`` (nnU-Net's ``(1 - progress)^0.9``), ``cosine`` or ``constant``. The progress is
+            that of the whole federated run (rounds done plus the share of this round), so the schedule
+            continues across rounds and a resumed run picks it up where it stopped.
         weight_decay: Adam weight decay.
         max_steps_per_epoch: cap on batches per epoch (0: the whole training list).
         val_overlap: sliding-window overlap during validation.
+        val_every: score the received global model on the site's validation cases every this many rounds (and
+            always in round 0 and in the final validation after the last round); rounds in between send no
+            metrics, which saves most of a round's time on full-size volumes.
+        precision: ``auto`` (bfloat16 autocast where the hardware runs it natively, else float32), ``fp32`` or
+            ``bf16``; weights and optimiser state stay float32 (see :mod:`fedbrats.precision`).
         num_threads: torch CPU threads of this site (1 per simulated site keeps a small machine usable).
         seed: seed of the site's random draws (offset by a hash of the site name).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
@@ -47,9 +59,12 @@ class TrainConfig:
     method_args: dict[str, Any] = field(default_factory=dict)
     epochs_per_round: int = 1
     lr: float = 1e-3
+    lr_schedule: str = "poly"
     weight_decay: float = 1e-5
     max_steps_per_epoch: int = 0
     val_overlap: float = 0.25
+    val_every: int = 1
+    precision: str = "auto"
     num_threads: int = 1
     seed: int = 0
     device: str = "auto"
@@ -62,6 +77,11 @@ class TrainConfig:
             raise ValueError(f"epochs_per_round must be >= 1, got {self.epochs_per_round}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.val_every < 1:
+            raise ValueError(f"val_every must be >= 1, got {self.val_every}")
+        resolve_precision(self.precision, torch.device("cpu"))  # rejects an unknown value early
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -73,6 +93,22 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
         return cls(**values)
+
+
+def lr_factor(schedule: str, progress: float) -> float:
+    """Multiplier of the initial learning rate at ``progress`` (0 at the start of the run, 1 at its end).
+
+    Raises:
+        ValueError: an unknown ``schedule``.
+    """
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "poly":
+        return (1.0 - progress) ** 0.9
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
 
 
 def seed_everything(seed: int) -> None:
@@ -105,6 +141,7 @@ class SiteTrainer:
         seed_everything(config.seed + sum(map(ord, site.site_name)))
         use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.precision = resolve_precision(config.precision, self.device)
         self.model = model.to(self.device)
         self.method: ClientMethod = build_method(config.method, **config.method_args)
         self.method.setup(self.model, site.modalities, self.device)
@@ -134,23 +171,40 @@ class SiteTrainer:
         """The weights of this site's training update: those the method sends (all, unless it leaves some out)."""
         return {k: v for k, v in self.weights().items() if self.method.sends_parameter(k)}
 
-    def train_round(self, current_round: int, abort: Callable[[], bool] | None = None) -> dict[str, Any]:
-        """Train ``epochs_per_round`` epochs; return steps, mean loss and the mean of each loss term."""
+    def should_validate(self, current_round: int) -> bool:
+        """Whether the global model received in ``current_round`` is scored (see :attr:`TrainConfig.val_every`)."""
+        return current_round % self.config.val_every == 0
+
+    def train_round(self, current_round: int, total_rounds: int | None = None) -> dict[str, Any]:
+        """Train ``epochs_per_round`` epochs; return steps, mean loss, the mean of each loss term and the last
+        learning rate.
+
+        Args:
+            current_round: the federated round (0-based).
+            total_rounds: rounds of the whole run, for the learning-rate schedule (None: constant rate).
+        """
         self.model.train()
         cfg = self.config
         steps, loss_sum, terms_sum = 0, 0.0, {}
         started = time.monotonic()
+        steps_per_epoch = len(self.train_loader)
+        if cfg.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+        lr = cfg.lr
         for epoch in range(cfg.epochs_per_round):
             epoch_loss, epoch_steps = 0.0, 0
             for batch_idx, batch in enumerate(self.train_loader):
-                if abort is not None and abort():
-                    logger.info("site %s: training aborted at round %d", self.site.site_name, current_round)
-                    return self._round_summary(steps, loss_sum, terms_sum)
-                if cfg.max_steps_per_epoch and batch_idx >= cfg.max_steps_per_epoch:
+                if batch_idx >= steps_per_epoch:
                     break
+                if total_rounds:
+                    within = (epoch + batch_idx / max(steps_per_epoch, 1)) / cfg.epochs_per_round
+                    lr = cfg.lr * lr_factor(cfg.lr_schedule, (current_round + within) / total_rounds)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
                 batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 self.optimizer.zero_grad(set_to_none=True)
-                loss, terms = self.method.training_loss(self.model, batch, self.epochs_done)
+                with autocast(self.precision, self.device):
+                    loss, terms = self.method.training_loss(self.model, batch, self.epochs_done)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"site {self.site.site_name}: loss became {float(loss)} at round {current_round}, "
@@ -170,16 +224,19 @@ class SiteTrainer:
             mean = epoch_loss / max(epoch_steps, 1)
             self.log_scalar("train_loss", mean, self.epochs_done)
             logger.info(
-                "round %d | site %s | epoch %d/%d | loss %.4f | %d steps | %.1fs",
+                "round %d | site %s | epoch %d/%d | loss %.4f | %d steps | lr %.2e | %.1fs",
                 current_round,
                 self.site.site_name,
                 epoch + 1,
                 cfg.epochs_per_round,
                 mean,
                 epoch_steps,
+                lr,
                 time.monotonic() - started,
             )
-        return self._round_summary(steps, loss_sum, terms_sum)
+        summary = self._round_summary(steps, loss_sum, terms_sum)
+        summary["lr"] = lr
+        return summary
 
     @staticmethod
     def _round_summary(steps: int, loss_sum: float, terms_sum: dict[str, float]) -> dict[str, Any]:
@@ -197,8 +254,9 @@ class SiteTrainer:
         for batch in self.val_loader:
             image = batch["image"].to(self.device)
             mask = batch["modality_mask"].to(self.device)
-            logits = predict_logits(model, image, mask, self.config.data.roi_size, overlap=self.config.val_overlap)
-            pred = logits_to_regions(logits).cpu()
+            with autocast(self.precision, self.device):
+                logits = predict_logits(model, image, mask, self.config.data.roi_size, overlap=self.config.val_overlap)
+            pred = logits_to_regions(logits.float()).cpu()
             label = batch["label"]
             dices.append(region_dice(pred, label))
             hds.append(region_hd95(pred, label, spacing=spacing))

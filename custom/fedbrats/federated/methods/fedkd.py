@@ -6,7 +6,7 @@ targets and the weights below are this project's design (see docs/fedkd.md).
 
 Per batch, with ``f`` the fused content at 1/8 resolution and ``c_m`` each available sequence's content:
 
-    L = w_dice * Dice(y, s)
+    L = w_dice * Dice(y, s) + w_bce * BCE(y, s)
       + w_drl  * DRL(c, style, mask)                                   (content agreement, content/style independence)
       + w_rcl  * InfoNCE_regions(pool(f, y), pool(c_m, y), P_global)   (region-aware contrast)
       + w_kd   * KL_T(sigmoid(s/T) || sigmoid(t/T)) * T^2              (teacher = frozen global model)
@@ -21,7 +21,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from monai.losses import DiceLoss
 
 from fedbrats.data.transforms import apply_modality_mask
 from fedbrats.federated.methods.base import ClientMethod, check_non_negative
@@ -33,6 +32,7 @@ from fedbrats.losses import (
     region_prototypes,
     self_distillation_loss,
 )
+from fedbrats.losses.segmentation import DiceBCELoss
 from fedbrats.networks.modality_aware import parameter_modality
 
 #: Meta keys the server sends with the global model.
@@ -45,6 +45,7 @@ class FedKDMethod(ClientMethod):
 
     Args:
         dice_weight: supervised soft Dice.
+        bce_weight: supervised voxel-wise binary cross-entropy.
         drl_weight: disentangled representation learning (DRL) as a whole.
         drl_consistency: DRL content agreement across a case's sequences.
         drl_independence: DRL content/style cross-correlation penalty.
@@ -70,6 +71,7 @@ class FedKDMethod(ClientMethod):
     def __init__(
         self,
         dice_weight: float = 1.0,
+        bce_weight: float = 1.0,
         drl_weight: float = 0.1,
         drl_consistency: float = 1.0,
         drl_independence: float = 0.1,
@@ -86,6 +88,7 @@ class FedKDMethod(ClientMethod):
     ) -> None:
         weights = {
             "dice_weight": dice_weight,
+            "bce_weight": bce_weight,
             "drl_weight": drl_weight,
             "rcl_weight": rcl_weight,
             "kd_weight": kd_weight,
@@ -98,7 +101,7 @@ class FedKDMethod(ClientMethod):
         self.kd_start_round = kd_start_round
         self.min_prototype_cases = min_prototype_cases
         self.partial_updates = partial_updates
-        self.dice = DiceLoss(smooth_nr=0, smooth_dr=1e-5, squared_pred=True, sigmoid=True)
+        self.segmentation_loss = DiceBCELoss(dice_weight, bce_weight)
         self.drl = DRLLoss(drl_consistency, drl_independence, drl_style)
         self.rcl = RegionContrastiveLoss(rcl_temperature)
         self.teacher: torch.nn.Module | None = None
@@ -134,7 +137,7 @@ class FedKDMethod(ClientMethod):
         image, label, mask = batch["image"], batch["label"], batch["modality_mask"]
         out = model(image, mask)
         w = self.weights
-        terms: dict[str, torch.Tensor] = {"dice": self.dice(out["logits"], label)}
+        terms: dict[str, torch.Tensor] = self.segmentation_loss.terms(out["logits"], label)
         if w["drl_weight"] > 0:
             terms["drl"] = self.drl(out["content"], out["style"], mask)
         protos, counts = region_prototypes(out["fused"], label)
@@ -156,6 +159,7 @@ class FedKDMethod(ClientMethod):
             terms["self_distill"] = self_distillation_loss(out["logits"], dropped["logits"], self.kd_temperature)
         weight_of = {
             "dice": w["dice_weight"],
+            "bce": w["bce_weight"],
             "drl": w["drl_weight"],
             "rcl": w["rcl_weight"],
             "kd": w["kd_weight"],

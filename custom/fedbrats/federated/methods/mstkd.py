@@ -28,7 +28,6 @@ import logging
 from typing import Any, ClassVar
 
 import torch
-from monai.losses import DiceLoss
 
 from fedbrats.constants import MODALITIES, modality_combinations, modality_mask
 from fedbrats.data.transforms import apply_modality_mask
@@ -45,6 +44,7 @@ from fedbrats.losses.mstkd import (
     output_consistency_loss,
     standardized_logit_kd_loss,
 )
+from fedbrats.losses.segmentation import DiceBCELoss
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ class MSTKDMethod(ClientMethod):
 
     Args:
         dice_weight: the student's soft Dice (every batch).
+        bce_weight: the student's voxel-wise binary cross-entropy (every batch); the teacher trains on the same
+            Dice + BCE pair.
         teacher_dice_weight: the teacher's soft Dice on the full input (its own optimiser).
         hidden_kd_weight: MSE of transformer hidden states at the network's ``kd_layers`` (paper: 0.2).
         attn_kd_weight: extreme-value attention distillation (token-scaled, see
@@ -98,6 +100,7 @@ class MSTKDMethod(ClientMethod):
     def __init__(
         self,
         dice_weight: float = 1.0,
+        bce_weight: float = 1.0,
         teacher_dice_weight: float = 1.0,
         hidden_kd_weight: float = 0.2,
         attn_kd_weight: float = 1.0,
@@ -115,6 +118,7 @@ class MSTKDMethod(ClientMethod):
     ) -> None:
         weights = {
             "dice_weight": dice_weight,
+            "bce_weight": bce_weight,
             "teacher_dice_weight": teacher_dice_weight,
             "hidden_kd_weight": hidden_kd_weight,
             "attn_kd_weight": attn_kd_weight,
@@ -136,6 +140,7 @@ class MSTKDMethod(ClientMethod):
         if discriminator_filters < 1:
             raise ValueError(f"discriminator_filters must be >= 1, got {discriminator_filters}")
         self.dice_weight = dice_weight
+        self.bce_weight = bce_weight
         self.teacher_dice_weight = teacher_dice_weight
         self.hidden_kd_weight = hidden_kd_weight
         self.attn_kd_weight = attn_kd_weight
@@ -150,7 +155,7 @@ class MSTKDMethod(ClientMethod):
         self.teacher_weight_decay = teacher_weight_decay
         self.discriminator_lr = discriminator_lr
         self.discriminator_filters = discriminator_filters
-        self.dice = DiceLoss(smooth_nr=0, smooth_dr=1e-5, squared_pred=True, sigmoid=True)
+        self.segmentation_loss = DiceBCELoss(1.0, bce_weight)
         self.teacher: torch.nn.Module | None = None
         self.teacher_optimizer: torch.optim.Optimizer | None = None
         self.discriminator: StyleDiscriminator | None = None
@@ -206,8 +211,8 @@ class MSTKDMethod(ClientMethod):
         image, label, mask = batch["image"], batch["label"], batch["modality_mask"]
         if self.teacher is None or not bool((mask > 0).all()):
             out = model(image, mask)
-            dice = self.dice(out["logits"], label)
-            return self.dice_weight * dice, {"dice": float(dice.detach())}
+            seg = self._segmentation_terms(out["logits"], label)
+            return sum(w * v for w, v in seg.values()), {k: float(v.detach()) for k, (_, v) in seg.items()}
 
         floats: dict[str, float] = {}
         teacher_out = self._teacher_step(image, mask, label, floats)
@@ -216,7 +221,7 @@ class MSTKDMethod(ClientMethod):
         out = model(apply_modality_mask(image, student_mask), student_mask)
         logits = out["logits"]
         ramp = consistency_rampup_weight(epoch, self.consistency_weight, self.rampup_epochs)
-        terms: dict[str, tuple[float, torch.Tensor]] = {"dice": (self.dice_weight, self.dice(logits, label))}
+        terms: dict[str, tuple[float, torch.Tensor]] = self._segmentation_terms(logits, label)
         # Teacher outputs are detached inside every KD loss: the teacher learns from its Dice only.
         if self.hidden_kd_weight > 0:
             terms["hidden_kd"] = (self.hidden_kd_weight, hidden_state_kd_loss(out["hidden"], teacher_out["hidden"]))
@@ -238,6 +243,12 @@ class MSTKDMethod(ClientMethod):
         floats.update({k: float(v.detach()) for k, (_, v) in terms.items()})
         return loss, floats
 
+    def _segmentation_terms(self, logits: torch.Tensor, label: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
+        """The student's supervised terms with their weights: ``{"dice": (w, Dice), "bce": (w, BCE)}``."""
+        terms = self.segmentation_loss.terms(logits, label)
+        weights = {"dice": self.dice_weight, "bce": self.bce_weight}
+        return {k: (weights[k], v) for k, v in terms.items()}
+
     # ---- local auxiliary optimisers -----------------------------------------------------------------------
     def _teacher_step(
         self, image: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, floats: dict[str, float]
@@ -246,7 +257,7 @@ class MSTKDMethod(ClientMethod):
         assert self.teacher is not None and self.teacher_optimizer is not None
         self.teacher.train()
         teacher_out = self.teacher(image, mask)
-        teacher_dice = self.dice(teacher_out["logits"], label)
+        teacher_dice = self.segmentation_loss(teacher_out["logits"], label)
         if not torch.isfinite(teacher_dice):
             raise FloatingPointError(f"mstkd: the teacher's Dice loss became {float(teacher_dice)}; lower teacher_lr")
         self.teacher_optimizer.zero_grad(set_to_none=True)

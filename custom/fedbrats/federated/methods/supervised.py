@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from monai.losses import DiceLoss
 
 from fedbrats.federated.methods.base import ClientMethod
+from fedbrats.losses.segmentation import DiceBCELoss
 
 
 def segmentation_logits(output: Any) -> torch.Tensor:
@@ -16,21 +16,24 @@ def segmentation_logits(output: Any) -> torch.Tensor:
 
 
 class SupervisedMethod(ClientMethod):
-    """Soft Dice loss on sigmoid WT/TC/ET outputs (the loss of MONAI's BraTS tutorial and NVFlare's brats18).
+    """Soft Dice plus binary cross-entropy on sigmoid WT/TC/ET outputs (:class:`DiceBCELoss`).
 
     Args:
-        dice_weight: weight of the Dice loss (kept so every loss term of every method has a weight).
+        dice_weight: weight of the soft Dice loss.
+        bce_weight: weight of the voxel-wise BCE (0 gives the Dice-only loss of MONAI's BraTS tutorial).
     """
 
     name: ClassVar[str] = "supervised"
 
-    def __init__(self, dice_weight: float = 1.0) -> None:
+    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0) -> None:
         self.dice_weight = dice_weight
-        self.dice = DiceLoss(smooth_nr=0, smooth_dr=1e-5, squared_pred=True, sigmoid=True)
+        self.bce_weight = bce_weight
+        self.segmentation_loss = DiceBCELoss(dice_weight, bce_weight)
 
     def training_loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         logits = segmentation_logits(model(batch["image"], batch["modality_mask"]))
-        loss = self.dice_weight * self.dice(logits, batch["label"])
-        return loss, {"dice": float(loss.detach())}
+        terms = self.segmentation_loss.terms(logits, batch["label"])
+        loss = sum(getattr(self, f"{k}_weight") * v for k, v in terms.items())
+        return loss, {k: float(v.detach()) for k, v in terms.items()}

@@ -21,7 +21,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from fedbrats.federated.memory import SERVER_GC_ROUNDS, release_memory
 from fedbrats.federated.server.aggregation import AggregationStrategy, SiteUpdate
 from fedbrats.federated.server.update_checks import update_problem
-from fedbrats.networks import model_spec
+from fedbrats.networks import build_from_spec, model_spec
 
 MODEL_SPEC_FILE = "model_spec.json"
 
@@ -44,6 +44,8 @@ class FedBratsController(ModelController):
         persistor_id: id of the model persistor component.
         memory_gc_rounds: the server returns freed memory to the operating system after every round and also
             collects garbage cycles every this many rounds (0: never); see :mod:`fedbrats.federated.memory`.
+        seed: seed of the initial global model (None: the persistor's unseeded initialisation). With the
+            sites' training ``seed`` it makes a run repeatable on the same machine.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class FedBratsController(ModelController):
         resume_from: str = "",
         persistor_id: str = "persistor",
         memory_gc_rounds: int = SERVER_GC_ROUNDS,
+        seed: int | None = None,
     ) -> None:
         super().__init__(persistor_id=persistor_id, ignore_result_error=True)
         if num_rounds < 1:
@@ -73,6 +76,7 @@ class FedBratsController(ModelController):
         self.final_validation = final_validation
         self.resume_from = resume_from
         self.memory_gc_rounds = memory_gc_rounds
+        self.seed = seed
         self.strategy: AggregationStrategy | None = None
         self.history: list[dict[str, Any]] = []
 
@@ -86,6 +90,8 @@ class FedBratsController(ModelController):
         model = self.load_model()
         spec = self._model_spec()
         global_params = {k: _to_numpy(v) for k, v in model.params.items()}
+        if self.seed is not None:
+            global_params = _seeded_initial_params(spec, self.seed)
         # Saved models hold weights only; this file says which network they belong to (for evaluation/export).
         with open(os.path.join(self.get_run_dir(), MODEL_SPEC_FILE), "w", encoding="utf-8") as f:
             json.dump(spec, f, indent=2)
@@ -254,7 +260,8 @@ class FedBratsController(ModelController):
         updates: list[SiteUpdate] = []
         rejected: dict[str, str] = {}
         sites: dict[str, Any] = {}
-        for result in results:
+        # Sorted by site, so that aggregation sums in the same order whatever order the results arrived in.
+        for result in sorted(results, key=lambda r: r.name):
             name, params, meta, metrics, problem = (
                 result.name,
                 result.params,
@@ -394,6 +401,14 @@ def _site_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
         for k, v in (meta or {}).items()
         if not k.startswith("_") and k not in _NVFLARE_META_KEYS and k != "client_name"
     }
+
+
+def _seeded_initial_params(spec: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
+    """Initial weights of the network ``spec`` describes, drawn with ``seed`` (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_from_spec(spec)
+    return {k: _to_numpy(v) for k, v in net.state_dict().items()}
 
 
 def _to_numpy(value: Any) -> np.ndarray:
