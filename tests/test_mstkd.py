@@ -356,8 +356,17 @@ def test_mstkd_two_rounds(tiny_federation: str, tmp_path) -> None:
         assert sorted(r["sites"]) == ["site-1", "site-2", "site-3", "site-4"] and not r["rejected"]
         assert all(math.isfinite(s["train_loss"]) for s in r["sites"].values())
     terms = rounds[1]["sites"]["site-1"]["loss_terms"]
-    assert {"dice", "bce", "teacher_dice", "hidden_kd", "attn_kd", "logit_kd", "consistency", "gram", "adv", "disc"} <= set(
-        terms
-    )
+    assert {
+        "dice",
+        "bce",
+        "teacher_dice",
+        "hidden_kd",
+        "attn_kd",
+        "logit_kd",
+        "consistency",
+        "gram",
+        "adv",
+        "disc",
+    } <= set(terms)
     assert all(math.isfinite(v) for v in terms.values())
     assert set(rounds[1]["sites"]["site-4"]["loss_terms"]) == {"dice", "bce"}, "T1-only site trains the student alone"
