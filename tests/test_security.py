@@ -110,3 +110,65 @@ def test_registry_rejects_malformed_registration() -> None:
     registry: Registry[torch.nn.Module] = Registry("network", torch.nn.Module, {})
     with pytest.raises(ValueError, match="module.Class"):
         registry.register("x", "nodots")
+
+
+# ---- item 2: an exported model.pt is checked against its recorded sha256 -------------------------------------
+@pytest.fixture
+def exported_model(tmp_path: Path) -> Path:
+    from fedbrats.evaluation.export import export_model
+
+    run = tmp_path / "run"
+    (run / "app_server").mkdir(parents=True)
+    net = build_network("segresnet", init_filters=8)
+    (run / "model_spec.json").write_text(json.dumps(model_spec(net)))
+    torch.save({"model": net.state_dict()}, run / "app_server" / "best_FL_global_model.pt")
+    return Path(export_model(str(run), str(tmp_path / "exported"), roi_size=(16, 16, 16)))
+
+
+def test_replaced_model_is_refused(exported_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A zeroed model.pt (same names and shapes, so it loads) is refused by predict unless the check is skipped."""
+    from fedbrats.evaluation.evaluate import load_model
+
+    state = torch.load(exported_model / "model.pt", weights_only=True)
+    torch.save({k: torch.zeros_like(v) for k, v in state.items()}, exported_model / "model.pt")
+    flair = _tiny_image(tmp_path / "p_flair.nii.gz")
+    out = tmp_path / "seg.nii.gz"
+    argv = ["--model", str(exported_model), "--flair", flair, "--out", str(out), "--device", "cpu"]
+    assert predict_cli.main(argv) == 1
+    assert "model_sha256" in caplog.text and "model.pt" in caplog.text
+    assert not out.exists()
+    with pytest.raises(ValueError, match="replaced or damaged"):
+        load_model(str(exported_model))
+    assert predict_cli.main([*argv, "--skip-integrity-check"]) == 0
+    assert out.exists()
+
+
+def test_intact_export_loads(exported_model: Path) -> None:
+    from fedbrats.evaluation.evaluate import load_model, verify_exported_model
+
+    assert verify_exported_model(str(exported_model / "model.pt")) is True
+    assert isinstance(load_model(str(exported_model)), torch.nn.Module)
+
+
+# ---- item 4: no advice to load a file of unknown origin with weights_only=False -------------------------------
+class _Pickled:
+    """Stands for any object a weights-only load refuses."""
+
+
+@pytest.mark.parametrize("content", ["object", "garbage"])
+def test_failed_load_never_advises_weights_only_false(tmp_path: Path, content: str) -> None:
+    from fedbrats.evaluation.evaluate import load_state_dict
+
+    path = tmp_path / "model.pt"
+    if content == "object":
+        torch.save({"model": _Pickled()}, path)
+    else:
+        path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError) as info:
+        load_state_dict(str(path))
+    message = str(info.value)
+    assert str(path) in message and "refused" in message
+    assert "weights_only=False" not in message and "set to `False`" not in message
+    assert "will likely succeed" not in message
+    if content == "object":
+        assert "_Pickled" in message  # the reason stays

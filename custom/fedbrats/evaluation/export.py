@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from fedbrats.data.conventions import CONVENTIONS
 from fedbrats.evaluation.evaluate import (
     EXPORTED_METADATA_FILE,
     EXPORTED_MODEL_FILE,
+    file_sha256,
     find_model_spec,
     load_model,
     read_json,
@@ -48,14 +48,6 @@ REFERENCES: tuple[str, ...] = (
     "McMahan et al., Communication-Efficient Learning of Deep Networks from Decentralized Data, AISTATS 2017",
     "MONAI: https://monai.io; NVIDIA FLARE: https://nvidia.github.io/NVFlare",
 )
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def training_data_from_sites(sites_file: str, sites: Sequence[str] | None = None) -> dict[str, Any]:
@@ -176,7 +168,7 @@ def export_model(
         "description": description,
         "framework": {"torch": torch.__version__, "monai": _monai_version()},
         "model_file": EXPORTED_MODEL_FILE,
-        "model_sha256": _sha256(model_path),
+        "model_sha256": file_sha256(model_path),
         "num_parameters": int(sum(v.numel() for v in model.parameters())),
         "source_checkpoint": os.path.abspath(checkpoint),
         "model_spec": dict(spec),

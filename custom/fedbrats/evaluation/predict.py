@@ -205,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--zoom", type=float, default=None, help="resampling factor (default: the model's, or 1)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument(
+        "--skip-integrity-check",
+        action="store_true",
+        help="load an exported model.pt even if it does not match the model_sha256 of its metadata.json",
+    )
     add_log_level_argument(parser)
     return parser
 
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         image_paths = {m: getattr(args, m) for m in MODALITIES if getattr(args, m)}
         # Check the inputs before the (slower) model loading, so a typo fails at once.
         check_image_paths(image_paths)
-        model = load_model(args.model, args.spec)
+        model = load_model(args.model, args.spec, verify_integrity=not args.skip_integrity_check)
         defaults = metadata_input_defaults(read_model_metadata(resolve_checkpoint(args.model)))
         if args.roi_size:
             if len(args.roi_size) not in (1, 3):
