@@ -172,3 +172,61 @@ def test_failed_load_never_advises_weights_only_false(tmp_path: Path, content: s
     assert "will likely succeed" not in message
     if content == "object":
         assert "_Pickled" in message  # the reason stays
+
+
+# ---- item 3: PoC and provisioning secrets are private to the user ----------------------------------------------
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_poc_default_workspace_is_per_user_and_private(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import os
+
+    from fedbrats.deploy import poc
+    from fedbrats.deploy.provision import make_private_dir
+
+    seen: dict[str, str] = {}
+    monkeypatch.setattr(poc, "run_from_args", lambda cls, args: seen.setdefault("workspace", args.workspace) and 0)
+    poc.main([])
+    assert seen["workspace"].endswith(f"fedbrats_poc-{os.getuid()}")
+    # an existing, world-readable workspace is taken over as 0700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    os.chmod(shared, 0o755)
+    make_private_dir(str(shared))
+    assert _mode(shared) == 0o700
+    assert _mode(Path(make_private_dir(str(tmp_path / "new" / "ws")))) == 0o700
+
+
+def test_private_dir_refuses_a_link(tmp_path: Path) -> None:
+    from fedbrats.deploy.provision import DeploymentError, make_private_dir
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(DeploymentError, match="link"):
+        make_private_dir(str(tmp_path / "link"))
+
+
+def test_provisioned_root_ca_and_keys_are_private(tmp_path: Path) -> None:
+    """NVFlare writes state/cert.json (root CA private key) 0644; after provisioning it is 0600, state/ 0700."""
+    from fedbrats.deploy.provision import PROJECT_FILE, provision
+
+    kits = provision(str(PROJECT_FILE), str(tmp_path / "prov"))
+    cert = next((tmp_path / "prov").rglob("state/cert.json"))
+    assert _mode(cert) == 0o600 and _mode(cert.parent) == 0o700
+    keys = list(Path(kits.prod_dir).rglob("*.key"))
+    assert keys and all(_mode(k) == 0o600 for k in keys)
+
+
+def test_poc_workspace_keys_are_private(tmp_path: Path) -> None:
+    """`nvflare poc prepare` output (no process started): workspace 0700, root CA and keys 0600."""
+    from fedbrats.deploy.poc import PocDeployment
+
+    deployment = PocDeployment(str(tmp_path / "ws"), 2)
+    deployment._setup()
+    deployment.prepare(deployment._localized_project())
+    assert _mode(tmp_path / "ws") == 0o700
+    cert = next((tmp_path / "ws" / "poc").rglob("state/cert.json"))
+    assert _mode(cert) == 0o600
+    keys = list((tmp_path / "ws" / "poc").rglob("*.key"))
+    assert keys and all(_mode(k) == 0o600 for k in keys)
