@@ -156,6 +156,26 @@ def _stop_simulator(proc: subprocess.Popen, sim_ws: str, grace: float = 20.0) ->
                 worker.kill()
 
 
+#: What the server logs when it stops a job for lack of usable updates, and when it rejects a site's result.
+_JOB_STOPPED = re.compile(r"(stopping the job: .*)$")
+_SITE_REJECTED = re.compile(r"(round \d+: rejected the update of .*)$")
+
+
+def _failure_reason(log_file: str) -> str:
+    """Why the server stopped the job (or the first site error), from the simulator log, as ": <reason>" or ""."""
+    try:
+        with open(log_file, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    for pattern in (_JOB_STOPPED, _SITE_REJECTED):
+        for line in lines:
+            found = pattern.search(line)
+            if found:
+                return f": {found.group(1).strip()}"
+    return ""
+
+
 def site_names(sites_file: str, job: str) -> list[str]:
     """The clients to simulate: the pooled site for the centralized job, every other site otherwise."""
     with open(sites_file, encoding="utf-8") as f:
@@ -237,10 +257,12 @@ def simulate(
     run_dir = os.path.join(sim_ws, "server", "simulate_job")
     metrics_file = os.path.join(run_dir, "metrics.json")
     if returncode != 0 or not os.path.isfile(metrics_file):
-        raise RuntimeError(f"simulation of {job} failed (exit {returncode}); see {log_file}")
+        raise RuntimeError(f"simulation of {job} failed (exit {returncode}){_failure_reason(log_file)}; see {log_file}")
     with open(metrics_file, encoding="utf-8") as f:
         history = json.load(f)
     if not any(r["sites"] for r in history if not r.get("final_validation")):
-        raise RuntimeError(f"simulation of {job} aggregated no site update in any round; see {log_file}")
+        raise RuntimeError(
+            f"simulation of {job} aggregated no site update in any round{_failure_reason(log_file)}; see {log_file}"
+        )
     logger.info("%s finished in %.1fs; run dir %s", job, seconds, run_dir)
     return SimulationResult(run_dir, seconds, history)
