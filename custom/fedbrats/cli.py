@@ -66,7 +66,9 @@ def _simulate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="fedbrats simulate", description="Run a job in the NVFlare simulator.")
     p.add_argument("job")
     p.add_argument("--workspace", required=True)
-    p.add_argument("--sites", default=None, help="sites.json (default: the embedded synthetic federation)")
+    p.add_argument(
+        "--sites", default=None, help="sites.json (default: $FEDBRATS_SITE_CONFIG, else the embedded federation)"
+    )
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training option override")
     p.add_argument("--agg", action="append", default=[], metavar="KEY=VALUE", help="aggregation argument")

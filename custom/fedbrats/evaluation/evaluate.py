@@ -468,13 +468,10 @@ def evaluate_combinations(
 
 # ---- command line -----------------------------------------------------------------------------------------
 def default_test_datalist(sites: str | None = None) -> str:
-    """The ``test_datalist`` of a ``sites.json`` (default: the embedded synthetic federation's)."""
-    if sites is None:
-        from fedbrats.data.federation import ensure_default_federation
+    """The ``test_datalist`` of a ``sites.json`` (default: ``FEDBRATS_SITE_CONFIG``'s, else the embedded one's)."""
+    from fedbrats.data.site_config import federation_sites_file
 
-        sites = ensure_default_federation()
-    if not os.path.isfile(sites):
-        raise ValueError(f"sites file {sites!r} does not exist")
+    sites = federation_sites_file(sites, "evaluate")
     manifest = read_json(sites, "sites file")
     path = manifest.get("test_datalist") if isinstance(manifest, dict) else None
     if not path:
@@ -501,7 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="checkpoint (.pt), federated run folder or exported model")
     parser.add_argument("--spec", default=None, help="model_spec.json (default: found next to the model)")
     parser.add_argument("--datalist", default=None, help="datalist with the test cases (default: --sites' test set)")
-    parser.add_argument("--sites", default=None, help="sites.json whose test_datalist to use (default: embedded)")
+    parser.add_argument(
+        "--sites",
+        default=None,
+        help="sites.json whose test_datalist to use (default: $FEDBRATS_SITE_CONFIG, else the embedded federation)",
+    )
     parser.add_argument("--key", default="test", help="list of the datalist to evaluate (default: test)")
     parser.add_argument("--roi-size", type=int, nargs="+", default=None, help="sliding-window size (1 or 3 ints)")
     parser.add_argument("--zoom", type=float, default=None, help="resampling factor after cropping (default 1.0)")

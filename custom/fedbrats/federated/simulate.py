@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fedbrats.data.federation import POOLED_SITE, ensure_default_federation
-from fedbrats.data.site_config import SITE_CONFIG_ENV
+from fedbrats.data.federation import POOLED_SITE
+from fedbrats.data.site_config import SITE_CONFIG_ENV, federation_sites_file
 from fedbrats.federated.memory import with_allocator_defaults
 from fedbrats.jobgen import DEFAULT_ROUNDS, JOBS, write_job
 
@@ -207,7 +207,8 @@ def simulate(
     Args:
         job: a job name of :data:`fedbrats.jobgen.JOBS`.
         workspace: folder for the generated job and the simulator workspace (``workspace/sim``).
-        sites_file: the federation's ``sites.json`` (default: the embedded synthetic federation).
+        sites_file: the federation's ``sites.json`` (default: ``FEDBRATS_SITE_CONFIG``, else the embedded synthetic
+            federation; see :func:`fedbrats.data.site_config.federation_sites_file`).
         num_rounds: rounds (default: the job's).
         overrides: training-option overrides (nested dict, merged into the job's).
         aggregation_args: arguments of the job's aggregation strategy (merged into the job's).
@@ -225,7 +226,7 @@ def simulate(
     """
     if job not in JOBS:
         raise ValueError(f"job must be one of {sorted(JOBS)}, got {job!r}")
-    sites_file = os.path.abspath(sites_file or ensure_default_federation())
+    sites_file = federation_sites_file(sites_file, f"simulate {job}")
     if controller_args and controller_args.get("resume_from"):
         controller_args = dict(
             controller_args, resume_from=_keep_resume_source(controller_args["resume_from"], workspace)
