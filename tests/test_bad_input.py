@@ -81,3 +81,95 @@ def test_missing_exported_site_config_is_named(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setenv("FEDBRATS_SITE_CONFIG", str(tmp_path / "nope.json"))
     with pytest.raises(ValueError, match="nope.json.*FEDBRATS_SITE_CONFIG"):
         federation_sites_file(None)
+
+
+# ---- items 6-8: predict's output, a label map as input, the label convention of 2023 names ------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    import torch
+
+    from fedbrats.evaluation.export import export_model
+    from fedbrats.networks import build_network, model_spec
+
+    root = tmp_path_factory.mktemp("predict_model")
+    run = root / "run"
+    (run / "app_server").mkdir(parents=True)
+    net = build_network("segresnet", init_filters=8)
+    (run / "model_spec.json").write_text(json.dumps(model_spec(net)))
+    torch.save({"model": net.state_dict()}, run / "app_server" / "best_FL_global_model.pt")
+    return export_model(str(run), str(root / "exported"), roi_size=(16, 16, 16))
+
+
+def _volume(path: Path, labels: bool = False) -> str:
+    import nibabel as nib
+    import numpy as np
+
+    data = np.zeros((16, 16, 16), dtype=np.float32)
+    if labels:
+        data[4:8, 4:8, 4:8], data[8:12, 8:12, 8:12] = 2, 4
+    else:
+        data[2:14, 2:14, 2:14] = np.random.default_rng(0).uniform(1, 100, (12, 12, 12))
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    return str(path)
+
+
+def test_predict_refuses_to_write_over_its_input(model_dir: str, tmp_path: Path) -> None:
+    flair = _volume(tmp_path / "p_flair.nii.gz")
+    before = Path(flair).read_bytes()
+    for overwrite in ([], ["--overwrite"]):
+        argv = ["--model", model_dir, "--flair", flair, "--out", flair, "--device", "cpu", *overwrite]
+        assert predict_module().main(argv) == 1
+    assert Path(flair).read_bytes() == before, "the patient's FLAIR was replaced"
+
+
+def test_predict_refuses_an_existing_output_unless_overwrite(
+    model_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    predict = predict_module()
+    flair = _volume(tmp_path / "p_flair.nii.gz")
+    truth = tmp_path / "p_seg.nii.gz"
+    truth.write_bytes(b"ground truth")
+    # the output is checked before the model is even loaded
+    monkeypatch.setattr(predict, "load_model", lambda *a, **k: pytest.fail("model loaded before the output check"))
+    argv = ["--model", model_dir, "--flair", flair, "--out", str(truth), "--device", "cpu"]
+    assert predict.main(argv) == 1
+    assert "already exists" in caplog.text and "--overwrite" in caplog.text
+    assert truth.read_bytes() == b"ground truth"
+    monkeypatch.undo()
+    assert predict.main([*argv, "--overwrite"]) == 0
+    assert truth.read_bytes() != b"ground truth"
+
+
+def test_predict_refuses_a_segmentation_given_as_a_sequence(
+    model_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    seg = _volume(tmp_path / "x_seg.nii.gz", labels=True)
+    out = tmp_path / "out.nii.gz"
+    assert predict_module().main(["--model", model_dir, "--flair", seg, "--out", str(out), "--device", "cpu"]) == 1
+    assert "looks like a segmentation" in caplog.text and "x_seg.nii.gz" in caplog.text
+    assert not out.exists()
+
+
+def test_predict_infers_the_2023_convention_from_names(
+    model_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedbrats.evaluation.predict import infer_convention
+
+    caplog.set_level(logging.INFO)
+    t2f = _volume(tmp_path / "BraTS-GLI-00001-000-t2f.nii.gz")
+    out = tmp_path / "seg.nii.gz"
+    assert predict_module().main(["--model", model_dir, "--flair", t2f, "--out", str(out), "--device", "cpu"]) == 0
+    assert "label convention brats2023 (ET=3), inferred from the input file names" in caplog.text
+    import nibabel as nib
+    import numpy as np
+
+    assert set(np.unique(np.asarray(nib.load(str(out)).dataobj)).tolist()) <= {0, 1, 2, 3}
+    assert infer_convention({"t1": "/d/c_t1.nii.gz", "flair": "/d/c_flair.nii.gz"}) == "brats2018"
+    assert infer_convention({"t1": "/d/c-t1n.nii.gz", "flair": "/d/c_flair.nii.gz"}) is None
+    assert infer_convention({"t1": "/d/patient.nii.gz"}) is None
+
+
+def predict_module() -> Any:
+    from fedbrats.evaluation import predict
+
+    return predict
