@@ -400,6 +400,39 @@ def split_site(
     return sorted(order[n_val:]), sorted(order[:n_val]), test
 
 
+def _check_validation_cases(
+    splits: Mapping[str, tuple[list[str], list[str], list[str]]], val_fraction: float, bad_by_site: Mapping[str, int]
+) -> None:
+    """Refuse a split that leaves a site without validation cases, before anything is written.
+
+    Every site scores the global model on its validation cases each round (the server's best-model selection
+    uses those scores), and a site without any fails at start; writing such a federation would only move the
+    failure to every site's first round.
+
+    Raises:
+        ValueError: the sites without validation cases, and the fix.
+    """
+    empty = sorted(site for site, (_, val, _) in splits.items() if not val)
+    if not empty:
+        return
+    if val_fraction == 0:
+        raise ValueError(
+            f"val_fraction (--val-fraction) is 0, so site(s) {empty} get no validation case; every site needs one "
+            "to score the global model each round. Use --val-fraction 0.2 (the default)"
+        )
+    details = [
+        f"{site} ({len(splits[site][0])} training case(s) left"
+        + (f" after skipping {bad_by_site[site]} invalid" if bad_by_site.get(site) else "")
+        + ")"
+        for site in empty
+    ]
+    raise ValueError(
+        f"site(s) {', '.join(details)} have too few cases for a validation case; every site needs at least two "
+        "usable cases (one to train, one to validate) besides its test cases. Fix or add cases, lower "
+        "--test-fraction, or merge the site into another (--split map)"
+    )
+
+
 def _labels_of(convention: BraTSConvention) -> dict[str, str]:
     names = dict(_LABEL_NAMES)
     names[convention.et_label] = "enhancing tumour"
@@ -596,6 +629,7 @@ def prepare(
         if not train:
             raise ValueError(f"site {site!r} has no training case after the test/validation split")
         splits[site] = (train, val, test)
+    _check_validation_cases(splits, val_fraction, bad_by_site)
     test_cases = sorted(c for _, _, test in splits.values() for c in test)
     if test_fraction > 0 and not test_cases:
         logger.warning("no test case could be held out (too few cases, or none with all four sequences)")
