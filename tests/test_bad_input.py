@@ -173,3 +173,15 @@ def predict_module() -> Any:
     from fedbrats.evaluation import predict
 
     return predict
+
+
+# ---- item 15: --version and an unknown command ----------------------------------------------------------------
+def test_cli_version_and_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
+    import fedbrats
+    from fedbrats.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"fedbrats {fedbrats.__version__}"
+    assert main(["bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "'bogus' is not a command" in err and "usage: fedbrats" in err

@@ -121,13 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedbrats`` command."""
     argv = sys.argv[1:] if argv is None else argv
     configure_logging("INFO")
+    if argv and argv[0] in ("-V", "--version"):
+        import fedbrats
+
+        sys.stdout.write(f"fedbrats {fedbrats.__version__}\n")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
-        usage = "usage: fedbrats COMMAND [options]\n\ncommands:\n" + "\n".join(lines)
-        stream = sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr
-        stream.write(usage + "\n")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        usage = "usage: fedbrats [--version] COMMAND [options]\n\ncommands:\n" + "\n".join(lines)
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        if argv and not asked:
+            # Say what was wrong before the usage, as argparse does for an unknown choice.
+            usage = f"fedbrats: {argv[0]!r} is not a command; choose one of the commands below\n\n{usage}"
+        (sys.stdout if asked else sys.stderr).write(usage + "\n")
+        return 0 if asked else 2
     command, rest = argv[0], argv[1:]
     try:
         if command in _FUNCS:
