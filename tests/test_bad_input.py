@@ -185,3 +185,32 @@ def test_cli_version_and_unknown_command(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["bogus"]) == 2
     err = capsys.readouterr().err
     assert "'bogus' is not a command" in err and "usage: fedbrats" in err
+
+
+# ---- item 14: unknown options are refused before the simulator starts -------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--set", "foo=1"], "foo"),
+        (["--set", "method_args.rcl_wieght=0"], "rcl_wieght"),
+        (["--set", "data.roi_szie=[16,16,16]"], "roi_szie"),
+        (["--agg", "modality_awre=false"], "modality_awre"),
+    ],
+)
+def test_simulate_rejects_unknown_options_before_starting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, argv: list[str], named: str
+) -> None:
+    from fedbrats.cli import main
+    from fedbrats.federated import simulate as sim
+
+    monkeypatch.setattr(sim, "_run_simulator", lambda *a, **k: pytest.fail("the simulator was started"))
+    assert main(["simulate", "fedkd", "--workspace", str(tmp_path), "--rounds", "1", *argv]) == 1
+    assert named in caplog.text
+
+
+def test_committed_jobs_pass_the_option_checks() -> None:
+    from fedbrats.federated.simulate import check_job_options
+
+    jobs = Path(__file__).resolve().parents[1] / "jobs"
+    for job in sorted(p for p in jobs.iterdir() if (p / "meta.json").is_file()):
+        check_job_options(str(job))

@@ -176,6 +176,38 @@ def _failure_reason(log_file: str) -> str:
     return ""
 
 
+def check_job_options(job_dir: str) -> None:
+    """Check a generated job's training options, method and aggregation arguments before the simulator starts.
+
+    Each site would refuse an unknown option itself, but only after the simulator started, and the user would see
+    "aggregated no site update"; the same checks here name the option at once.
+
+    Raises:
+        ValueError: an unknown or invalid training option, method argument or aggregation argument (named).
+    """
+    from fedbrats.federated.client.trainer import TrainConfig
+    from fedbrats.federated.methods import build_method
+    from fedbrats.federated.server.aggregation import STRATEGIES
+
+    config_dir = os.path.join(job_dir, "app", "config")
+    with open(os.path.join(config_dir, "config_fed_client.json"), encoding="utf-8") as f:
+        client = json.load(f)
+    with open(os.path.join(config_dir, "config_fed_server.json"), encoding="utf-8") as f:
+        server = json.load(f)
+    try:
+        training = client["executors"][0]["executor"]["args"].get("training", {})
+        config = TrainConfig.from_dict(training)
+        build_method(config.method, **config.method_args)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"job {os.path.basename(job_dir)}: {exc} (check the --set options)") from None
+    for component in server.get("components", []):
+        if component.get("id") == "aggregation":
+            try:
+                STRATEGIES.build(component["path"], component.get("args", {}))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"job {os.path.basename(job_dir)}: {exc} (check the --agg options)") from None
+
+
 def site_names(sites_file: str, job: str) -> list[str]:
     """The clients to simulate: the pooled site for the centralized job, every other site otherwise."""
     with open(sites_file, encoding="utf-8") as f:
@@ -243,6 +275,7 @@ def simulate(
         privacy=privacy,
         **(overrides or {}),
     )
+    check_job_options(job_dir)
     sim_ws = os.path.join(workspace, "sim")
     log_file = log_file or os.path.join(workspace, "simulator.log")
     cmd = [sys.executable, "-m", "nvflare.cli", "simulator", job_dir, "-w", sim_ws, "-c", ",".join(clients)]
