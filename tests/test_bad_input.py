@@ -214,3 +214,60 @@ def test_committed_jobs_pass_the_option_checks() -> None:
     jobs = Path(__file__).resolve().parents[1] / "jobs"
     for job in sorted(p for p in jobs.iterdir() if (p / "meta.json").is_file()):
         check_job_options(str(job))
+
+
+# ---- item 13: one clear line naming the file or option -------------------------------------------------------
+def test_cuda_device_without_gpu_is_one_clear_error(
+    model_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    from fedbrats.evaluation.evaluate import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda: this machine has no usable CUDA GPU"):
+        check_device("cuda")
+    with pytest.raises(ValueError, match="not a torch device"):
+        check_device("gpu0")
+    flair = _volume(tmp_path / "p_flair.nii.gz")
+    argv = ["--model", model_dir, "--flair", flair, "--out", str(tmp_path / "o.nii.gz"), "--device", "cuda"]
+    assert predict_module().main(argv) == 1
+    assert "no usable CUDA GPU" in caplog.text
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"sites": ["CBICA"]}', "{not json"])
+def test_malformed_sites_file_is_named(tmp_path: Path, content: str, caplog: pytest.LogCaptureFixture) -> None:
+    from fedbrats.cli import main
+
+    sites = tmp_path / "sites.json"
+    sites.write_text(content)
+    assert main(["simulate", "fedavg", "--workspace", str(tmp_path / "w"), "--sites", str(sites)]) == 1
+    assert str(sites) in caplog.text
+    assert main(["evaluate", "--model", str(tmp_path), "--sites", str(sites)]) == 1
+
+
+def test_unreadable_sites_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedbrats.data import site_config
+
+    sites = tmp_path / "sites.json"
+    sites.write_text("{}")
+
+    def denied(path: str, *args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", path)
+
+    # A PermissionError whoever runs the test (root reads any file, so chmod alone proves nothing).
+    monkeypatch.setattr(site_config, "open", denied, raising=False)
+    with pytest.raises(ValueError, match=r"sites.json.*cannot be read.*Permission denied"):
+        site_config.federation_sites_file(str(sites))
+    with pytest.raises(ValueError, match=r"sites.json.*cannot be read.*Permission denied"):
+        site_config.load_site_config(str(sites), "site-1")
+
+
+@pytest.mark.parametrize("content", [[{"datalist": "x"}], {"sites": {"site-1": ["t1"]}}])
+def test_site_config_of_the_wrong_shape_is_named(tmp_path: Path, content: Any) -> None:
+    from fedbrats.data.site_config import load_site_config
+
+    path = tmp_path / "site.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match="site.json"):
+        load_site_config(str(path), "site-1")

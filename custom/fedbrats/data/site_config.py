@@ -67,6 +67,13 @@ def load_site_config(path: str, site_name: str) -> SiteConfig:
             content = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"site config {path!r} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise ValueError(f"site config {path!r} cannot be read: {e}") from e
+    if not isinstance(content, dict):
+        raise ValueError(
+            f"site config {path!r} holds a JSON {type(content).__name__}; it must be an object "
+            '{"sites": {"<site>": {"datalist": ..., "modalities": [...]}}}'
+        )
     sites = content.get("sites")
     if not isinstance(sites, dict) or not sites:
         raise ValueError(f"site config {path!r} needs a non-empty 'sites' mapping of site name to settings")
@@ -79,6 +86,8 @@ def load_site_config(path: str, site_name: str) -> SiteConfig:
 def site_config_from_entry(site_name: str, entry: dict, base_dir: str = "", source: str = "") -> SiteConfig:
     """Validate one site entry (``datalist``, ``modalities``, optional ``convention``)."""
     where = f"site {site_name!r} in {source or 'site config'}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: the entry must be an object with 'datalist' and 'modalities', got {entry!r}")
     datalist = entry.get("datalist")
     if not datalist:
         raise ValueError(f"{where}: 'datalist' is missing")

@@ -16,7 +16,7 @@ from typing import Any
 
 from fedbrats.constants import modality_combinations
 from fedbrats.data.site_config import federation_sites_file
-from fedbrats.evaluation.evaluate import evaluate_combinations, load_model, mean_over_rows
+from fedbrats.evaluation.evaluate import default_test_datalist, evaluate_combinations, load_model, mean_over_rows
 from fedbrats.evaluation.report import compare_table, write_reports
 from fedbrats.federated.simulate import SimulationResult, parse_overrides, simulate
 from fedbrats.logging_setup import configure_logging
@@ -203,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     configure_logging("INFO")
     sites_file = federation_sites_file(a.sites, "compare")
-    with open(sites_file, encoding="utf-8") as f:
-        test_datalist = json.load(f)["test_datalist"]
+    test_datalist = default_test_datalist(sites_file, "compare's test set")
     overrides = parse_overrides(a.set)
     from fedbrats.jobgen import BASE_TRAINING
 

@@ -287,6 +287,25 @@ def metadata_input_defaults(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device named by ``--device``, after checking that this machine has it.
+
+    Raises:
+        ValueError: a malformed device name, or a CUDA device on a machine without one (torch would fail later
+            with an ``AssertionError`` traceback).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this machine has no usable CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 # ---- evaluation -------------------------------------------------------------------------------------------
 def datalist_convention(datalist: str) -> str:
     """The label convention a datalist declares in its ``convention`` field (default ``brats2018``)."""
@@ -467,11 +486,16 @@ def evaluate_combinations(
 
 
 # ---- command line -----------------------------------------------------------------------------------------
-def default_test_datalist(sites: str | None = None) -> str:
-    """The ``test_datalist`` of a ``sites.json`` (default: ``FEDBRATS_SITE_CONFIG``'s, else the embedded one's)."""
+def default_test_datalist(sites: str | None = None, what: str = "evaluate") -> str:
+    """The ``test_datalist`` of a ``sites.json`` (default: ``FEDBRATS_SITE_CONFIG``'s, else the embedded one's).
+
+    Args:
+        sites: the ``--sites`` option, if given.
+        what: the command, for the log line saying which file it uses.
+    """
     from fedbrats.data.site_config import federation_sites_file
 
-    sites = federation_sites_file(sites, "evaluate")
+    sites = federation_sites_file(sites, what)
     manifest = read_json(sites, "sites file")
     path = manifest.get("test_datalist") if isinstance(manifest, dict) else None
     if not path:
@@ -530,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     try:
+        check_device(args.device)
         model = load_model(args.model, args.spec, verify_integrity=not args.skip_integrity_check)
         # An exported model documents the window and resampling it was made for; the options override them.
         defaults = metadata_input_defaults(read_model_metadata(resolve_checkpoint(args.model)))

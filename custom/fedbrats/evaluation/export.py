@@ -64,7 +64,9 @@ def training_data_from_sites(sites_file: str, sites: Sequence[str] | None = None
     from fedbrats.data.federation import POOLED_SITE
 
     manifest = read_json(sites_file, "sites file")
-    all_sites = manifest.get("sites", {}) if isinstance(manifest, dict) else {}
+    all_sites = manifest.get("sites") if isinstance(manifest, dict) else None
+    if not isinstance(all_sites, dict) or not all_sites:
+        raise ValueError(f"sites file {sites_file!r} needs a non-empty 'sites' mapping of site to settings")
     chosen = list(sites) if sites else [s for s in all_sites if s != POOLED_SITE]
     unknown = sorted(set(chosen) - set(all_sites))
     if unknown:

@@ -27,7 +27,13 @@ from monai.utils import convert_to_tensor
 from fedbrats.constants import MODALITIES
 from fedbrats.data.conventions import CONVENTIONS, get_convention
 from fedbrats.data.transforms import LoadBraTSCase
-from fedbrats.evaluation.evaluate import load_model, metadata_input_defaults, read_model_metadata, resolve_checkpoint
+from fedbrats.evaluation.evaluate import (
+    check_device,
+    load_model,
+    metadata_input_defaults,
+    read_model_metadata,
+    resolve_checkpoint,
+)
 from fedbrats.evaluation.inference import predict_logits
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
 
@@ -313,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         image_paths = check_image_paths(image_paths)
         check_output_path(args.out, image_paths, overwrite=args.overwrite)
         check_not_label_maps(image_paths)
+        check_device(args.device)
         convention = args.convention
         if convention is None:
             inferred = infer_convention(image_paths)
