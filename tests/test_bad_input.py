@@ -271,3 +271,68 @@ def test_site_config_of_the_wrong_shape_is_named(tmp_path: Path, content: Any) -
     path.write_text(json.dumps(content))
     with pytest.raises(ValueError, match="site.json"):
         load_site_config(str(path), "site-1")
+
+
+# ---- item 10: nothing a user made is replaced without --overwrite / --force ------------------------------------
+def test_prepare_refuses_to_replace_a_federation(tmp_path: Path) -> None:
+    from fedbrats.data.prepare import prepare
+    from fedbrats.data.synthetic import generate_dataset
+
+    data = tmp_path / "data"
+    generate_dataset(str(data), 6, institutions=["SITEA", "SITEB"], size=16, seed=0)
+    out = tmp_path / "lists"
+    prepare(str(data), str(out), test_fraction=0.0, val_fraction=0.5, deep_validate=False)
+    (out / "sites.json").write_text('{"edited": true}')
+    with pytest.raises(ValueError, match=r"already holds .*sites.json.*--overwrite"):
+        prepare(str(data), str(out), test_fraction=0.0, val_fraction=0.5, deep_validate=False)
+    assert (out / "sites.json").read_text() == '{"edited": true}'
+    prepare(str(data), str(out), test_fraction=0.0, val_fraction=0.5, deep_validate=False, overwrite=True)
+    assert "sites" in json.loads((out / "sites.json").read_text())
+
+
+def test_pool_sites_never_replaces_a_real_site_named_central(tiny_federation: str, tmp_path: Path) -> None:
+    from fedbrats.cli import main
+
+    manifest = json.loads(Path(tiny_federation).read_text())
+    manifest["sites"]["central"] = dict(manifest["sites"]["site-1"])  # a hospital site that happens to be 'central'
+    manifest["sites"]["central"].pop("pooled", None)
+    manifest["test_datalist"] = os.path.join(os.path.dirname(tiny_federation), manifest["test_datalist"])
+    for entry in manifest["sites"].values():
+        entry["datalist"] = os.path.join(os.path.dirname(tiny_federation), entry["datalist"])
+    path = tmp_path / "sites.json"
+    path.write_text(json.dumps(manifest))
+    assert main(["pool-sites", str(path)]) == 1
+    assert json.loads(path.read_text())["sites"]["central"] == manifest["sites"]["central"]
+    assert main(["pool-sites", str(path), "--force"]) == 0
+    assert json.loads(path.read_text())["sites"]["central"]["pooled"] is True
+    assert main(["pool-sites", str(path)]) == 0, "re-pooling a pool it made stays possible"
+
+
+def test_make_jobs_refuses_to_revert_hand_edits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fedbrats.cli import main
+
+    out = tmp_path / "jobs"
+    assert main(["make-jobs", "--out-dir", str(out)]) == 0
+    assert main(["make-jobs", "--out-dir", str(out)]) == 0, "an unchanged folder is rewritten without asking"
+    config = out / "fedavg" / "app" / "config" / "config_fed_server.json"
+    edited = json.loads(config.read_text())
+    edited["workflows"][0]["args"]["num_rounds"] = 3
+    config.write_text(json.dumps(edited))
+    assert main(["make-jobs", "--out-dir", str(out)]) == 1
+    assert str(config) in caplog.text and "--force" in caplog.text
+    assert json.loads(config.read_text())["workflows"][0]["args"]["num_rounds"] == 3
+    assert main(["make-jobs", "--out-dir", str(out), "--force"]) == 0
+    assert json.loads(config.read_text())["workflows"][0]["args"]["num_rounds"] != 3
+
+
+def test_export_refuses_an_existing_model_folder(model_dir: str, tmp_path: Path) -> None:
+    from fedbrats.evaluation.export import export_model
+
+    before = (Path(model_dir) / "metadata.json").read_text()
+    with pytest.raises(ValueError, match="already holds an exported model.*--overwrite"):
+        export_model(model_dir, model_dir, roi_size=(16, 16, 16))
+    assert (Path(model_dir) / "metadata.json").read_text() == before
+    target = tmp_path / "copy"
+    export_model(model_dir, str(target), roi_size=(16, 16, 16))
+    export_model(model_dir, str(target), roi_size=(16, 16, 16), overwrite=True, description="again")
+    assert json.loads((target / "metadata.json").read_text())["description"] == "again"

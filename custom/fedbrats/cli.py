@@ -44,9 +44,34 @@ def _pool_sites(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="fedbrats pool-sites", description="Add the pooled 'central' site to sites.json.")
     p.add_argument("sites_file")
+    p.add_argument("--force", action="store_true", help="replace an existing site of that name that is not a pool")
     a = p.parse_args(argv)
-    add_pooled_site(a.sites_file)
+    add_pooled_site(a.sites_file, force=a.force)
     return 0
+
+
+def edited_job_files(out_dir: str) -> list[str]:
+    """Files under ``out_dir`` that ``make-jobs`` would change: hand edits it would silently revert."""
+    from fedbrats.jobgen import DEFAULT_ROUNDS, JOBS, job_configs
+
+    changed = []
+    for name in sorted(JOBS):
+        for rel, content in job_configs(name, DEFAULT_ROUNDS).items():
+            path = os.path.join(out_dir, name, rel)
+            if not os.path.isfile(path):
+                continue
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            if isinstance(content, str):
+                same = text == content
+            else:
+                try:
+                    same = json.loads(text) == json.loads(json.dumps(content))
+                except json.JSONDecodeError:
+                    same = False
+            if not same:
+                changed.append(path)
+    return changed
 
 
 def _make_jobs(argv: list[str]) -> int:
@@ -54,7 +79,14 @@ def _make_jobs(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="fedbrats make-jobs", description="(Re)write the job folders.")
     p.add_argument("--out-dir", default="jobs")
+    p.add_argument("--force", action="store_true", help="rewrite job files that differ from jobgen.py (hand edits)")
     a = p.parse_args(argv)
+    edited = [] if a.force else edited_job_files(a.out_dir)
+    if edited:
+        raise ValueError(
+            f"make-jobs would revert {len(edited)} edited job file(s): {edited}. Put the change in "
+            "custom/fedbrats/jobgen.py (the single definition), or pass --force to discard the edits"
+        )
     for path in write_all_jobs(a.out_dir):
         logging.getLogger("fedbrats").info("wrote %s", path)
     return 0

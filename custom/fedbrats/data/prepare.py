@@ -460,6 +460,26 @@ def _datalist(
     }
 
 
+def _refuse_existing_outputs(out_dir: str, names: Sequence[str]) -> None:
+    """Refuse to replace a federation's files (another preparation, hand edits) without ``--overwrite``.
+
+    Raises:
+        ValueError: some of ``names`` exist in ``out_dir`` (they are listed).
+    """
+    existing = sorted(name for name in names if os.path.lexists(os.path.join(out_dir, name)))
+    if existing:
+        raise ValueError(
+            f"out_dir {out_dir!r} already holds {existing}; they would be replaced. Choose another --out-dir, or pass "
+            "--overwrite (overwrite=True) to replace them"
+        )
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_json_atomic(path: str, obj: Any) -> None:
     """Write JSON through a temporary file and ``os.replace`` so readers never see half a file."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -470,6 +490,9 @@ def _write_json_atomic(path: str, obj: Any) -> None:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp creates 0600; the datalists must be readable as the umask allows (a site client may run as
+        # another user of the group), like any file this user writes.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -545,6 +568,7 @@ def prepare(
     deep_validate: bool = True,
     skip_invalid: bool = False,
     progress_every: int = 10,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Scan ``data_dir``, validate every case, split into sites and write the datalists and ``sites.json``.
 
@@ -565,6 +589,8 @@ def prepare(
         deep_validate: decompress every volume (catches truncated files and bad labels) instead of headers only.
         skip_invalid: leave invalid cases out with a warning instead of aborting.
         progress_every: log validation progress every this many cases (0: only errors and the summary).
+        overwrite: replace an existing ``sites.json``, ``test.json`` or site datalist in ``out_dir``; without it
+            they are refused before any case is read (``--overwrite``).
 
     Returns:
         The manifest written to ``sites.json``.
@@ -596,6 +622,8 @@ def prepare(
         if not members:
             raise ValueError(f"site {site!r} has no cases")
     profile = parse_site_modalities(site_modalities, list(sites))
+    if not overwrite:
+        _refuse_existing_outputs(out_dir, [*(f"{site}.json" for site in sites), "test.json", "sites.json"])
     site_of = {case: site for site, members in sites.items() for case in members}
 
     infos, errors = _validate_all(case_dirs, site_of, profile, conv, deep_validate, progress_every)
@@ -731,6 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-invalid", action="store_true", help="leave invalid cases out instead of aborting")
     parser.add_argument("--shallow", action="store_true", help="check headers only (fast, misses truncated files)")
     parser.add_argument("--progress-every", type=int, default=10, help="log progress every N cases")
+    parser.add_argument("--overwrite", action="store_true", help="replace sites.json and datalists in --out-dir")
     add_log_level_argument(parser)
     return parser
 
@@ -758,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
             deep_validate=not args.shallow,
             skip_invalid=args.skip_invalid,
             progress_every=args.progress_every,
+            overwrite=args.overwrite,
         )
     except ValueError as exc:
         logger.error("%s", exc)
