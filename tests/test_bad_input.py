@@ -336,3 +336,41 @@ def test_export_refuses_an_existing_model_folder(model_dir: str, tmp_path: Path)
     export_model(model_dir, str(target), roi_size=(16, 16, 16))
     export_model(model_dir, str(target), roi_size=(16, 16, 16), overwrite=True, description="again")
     assert json.loads((target / "metadata.json").read_text())["description"] == "again"
+
+
+# ---- item 11: files follow the umask; a file the site may not read is named ------------------------------------
+def test_prepare_respects_the_umask(tmp_path: Path) -> None:
+    from fedbrats.data.prepare import prepare
+    from fedbrats.data.synthetic import generate_dataset
+
+    data = tmp_path / "data"
+    generate_dataset(str(data), 4, institutions=["SITEA"], size=16, seed=0)
+    old = os.umask(0o027)
+    try:
+        prepare(str(data), str(tmp_path / "lists"), test_fraction=0.0, val_fraction=0.5, deep_validate=False)
+    finally:
+        os.umask(old)
+    written = sorted((tmp_path / "lists").glob("*.json"))
+    assert written and all(p.stat().st_mode & 0o777 == 0o640 for p in written), [
+        (p.name, oct(p.stat().st_mode & 0o777)) for p in written
+    ]
+
+
+def test_permission_denied_on_datalist_or_image_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nibabel as nib
+
+    from fedbrats.data import loader
+    from fedbrats.data.validation import CaseValidationError, load_nifti_checked
+
+    def denied(path: Any, *args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    datalist = tmp_path / "site-1.json"
+    datalist.write_text('{"training": []}')
+    monkeypatch.setattr(loader, "open", denied, raising=False)  # as root, chmod would not stop the read
+    with pytest.raises(ValueError, match=r"site-1.json.*permission denied.*cannot read it"):
+        loader.read_datalist(str(datalist), "training")
+    image = Path(_volume(tmp_path / "c_t1.nii.gz"))
+    monkeypatch.setattr(nib, "load", denied)
+    with pytest.raises(CaseValidationError, match=r"c_t1.nii.gz.*permission denied"):
+        load_nifti_checked(str(image), "c")
