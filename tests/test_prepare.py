@@ -483,3 +483,26 @@ def test_skip_invalid_leaving_one_case_at_a_site_is_refused(make_dataset, tmp_pa
     with pytest.raises(ValueError, match=r"2013 \(1 training case\(s\) left after skipping 1 invalid\)"):
         prepare(str(data), str(tmp_path / "out"), skip_invalid=True)
     assert not (tmp_path / "out" / "sites.json").exists()
+
+
+def test_convention_that_does_not_match_the_names_is_said(make_dataset, tmp_path: Path) -> None:
+    """--convention brats2023 on 2018-named files: the naming is the problem, not a sequence to drop (item 12)."""
+    data = make_dataset()
+    with pytest.raises(InvalidCasesError) as err:
+        prepare(str(data), str(tmp_path / "out"), convention="brats2023", deep_validate=False)
+    problems = [e.problem for e in err.value.errors]
+    assert problems and all("named in the brats2018 convention" in p for p in problems)
+    assert not any("drop" in p for p in problems)
+
+
+def test_uncompressed_nii_cases_are_named(make_dataset, tmp_path: Path) -> None:
+    """Cases of plain .nii files are named with the fix, not reported as "no case folder" (item 12)."""
+    import gzip
+
+    data = make_dataset()
+    case = data / IDS_2018[0]
+    for gz in case.glob("*.nii.gz"):
+        (case / gz.name[: -len(".gz")]).write_bytes(gzip.decompress(gz.read_bytes()))
+        gz.unlink()
+    with pytest.raises(ValueError, match=rf"uncompressed \.nii files.*{IDS_2018[0]}.*gzip"):
+        scan_cases(str(data))

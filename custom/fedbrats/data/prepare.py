@@ -86,6 +86,13 @@ def _is_case_dir(path: str) -> bool:
         return False
 
 
+def _holds_plain_nifti(path: str) -> bool:
+    try:
+        return any(name.endswith(".nii") for name in os.listdir(path))
+    except OSError:
+        return False
+
+
 def scan_cases(data_dir: str) -> list[str]:
     """Case folders directly under ``data_dir``, sorted by name.
 
@@ -98,7 +105,8 @@ def scan_cases(data_dir: str) -> list[str]:
         Absolute paths of the case folders.
 
     Raises:
-        ValueError: ``data_dir`` does not exist, or holds no case folder.
+        ValueError: ``data_dir`` does not exist, holds no case folder, or holds case folders of uncompressed
+            ``.nii`` files.
     """
     if not data_dir:
         raise ValueError("data_dir: empty path")
@@ -111,6 +119,14 @@ def scan_cases(data_dir: str) -> list[str]:
         if not name.startswith(".") and os.path.isdir(os.path.join(data_dir, name))
     )
     cases = [d for d in subdirs if _is_case_dir(d)]
+    uncompressed = [os.path.basename(d) for d in subdirs if not _is_case_dir(d) and _holds_plain_nifti(d)]
+    if uncompressed:
+        # Skipping them would drop cases in silence, and "no case folder" would blame the layout.
+        raise ValueError(
+            f"data_dir {data_dir!r}: {len(uncompressed)} case folder(s) hold uncompressed .nii files "
+            f"(e.g. {uncompressed[:3]}); fedbrats reads BraTS's .nii.gz files: compress them, e.g. "
+            f"gzip {os.path.join(data_dir, uncompressed[0], '*.nii')}"
+        )
     if not cases:
         # The original BraTS 2018 download nests cases under HGG/ and LGG/: say so rather than just "empty".
         nested = [os.path.basename(d) for d in subdirs if any(_is_case_dir(os.path.join(d, n)) for n in os.listdir(d))]

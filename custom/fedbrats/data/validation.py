@@ -304,6 +304,19 @@ def validate_case(
             convention = detect_convention(case_dir)
         except ValueError as exc:
             raise _fail(case_id, case_dir, str(exc)) from exc
+    else:
+        try:
+            named = detect_convention(case_dir)
+        except ValueError:
+            named = convention  # neither or both namings: the checks below name the missing files
+        if named.name != convention.name:
+            # Otherwise every sequence would be reported missing, with the advice to drop it from the site.
+            raise _fail(
+                case_id,
+                case_dir,
+                f"the files are named in the {named.name} convention (e.g. {named.filename(case_id, 't1')}), not "
+                f"{convention.name} as asked; pass --convention {named.name}, or leave --convention out to detect it",
+            )
 
     paths: dict[str, str | None] = {}
     for modality in MODALITIES:
