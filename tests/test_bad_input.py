@@ -11,29 +11,13 @@ from typing import Any
 import pytest
 
 
-def _real_named_federation(tiny_federation: str, tmp_path: Path) -> Path:
-    """The tiny federation's site-1/site-2 renamed CBICA/TCIA (as `prepare --split institution` names them)."""
-    manifest = json.loads(Path(tiny_federation).read_text())
-    base = os.path.dirname(tiny_federation)
-    sites = {}
-    for old, new in (("site-1", "CBICA"), ("site-2", "TCIA")):
-        entry = dict(manifest["sites"][old])
-        entry["datalist"] = os.path.join(base, entry["datalist"])
-        sites[new] = entry
-    test = os.path.join(base, manifest["test_datalist"])
-    path = tmp_path / "real" / "sites.json"
-    path.parent.mkdir()
-    path.write_text(json.dumps({"sites": sites, "test_datalist": test}))
-    return path
-
-
 # ---- item 5: FEDBRATS_SITE_CONFIG is honoured by simulate, compare and evaluate -----------------------------
 def test_simulate_uses_the_exported_site_config(
-    tiny_federation: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    real_named_federation: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     from fedbrats.federated import simulate as sim
 
-    sites = _real_named_federation(tiny_federation, tmp_path)
+    sites = real_named_federation
     monkeypatch.setenv("FEDBRATS_SITE_CONFIG", str(sites))
     seen: dict[str, Any] = {}
 
@@ -51,12 +35,12 @@ def test_simulate_uses_the_exported_site_config(
 
 
 def test_compare_and_evaluate_use_the_exported_site_config(
-    tiny_federation: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    real_named_federation: Path, tiny_federation: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from fedbrats.evaluation import compare
     from fedbrats.evaluation.evaluate import default_test_datalist
 
-    sites = _real_named_federation(tiny_federation, tmp_path)
+    sites = real_named_federation
     monkeypatch.setenv("FEDBRATS_SITE_CONFIG", str(sites))
     assert default_test_datalist() == json.loads(sites.read_text())["test_datalist"]
     seen: dict[str, Any] = {}

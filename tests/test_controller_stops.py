@@ -75,20 +75,14 @@ def test_max_empty_rounds_is_checked() -> None:
 
 
 @pytest.mark.integration
-def test_readme_simulator_command_with_real_site_names_fails_visibly(tiny_federation: str, tmp_path: Path) -> None:
+def test_readme_simulator_command_with_real_site_names_fails_visibly(
+    real_named_federation: Path, tmp_path: Path
+) -> None:
     """Issue 13's report: a sites.json with real site names and `nvflare simulator jobs/fedavg -n 2`.
 
     The sites are site-1/site-2, which the file lacks: the run must exit non-zero at round 0 with each reason.
     """
-    manifest = json.loads(Path(tiny_federation).read_text())
-    base = os.path.dirname(tiny_federation)
-    entries = {}
-    for old, new in (("site-1", "CBICA"), ("site-2", "TCIA")):
-        entry = dict(manifest["sites"][old])
-        entry["datalist"] = os.path.join(base, entry["datalist"])
-        entries[new] = entry
-    sites = tmp_path / "sites.json"
-    sites.write_text(json.dumps({"sites": entries}))
+    sites = real_named_federation
     job = Path(__file__).resolve().parents[1] / "jobs" / "fedavg"
     env = dict(os.environ, FEDBRATS_SITE_CONFIG=str(sites))
     cmd = [sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(tmp_path / "ws"), "-n", "2", "-t", "2"]
