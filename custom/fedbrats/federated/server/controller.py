@@ -159,7 +159,10 @@ class FedBratsController(ModelController):
             old_spec = json.load(f)
         if old_spec != spec:
             raise ValueError(f"resume_from={run_dir!r} holds a {old_spec['path']} with other arguments than this job")
-        state = torch.load(model_file, weights_only=True)["model"]
+        # Weights only, and a refusal that never suggests loading the file unsafely (see load_state_dict).
+        from fedbrats.evaluation.evaluate import load_state_dict
+
+        state = load_state_dict(model_file)
         if set(state) != set(params):
             raise ValueError(f"resume_from={run_dir!r}: the saved weights do not fit this job's model")
         with open(metrics_file, encoding="utf-8") as f:
