@@ -20,6 +20,26 @@ def tiny_federation(tmp_path_factory: pytest.TempPathFactory) -> str:
     return make_synthetic_federation(str(out), cases_per_site=3, size=16, test_fraction=0.34, val_fraction=0.5)
 
 
+@pytest.fixture
+def real_named_federation(tiny_federation: str, tmp_path: Path) -> Path:
+    """The tiny federation's site-1/site-2 renamed CBICA/TCIA (as `prepare --split institution` names real sites),
+    with absolute paths, in ``tmp_path/real/sites.json``; returns that file."""
+    import json
+
+    manifest = json.loads(Path(tiny_federation).read_text())
+    base = os.path.dirname(tiny_federation)
+    sites = {}
+    for old, new in (("site-1", "CBICA"), ("site-2", "TCIA")):
+        entry = dict(manifest["sites"][old])
+        entry["datalist"] = os.path.join(base, entry["datalist"])
+        sites[new] = entry
+    test = os.path.join(base, manifest["test_datalist"])
+    path = tmp_path / "real" / "sites.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"sites": sites, "test_datalist": test}))
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never write the embedded default data into the user's home during tests."""

@@ -268,7 +268,7 @@ def test_build_method() -> None:
     assert isinstance(method, FedKDMethod)
     assert method.weights["kd_weight"] == 0.25 and method.min_prototype_cases == 4
     assert isinstance(build_method("fedavg"), SupervisedMethod)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="rcl_weight"):
         build_method("fedavg", rcl_weight=0.1)
 
 

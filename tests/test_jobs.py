@@ -143,8 +143,8 @@ def test_model_spec_round_trip_non_default_args() -> None:
 
 @pytest.mark.parametrize("path", ["torch.nn.Linear", "os.system", "", "fedbratsx.evil.Net"])
 def test_build_from_spec_refuses_outside_package(path: str) -> None:
-    """Only classes inside fedbrats can be built from a spec sent over the wire."""
-    with pytest.raises(ValueError, match="fedbrats network"):
+    """Only registered network classes can be built from a spec sent over the wire."""
+    with pytest.raises(ValueError, match="not a registered network"):
         build_from_spec({"path": path, "args": {}})
 
 

@@ -270,9 +270,15 @@ def test_prepare_fractions(make_dataset, tmp_path: Path) -> None:
     assert m["num_test"] == 0 and _load(tmp_path / "o1" / "test.json")["test"] == []
     cbica = m["sites"]["CBICA"]
     assert (cbica["num_training"], cbica["num_validation"]) == (3, 3)
-    m = prepare(str(data), str(tmp_path / "o2"), test_fraction=0.5, val_fraction=0.0)
-    assert m["num_test"] == 3 + 2 + 2  # round-half-up of 3, 2, 1.5
-    assert all(s["num_validation"] == 0 for s in m["sites"].values())
+    m = prepare(str(data), str(tmp_path / "o2"), test_fraction=0.4, val_fraction=0.1)
+    assert m["num_test"] == 2 + 2 + 1  # round-half-up of 2.4, 1.6, 1.2
+    assert all(s["num_validation"] == 1 for s in m["sites"].values())
+    # a split that leaves a site nothing to validate on is refused, naming the site and the fix (issue 13, item 9)
+    with pytest.raises(ValueError, match=r"2013 \(1 training case\(s\) left\).*--test-fraction"):
+        prepare(str(data), str(tmp_path / "o4"), test_fraction=0.5, val_fraction=0.1)
+    with pytest.raises(ValueError, match="--val-fraction 0.2"):
+        prepare(str(data), str(tmp_path / "o5"), test_fraction=0.0, val_fraction=0.0)
+    assert not (tmp_path / "o4").exists() and not (tmp_path / "o5").exists()
     with pytest.raises(ValueError, match="test_fraction"):
         prepare(str(data), str(tmp_path / "o3"), test_fraction=1.0)
 
@@ -467,3 +473,36 @@ def test_real_brats2018_shallow_institution_split(tmp_path: Path) -> None:
     counts = {s: e["num_training"] + e["num_validation"] for s, e in m["sites"].items()}
     assert sum(counts.values()) + m["num_test"] == len(scan_cases(str(real)))
     logging.getLogger(__name__).info("real-data shallow prepare took %.2f s", elapsed)
+
+
+def test_skip_invalid_leaving_one_case_at_a_site_is_refused(make_dataset, tmp_path: Path) -> None:
+    """--skip-invalid must not write a site with a training case but no validation case (issue 13, item 9)."""
+    ids = [*IDS_2018[:6], "Brats18_2013_1_1", "Brats18_2013_2_1"]
+    data = make_dataset(ids=ids)
+    _corrupt(data / "Brats18_2013_2_1" / "Brats18_2013_2_1_seg.nii.gz")
+    with pytest.raises(ValueError, match=r"2013 \(1 training case\(s\) left after skipping 1 invalid\)"):
+        prepare(str(data), str(tmp_path / "out"), skip_invalid=True)
+    assert not (tmp_path / "out" / "sites.json").exists()
+
+
+def test_convention_that_does_not_match_the_names_is_said(make_dataset, tmp_path: Path) -> None:
+    """--convention brats2023 on 2018-named files: the naming is the problem, not a sequence to drop (item 12)."""
+    data = make_dataset()
+    with pytest.raises(InvalidCasesError) as err:
+        prepare(str(data), str(tmp_path / "out"), convention="brats2023", deep_validate=False)
+    problems = [e.problem for e in err.value.errors]
+    assert problems and all("named in the brats2018 convention" in p for p in problems)
+    assert not any("drop" in p for p in problems)
+
+
+def test_uncompressed_nii_cases_are_named(make_dataset, tmp_path: Path) -> None:
+    """Cases of plain .nii files are named with the fix, not reported as "no case folder" (item 12)."""
+    import gzip
+
+    data = make_dataset()
+    case = data / IDS_2018[0]
+    for gz in case.glob("*.nii.gz"):
+        (case / gz.name[: -len(".gz")]).write_bytes(gzip.decompress(gz.read_bytes()))
+        gz.unlink()
+    with pytest.raises(ValueError, match=rf"uncompressed \.nii files.*{IDS_2018[0]}.*gzip"):
+        scan_cases(str(data))

@@ -44,9 +44,34 @@ def _pool_sites(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="fedbrats pool-sites", description="Add the pooled 'central' site to sites.json.")
     p.add_argument("sites_file")
+    p.add_argument("--force", action="store_true", help="replace an existing site of that name that is not a pool")
     a = p.parse_args(argv)
-    add_pooled_site(a.sites_file)
+    add_pooled_site(a.sites_file, force=a.force)
     return 0
+
+
+def edited_job_files(out_dir: str) -> list[str]:
+    """Files under ``out_dir`` that ``make-jobs`` would change: hand edits it would silently revert."""
+    from fedbrats.jobgen import DEFAULT_ROUNDS, JOBS, job_configs
+
+    changed = []
+    for name in sorted(JOBS):
+        for rel, content in job_configs(name, DEFAULT_ROUNDS).items():
+            path = os.path.join(out_dir, name, rel)
+            if not os.path.isfile(path):
+                continue
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            if isinstance(content, str):
+                same = text == content
+            else:
+                try:
+                    same = json.loads(text) == json.loads(json.dumps(content))
+                except json.JSONDecodeError:
+                    same = False
+            if not same:
+                changed.append(path)
+    return changed
 
 
 def _make_jobs(argv: list[str]) -> int:
@@ -54,7 +79,14 @@ def _make_jobs(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="fedbrats make-jobs", description="(Re)write the job folders.")
     p.add_argument("--out-dir", default="jobs")
+    p.add_argument("--force", action="store_true", help="rewrite job files that differ from jobgen.py (hand edits)")
     a = p.parse_args(argv)
+    edited = [] if a.force else edited_job_files(a.out_dir)
+    if edited:
+        raise ValueError(
+            f"make-jobs would revert {len(edited)} edited job file(s): {edited}. Put the change in "
+            "custom/fedbrats/jobgen.py (the single definition), or pass --force to discard the edits"
+        )
     for path in write_all_jobs(a.out_dir):
         logging.getLogger("fedbrats").info("wrote %s", path)
     return 0
@@ -66,7 +98,9 @@ def _simulate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="fedbrats simulate", description="Run a job in the NVFlare simulator.")
     p.add_argument("job")
     p.add_argument("--workspace", required=True)
-    p.add_argument("--sites", default=None, help="sites.json (default: the embedded synthetic federation)")
+    p.add_argument(
+        "--sites", default=None, help="sites.json (default: $FEDBRATS_SITE_CONFIG, else the embedded federation)"
+    )
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training option override")
     p.add_argument("--agg", action="append", default=[], metavar="KEY=VALUE", help="aggregation argument")
@@ -121,13 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedbrats`` command."""
     argv = sys.argv[1:] if argv is None else argv
     configure_logging("INFO")
+    if argv and argv[0] in ("-V", "--version"):
+        import fedbrats
+
+        sys.stdout.write(f"fedbrats {fedbrats.__version__}\n")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
-        usage = "usage: fedbrats COMMAND [options]\n\ncommands:\n" + "\n".join(lines)
-        stream = sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr
-        stream.write(usage + "\n")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        usage = "usage: fedbrats [--version] COMMAND [options]\n\ncommands:\n" + "\n".join(lines)
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        if argv and not asked:
+            # Say what was wrong before the usage, as argparse does for an unknown choice.
+            usage = f"fedbrats: {argv[0]!r} is not a command; choose one of the commands below\n\n{usage}"
+        (sys.stdout if asked else sys.stderr).write(usage + "\n")
+        return 0 if asked else 2
     command, rest = argv[0], argv[1:]
     try:
         if command in _FUNCS:

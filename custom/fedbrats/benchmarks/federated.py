@@ -11,7 +11,6 @@ NVFlare is missing: weights travel through a multiprocessing pipe.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import multiprocessing as mp
@@ -106,14 +105,11 @@ def job_definition(job: str, num_rounds: int, overrides: Mapping[str, Any] | Non
     }
 
 
-def _build(path: str, args: Mapping[str, Any]) -> Any:
-    module_name, cls_name = path.rsplit(".", 1)
-    return getattr(importlib.import_module(module_name), cls_name)(**dict(args))
-
-
 def build_job_network(definition: Mapping[str, Any]) -> Any:
-    """The job's network, built as the server's persistor builds it."""
-    return _build(definition["network"]["path"], definition["network"].get("args", {}))
+    """The job's network, built as the server's persistor builds it (registered networks only)."""
+    from fedbrats.networks import build_from_spec
+
+    return build_from_spec(dict(definition["network"]))
 
 
 # ---- bytes of payloads -------------------------------------------------------------------------------------
@@ -494,7 +490,7 @@ def run_local_baseline(
         Round wall times (send to aggregated), each site's own work per round (validation + training + extras,
         the same span the sites log in the simulator), setup time and peak memory per site process.
     """
-    from fedbrats.federated.server.aggregation import SiteUpdate
+    from fedbrats.federated.server.aggregation import STRATEGIES, SiteUpdate
     from fedbrats.networks import model_spec
 
     definition = job_definition(job, num_rounds, overrides)
@@ -502,7 +498,7 @@ def run_local_baseline(
     spec = model_spec(net)
     global_params = {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
     del net
-    strategy = _build(definition["aggregation"]["path"], definition["aggregation"].get("args", {}))
+    strategy = STRATEGIES.build(definition["aggregation"]["path"], definition["aggregation"].get("args", {}))
     sites = federation_sites(sites_file)
     ctx = mp.get_context("spawn")
     load_before = load_average()

@@ -110,16 +110,26 @@ class OtherWork:
     The load average cannot tell: the benchmark itself runs more processes than there are cores. Instead: the
     machine's busy CPU time minus this process's and its reaped descendants' CPU time, per second of wall time.
     Call :meth:`cores` when every process started since has ended (it counts descendants only once reaped).
+
+    Args:
+        busy_seconds: the machine's busy CPU seconds (default: from ``psutil``); tests pass a controlled one.
+        own_seconds: CPU seconds of this process and its reaped descendants (default: ``os.times``).
+        clock: wall-clock seconds (default: ``time.monotonic``).
     """
 
-    busy0: float = field(default_factory=_busy_cpu_seconds)
-    own0: float = field(default_factory=_own_cpu_seconds)
-    wall0: float = field(default_factory=time.monotonic)
+    busy_seconds: Callable[[], float] = _busy_cpu_seconds
+    own_seconds: Callable[[], float] = _own_cpu_seconds
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        self.busy0 = self.busy_seconds()
+        self.own0 = self.own_seconds()
+        self.wall0 = self.clock()
 
     def cores(self) -> float:
         """Average number of cores other work kept busy since this object was made (0 on an idle machine)."""
-        wall = max(time.monotonic() - self.wall0, 1e-6)
-        other = (_busy_cpu_seconds() - self.busy0) - (_own_cpu_seconds() - self.own0)
+        wall = max(self.clock() - self.wall0, 1e-6)
+        other = (self.busy_seconds() - self.busy0) - (self.own_seconds() - self.own0)
         return round(max(other, 0.0) / wall, 3)
 
 

@@ -108,22 +108,32 @@ def make_synthetic_federation(
         test_fraction=test_fraction,
         val_fraction=val_fraction,
         seed=seed,
+        overwrite=True,  # the cases were just generated again: datalists of an earlier generation are stale
     )
     manifest = os.path.join(out_dir, "sites.json")
     add_pooled_site(manifest)
     return manifest
 
 
-def add_pooled_site(manifest_path: str, name: str = POOLED_SITE) -> None:
+def add_pooled_site(manifest_path: str, name: str = POOLED_SITE, force: bool = False) -> None:
     """Add a site that holds every site's training and validation cases with all four sequences.
 
-    This is the centralized upper bound: the same cases, pooled in one place, nothing missing.
+    This is the centralized upper bound: the same cases, pooled in one place, nothing missing. Running it again
+    rebuilds a pooled site it made (marked ``"pooled": true``); a real site of that name is never replaced
+    unless ``force``.
 
     Raises:
-        ValueError: a case lacks one of the four sequences on disk (pooling needs them all).
+        ValueError: a case lacks one of the four sequences on disk (pooling needs them all), or the manifest
+            already has a site ``name`` that is not a pooled one and ``force`` is off.
     """
     with open(manifest_path, encoding="utf-8") as f:
         manifest = json.load(f)
+    existing = manifest.get("sites", {}).get(name)
+    if existing is not None and not (isinstance(existing, dict) and existing.get("pooled")) and not force:
+        raise ValueError(
+            f"{manifest_path} already has a site {name!r} that is not a pooled site; pooling would replace it and "
+            "its datalist. Rename that site, or pass --force to replace it"
+        )
     sites = {k: v for k, v in manifest["sites"].items() if k != name}
     pooled: dict[str, list] = {"training": [], "validation": []}
     base = os.path.dirname(os.path.abspath(manifest_path))
@@ -145,6 +155,7 @@ def add_pooled_site(manifest_path: str, name: str = POOLED_SITE) -> None:
         "convention": manifest.get("convention", "brats2018"),
         "num_training": len(pooled["training"]),
         "num_validation": len(pooled["validation"]),
+        "pooled": True,  # made here: pooling again may rebuild it (see above)
     }
     _write_json(manifest_path, manifest)
 

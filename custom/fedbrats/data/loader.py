@@ -41,7 +41,7 @@ from fedbrats.data.transforms import (
     ModalityDropoutd,
     apply_modality_mask,
 )
-from fedbrats.data.validation import CaseValidationError
+from fedbrats.data.validation import CaseValidationError, permission_problem
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +196,8 @@ def read_datalist(path: str, key: str) -> list[dict[str, Any]]:
             content = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"datalist {path!r} is not valid JSON: {e}") from e
+    except PermissionError as e:
+        raise ValueError(f"datalist {path!r}: {permission_problem(e)}") from e
     entries = content.get(key)
     if entries is None:
         raise ValueError(f"datalist {path!r} has no {key!r} list (keys: {sorted(content)})")

@@ -86,6 +86,13 @@ def _is_case_dir(path: str) -> bool:
         return False
 
 
+def _holds_plain_nifti(path: str) -> bool:
+    try:
+        return any(name.endswith(".nii") for name in os.listdir(path))
+    except OSError:
+        return False
+
+
 def scan_cases(data_dir: str) -> list[str]:
     """Case folders directly under ``data_dir``, sorted by name.
 
@@ -98,7 +105,8 @@ def scan_cases(data_dir: str) -> list[str]:
         Absolute paths of the case folders.
 
     Raises:
-        ValueError: ``data_dir`` does not exist, or holds no case folder.
+        ValueError: ``data_dir`` does not exist, holds no case folder, or holds case folders of uncompressed
+            ``.nii`` files.
     """
     if not data_dir:
         raise ValueError("data_dir: empty path")
@@ -111,6 +119,14 @@ def scan_cases(data_dir: str) -> list[str]:
         if not name.startswith(".") and os.path.isdir(os.path.join(data_dir, name))
     )
     cases = [d for d in subdirs if _is_case_dir(d)]
+    uncompressed = [os.path.basename(d) for d in subdirs if not _is_case_dir(d) and _holds_plain_nifti(d)]
+    if uncompressed:
+        # Skipping them would drop cases in silence, and "no case folder" would blame the layout.
+        raise ValueError(
+            f"data_dir {data_dir!r}: {len(uncompressed)} case folder(s) hold uncompressed .nii files "
+            f"(e.g. {uncompressed[:3]}); fedbrats reads BraTS's .nii.gz files: compress them, e.g. "
+            f"gzip {os.path.join(data_dir, uncompressed[0], '*.nii')}"
+        )
     if not cases:
         # The original BraTS 2018 download nests cases under HGG/ and LGG/: say so rather than just "empty".
         nested = [os.path.basename(d) for d in subdirs if any(_is_case_dir(os.path.join(d, n)) for n in os.listdir(d))]
@@ -400,6 +416,39 @@ def split_site(
     return sorted(order[n_val:]), sorted(order[:n_val]), test
 
 
+def _check_validation_cases(
+    splits: Mapping[str, tuple[list[str], list[str], list[str]]], val_fraction: float, bad_by_site: Mapping[str, int]
+) -> None:
+    """Refuse a split that leaves a site without validation cases, before anything is written.
+
+    Every site scores the global model on its validation cases each round (the server's best-model selection
+    uses those scores), and a site without any fails at start; writing such a federation would only move the
+    failure to every site's first round.
+
+    Raises:
+        ValueError: the sites without validation cases, and the fix.
+    """
+    empty = sorted(site for site, (_, val, _) in splits.items() if not val)
+    if not empty:
+        return
+    if val_fraction == 0:
+        raise ValueError(
+            f"val_fraction (--val-fraction) is 0, so site(s) {empty} get no validation case; every site needs one "
+            "to score the global model each round. Use --val-fraction 0.2 (the default)"
+        )
+    details = [
+        f"{site} ({len(splits[site][0])} training case(s) left"
+        + (f" after skipping {bad_by_site[site]} invalid" if bad_by_site.get(site) else "")
+        + ")"
+        for site in empty
+    ]
+    raise ValueError(
+        f"site(s) {', '.join(details)} have too few cases for a validation case; every site needs at least two "
+        "usable cases (one to train, one to validate) besides its test cases. Fix or add cases, lower "
+        "--test-fraction, or merge the site into another (--split map)"
+    )
+
+
 def _labels_of(convention: BraTSConvention) -> dict[str, str]:
     names = dict(_LABEL_NAMES)
     names[convention.et_label] = "enhancing tumour"
@@ -427,6 +476,26 @@ def _datalist(
     }
 
 
+def _refuse_existing_outputs(out_dir: str, names: Sequence[str]) -> None:
+    """Refuse to replace a federation's files (another preparation, hand edits) without ``--overwrite``.
+
+    Raises:
+        ValueError: some of ``names`` exist in ``out_dir`` (they are listed).
+    """
+    existing = sorted(name for name in names if os.path.lexists(os.path.join(out_dir, name)))
+    if existing:
+        raise ValueError(
+            f"out_dir {out_dir!r} already holds {existing}; they would be replaced. Choose another --out-dir, or pass "
+            "--overwrite (overwrite=True) to replace them"
+        )
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_json_atomic(path: str, obj: Any) -> None:
     """Write JSON through a temporary file and ``os.replace`` so readers never see half a file."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -437,6 +506,9 @@ def _write_json_atomic(path: str, obj: Any) -> None:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp creates 0600; the datalists must be readable as the umask allows (a site client may run as
+        # another user of the group), like any file this user writes.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -512,6 +584,7 @@ def prepare(
     deep_validate: bool = True,
     skip_invalid: bool = False,
     progress_every: int = 10,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Scan ``data_dir``, validate every case, split into sites and write the datalists and ``sites.json``.
 
@@ -532,6 +605,8 @@ def prepare(
         deep_validate: decompress every volume (catches truncated files and bad labels) instead of headers only.
         skip_invalid: leave invalid cases out with a warning instead of aborting.
         progress_every: log validation progress every this many cases (0: only errors and the summary).
+        overwrite: replace an existing ``sites.json``, ``test.json`` or site datalist in ``out_dir``; without it
+            they are refused before any case is read (``--overwrite``).
 
     Returns:
         The manifest written to ``sites.json``.
@@ -563,6 +638,8 @@ def prepare(
         if not members:
             raise ValueError(f"site {site!r} has no cases")
     profile = parse_site_modalities(site_modalities, list(sites))
+    if not overwrite:
+        _refuse_existing_outputs(out_dir, [*(f"{site}.json" for site in sites), "test.json", "sites.json"])
     site_of = {case: site for site, members in sites.items() for case in members}
 
     infos, errors = _validate_all(case_dirs, site_of, profile, conv, deep_validate, progress_every)
@@ -596,6 +673,7 @@ def prepare(
         if not train:
             raise ValueError(f"site {site!r} has no training case after the test/validation split")
         splits[site] = (train, val, test)
+    _check_validation_cases(splits, val_fraction, bad_by_site)
     test_cases = sorted(c for _, _, test in splits.values() for c in test)
     if test_fraction > 0 and not test_cases:
         logger.warning("no test case could be held out (too few cases, or none with all four sequences)")
@@ -697,6 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-invalid", action="store_true", help="leave invalid cases out instead of aborting")
     parser.add_argument("--shallow", action="store_true", help="check headers only (fast, misses truncated files)")
     parser.add_argument("--progress-every", type=int, default=10, help="log progress every N cases")
+    parser.add_argument("--overwrite", action="store_true", help="replace sites.json and datalists in --out-dir")
     add_log_level_argument(parser)
     return parser
 
@@ -724,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
             deep_validate=not args.shallow,
             skip_invalid=args.skip_invalid,
             progress_every=args.progress_every,
+            overwrite=args.overwrite,
         )
     except ValueError as exc:
         logger.error("%s", exc)

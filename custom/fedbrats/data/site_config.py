@@ -67,6 +67,13 @@ def load_site_config(path: str, site_name: str) -> SiteConfig:
             content = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"site config {path!r} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise ValueError(f"site config {path!r} cannot be read: {e}") from e
+    if not isinstance(content, dict):
+        raise ValueError(
+            f"site config {path!r} holds a JSON {type(content).__name__}; it must be an object "
+            '{"sites": {"<site>": {"datalist": ..., "modalities": [...]}}}'
+        )
     sites = content.get("sites")
     if not isinstance(sites, dict) or not sites:
         raise ValueError(f"site config {path!r} needs a non-empty 'sites' mapping of site name to settings")
@@ -79,6 +86,8 @@ def load_site_config(path: str, site_name: str) -> SiteConfig:
 def site_config_from_entry(site_name: str, entry: dict, base_dir: str = "", source: str = "") -> SiteConfig:
     """Validate one site entry (``datalist``, ``modalities``, optional ``convention``)."""
     where = f"site {site_name!r} in {source or 'site config'}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: the entry must be an object with 'datalist' and 'modalities', got {entry!r}")
     datalist = entry.get("datalist")
     if not datalist:
         raise ValueError(f"{where}: 'datalist' is missing")
@@ -97,6 +106,47 @@ def site_config_from_entry(site_name: str, entry: dict, base_dir: str = "", sour
     get_convention(convention)
     ordered = tuple(m for m in MODALITIES if m in set(modalities))
     return SiteConfig(site_name, datalist, ordered, convention, source)
+
+
+def federation_sites_file(sites_file: str | None = None, what: str = "run") -> str:
+    """The ``sites.json`` a whole-federation command uses (``simulate``, ``compare``, ``evaluate``), logged.
+
+    Order: the explicit ``--sites`` option, then the file named by ``FEDBRATS_SITE_CONFIG`` (as the README's real-data
+    steps set it, and as every site of the run then reads it), then the embedded synthetic federation. Using the
+    synthetic data while the user exported a real federation would train and score on the wrong data in silence.
+
+    Args:
+        sites_file: the ``--sites`` option, if given.
+        what: the command, for the log line.
+
+    Returns:
+        the absolute path of the chosen file.
+
+    Raises:
+        ValueError: the chosen file does not exist (the option or variable that named it is said).
+    """
+    env_path = os.environ.get(SITE_CONFIG_ENV)
+    if sites_file:
+        path, source = sites_file, "--sites"
+    elif env_path:
+        path, source = env_path, SITE_CONFIG_ENV
+    else:
+        from fedbrats.data.federation import ensure_default_federation
+
+        path, source = ensure_default_federation(), "the embedded synthetic federation"
+    if not os.path.isfile(path):
+        raise ValueError(f"sites file {path!r} (from {source}) does not exist")
+    path = os.path.abspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"sites file {path!r} (from {source}) cannot be read as JSON: {e}") from e
+    sites = content.get("sites") if isinstance(content, dict) else None
+    if not isinstance(sites, dict) or not sites:
+        raise ValueError(f"sites file {path!r} (from {source}) needs a non-empty 'sites' mapping of site to settings")
+    logger.info("%s uses %s (from %s): sites %s", what, path, source, ", ".join(sorted(sites)))
+    return path
 
 
 def resolve_site_config(site_name: str, workspace_root: str | None = None) -> SiteConfig:

@@ -116,6 +116,16 @@ def _spatial_shape(shape: tuple[int, ...], case_id: str, path: str) -> tuple[int
     return (int(shape[0]), int(shape[1]), int(shape[2]))
 
 
+def permission_problem(exc: PermissionError) -> str:
+    """What to tell a user whose process may not read a file: which user, and the fix (not "copy it again")."""
+    import getpass
+
+    return (
+        f"permission denied ({exc.strerror}): user {getpass.getuser()!r} cannot read it; make it readable by the "
+        "user running this site (e.g. a shared group and chmod g+r)"
+    )
+
+
 def _load_image(path: str, case_id: str, deep: bool) -> nib.spatialimages.SpatialImage:
     """Open a NIfTI file; with ``deep`` read every byte so truncation and CRC errors surface now."""
     if not os.path.exists(path):
@@ -126,6 +136,8 @@ def _load_image(path: str, case_id: str, deep: bool) -> nib.spatialimages.Spatia
         raise _fail(case_id, path, "file is empty (0 bytes); copy or download it again")
     try:
         img = nib.load(path)
+    except PermissionError as exc:
+        raise _fail(case_id, path, permission_problem(exc)) from exc
     except _READ_ERRORS as exc:
         raise _fail(case_id, path, f"not a readable NIfTI file ({_describe(exc)}); copy or download it again") from exc
     if not isinstance(img, nib.spatialimages.SpatialImage):
@@ -142,6 +154,8 @@ def _load_image(path: str, case_id: str, deep: bool) -> nib.spatialimages.Spatia
             with open(path, "rb") as fh:
                 raw = fh.read()
         img = type(img).from_bytes(raw)
+    except PermissionError as exc:
+        raise _fail(case_id, path, permission_problem(exc)) from exc
     except _READ_ERRORS as exc:
         raise _fail(
             case_id, path, f"truncated or corrupt NIfTI ({_describe(exc)}); copy or download the file again"
@@ -290,6 +304,19 @@ def validate_case(
             convention = detect_convention(case_dir)
         except ValueError as exc:
             raise _fail(case_id, case_dir, str(exc)) from exc
+    else:
+        try:
+            named = detect_convention(case_dir)
+        except ValueError:
+            named = convention  # neither or both namings: the checks below name the missing files
+        if named.name != convention.name:
+            # Otherwise every sequence would be reported missing, with the advice to drop it from the site.
+            raise _fail(
+                case_id,
+                case_dir,
+                f"the files are named in the {named.name} convention (e.g. {named.filename(case_id, 't1')}), not "
+                f"{convention.name} as asked; pass --convention {named.name}, or leave --convention out to detect it",
+            )
 
     paths: dict[str, str | None] = {}
     for modality in MODALITIES:

@@ -4,7 +4,8 @@
 
     python -m fedbrats.deploy.poc --sites 4 --num-rounds 2        # or poc_setup/run_poc.sh ...
 
-What it does, in a private workspace (``--workspace``, default ``$TMPDIR/fedbrats_poc``):
+What it does, in a private workspace (``--workspace``, default ``$TMPDIR/fedbrats_poc-<uid>``, mode 0700; key
+files are made 0600):
 
 1. picks a free server port and writes the PoC project: ``poc_setup/project.yml`` with the first N sites, the
    server renamed ``localhost`` (it listens on loopback only) at that port;
@@ -32,7 +33,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -47,10 +47,12 @@ from fedbrats.deploy.provision import (
     Kits,
     RunReport,
     add_run_arguments,
+    default_workspace,
     describe,
     latest_prod_dir,
     nvflare_cli,
     open_admin_session,
+    restrict_secrets,
     run_cli,
     run_from_args,
     start_kit,
@@ -162,6 +164,7 @@ class PocDeployment(Deployment):
         project_file = write_project(project, os.path.join(self.workspace, "poc_project.yml"))
         shutil.rmtree(self.poc_workspace, ignore_errors=True)
         run_cli([nvflare_cli(), "poc", "prepare", "-i", project_file, "--force"], self.env, "nvflare poc prepare")
+        restrict_secrets(self.poc_workspace)
         return Kits.from_project(latest_prod_dir(self.poc_workspace, project["name"]), project)
 
     def start(self) -> None:
@@ -247,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "workspace), write each site's local data configuration, run a job, download the global model, stop "
         "everything and check that nothing is left running.",
     )
-    add_run_arguments(parser, os.path.join(tempfile.gettempdir(), "fedbrats_poc"))
+    add_run_arguments(parser, default_workspace("fedbrats_poc"))
     return run_from_args(PocDeployment, parser.parse_args(argv))
 
 

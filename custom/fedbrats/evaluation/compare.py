@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from fedbrats.constants import modality_combinations
-from fedbrats.data.federation import ensure_default_federation
-from fedbrats.evaluation.evaluate import evaluate_combinations, load_model, mean_over_rows
+from fedbrats.data.site_config import federation_sites_file
+from fedbrats.evaluation.evaluate import default_test_datalist, evaluate_combinations, load_model, mean_over_rows
 from fedbrats.evaluation.report import compare_table, write_reports
 from fedbrats.federated.simulate import SimulationResult, parse_overrides, simulate
 from fedbrats.logging_setup import configure_logging
@@ -185,7 +185,9 @@ def write_comparison(out_dir: str, sites_file: str, results: dict[str, dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedbrats compare", description=__doc__)
-    p.add_argument("--sites", default=None, help="sites.json (default: the embedded synthetic federation)")
+    p.add_argument(
+        "--sites", default=None, help="sites.json (default: $FEDBRATS_SITE_CONFIG, else the embedded federation)"
+    )
     p.add_argument("--workspace", required=True, help="where runs are kept")
     p.add_argument("--out-dir", required=True, help="where the reports go")
     p.add_argument("--experiments", default="centralized,local_only,fedavg,fedkd", help=f"of {sorted(EXPERIMENTS)}")
@@ -200,9 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="only rewrite comparison.md from the results in out-dir")
     a = p.parse_args(argv)
     configure_logging("INFO")
-    sites_file = os.path.abspath(a.sites or ensure_default_federation())
-    with open(sites_file, encoding="utf-8") as f:
-        test_datalist = json.load(f)["test_datalist"]
+    sites_file = federation_sites_file(a.sites, "compare")
+    test_datalist = default_test_datalist(sites_file, "compare's test set")
     overrides = parse_overrides(a.set)
     from fedbrats.jobgen import BASE_TRAINING
 

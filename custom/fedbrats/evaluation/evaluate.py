@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -135,6 +136,21 @@ def find_model_spec(checkpoint: str) -> str:
     )
 
 
+def _load_failure(exc: BaseException) -> str:
+    """The reason of a failed ``torch.load(weights_only=True)``, without torch's advice to retry unsafely.
+
+    torch's message suggests re-running with ``weights_only=False``, which executes whatever the file holds:
+    advice that must never reach a user holding a file of unknown origin, so only the unpickler's reason is kept.
+    """
+    text = str(exc).replace("\x1b[1m", "").replace("\x1b[0m", "")
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = next((line for line in lines if "weights_only" not in line), type(exc).__name__)
+    return reason.split(" Please use", 1)[0].rstrip(".")
+
+
 def load_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
     """Weights of a checkpoint saved as ``{"model": state_dict}`` or as a bare state dict.
 
@@ -149,8 +165,10 @@ def load_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
         content = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError...) for bad files
         raise ValueError(
-            f"checkpoint {checkpoint!r} cannot be loaded with torch.load(weights_only=True): {exc}"
-        ) from exc
+            f"checkpoint {checkpoint!r} is not a plain weights file and was refused ({_load_failure(exc)}); "
+            "opening it otherwise could run code stored in it. Use a checkpoint or exported model.pt saved by "
+            "fedbrats or NVFlare from a source you trust"
+        ) from None
     state = content.get("model", content) if isinstance(content, Mapping) else None
     if not isinstance(state, Mapping) or not state or not all(isinstance(k, str) for k in state):
         raise ValueError(f"checkpoint {checkpoint!r} holds no state dict (expected {{'model': state_dict}} or one)")
@@ -160,7 +178,45 @@ def load_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"checkpoint {checkpoint!r}: not every entry is a tensor ({exc})") from exc
 
 
-def load_model(checkpoint: str, spec: dict[str, Any] | str | None = None) -> torch.nn.Module:
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_exported_model(path: str) -> bool:
+    """Check an exported ``model.pt`` against the ``model_sha256`` its ``metadata.json`` recorded.
+
+    A replaced, truncated or zeroed ``model.pt`` would otherwise load (or fail late) and predict nonsense with
+    exit 0. Files outside an exported folder (checkpoints of a run) have no recorded checksum and are not checked.
+
+    Returns:
+        True when a checksum was recorded and matches, False when there is none to check.
+
+    Raises:
+        ValueError: the recorded checksum does not match (the file and the way out are named).
+    """
+    metadata = read_model_metadata(path)
+    expected = metadata.get("model_sha256")
+    if not expected or os.path.basename(path) != metadata.get("model_file", EXPORTED_MODEL_FILE):
+        return False
+    actual = file_sha256(path)
+    if actual != expected:
+        meta_path = os.path.join(os.path.dirname(os.path.abspath(path)), EXPORTED_METADATA_FILE)
+        raise ValueError(
+            f"model file {path!r} does not match the model_sha256 recorded in {meta_path} (sha256 {actual[:12]}... "
+            f"instead of {str(expected)[:12]}...): it was replaced or damaged after export. Export the model "
+            "again, or pass --skip-integrity-check only if you know where this file comes from"
+        )
+    return True
+
+
+def load_model(
+    checkpoint: str, spec: dict[str, Any] | str | None = None, *, verify_integrity: bool = True
+) -> torch.nn.Module:
     """Build the network a checkpoint belongs to and load its weights (evaluation mode, on the CPU).
 
     Args:
@@ -168,11 +224,19 @@ def load_model(checkpoint: str, spec: dict[str, Any] | str | None = None) -> tor
             :func:`resolve_checkpoint`).
         spec: ``{"path": ..., "args": ...}`` of the network, or a path to ``model_spec.json`` /
             ``metadata.json``; ``None`` looks for one next to the checkpoint (see :func:`find_model_spec`).
+        verify_integrity: check an exported ``model.pt`` against its recorded ``model_sha256`` (see
+            :func:`verify_exported_model`); ``False`` skips it (``--skip-integrity-check``).
 
     Raises:
-        ValueError: the checkpoint or spec is missing or unreadable, or the weights do not fit the network.
+        ValueError: the checkpoint or spec is missing or unreadable, an exported model's checksum does not
+            match, or the weights do not fit the network.
     """
     path = resolve_checkpoint(checkpoint)
+    if verify_integrity:
+        if verify_exported_model(path):
+            logger.info("%s matches the model_sha256 of its metadata.json", path)
+    else:
+        logger.warning("integrity check of %s skipped (--skip-integrity-check)", path)
     if spec is None:
         spec_source = find_model_spec(path)
         spec = spec_from_json(spec_source)
@@ -221,6 +285,25 @@ def metadata_input_defaults(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if image.get("zoom"):
         out["zoom"] = float(image["zoom"])
     return out
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device named by ``--device``, after checking that this machine has it.
+
+    Raises:
+        ValueError: a malformed device name, or a CUDA device on a machine without one (torch would fail later
+            with an ``AssertionError`` traceback).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this machine has no usable CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------
@@ -403,14 +486,16 @@ def evaluate_combinations(
 
 
 # ---- command line -----------------------------------------------------------------------------------------
-def default_test_datalist(sites: str | None = None) -> str:
-    """The ``test_datalist`` of a ``sites.json`` (default: the embedded synthetic federation's)."""
-    if sites is None:
-        from fedbrats.data.federation import ensure_default_federation
+def default_test_datalist(sites: str | None = None, what: str = "evaluate") -> str:
+    """The ``test_datalist`` of a ``sites.json`` (default: ``FEDBRATS_SITE_CONFIG``'s, else the embedded one's).
 
-        sites = ensure_default_federation()
-    if not os.path.isfile(sites):
-        raise ValueError(f"sites file {sites!r} does not exist")
+    Args:
+        sites: the ``--sites`` option, if given.
+        what: the command, for the log line saying which file it uses.
+    """
+    from fedbrats.data.site_config import federation_sites_file
+
+    sites = federation_sites_file(sites, what)
     manifest = read_json(sites, "sites file")
     path = manifest.get("test_datalist") if isinstance(manifest, dict) else None
     if not path:
@@ -437,13 +522,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="checkpoint (.pt), federated run folder or exported model")
     parser.add_argument("--spec", default=None, help="model_spec.json (default: found next to the model)")
     parser.add_argument("--datalist", default=None, help="datalist with the test cases (default: --sites' test set)")
-    parser.add_argument("--sites", default=None, help="sites.json whose test_datalist to use (default: embedded)")
+    parser.add_argument(
+        "--sites",
+        default=None,
+        help="sites.json whose test_datalist to use (default: $FEDBRATS_SITE_CONFIG, else the embedded federation)",
+    )
     parser.add_argument("--key", default="test", help="list of the datalist to evaluate (default: test)")
     parser.add_argument("--roi-size", type=int, nargs="+", default=None, help="sliding-window size (1 or 3 ints)")
     parser.add_argument("--zoom", type=float, default=None, help="resampling factor after cropping (default 1.0)")
     parser.add_argument("--max-eval-size", type=int, default=0, help="centre-crop volumes to this side (0: never)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument(
+        "--skip-integrity-check",
+        action="store_true",
+        help="load an exported model.pt even if it does not match the model_sha256 of its metadata.json",
+    )
     parser.add_argument("--out-dir", default=None, help="where results.json/.md and heatmaps go (default: none)")
     parser.add_argument("--label", default=None, help="name of the model in the report (default: the model path)")
     parser.add_argument("--max-cases", type=int, default=0, help="use only the first N cases (0: all)")
@@ -460,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     try:
-        model = load_model(args.model, args.spec)
+        check_device(args.device)
+        model = load_model(args.model, args.spec, verify_integrity=not args.skip_integrity_check)
         # An exported model documents the window and resampling it was made for; the options override them.
         defaults = metadata_input_defaults(read_model_metadata(resolve_checkpoint(args.model)))
         data: dict[str, Any] = {"max_eval_size": args.max_eval_size}

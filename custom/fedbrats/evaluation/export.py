@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from fedbrats.data.conventions import CONVENTIONS
 from fedbrats.evaluation.evaluate import (
     EXPORTED_METADATA_FILE,
     EXPORTED_MODEL_FILE,
+    file_sha256,
     find_model_spec,
     load_model,
     read_json,
@@ -50,14 +50,6 @@ REFERENCES: tuple[str, ...] = (
 )
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def training_data_from_sites(sites_file: str, sites: Sequence[str] | None = None) -> dict[str, Any]:
     """Describe the training data of a federation from its ``sites.json``.
 
@@ -72,7 +64,9 @@ def training_data_from_sites(sites_file: str, sites: Sequence[str] | None = None
     from fedbrats.data.federation import POOLED_SITE
 
     manifest = read_json(sites_file, "sites file")
-    all_sites = manifest.get("sites", {}) if isinstance(manifest, dict) else {}
+    all_sites = manifest.get("sites") if isinstance(manifest, dict) else None
+    if not isinstance(all_sites, dict) or not all_sites:
+        raise ValueError(f"sites file {sites_file!r} needs a non-empty 'sites' mapping of site to settings")
     chosen = list(sites) if sites else [s for s in all_sites if s != POOLED_SITE]
     unknown = sorted(set(chosen) - set(all_sites))
     if unknown:
@@ -124,6 +118,7 @@ def export_model(
     roi_size: Sequence[int] = DEFAULT_ROI_SIZE,
     zoom: float = 1.0,
     metrics: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Write ``model.pt`` and ``metadata.json`` of a trained model to ``out_dir``.
 
@@ -138,6 +133,7 @@ def export_model(
         roi_size: sliding-window size to use at inference (three multiples of 8).
         zoom: resampling factor the model was trained with (1: native 1 mm grid).
         metrics: test results; the output of ``evaluate_combinations`` is condensed to its headline numbers.
+        overwrite: replace an exported model already in ``out_dir`` (``--overwrite``); without it that is refused.
 
     Returns:
         ``out_dir``.
@@ -150,6 +146,12 @@ def export_model(
         raise ValueError(f"roi_size must be three multiples of {SPATIAL_DIVISOR}, got {list(roi_size)}")
     if not 0.05 <= zoom <= 1.0:
         raise ValueError(f"zoom must be in [0.05, 1], got {zoom}")
+    existing = [n for n in (EXPORTED_MODEL_FILE, EXPORTED_METADATA_FILE) if os.path.lexists(os.path.join(out_dir, n))]
+    if existing and not overwrite:
+        raise ValueError(
+            f"--out-dir {out_dir!r} already holds an exported model ({', '.join(existing)}); choose another folder, "
+            "or pass --overwrite to replace it"
+        )
     checkpoint = resolve_checkpoint(checkpoint_or_run_dir)
     if spec is None:
         spec = spec_from_json(find_model_spec(checkpoint))
@@ -176,7 +178,7 @@ def export_model(
         "description": description,
         "framework": {"torch": torch.__version__, "monai": _monai_version()},
         "model_file": EXPORTED_MODEL_FILE,
-        "model_sha256": _sha256(model_path),
+        "model_sha256": file_sha256(model_path),
         "num_parameters": int(sum(v.numel() for v in model.parameters())),
         "source_checkpoint": os.path.abspath(checkpoint),
         "model_spec": dict(spec),
@@ -251,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", default=None, help="results.json of `evaluate`, stored as the metrics")
     parser.add_argument("--sites", default=None, help="sites.json of the training federation")
     parser.add_argument("--site", action="append", default=None, help="a site that trained the model (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already exported in --out-dir")
     add_log_level_argument(parser)
     return parser
 
@@ -283,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             roi_size=roi,
             zoom=args.zoom,
             metrics=metrics,
+            overwrite=args.overwrite,
         )
         logger.info("exported model in %s", out)
     except ValueError as exc:

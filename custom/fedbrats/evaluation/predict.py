@@ -27,7 +27,13 @@ from monai.utils import convert_to_tensor
 from fedbrats.constants import MODALITIES
 from fedbrats.data.conventions import CONVENTIONS, get_convention
 from fedbrats.data.transforms import LoadBraTSCase
-from fedbrats.evaluation.evaluate import load_model, metadata_input_defaults, read_model_metadata, resolve_checkpoint
+from fedbrats.evaluation.evaluate import (
+    check_device,
+    load_model,
+    metadata_input_defaults,
+    read_model_metadata,
+    resolve_checkpoint,
+)
 from fedbrats.evaluation.inference import predict_logits
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
 
@@ -54,6 +60,84 @@ def check_image_paths(image_paths: Mapping[str, str | None]) -> dict[str, str]:
         if not os.path.isfile(path):
             raise ValueError(f"{modality} file {path!r} does not exist")
     return {m: given[m] for m in MODALITIES if m in given}
+
+
+#: A volume with at most this many distinct values, all integers, is a label map rather than an MRI sequence.
+MAX_LABEL_VALUES = 8
+
+
+def label_like_values(path: str) -> list[int] | None:
+    """The values of a volume that looks like a segmentation (few distinct integers), else ``None``.
+
+    An MRI sequence has thousands of distinct intensities; a BraTS label map has 2 to 4 (0, 1, 2, 4 or 3). Only a
+    strided sample is scanned first, so a real sequence is cleared at a glance.
+    """
+    data = np.asanyarray(nib.load(path).dataobj)
+    sample = data.reshape(-1)[:: max(1, data.size // 200_000)]
+    if np.unique(sample).size > MAX_LABEL_VALUES:
+        return None
+    values = np.unique(data)
+    if values.size > MAX_LABEL_VALUES or not np.all(np.mod(values, 1) == 0):
+        return None
+    return [int(v) for v in values]
+
+
+def check_not_label_maps(image_paths: Mapping[str, str]) -> None:
+    """Refuse a segmentation given as a sequence (``--flair x_seg.nii.gz``): it would be segmented without a word.
+
+    Raises:
+        ValueError: a given file holds few integer values (it and its values are named).
+    """
+    for modality, path in image_paths.items():
+        values = label_like_values(path)
+        if values is not None:
+            raise ValueError(
+                f"{modality} file {path!r} holds only the values {values}: it looks like a segmentation (label map), "
+                f"not an MRI sequence; pass the patient's {modality} image"
+            )
+
+
+def infer_convention(image_paths: Mapping[str, str]) -> str | None:
+    """The BraTS convention the file names follow (``-t1n/-t1c/-t2w/-t2f``: 2023+, ``_t1/_t1ce/_t2/_flair``: 2018),
+    or ``None`` when the names say nothing or disagree."""
+    found = set()
+    for modality, path in image_paths.items():
+        name = os.path.basename(path).split(".nii")[0].lower()
+        for convention in CONVENTIONS.values():
+            suffix = convention.suffixes[MODALITIES.index(modality)]
+            if name.endswith(convention.separator + suffix):
+                found.add(convention.name)
+    return found.pop() if len(found) == 1 else None
+
+
+def check_output_path(out_path: str, image_paths: Mapping[str, str], overwrite: bool = False) -> str:
+    """Check the output segmentation's path before any work: never an input, never an existing file by accident.
+
+    Raises:
+        ValueError: not a ``.nii``/``.nii.gz`` name, the same file as an input (the input would be replaced by a
+            label map), an existing file without ``overwrite``, a folder, or a folder that cannot be written.
+    """
+    if not out_path.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"--out {out_path!r} must end with .nii.gz or .nii")
+    real_out = os.path.realpath(out_path)
+    for modality, path in image_paths.items():
+        if real_out == os.path.realpath(path):
+            raise ValueError(
+                f"--out {out_path!r} is the {modality} input: writing it would destroy the patient's image"
+            )
+    if os.path.isdir(out_path):
+        raise ValueError(f"--out {out_path!r} is a folder; give a file name ending with .nii.gz")
+    if os.path.lexists(out_path) and not overwrite:
+        raise ValueError(
+            f"--out {out_path!r} already exists (a ground truth?); choose another name or pass --overwrite"
+        )
+    folder = os.path.dirname(os.path.abspath(out_path))
+    existing = folder
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"--out {out_path!r}: folder {existing!r} is not writable")
+    return out_path
 
 
 def regions_to_labels(regions: np.ndarray, convention: str = "brats2018") -> np.ndarray:
@@ -200,11 +284,22 @@ def build_parser() -> argparse.ArgumentParser:
     for modality in MODALITIES:
         parser.add_argument(f"--{modality}", default=None, metavar="PATH", help=f"{modality} NIfTI (optional)")
     parser.add_argument("--out", required=True, help="output segmentation (.nii.gz)")
-    parser.add_argument("--convention", choices=sorted(CONVENTIONS), default="brats2018", help="label values")
+    parser.add_argument(
+        "--convention",
+        choices=sorted(CONVENTIONS),
+        default=None,
+        help="label values: brats2018 (ET=4) or brats2023 (ET=3); default: from the input names, else brats2018",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file (never an input)")
     parser.add_argument("--roi-size", type=int, nargs="+", default=None, help="sliding window (1 or 3 ints)")
     parser.add_argument("--zoom", type=float, default=None, help="resampling factor (default: the model's, or 1)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument(
+        "--skip-integrity-check",
+        action="store_true",
+        help="load an exported model.pt even if it does not match the model_sha256 of its metadata.json",
+    )
     add_log_level_argument(parser)
     return parser
 
@@ -219,9 +314,24 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         image_paths = {m: getattr(args, m) for m in MODALITIES if getattr(args, m)}
-        # Check the inputs before the (slower) model loading, so a typo fails at once.
-        check_image_paths(image_paths)
-        model = load_model(args.model, args.spec)
+        # Check the inputs and the output before the (slower) model loading, so a typo fails at once and nothing
+        # is overwritten by accident.
+        image_paths = check_image_paths(image_paths)
+        check_output_path(args.out, image_paths, overwrite=args.overwrite)
+        check_not_label_maps(image_paths)
+        check_device(args.device)
+        convention = args.convention
+        if convention is None:
+            inferred = infer_convention(image_paths)
+            convention = inferred or "brats2018"
+            source = "inferred from the input file names" if inferred else "the default; the names do not tell"
+            logger.info(
+                "label convention %s (ET=%d), %s; pass --convention to choose",
+                convention,
+                get_convention(convention).et_label,
+                source,
+            )
+        model = load_model(args.model, args.spec, verify_integrity=not args.skip_integrity_check)
         defaults = metadata_input_defaults(read_model_metadata(resolve_checkpoint(args.model)))
         if args.roi_size:
             if len(args.roi_size) not in (1, 3):
@@ -237,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             overlap=args.overlap,
             device=args.device,
             zoom=zoom,
-            convention=args.convention,
+            convention=convention,
         )
         write_segmentation(labels, affine, header, args.out)
         logger.info("wrote %s (labels %s)", args.out, sorted(int(v) for v in np.unique(labels)))

@@ -11,10 +11,16 @@ from typing import Any
 
 import numpy as np
 
+#: Meta key of a site that cannot do its task: the one-line reason (its error message, cut to
+#: :data:`SITE_ERROR_MAX_CHARS`), so that the server can name why a job stops. Sent instead of weights.
+SITE_ERROR_KEY = "site_error"
+SITE_ERROR_MAX_CHARS = 500
+
 #: Meta keys every method may send.
 BASE_META_KEYS: frozenset[str] = frozenset(
     {
         "site_name",
+        SITE_ERROR_KEY,
         "modalities",  # the site's available sequences (names)
         "num_steps",  # optimisation steps this round (aggregation weight)
         "num_train_cases",

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fedbrats.data.federation import POOLED_SITE, ensure_default_federation
-from fedbrats.data.site_config import SITE_CONFIG_ENV
+from fedbrats.data.federation import POOLED_SITE
+from fedbrats.data.site_config import SITE_CONFIG_ENV, federation_sites_file
 from fedbrats.federated.memory import with_allocator_defaults
 from fedbrats.jobgen import DEFAULT_ROUNDS, JOBS, write_job
 
@@ -156,6 +156,58 @@ def _stop_simulator(proc: subprocess.Popen, sim_ws: str, grace: float = 20.0) ->
                 worker.kill()
 
 
+#: What the server logs when it stops a job for lack of usable updates, and when it rejects a site's result.
+_JOB_STOPPED = re.compile(r"(stopping the job: .*)$")
+_SITE_REJECTED = re.compile(r"(round \d+: rejected the update of .*)$")
+
+
+def _failure_reason(log_file: str) -> str:
+    """Why the server stopped the job (or the first site error), from the simulator log, as ": <reason>" or ""."""
+    try:
+        with open(log_file, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    for pattern in (_JOB_STOPPED, _SITE_REJECTED):
+        for line in lines:
+            found = pattern.search(line)
+            if found:
+                return f": {found.group(1).strip()}"
+    return ""
+
+
+def check_job_options(job_dir: str) -> None:
+    """Check a generated job's training options, method and aggregation arguments before the simulator starts.
+
+    Each site would refuse an unknown option itself, but only after the simulator started, and the user would see
+    "aggregated no site update"; the same checks here name the option at once.
+
+    Raises:
+        ValueError: an unknown or invalid training option, method argument or aggregation argument (named).
+    """
+    from fedbrats.federated.client.trainer import TrainConfig
+    from fedbrats.federated.methods import build_method
+    from fedbrats.federated.server.aggregation import STRATEGIES
+
+    config_dir = os.path.join(job_dir, "app", "config")
+    with open(os.path.join(config_dir, "config_fed_client.json"), encoding="utf-8") as f:
+        client = json.load(f)
+    with open(os.path.join(config_dir, "config_fed_server.json"), encoding="utf-8") as f:
+        server = json.load(f)
+    try:
+        training = client["executors"][0]["executor"]["args"].get("training", {})
+        config = TrainConfig.from_dict(training)
+        build_method(config.method, **config.method_args)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"job {os.path.basename(job_dir)}: {exc} (check the --set options)") from None
+    for component in server.get("components", []):
+        if component.get("id") == "aggregation":
+            try:
+                STRATEGIES.build(component["path"], component.get("args", {}))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"job {os.path.basename(job_dir)}: {exc} (check the --agg options)") from None
+
+
 def site_names(sites_file: str, job: str) -> list[str]:
     """The clients to simulate: the pooled site for the centralized job, every other site otherwise."""
     with open(sites_file, encoding="utf-8") as f:
@@ -188,7 +240,8 @@ def simulate(
     Args:
         job: a job name of :data:`fedbrats.jobgen.JOBS`.
         workspace: folder for the generated job and the simulator workspace (``workspace/sim``).
-        sites_file: the federation's ``sites.json`` (default: the embedded synthetic federation).
+        sites_file: the federation's ``sites.json`` (default: ``FEDBRATS_SITE_CONFIG``, else the embedded synthetic
+            federation; see :func:`fedbrats.data.site_config.federation_sites_file`).
         num_rounds: rounds (default: the job's).
         overrides: training-option overrides (nested dict, merged into the job's).
         aggregation_args: arguments of the job's aggregation strategy (merged into the job's).
@@ -207,7 +260,7 @@ def simulate(
     """
     if job not in JOBS:
         raise ValueError(f"job must be one of {sorted(JOBS)}, got {job!r}")
-    sites_file = os.path.abspath(sites_file or ensure_default_federation())
+    sites_file = federation_sites_file(sites_file, f"simulate {job}")
     if controller_args and controller_args.get("resume_from"):
         controller_args = dict(
             controller_args, resume_from=_keep_resume_source(controller_args["resume_from"], workspace)
@@ -225,6 +278,7 @@ def simulate(
         seed=seed,
         **(overrides or {}),
     )
+    check_job_options(job_dir)
     sim_ws = os.path.join(workspace, "sim")
     log_file = log_file or os.path.join(workspace, "simulator.log")
     cmd = [sys.executable, "-m", "nvflare.cli", "simulator", job_dir, "-w", sim_ws, "-c", ",".join(clients)]
@@ -240,10 +294,12 @@ def simulate(
     run_dir = os.path.join(sim_ws, "server", "simulate_job")
     metrics_file = os.path.join(run_dir, "metrics.json")
     if returncode != 0 or not os.path.isfile(metrics_file):
-        raise RuntimeError(f"simulation of {job} failed (exit {returncode}); see {log_file}")
+        raise RuntimeError(f"simulation of {job} failed (exit {returncode}){_failure_reason(log_file)}; see {log_file}")
     with open(metrics_file, encoding="utf-8") as f:
         history = json.load(f)
     if not any(r["sites"] for r in history if not r.get("final_validation")):
-        raise RuntimeError(f"simulation of {job} aggregated no site update in any round; see {log_file}")
+        raise RuntimeError(
+            f"simulation of {job} aggregated no site update in any round{_failure_reason(log_file)}; see {log_file}"
+        )
     logger.info("%s finished in %.1fs; run dir %s", job, seconds, run_dir)
     return SimulationResult(run_dir, seconds, history)

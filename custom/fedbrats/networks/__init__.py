@@ -7,34 +7,38 @@ from typing import Any
 import torch
 
 from fedbrats.networks.segresnet import BraTSSegResNet
+from fedbrats.registry import Registry
 
-_NETWORKS = {
-    "segresnet": "fedbrats.networks.segresnet.BraTSSegResNet",
-    "modality_aware": "fedbrats.networks.modality_aware.ModalityAwareSegNet",
-    "mstkd": "fedbrats.networks.mstkd.MSTKDNet",
-}
+#: The network classes a name, a job or a model file may build (see :mod:`fedbrats.registry`): nothing else is
+#: ever imported from a spec, however it names itself.
+NETWORKS: Registry[torch.nn.Module] = Registry(
+    "network",
+    torch.nn.Module,
+    {
+        "segresnet": "fedbrats.networks.segresnet.BraTSSegResNet",
+        "modality_aware": "fedbrats.networks.modality_aware.ModalityAwareSegNet",
+        "mstkd": "fedbrats.networks.mstkd.MSTKDNet",
+    },
+)
 
 
 def register_network(name: str, class_path: str) -> None:
-    """Make a network class buildable by name (sibling methods add theirs)."""
-    _NETWORKS[name] = class_path
+    """Make a network class (a ``torch.nn.Module`` subclass) buildable by name and by its path."""
+    NETWORKS.register(name, class_path)
 
 
 def network_class_path(name: str) -> str:
-    """Import path of a registered network, as NVFlare component configs need it."""
-    try:
-        return _NETWORKS[name]
-    except KeyError:
-        raise ValueError(f"network must be one of {sorted(_NETWORKS)}, got {name!r}") from None
+    """Import path of a registered network, as NVFlare component configs need it.
+
+    Raises:
+        ValueError: ``name`` is not registered.
+    """
+    return NETWORKS.path(name)
 
 
 def build_network(name: str, **kwargs: Any) -> torch.nn.Module:
-    """Instantiate a registered network with keyword arguments."""
-    import importlib
-
-    module_name, cls_name = network_class_path(name).rsplit(".", 1)
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(**kwargs)
+    """Instantiate a registered network with keyword arguments (JSON values only, see :mod:`fedbrats.registry`)."""
+    return NETWORKS.build(name, kwargs)
 
 
 def model_spec(model: torch.nn.Module) -> dict[str, Any]:
@@ -57,16 +61,26 @@ def model_spec(model: torch.nn.Module) -> dict[str, Any]:
     return {"path": f"{cls.__module__}.{cls.__qualname__}", "args": args}
 
 
-def build_from_spec(spec: dict[str, Any]) -> torch.nn.Module:
-    """Inverse of :func:`model_spec`; only classes inside this package are accepted."""
-    import importlib
+def build_from_spec(spec: Any) -> torch.nn.Module:
+    """Inverse of :func:`model_spec`: only registered network classes are built, with JSON arguments.
 
-    path = spec.get("path", "")
-    if not path.startswith("fedbrats."):
-        raise ValueError(f"model path must be a fedbrats network, got {path!r}")
-    module_name, cls_name = path.rsplit(".", 1)
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(**spec.get("args", {}))
+    A spec comes from model folders and from the server at every round, so it is treated as untrusted input.
+
+    Raises:
+        ValueError: the spec is not ``{"path": ..., "args": {...}}``, names an unregistered class, or has an
+            argument of another type than a JSON scalar or list (the path is named).
+    """
+    if not isinstance(spec, dict):
+        raise ValueError(f"a model spec must be a JSON object with 'path' and 'args', got {type(spec).__name__}")
+    return NETWORKS.build(spec.get("path"), spec.get("args", {}))
 
 
-__all__ = ["BraTSSegResNet", "build_from_spec", "build_network", "model_spec", "network_class_path", "register_network"]
+__all__ = [
+    "NETWORKS",
+    "BraTSSegResNet",
+    "build_from_spec",
+    "build_network",
+    "model_spec",
+    "network_class_path",
+    "register_network",
+]

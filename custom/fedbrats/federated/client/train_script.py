@@ -19,7 +19,7 @@ from fedbrats.data.site_config import resolve_site_config
 from fedbrats.federated.client.executor import decode_config
 from fedbrats.federated.client.trainer import SiteTrainer, TrainConfig
 from fedbrats.federated.memory import SITE_GC_ROUNDS, release_memory
-from fedbrats.federated.payload import to_wire
+from fedbrats.federated.payload import SITE_ERROR_KEY, SITE_ERROR_MAX_CHARS, to_wire
 from fedbrats.networks import build_from_spec
 
 logger = logging.getLogger("fedbrats.client")
@@ -35,6 +35,33 @@ def run(training: dict, workspace: str | None, gc_rounds: int = SITE_GC_ROUNDS) 
     """
     flare.init()
     site_name = flare.get_site_name()
+    answered = [True]  # whether the last task received has been answered (a list: _run sets it)
+    try:
+        _run(site_name, training, workspace, gc_rounds, answered)
+    except Exception as exc:
+        logger.exception("site %s failed", site_name)
+        _answer_with_error(site_name, exc, pending=not answered[0])
+
+
+def _answer_with_error(site_name: str, exc: BaseException, pending: bool) -> None:
+    """Answer the pending task and every later one with the failure's reason, until the job ends.
+
+    Without this the server only sees an execution error without a message and, when every site fails, would
+    run all its rounds on an unchanged model; with it the server stops the job and repeats each site's reason.
+    """
+    reason = f"{type(exc).__name__}: {exc}"[:SITE_ERROR_MAX_CHARS]
+    # metrics={} rather than None: NVFlare refuses a result without params and metrics.
+    failed = FLModel(metrics={}, meta={"site_name": site_name, SITE_ERROR_KEY: reason})
+    if pending:
+        flare.send(failed)
+    while flare.is_running():
+        if flare.receive() is None:
+            break
+        flare.send(failed)
+
+
+def _run(site_name: str, training: dict, workspace: str | None, gc_rounds: int, answered: list[bool]) -> None:
+    """The loop of :func:`run` (``answered[0]`` False while a received task is not yet answered)."""
     config = TrainConfig.from_dict(training)
     site = resolve_site_config(site_name, workspace)
     writer = SummaryWriter()
@@ -46,6 +73,7 @@ def run(training: dict, workspace: str | None, gc_rounds: int = SITE_GC_ROUNDS) 
         input_model = flare.receive()
         if input_model is None:
             break
+        answered[0] = False
         meta = input_model.meta or {}
         current_round = input_model.current_round or 0
         if trainer is None:
@@ -65,9 +93,11 @@ def run(training: dict, workspace: str | None, gc_rounds: int = SITE_GC_ROUNDS) 
             # The weights go back unchanged only so that NVFlare's model selector, which ignores metrics-only
             # results, also judges the final global model.
             flare.send(FLModel(params=trainer.weights(), metrics=metrics, meta={"site_name": site_name}))
+            answered[0] = True
             continue
         if flare.is_submit_model():
             flare.send(FLModel(params=trainer.weights(), meta={"site_name": site_name}))
+            answered[0] = True
             continue
 
         started = time.monotonic()
@@ -90,6 +120,7 @@ def run(training: dict, workspace: str | None, gc_rounds: int = SITE_GC_ROUNDS) 
             **to_wire(extras),
         }
         flare.send(FLModel(params=trainer.update_weights(), metrics=metrics, meta=out_meta))
+        answered[0] = True
         logger.info(
             "round %d | site %s | sent update: %d steps, loss %.4f, %.1fs",
             current_round,

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from nvflare.apis.fl_component import FLComponent
 
+from fedbrats.registry import Registry
+
 logger = logging.getLogger(__name__)
 
 
@@ -234,3 +236,16 @@ class ModalityAwareAggregation(WeightedAverage):
         if "global_prototypes" in state:
             self.prototypes = np.asarray(state["global_prototypes"], dtype=np.float32)
             self.prototype_valid = np.asarray(state["global_prototype_valid"], dtype=bool)
+
+
+#: The aggregation strategies this package builds itself from a job definition (the benchmarks do; NVFlare builds
+#: the server's component from the job config): registered classes only, see :mod:`fedbrats.registry`.
+STRATEGIES: Registry[AggregationStrategy] = Registry(
+    "aggregation strategy",
+    AggregationStrategy,
+    {
+        "weighted_average": f"{__name__}.WeightedAverage",
+        "local_only": f"{__name__}.LocalOnly",
+        "modality_aware": f"{__name__}.ModalityAwareAggregation",
+    },
+)

@@ -19,6 +19,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.workflows.model_controller import ModelController
 
 from fedbrats.federated.memory import SERVER_GC_ROUNDS, release_memory
+from fedbrats.federated.payload import SITE_ERROR_KEY
 from fedbrats.federated.server.aggregation import AggregationStrategy, SiteUpdate
 from fedbrats.federated.server.update_checks import update_problem
 from fedbrats.networks import build_from_spec, model_spec
@@ -46,6 +47,9 @@ class FedBratsController(ModelController):
             collects garbage cycles every this many rounds (0: never); see :mod:`fedbrats.federated.memory`.
         seed: seed of the initial global model (None: the persistor's unseeded initialisation). With the
             sites' training ``seed`` it makes a run repeatable on the same machine.
+        max_empty_rounds: stop the job (it fails, with each site's reason) after this many consecutive rounds
+            without a usable update. The first round of a run stops it at once when it has none: no site could
+            even start, so the remaining rounds would only repeat the failure and end in a "successful" job.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class FedBratsController(ModelController):
         persistor_id: str = "persistor",
         memory_gc_rounds: int = SERVER_GC_ROUNDS,
         seed: int | None = None,
+        max_empty_rounds: int = 3,
     ) -> None:
         super().__init__(persistor_id=persistor_id, ignore_result_error=True)
         if num_rounds < 1:
@@ -68,6 +73,9 @@ class FedBratsController(ModelController):
             raise ValueError(f"min_clients must be >= 0, got {min_clients}")
         if memory_gc_rounds < 0:
             raise ValueError(f"memory_gc_rounds must be >= 0, got {memory_gc_rounds}")
+        if max_empty_rounds < 1:
+            raise ValueError(f"max_empty_rounds must be >= 1, got {max_empty_rounds}")
+        self.max_empty_rounds = max_empty_rounds
         self.num_rounds = num_rounds
         self.min_clients = min_clients
         self.aggregation_id = aggregation_id
@@ -102,6 +110,8 @@ class FedBratsController(ModelController):
         self.info(f"start: {self.num_rounds} rounds, aggregation {strategy.name}, model {spec['path']}")
         self.fl_ctx.set_prop(AppConstants.NUM_ROUNDS, self.num_rounds, private=True, sticky=False)
 
+        empty_rounds = 0
+        any_update = False
         for current_round in range(start_round, self.num_rounds):
             if self.abort_signal and self.abort_signal.triggered:
                 return
@@ -118,10 +128,15 @@ class FedBratsController(ModelController):
                 self._set_global_model(global_params)
                 self.save_model(FLModel(params=dict(global_params)))
                 self._save_extras(updates)
+                any_update, empty_rounds = True, 0
             else:
                 self.error(f"round {current_round}: no usable update; the global model is unchanged")
+                empty_rounds += 1
             record["seconds"] = round(time.monotonic() - started, 2)
             self._record(record)
+            if empty_rounds and (not any_update or empty_rounds >= self.max_empty_rounds):
+                self.panic(no_update_message(record, empty_rounds, any_update, self.max_empty_rounds))
+                return
             self.event(AppEventType.ROUND_DONE)
             del results, updates
             release_memory(current_round + 1, self.memory_gc_rounds)
@@ -150,7 +165,10 @@ class FedBratsController(ModelController):
             old_spec = json.load(f)
         if old_spec != spec:
             raise ValueError(f"resume_from={run_dir!r} holds a {old_spec['path']} with other arguments than this job")
-        state = torch.load(model_file, weights_only=True)["model"]
+        # Weights only, and a refusal that never suggests loading the file unsafely (see load_state_dict).
+        from fedbrats.evaluation.evaluate import load_state_dict
+
+        state = load_state_dict(model_file)
         if set(state) != set(params):
             raise ValueError(f"resume_from={run_dir!r}: the saved weights do not fit this job's model")
         with open(metrics_file, encoding="utf-8") as f:
@@ -241,6 +259,9 @@ class FedBratsController(ModelController):
         assert self.strategy is not None
         meta = _site_meta(result.meta)
         metrics = {k: float(v) for k, v in (result.metrics or {}).items() if _is_number(v)}
+        if meta.get(SITE_ERROR_KEY):
+            # The site could not do the task and said why (see train_script): its reason goes into the record.
+            return _Checked(_site_name(result), {}, {}, {}, f"the site failed: {meta[SITE_ERROR_KEY]}")
         if global_params is None:
             return _Checked(_site_name(result), {}, meta, metrics, None)
         params = _full_params(result, global_params)
@@ -354,6 +375,19 @@ class FedBratsController(ModelController):
                 "seconds": 0.0,
             }
         )
+
+
+def no_update_message(record: dict[str, Any], empty_rounds: int, any_update: bool, limit: int) -> str:
+    """Why the job stops after rounds without a usable update, with each site's reason (from a round's record)."""
+    reasons = dict(record.get("rejected") or {})
+    for site in record.get("left_out") or []:
+        reasons.setdefault(site, "sent nothing (it failed or was too slow; see its log)")
+    why = "; ".join(f"{site}: {reason}" for site, reason in sorted(reasons.items())) or "no site took part"
+    if any_update:
+        when = f"{empty_rounds} consecutive rounds (max_empty_rounds={limit}) brought no usable update"
+    else:
+        when = f"round {record['round']}, the first of this run, brought no usable update"
+    return f"stopping the job: {when}, so training cannot go on. Sites: {why}"
 
 
 # Keys NVFlare itself adds to a result's meta on the way (not sent by the site's method).
