@@ -214,7 +214,7 @@ def test_overrides_merge_into_job_configs() -> None:
     server = configs["app/config/config_fed_server.json"]
     client = configs["app/config/config_fed_client.json"]
     training = client["executors"][0]["executor"]["args"]["training"]
-    assert training["data"] == {"roi_size": [16, 16, 16], "batch_size": 2, "modality_dropout": 0.0}
+    assert training["data"] == {"roi_size": [16, 16, 16], "batch_size": 2, "modality_dropout": 0.5}
     assert training["method"] == "fedkd"
     assert server["workflows"][0]["args"]["num_rounds"] == 3
     (aggregation,) = [c for c in server["components"] if c["id"] == "aggregation"]
