@@ -16,6 +16,7 @@ def _row(value: float) -> dict:
         "hd95": dict.fromkeys(REGIONS, 10 * value),
         "mean_dice": value,
         "mean_hd95": 10 * value,
+        "per_case": {"dice": [[value] * 3, [value / 2] * 3], "hd95": [[10 * value] * 3] * 2},
     }
 
 
@@ -36,8 +37,88 @@ def test_local_only_results_are_the_mean_of_site_models() -> None:
     assert out["full_modality"]["dice"]["WT"] == pytest.approx(0.7)
     assert out["mean_over_combinations"]["mean_dice"] == pytest.approx(0.5)
     assert "2 site models" in out["model"]
+    # per case too, so that local-only pairs with other methods case by case
+    assert out["combinations"]["t1"]["per_case"]["dice"][1] == pytest.approx([0.15] * 3)
 
 
 def test_every_experiment_names_a_real_job() -> None:
     assert {job for job, _, _ in EXPERIMENTS.values()} <= set(JOBS)
     assert set(PRIVACY) <= set(EXPERIMENTS)
+
+
+# ---- replicated, paired comparison ---------------------------------------------------------------------------
+def _results(level: float, cases: list[str], noise: float = 0.0, seed: int = 0) -> dict:
+    """Full results of all 15 combinations: each case's Dice ``level`` (+ per-case noise)."""
+    import numpy as np
+
+    from fedbrats.constants import combination_name, modality_combinations
+
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for combo in modality_combinations():
+        per_case = np.clip(level + noise * rng.standard_normal(len(cases)), 0, 1)
+        row = _row(float(per_case.mean()))
+        row["per_case"] = {"dice": [[v] * 3 for v in per_case], "hd95": [[1.0] * 3 for _ in cases]}
+        rows[combination_name(combo)] = row
+    full = rows["t1+t1ce+t2+flair"]
+    return {
+        "model": "m",
+        "num_cases": len(cases),
+        "cases": cases,
+        "combinations": rows,
+        "full_modality": full,
+        "mean_over_combinations": {k: v for k, v in full.items() if k != "per_case"},
+    }
+
+
+def test_paired_difference_recovers_a_known_shift() -> None:
+    from fedbrats.evaluation.statistics import paired_difference
+
+    cases = [f"c{i}" for i in range(12)]
+    b = {s: _results(0.5, cases, noise=0.1, seed=s) for s in range(3)}
+    a = {
+        s: {
+            **r,
+            "combinations": {
+                k: {
+                    **row,
+                    "per_case": {
+                        "dice": [[v + 0.1 for v in c] for c in row["per_case"]["dice"]],
+                        "hd95": row["per_case"]["hd95"],
+                    },
+                }
+                for k, row in r["combinations"].items()
+            },
+        }
+        for s, r in b.items()
+    }
+    d = paired_difference(a, b)
+    assert d["mean_difference"] == pytest.approx(0.1)
+    assert d["ci95"][0] == pytest.approx(0.1) and d["ci95"][1] == pytest.approx(0.1)  # a constant shift: no spread
+    assert d["seeds"] == [0, 1, 2] and d["num_cases"] == 12 and d["num_combinations"] == 15
+    noisy = paired_difference({s: _results(0.55, cases, 0.2, seed=10 + s) for s in range(3)}, b)
+    assert noisy["ci95"][0] < noisy["mean_difference"] < noisy["ci95"][1]
+    with pytest.raises(ValueError, match="seed in common"):
+        paired_difference({5: b[0]}, b)
+    with pytest.raises(ValueError, match="different test cases"):
+        paired_difference({0: _results(0.5, cases[:-1])}, b)
+
+
+def test_write_comparison_reports_mean_std_and_pairs(tmp_path) -> None:
+    import json
+
+    from fedbrats.evaluation.compare import write_comparison
+
+    cases = ["c0", "c1", "c2", "c3"]
+    runs = {
+        "fedavg": {s: _results(0.5 + 0.01 * s, cases, 0.05, s) for s in range(3)},
+        "fedkd": {s: _results(0.6, cases, 0.05, 10 + s) for s in range(3)},
+        "centralized": {s: _results(0.8, cases, 0.05, 20 + s) for s in range(3)},
+    }
+    path = write_comparison(str(tmp_path), "sites.json", runs, ["fedbrats compare --seeds 0,1,2"])
+    text = open(path, encoding="utf-8").read()
+    assert "| fedkd vs fedavg | 3 |" in text and "| fedavg vs centralized | 3 |" in text
+    assert "± " in text and "fedbrats compare --seeds 0,1,2" in text
+    summary = json.loads((tmp_path / "comparison.json").read_text())
+    assert summary["methods"]["fedavg"]["mean_over_combinations"]["mean_dice"]["std"] > 0
+    assert summary["paired"]["fedkd vs centralized"]["mean_difference"] < 0

@@ -14,10 +14,13 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
+
 from fedbrats.constants import modality_combinations
 from fedbrats.data.site_config import federation_sites_file
 from fedbrats.evaluation.evaluate import default_test_datalist, evaluate_combinations, load_model, mean_over_rows
-from fedbrats.evaluation.report import compare_table, write_reports
+from fedbrats.evaluation.report import readable_combination, write_reports
+from fedbrats.evaluation.statistics import paired_difference, seed_summary
 from fedbrats.federated.simulate import SimulationResult, parse_overrides, simulate
 from fedbrats.logging_setup import configure_logging
 
@@ -75,6 +78,10 @@ def _average_results(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for name in first["combinations"]:
         rows = [r["combinations"][name] for r in per_site.values()]
         combos[name] = {"modalities": rows[0]["modalities"], **mean_over_rows(rows)}
+        # Per case, the mean over the site models, so that local-only pairs with the other methods case by case.
+        combos[name]["per_case"] = {
+            metric: np.mean([row["per_case"][metric] for row in rows], axis=0).tolist() for metric in ("dice", "hd95")
+        }
     out = {k: v for k, v in first.items() if k not in ("combinations", "mean_over_combinations", "full_modality")}
     out.update(
         model=f"mean of {len(per_site)} site models ({', '.join(sorted(per_site))})",
@@ -109,20 +116,24 @@ def run_experiment(
     max_cases: int = 0,
     reuse: bool = False,
     overlap: float = 0.5,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Simulate one method and evaluate its best global model (every site model for local-only).
+    """Simulate one method with one seed and evaluate its best global model (every site model for local-only).
 
-    With ``reuse``, a finished run of the same experiment in ``workspace`` (same rounds) is evaluated again
-    instead of being retrained.
+    The "best" model is the one with the best validation Dice during training; the test cases are touched only
+    here, once per run. The run lives in ``workspace/<name>/seed<seed>``. With ``reuse``, a finished run there
+    (same rounds) is evaluated again instead of being retrained.
     """
     job, job_overrides, agg_overrides = EXPERIMENTS[name]
-    result = _finished_run(os.path.join(workspace, name), num_rounds) if reuse else None
+    run_workspace = run_folder(workspace, name, seed)
+    result = _finished_run(run_workspace, num_rounds) if reuse else None
     if result is not None:
         logger.info("%s: reusing the finished run %s", name, result.run_dir)
     else:
         result = simulate(
             job,
-            os.path.join(workspace, name),
+            run_workspace,
+            seed=seed,
             sites_file=sites_file,
             num_rounds=num_rounds,
             overrides=_merge(overrides, job_overrides),
@@ -152,6 +163,7 @@ def run_experiment(
         )
     results["training"] = {
         "job": job,
+        "seed": seed,
         "rounds": num_rounds,
         "overrides": _merge(overrides, job_overrides),
         "aggregation_overrides": agg_overrides,
@@ -162,25 +174,129 @@ def run_experiment(
     return results
 
 
-def write_comparison(out_dir: str, sites_file: str, results: dict[str, dict[str, Any]] | None = None) -> str:
-    """Write ``comparison.md`` over every method reported in ``out_dir`` (this run's or an earlier one's), each
-    with the command that produced it; return its path."""
-    all_results = dict(results or {})
-    # The comparison covers every method reported in out_dir, from this run or an earlier one, each with the
-    # command that produced it.
-    for name in EXPERIMENTS:
-        path = os.path.join(out_dir, name, "results.json")
-        if name not in all_results and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                all_results[name] = json.load(f)
-    ordered = {name: all_results[name] for name in EXPERIMENTS if name in all_results}
-    commands = sorted({r.get("command", "") for r in ordered.values() if r.get("command")})
+def run_folder(workspace: str, name: str, seed: int) -> str:
+    """Where experiment ``name`` with ``seed`` is trained and its full (per-case) results are kept."""
+    return os.path.join(workspace, name, f"seed{seed}")
+
+
+#: Paired comparisons the report makes (A vs B), where both were run.
+PAIRS: tuple[tuple[str, str], ...] = (
+    ("fedkd", "fedavg"),
+    ("mstkd", "fedavg"),
+    ("fedavg", "local_only"),
+    ("fedkd", "local_only"),
+    ("fedavg", "centralized"),
+    ("fedkd", "centralized"),
+    ("mstkd", "centralized"),
+    ("local_only", "centralized"),
+)
+
+
+def _pm(stat: dict[str, float] | None, digits: int = 3) -> str:
+    if not stat:
+        return "n/a"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def comparison_summary(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Per method the seed summary, and the paired differences of :data:`PAIRS` (where both were run)."""
+    summary = {name: seed_summary(by_seed) for name, by_seed in runs.items() if by_seed}
+    pairs = {}
+    for a, b in PAIRS:
+        if runs.get(a) and runs.get(b) and set(runs[a]) & set(runs[b]):
+            pairs[f"{a} vs {b}"] = paired_difference(runs[a], runs[b])
+    return {"methods": summary, "paired": pairs}
+
+
+def write_comparison(
+    out_dir: str, sites_file: str, runs: dict[str, dict[int, dict[str, Any]]], commands: list[str]
+) -> str:
+    """Write ``comparison.md`` and ``comparison.json`` (mean ± std over seeds, paired intervals); return the .md.
+
+    Args:
+        out_dir: where the report goes.
+        sites_file: the federation (named in the report).
+        runs: method -> seed -> full results (with per-case values).
+        commands: the commands that produced the runs.
+    """
+    ordered = {name: runs[name] for name in EXPERIMENTS if runs.get(name)}
+    summary = comparison_summary(ordered)
+    with open(os.path.join(out_dir, "comparison.json"), "w", encoding="utf-8") as f:
+        json.dump({"sites": sites_file, "commands": commands, **summary}, f, indent=2)
+    methods = summary["methods"]
+    cases = sorted({int(r.get("num_cases", 0)) for by_seed in ordered.values() for r in by_seed.values()})
+    lines = ["Produced by:", "", *[f"- `{c}`" for c in commands], "", f"sites: `{sites_file}`", ""]
+    lines += [
+        f"Test cases: {', '.join(map(str, cases))}. Each cell: mean ± standard deviation over seeds (the runs' seeds",
+        "fix the initial model, data order, crops, augmentation and sequence dropout). Dice higher is better, HD95",
+        "(mm) lower.",
+        "",
+    ]
+    for part, title in (
+        ("mean_over_combinations", "Mean over the 15 sequence combinations"),
+        ("full_modality", "All four sequences"),
+    ):
+        lines += [f"### {title}", "", "| Method | seeds | Dice WT | Dice TC | Dice ET | Dice mean | HD95 mean |"]
+        lines.append("|---|--:|--:|--:|--:|--:|--:|")
+        for name, m in methods.items():
+            row = m.get(part)
+            if not row:
+                continue
+            cells = [_pm(row["dice"][r]) for r in ("WT", "TC", "ET")]
+            cells += [_pm(row["mean_dice"]), _pm(row["mean_hd95"], 1)]
+            lines.append(f"| {name} | {len(m['seeds'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if summary["paired"]:
+        lines += [
+            "### Paired differences (A - B)",
+            "",
+            "Mean Dice difference over (test case x combination), paired by seed; 95 % interval from 10,000 "
+            "bootstrap resamples of the test cases; ratio of the 15-combination mean Dice A / B.",
+            "",
+            "| A vs B | seeds | mean difference | 95 % interval | ratio A/B |",
+            "|---|--:|--:|--:|--:|",
+        ]
+        for pair, d in summary["paired"].items():
+            lines.append(
+                f"| {pair} | {len(d['seeds'])} | {d['mean_difference']:+.3f} | "
+                f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {d['ratio']:.2f} |"
+            )
+        lines.append("")
+    names = list(methods)
+    lines += ["### Mean Dice per sequence combination", "", "| Sequences | " + " | ".join(names) + " |"]
+    lines.append("|---|" + "|".join(["--:"] * len(names)) + "|")
+    for combo in modality_combinations():
+        key = "+".join(combo)
+        cells = [_pm(methods[n]["combinations"].get(key)) for n in names]
+        lines.append(f"| {readable_combination(combo)} | " + " | ".join(cells) + " |")
     path = os.path.join(out_dir, "comparison.md")
     with open(path, "w", encoding="utf-8") as f:
-        f.write("Produced by:\n\n" + "".join(f"- `{c}`\n" for c in commands) + f"\nsites: `{sites_file}`\n\n")
-        f.write(compare_table(ordered))
-        f.write("\n")
+        f.write("\n".join(lines) + "\n")
     return path
+
+
+def _saved_runs(workspace: str, names: list[str], seeds: list[int]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Full results of finished evaluations in the workspace (``<name>/seed<k>/results.json``)."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for name in names:
+        for seed in seeds:
+            path = os.path.join(run_folder(workspace, name, seed), "results.json")
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    runs.setdefault(name, {})[seed] = json.load(f)
+    return runs
+
+
+def _without_per_case(results: dict[str, Any]) -> dict[str, Any]:
+    out = dict(results)
+    out["combinations"] = {
+        k: {kk: vv for kk, vv in row.items() if kk != "per_case"} for k, row in results["combinations"].items()
+    }
+    for part in ("full_modality",):
+        if out.get(part):
+            out[part] = {k: v for k, v in out[part].items() if k != "per_case"}
+    out.pop("cases", None)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,9 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sites", default=None, help="sites.json (default: $FEDBRATS_SITE_CONFIG, else the embedded federation)"
     )
-    p.add_argument("--workspace", required=True, help="where runs are kept")
+    p.add_argument("--workspace", required=True, help="where runs and their full (per-case) results are kept")
     p.add_argument("--out-dir", required=True, help="where the reports go")
     p.add_argument("--experiments", default="centralized,local_only,fedavg,fedkd", help=f"of {sorted(EXPERIMENTS)}")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the replicated runs (comma-separated; at least 3)")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training override for all")
     p.add_argument("--max-cases", type=int, default=0)
@@ -199,9 +316,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--eval-overlap", type=float, default=0.5, help="sliding-window overlap of the evaluation")
     p.add_argument("--reuse", action="store_true", help="evaluate finished runs in the workspace again, no retraining")
-    p.add_argument("--report-only", action="store_true", help="only rewrite comparison.md from the results in out-dir")
+    p.add_argument(
+        "--report-only", action="store_true", help="only rewrite the comparison from the results in the workspace"
+    )
+    p.add_argument(
+        "--aggregate-only",
+        action="store_true",
+        help="reports in out-dir keep no per-case values or case ids (for real patients' data)",
+    )
     a = p.parse_args(argv)
     configure_logging("INFO")
+    names = a.experiments.split(",")
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {unknown}; choose from {sorted(EXPERIMENTS)}")
+    try:
+        seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {a.seeds!r}") from None
+    if len(seeds) < 3:
+        logger.warning("only %d seed(s): a comparison needs at least 3 to tell methods apart", len(seeds))
     sites_file = federation_sites_file(a.sites, "compare")
     test_datalist = default_test_datalist(sites_file, "compare's test set")
     overrides = parse_overrides(a.set)
@@ -214,32 +348,37 @@ def main(argv: list[str] | None = None) -> int:
         eval_data["roi_size"] = list(a.eval_roi)
     os.makedirs(a.out_dir, exist_ok=True)
     command = "fedbrats compare " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[2:]))
-    all_results: dict[str, dict[str, Any]] = {}
-    for name in [] if a.report_only else a.experiments.split(","):
-        if name not in EXPERIMENTS:
-            raise ValueError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)}")
-        started = time.monotonic()
-        results = run_experiment(
-            name,
-            a.workspace,
-            sites_file,
-            a.rounds,
-            overrides,
-            eval_data,
-            test_datalist,
-            a.max_cases,
-            reuse=a.reuse,
-            overlap=a.eval_overlap,
-        )
-        results["total_seconds"] = round(time.monotonic() - started, 1)
-        results["command"] = command
-        write_reports(results, os.path.join(a.out_dir, name), label=name)
-        all_results[name] = results
-        logger.info(
-            "%s: mean Dice over %d combinations %.4f",
-            name,
-            len(modality_combinations()),
-            results["mean_over_combinations"]["mean_dice"],
-        )
-    write_comparison(a.out_dir, sites_file, all_results)
+    for name in [] if a.report_only else names:
+        for seed in seeds:
+            started = time.monotonic()
+            results = run_experiment(
+                name,
+                a.workspace,
+                sites_file,
+                a.rounds,
+                overrides,
+                eval_data,
+                test_datalist,
+                a.max_cases,
+                reuse=a.reuse,
+                overlap=a.eval_overlap,
+                seed=seed,
+            )
+            results["total_seconds"] = round(time.monotonic() - started, 1)
+            results["command"] = command
+            # Full results (per case) stay in the workspace; the report folder may get aggregates only.
+            write_reports(results, run_folder(a.workspace, name, seed), label=f"{name} seed {seed}")
+            shown = _without_per_case(results) if a.aggregate_only else results
+            write_reports(shown, os.path.join(a.out_dir, name, f"seed{seed}"), label=f"{name} seed {seed}")
+            logger.info(
+                "%s seed %d: mean Dice over %d combinations %.4f",
+                name,
+                seed,
+                len(modality_combinations()),
+                results["mean_over_combinations"]["mean_dice"],
+            )
+    runs = _saved_runs(a.workspace, names, seeds)
+    commands = sorted({r.get("command", "") for by_seed in runs.values() for r in by_seed.values()} - {""})
+    path = write_comparison(a.out_dir, sites_file, runs, commands)
+    logger.info("comparison written to %s", path)
     return 0
