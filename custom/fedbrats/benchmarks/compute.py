@@ -228,8 +228,8 @@ def inference_benchmark(
         jobs: jobs whose network is timed (randomly initialised: the time does not depend on the weights).
         case_paths: sequence -> NIfTI path of the case.
         case_size: the case's shape (for voxels/s).
-        configs: each ``{"job": ..., "subset": [...], "roi_size": [...], "overlap": ..., "zoom": ...}``; the
-            ``job`` key may be absent (then every job).
+        configs: each ``{"job": ..., "subset": [...], "roi_size": [...], "overlap": ..., "zoom": ...,
+            "precision": ...}``; ``job`` may be absent (then every job), ``precision`` too (then ``fp32``).
         threads: torch CPU threads.
         repeats: timed runs of each configuration (the median is reported).
     """
@@ -257,6 +257,7 @@ def inference_benchmark(
                         roi_size=roi,
                         overlap=float(cfg["overlap"]),
                         zoom=float(cfg["zoom"]),
+                        precision=cfg.get("precision", "fp32"),
                     )
                     times.append(time.perf_counter() - t0)
                 seconds = statistics.median(times)
@@ -267,6 +268,7 @@ def inference_benchmark(
                     "roi_size": roi,
                     "overlap": float(cfg["overlap"]),
                     "zoom": float(cfg["zoom"]),
+                    "precision": cfg.get("precision", "fp32"),
                     "threads": threads,
                     "repeats": len(times),
                     "seconds": seconds,

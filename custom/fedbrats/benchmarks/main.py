@@ -112,6 +112,7 @@ MODES: dict[str, BenchSettings] = {
             *({"subset": s, "roi_size": [96, 96, 96], "overlap": 0.5, "zoom": 0.5} for s in (_ALL, ["t1"])),
             # The job's own crop as the window (what `fedbrats predict` uses for these models by default).
             {"job": "fedavg", "subset": _ALL, "roi_size": [32, 32, 32], "overlap": 0.5, "zoom": 0.5},
+            {"subset": _ALL, "roi_size": [96, 96, 96], "overlap": 0.5, "zoom": 0.5, "precision": "bf16"},
         ],
     ),
     "full": BenchSettings(
@@ -132,6 +133,12 @@ MODES: dict[str, BenchSettings] = {
                 for s in (_ALL, *_SINGLES)
             ),
             *({"subset": _ALL, "roi_size": [32, 32, 32], "overlap": 0.5, "zoom": z} for z in (1.0, 0.5)),
+            # The recipe's inference: bfloat16 where the CPU runs it natively, at the real-data training zoom.
+            *(
+                {"subset": s, "roi_size": [96, 96, 96], "overlap": o, "zoom": 0.5, "precision": "bf16"}
+                for s in (_ALL, *_SINGLES)
+                for o in (0.5, 0.25)
+            ),
         ],
     ),
 }

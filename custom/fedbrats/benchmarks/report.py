@@ -167,7 +167,9 @@ def _plot_inference(rows: Sequence[Mapping[str, Any]]) -> Callable[[Any], None]:
     def draw(fig: Any) -> None:
         ax = fig.add_subplot(1, 1, 1)
         labels = [
-            f"{r['job']} {r['subset']}\nroi {r['roi_size'][0]} zoom {r['zoom']:g}".replace("t1+t1ce+t2+flair", "all 4")
+            f"{r['job']} {r['subset']}\nroi {r['roi_size'][0]} zoom {r['zoom']:g} {r.get('precision', 'fp32')}".replace(
+                "t1+t1ce+t2+flair", "all 4"
+            )
             for r in rows
         ]
         ax.barh(np.arange(len(rows)), [r["seconds"] for r in rows])
@@ -626,30 +628,35 @@ def _inference_section(inf: Mapping[str, Any], plot: str | None) -> list[str]:
             "x".join(map(str, r["roi_size"])),
             r["overlap"],
             r["zoom"],
+            r.get("precision", "fp32"),
             r["repeats"],
             _s(r["seconds"], 1),
             f"{r['voxels_per_second'] / 1e6:.2f}",
         ]
         for r in inf["rows"]
     ]
-    lines += _table(["job", "sequences", "window", "overlap", "zoom", "runs", "s/case", "Mvoxels/s"], rows)
+    lines += _table(["job", "sequences", "window", "overlap", "zoom", "precision", "runs", "s/case", "Mvoxels/s"], rows)
     slowest = {}
     for r in inf["rows"]:
-        key = (r["job"], tuple(r["roi_size"]), r["zoom"])
+        key = (r["job"], tuple(r["roi_size"]), r["zoom"], r.get("precision", "fp32"))
         if r["num_sequences"] == 1 and (key not in slowest or r["seconds"] > slowest[key]["seconds"]):
             slowest[key] = r
-    for (job, roi, zoom), r in sorted(slowest.items()):
+    for (job, roi, zoom, precision), r in sorted(slowest.items()):
         full = next(
             (
                 x
                 for x in inf["rows"]
-                if x["job"] == job and tuple(x["roi_size"]) == roi and x["zoom"] == zoom and x["num_sequences"] == 4
+                if x["job"] == job
+                and tuple(x["roi_size"]) == roi
+                and x["zoom"] == zoom
+                and x.get("precision", "fp32") == precision
+                and x["num_sequences"] == 4
             ),
             None,
         )
         if full:
             lines.append(
-                f"- `{job}`, window {roi[0]}, zoom {zoom:g}: all four sequences {_s(full['seconds'], 1)} s, "
+                f"- `{job}`, window {roi[0]}, zoom {zoom:g}, {precision}: all four sequences {_s(full['seconds'], 1)} s, "
                 f"slowest single sequence ({r['subset']}) {_s(r['seconds'], 1)} s."
             )
     lines += [""]

@@ -33,6 +33,7 @@ from fedbrats.evaluation.inference import predict_logits
 from fedbrats.evaluation.metrics import logits_to_regions, region_dice, region_hd95
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
 from fedbrats.networks import build_from_spec
+from fedbrats.precision import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -370,6 +371,7 @@ def evaluate_combinations(
     device: str | torch.device = "cpu",
     max_cases: int = 0,
     model_name: str | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Dice and HD95 per region of ``model`` for every combination of sequences, on complete test cases.
 
@@ -383,6 +385,7 @@ def evaluate_combinations(
         device: where inference runs.
         max_cases: use only the first N cases (0: all).
         model_name: how the model is named in the results (default: its class name).
+        precision: inference precision (``fp32``, the reference, ``bf16`` or ``auto``).
 
     Returns:
         ``{"model", "datalist", "key", "convention", "num_cases", "cases", "data", "overlap", "combinations":
@@ -443,7 +446,9 @@ def evaluate_combinations(
             # Zero-filling after normalisation equals never loading the sequence (absent channels load as 0
             # and stay 0 because only non-zero voxels are normalised).
             masked = apply_modality_mask(image, mask.to(device))
-            logits = predict_logits(model, masked, mask[None].to(device), cfg.roi_size, overlap=overlap)
+            logits = predict_logits(
+                model, masked, mask[None].to(device), cfg.roi_size, overlap=overlap, precision=precision
+            )
             pred = logits_to_regions(logits).cpu()
             dices[combo].append(region_dice(pred, label))
             hds[combo].append(region_hd95(pred, label, spacing=spacing))
@@ -468,6 +473,7 @@ def evaluate_combinations(
         "cases": case_ids,
         "data": {"roi_size": list(cfg.roi_size), "zoom": cfg.zoom, "max_eval_size": cfg.max_eval_size},
         "overlap": overlap,
+        "precision": precision,
         "regions": list(REGIONS),
         "combinations": rows,
         "mean_over_combinations": mean_over_rows(list(rows.values())),
@@ -538,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load an exported model.pt even if it does not match the model_sha256 of its metadata.json",
     )
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32", help="inference precision (fp32: the reference)"
+    )
     parser.add_argument("--out-dir", default=None, help="where results.json/.md and heatmaps go (default: none)")
     parser.add_argument("--label", default=None, help="name of the model in the report (default: the model path)")
     parser.add_argument("--max-cases", type=int, default=0, help="use only the first N cases (0: all)")
@@ -576,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             max_cases=args.max_cases,
             model_name=label,
+            precision=args.precision,
         )
         from fedbrats.evaluation.report import format_table, write_reports
 

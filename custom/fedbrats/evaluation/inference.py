@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from monai.inferers import sliding_window_inference
 
+from fedbrats.precision import autocast, resolve_precision
+
 
 def predict_logits(
     model: torch.nn.Module,
@@ -15,6 +17,7 @@ def predict_logits(
     roi_size: Sequence[int],
     overlap: float = 0.5,
     sw_batch_size: int = 1,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Logits (B x 3 x ...) of ``model`` over a whole volume, window by window.
 
@@ -25,6 +28,8 @@ def predict_logits(
         roi_size: window size; volumes smaller than it are padded by MONAI.
         overlap: window overlap.
         sw_batch_size: windows per forward pass.
+        precision: ``fp32``, ``bf16`` or ``auto`` (see :mod:`fedbrats.precision`); the logits are float32 either
+            way.
     """
     mask = modality_mask.to(image.device, torch.float32)
 
@@ -33,4 +38,7 @@ def predict_logits(
         out = model(window, mask.expand(window.shape[0], -1) if mask.shape[0] == 1 else mask)
         return out["logits"] if isinstance(out, dict) else out
 
-    return sliding_window_inference(image, list(roi_size), sw_batch_size, _predictor, overlap=overlap)
+    resolved = resolve_precision(precision, image.device)
+    with autocast(resolved, image.device):
+        logits = sliding_window_inference(image, list(roi_size), sw_batch_size, _predictor, overlap=overlap)
+    return logits.float()

@@ -36,6 +36,7 @@ from fedbrats.evaluation.evaluate import (
 )
 from fedbrats.evaluation.inference import predict_logits
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
+from fedbrats.precision import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,7 @@ def predict_case(
     convention: str = "brats2018",
     threshold: float = 0.5,
     sw_batch_size: int = 1,
+    precision: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     """Segment one patient from the sequences available.
 
@@ -184,6 +186,7 @@ def predict_case(
         convention: ``brats2018`` (ET = 4) or ``brats2023`` (ET = 3) label values.
         threshold: sigmoid threshold of each region.
         sw_batch_size: windows per forward pass.
+        precision: ``auto`` (bfloat16 where the hardware runs it natively), ``fp32`` or ``bf16``.
 
     Returns:
         ``(label_map, affine, header)``: a uint8 label map with the shape of the input volumes, their affine and
@@ -232,7 +235,13 @@ def predict_case(
     device = torch.device(device)
     model = model.to(device).eval()
     logits = predict_logits(
-        model, x[None].to(device), mask[None].to(device), roi, overlap=overlap, sw_batch_size=sw_batch_size
+        model,
+        x[None].to(device),
+        mask[None].to(device),
+        roi,
+        overlap=overlap,
+        sw_batch_size=sw_batch_size,
+        precision=precision,
     )
     logits = logits[(0, slice(None), *(slice(0, s) for s in net_shape))]
     regions = (torch.sigmoid(logits.float()) > threshold).float().cpu()
@@ -296,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bfloat16 where the CPU/GPU runs it natively (about 2-3x faster), else float32",
+    )
+    parser.add_argument(
         "--skip-integrity-check",
         action="store_true",
         help="load an exported model.pt even if it does not match the model_sha256 of its metadata.json",
@@ -348,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             zoom=zoom,
             convention=convention,
+            precision=args.precision,
         )
         write_segmentation(labels, affine, header, args.out)
         logger.info("wrote %s (labels %s)", args.out, sorted(int(v) for v in np.unique(labels)))

@@ -254,9 +254,10 @@ class SiteTrainer:
         for batch in self.val_loader:
             image = batch["image"].to(self.device)
             mask = batch["modality_mask"].to(self.device)
-            with autocast(self.precision, self.device):
-                logits = predict_logits(model, image, mask, self.config.data.roi_size, overlap=self.config.val_overlap)
-            pred = logits_to_regions(logits.float()).cpu()
+            logits = predict_logits(
+                model, image, mask, self.config.data.roi_size, overlap=self.config.val_overlap, precision=self.precision
+            )
+            pred = logits_to_regions(logits).cpu()
             label = batch["label"]
             dices.append(region_dice(pred, label))
             hds.append(region_hd95(pred, label, spacing=spacing))
