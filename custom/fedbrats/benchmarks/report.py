@@ -656,8 +656,8 @@ def _inference_section(inf: Mapping[str, Any], plot: str | None) -> list[str]:
         )
         if full:
             lines.append(
-                f"- `{job}`, window {roi[0]}, zoom {zoom:g}, {precision}: all four sequences {_s(full['seconds'], 1)} s, "
-                f"slowest single sequence ({r['subset']}) {_s(r['seconds'], 1)} s."
+                f"- `{job}`, window {roi[0]}, zoom {zoom:g}, {precision}: all four sequences "
+                f"{_s(full['seconds'], 1)} s, slowest single sequence ({r['subset']}) {_s(r['seconds'], 1)} s."
             )
     lines += [""]
     if plot:
