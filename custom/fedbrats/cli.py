@@ -104,6 +104,7 @@ def _simulate(argv: list[str]) -> int:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training option override")
     p.add_argument("--agg", action="append", default=[], metavar="KEY=VALUE", help="aggregation argument")
+    p.add_argument("--net", action="append", default=[], metavar="KEY=VALUE", help="network argument")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--resume-from", default="", help="a previous run dir to continue (model, rounds, prototypes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial model, data order and augmentation")
@@ -118,6 +119,7 @@ def _simulate(argv: list[str]) -> int:
         controller_args={"resume_from": os.path.abspath(a.resume_from)} if a.resume_from else None,
         threads=a.threads,
         seed=a.seed,
+        network_args=parse_overrides(a.net),
     )
     logging.getLogger("fedbrats").info("run dir: %s (%.1fs)", result.run_dir, result.seconds)
     return 0

@@ -104,6 +104,7 @@ def job_configs(
     controller_args: dict[str, Any] | None = None,
     privacy: dict[str, Any] | None = None,
     seed: int = 0,
+    network_args: dict[str, Any] | None = None,
     **training_overrides: Any,
 ) -> dict[str, Any]:
     """The three files of job ``name``: ``meta.json``, server and client configs, as dicts.
@@ -119,6 +120,7 @@ def job_configs(
             SVTPrivacy", "args": {...}}}`` (an NVFlare filter on weight differences; sites then send differences).
         seed: seed of the run: the server's initial model and each site's data order, crops, augmentation and
             sequence dropout (offset per site). The one place a job's seed is set.
+        network_args: override arguments of the job's network (e.g. ``{"init_filters": 16}``).
         training_overrides: replace training options (nested dicts are merged), e.g. ``epochs_per_round=1``.
     """
     if name not in JOBS:
@@ -126,7 +128,7 @@ def job_configs(
     spec = JOBS[name]
     training = _merge(_merge(BASE_TRAINING, spec.get("training", {})), training_overrides)
     training["seed"] = seed
-    network = _merge(BASE_NETWORK, spec.get("network", {}))
+    network = _merge(_merge(BASE_NETWORK, spec.get("network", {})), {"args": network_args or {}})
     aggregation = _merge(spec["aggregation"], {"args": aggregation_args or {}})
     min_clients = spec["min_clients"] if min_clients is None else min_clients
     meta = {
@@ -226,12 +228,21 @@ def write_job(
     controller_args: dict[str, Any] | None = None,
     privacy: dict[str, Any] | None = None,
     seed: int = 0,
+    network_args: dict[str, Any] | None = None,
     **training_overrides: Any,
 ) -> str:
     """Write job ``name`` into ``out_dir/name`` (arguments as :func:`job_configs`) and return that folder."""
     job_dir = os.path.join(out_dir, name)
     for rel, content in job_configs(
-        name, num_rounds, aggregation_args, min_clients, controller_args, privacy, seed, **training_overrides
+        name,
+        num_rounds,
+        aggregation_args,
+        min_clients,
+        controller_args,
+        privacy,
+        seed,
+        network_args,
+        **training_overrides,
     ).items():
         path = os.path.join(job_dir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -234,6 +234,7 @@ def simulate(
     threads: int | None = None,
     log_file: str | None = None,
     seed: int = 0,
+    network_args: dict[str, Any] | None = None,
 ) -> SimulationResult:
     """Generate ``job`` with ``overrides`` into ``workspace/job`` and run it in the simulator.
 
@@ -252,6 +253,7 @@ def simulate(
         threads: clients run in parallel (default: all).
         log_file: where the simulator's output goes (default ``workspace/simulator.log``).
         seed: the run's seed (initial model, data order, augmentation), see :func:`fedbrats.jobgen.job_configs`.
+        network_args: override arguments of the job's network (e.g. ``{"init_filters": 16}``).
 
     Raises:
         SimulatedSiteLostError: the simulator lost a site's process while the job needs every site (it would
@@ -276,6 +278,7 @@ def simulate(
         controller_args=controller_args,
         privacy=privacy,
         seed=seed,
+        network_args=network_args,
         **(overrides or {}),
     )
     check_job_options(job_dir)
