@@ -117,6 +117,7 @@ def run_experiment(
     reuse: bool = False,
     overlap: float = 0.5,
     seed: int = 0,
+    network_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Simulate one method with one seed and evaluate its best global model (every site model for local-only).
 
@@ -134,6 +135,7 @@ def run_experiment(
             job,
             run_workspace,
             seed=seed,
+            network_args=network_args,
             sites_file=sites_file,
             num_rounds=num_rounds,
             overrides=_merge(overrides, job_overrides),
@@ -164,6 +166,7 @@ def run_experiment(
     results["training"] = {
         "job": job,
         "seed": seed,
+        "network_args": network_args or {},
         "rounds": num_rounds,
         "overrides": _merge(overrides, job_overrides),
         "aggregation_overrides": agg_overrides,
@@ -310,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="seeds of the replicated runs (comma-separated; at least 3)")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training override for all")
+    p.add_argument("--net", action="append", default=[], metavar="KEY=VALUE", help="network argument for all")
     p.add_argument("--max-cases", type=int, default=0)
     p.add_argument(
         "--eval-roi", type=int, nargs=3, default=None, help="sliding window of the evaluation (default: training crop)"
@@ -363,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 reuse=a.reuse,
                 overlap=a.eval_overlap,
                 seed=seed,
+                network_args=parse_overrides(a.net),
             )
             results["total_seconds"] = round(time.monotonic() - started, 1)
             results["command"] = command
