@@ -53,6 +53,11 @@ def test_fedavg_two_rounds(tiny_federation: str, tmp_path) -> None:
     final = result.history[-1]
     assert final.get("final_validation") and len(final["sites"]) == 4
     assert os.path.isdir(os.path.join(result.run_dir, "tb_events", "site-1")), "TensorBoard events not streamed"
+    # The final validation scored the post-processing candidates and the server kept the best on validation.
+    assert "val_mean_dice_min10" in final["sites"]["site-1"]["metrics"]
+    with open(os.path.join(result.run_dir, "postprocessing.json"), encoding="utf-8") as f:
+        choice = json.load(f)
+    assert choice["min_component_voxels"] in (0, 10, 50, 200) and set(choice["scores"]) == {"0", "10", "50", "200"}
 
 
 def test_a_failing_site_does_not_stop_the_federation(tiny_federation, tmp_path) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from fedbrats.constants import modality_combinations
 from fedbrats.data.site_config import federation_sites_file
 from fedbrats.evaluation.evaluate import default_test_datalist, evaluate_combinations, load_model, mean_over_rows
+from fedbrats.evaluation.postprocess import read_postprocessing
 from fedbrats.evaluation.report import readable_combination, write_reports
 from fedbrats.evaluation.statistics import paired_difference, seed_summary
 from fedbrats.federated.simulate import SimulationResult, parse_overrides, simulate
@@ -143,6 +144,8 @@ def run_experiment(
             privacy=PRIVACY.get(name),
         )
     spec = os.path.join(result.run_dir, "model_spec.json")
+    # Chosen on the sites' validation cases at the end of training; the test cases only see the result.
+    postprocessing = read_postprocessing(result.run_dir)
     if job == "local_only":
         site_dir = os.path.join(result.run_dir, "site_models")
         per_site = {}
@@ -155,13 +158,20 @@ def run_experiment(
                 overlap=overlap,
                 max_cases=max_cases,
                 model_name=f"local {fname[:-3]}",
+                min_component_voxels=postprocessing,
             )
         results = _average_results(per_site)
         results["per_site"] = {s: r["mean_over_combinations"] for s, r in per_site.items()}
     else:
         model = load_model(result.best_model, spec)
         results = evaluate_combinations(
-            model, test_datalist, data=eval_data, overlap=overlap, max_cases=max_cases, model_name=name
+            model,
+            test_datalist,
+            data=eval_data,
+            overlap=overlap,
+            max_cases=max_cases,
+            model_name=name,
+            min_component_voxels=postprocessing,
         )
     results["training"] = {
         "job": job,

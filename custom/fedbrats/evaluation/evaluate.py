@@ -31,6 +31,7 @@ from fedbrats.data.loader import DataConfig, eval_transforms, read_datalist
 from fedbrats.data.transforms import apply_modality_mask
 from fedbrats.evaluation.inference import predict_logits
 from fedbrats.evaluation.metrics import logits_to_regions, region_dice, region_hd95
+from fedbrats.evaluation.postprocess import read_postprocessing, remove_small_components
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
 from fedbrats.networks import build_from_spec
 from fedbrats.precision import PRECISIONS
@@ -372,6 +373,7 @@ def evaluate_combinations(
     max_cases: int = 0,
     model_name: str | None = None,
     precision: str = "fp32",
+    min_component_voxels: int = 0,
 ) -> dict[str, Any]:
     """Dice and HD95 per region of ``model`` for every combination of sequences, on complete test cases.
 
@@ -386,6 +388,8 @@ def evaluate_combinations(
         max_cases: use only the first N cases (0: all).
         model_name: how the model is named in the results (default: its class name).
         precision: inference precision (``fp32``, the reference, ``bf16`` or ``auto``).
+        min_component_voxels: post-processing chosen on validation data (0: none), see
+            :mod:`fedbrats.evaluation.postprocess`.
 
     Returns:
         ``{"model", "datalist", "key", "convention", "num_cases", "cases", "data", "overlap", "combinations":
@@ -449,7 +453,7 @@ def evaluate_combinations(
             logits = predict_logits(
                 model, masked, mask[None].to(device), cfg.roi_size, overlap=overlap, precision=precision
             )
-            pred = logits_to_regions(logits).cpu()
+            pred = remove_small_components(logits_to_regions(logits).cpu(), min_component_voxels)
             dices[combo].append(region_dice(pred, label))
             hds[combo].append(region_hd95(pred, label, spacing=spacing))
         case_ids.append(case_id)
@@ -474,6 +478,7 @@ def evaluate_combinations(
         "data": {"roi_size": list(cfg.roi_size), "zoom": cfg.zoom, "max_eval_size": cfg.max_eval_size},
         "overlap": overlap,
         "precision": precision,
+        "postprocessing": {"min_component_voxels": min_component_voxels},
         "regions": list(REGIONS),
         "combinations": rows,
         "mean_over_combinations": mean_over_rows(list(rows.values())),
@@ -547,6 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--precision", choices=PRECISIONS, default="fp32", help="inference precision (fp32: the reference)"
     )
+    parser.add_argument(
+        "--min-component-voxels",
+        type=int,
+        default=None,
+        help="remove smaller connected components (default: the size chosen on validation in the run/model folder)",
+    )
     parser.add_argument("--out-dir", default=None, help="where results.json/.md and heatmaps go (default: none)")
     parser.add_argument("--label", default=None, help="name of the model in the report (default: the model path)")
     parser.add_argument("--max-cases", type=int, default=0, help="use only the first N cases (0: all)")
@@ -586,6 +597,11 @@ def main(argv: list[str] | None = None) -> int:
             max_cases=args.max_cases,
             model_name=label,
             precision=args.precision,
+            min_component_voxels=(
+                args.min_component_voxels
+                if args.min_component_voxels is not None
+                else read_postprocessing(resolve_checkpoint(args.model))
+            ),
         )
         from fedbrats.evaluation.report import format_table, write_reports
 

@@ -33,6 +33,7 @@ from fedbrats.evaluation.evaluate import (
     resolve_checkpoint,
     spec_from_json,
 )
+from fedbrats.evaluation.postprocess import read_postprocessing
 from fedbrats.evaluation.predict import DEFAULT_ROI_SIZE, SPATIAL_DIVISOR
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
 
@@ -199,6 +200,12 @@ def export_model(
                 "roi_size": roi,
                 "zoom": float(zoom),
             }
+        },
+        # Chosen on the run's validation cases (postprocessing.json); predict and evaluate apply it.
+        "postprocessing": {
+            "min_component_voxels": read_postprocessing(checkpoint),
+            "what": "connected components of each region smaller than this (voxels at the model's resolution, "
+            "26-connected) are removed; 0 = none",
         },
         "outputs": {
             "pred": {

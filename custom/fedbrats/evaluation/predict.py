@@ -35,6 +35,7 @@ from fedbrats.evaluation.evaluate import (
     resolve_checkpoint,
 )
 from fedbrats.evaluation.inference import predict_logits
+from fedbrats.evaluation.postprocess import read_postprocessing, remove_small_components
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
 from fedbrats.precision import PRECISIONS
 
@@ -170,6 +171,7 @@ def predict_case(
     threshold: float = 0.5,
     sw_batch_size: int = 1,
     precision: str = "auto",
+    min_component_voxels: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     """Segment one patient from the sequences available.
 
@@ -187,6 +189,8 @@ def predict_case(
         threshold: sigmoid threshold of each region.
         sw_batch_size: windows per forward pass.
         precision: ``auto`` (bfloat16 where the hardware runs it natively), ``fp32`` or ``bf16``.
+        min_component_voxels: remove connected components of each region smaller than this (voxels at the
+            model's resolution; the size chosen on validation, see :mod:`fedbrats.evaluation.postprocess`).
 
     Returns:
         ``(label_map, affine, header)``: a uint8 label map with the shape of the input volumes, their affine and
@@ -245,6 +249,7 @@ def predict_case(
     )
     logits = logits[(0, slice(None), *(slice(0, s) for s in net_shape))]
     regions = (torch.sigmoid(logits.float()) > threshold).float().cpu()
+    regions = remove_small_components(regions[None], min_component_voxels)[0]
     if zoom < 1.0:
         regions = F.interpolate(regions[None], size=cropped_shape, mode="nearest")[0]
     full = np.zeros((3, *original_shape), dtype=np.uint8)
@@ -311,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: bfloat16 where the CPU/GPU runs it natively (about 2-3x faster), else float32",
     )
     parser.add_argument(
+        "--min-component-voxels",
+        type=int,
+        default=None,
+        help="remove smaller connected components (default: the size chosen on validation, from the model folder)",
+    )
+    parser.add_argument(
         "--skip-integrity-check",
         action="store_true",
         help="load an exported model.pt even if it does not match the model_sha256 of its metadata.json",
@@ -364,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
             zoom=zoom,
             convention=convention,
             precision=args.precision,
+            min_component_voxels=(
+                args.min_component_voxels
+                if args.min_component_voxels is not None
+                else read_postprocessing(resolve_checkpoint(args.model))
+            ),
         )
         write_segmentation(labels, affine, header, args.out)
         logger.info("wrote %s (labels %s)", args.out, sorted(int(v) for v in np.unique(labels)))

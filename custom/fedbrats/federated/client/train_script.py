@@ -88,7 +88,8 @@ def _run(site_name: str, training: dict, workspace: str | None, gc_rounds: int, 
         trainer.method.on_global_model(trainer.model, meta, current_round)
 
         if flare.is_evaluate():
-            metrics = trainer.validate()
+            # The final validation also scores the post-processing candidates (the server keeps the best).
+            metrics = trainer.validate(postprocess_candidates=config.postprocess_candidates)
             logger.info("round %d | site %s | validation %s", current_round, site_name, _fmt(metrics))
             # The weights go back unchanged only so that NVFlare's model selector, which ignores metrics-only
             # results, also judges the final global model.

@@ -6,7 +6,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ from fedbrats.data.loader import DataConfig, make_loaders
 from fedbrats.data.site_config import SiteConfig
 from fedbrats.evaluation.inference import predict_logits
 from fedbrats.evaluation.metrics import logits_to_regions, region_dice, region_hd95, summarize
+from fedbrats.evaluation.postprocess import CANDIDATE_METRIC, DEFAULT_CANDIDATES, remove_small_components
 from fedbrats.federated.methods import ClientMethod, build_method
 from fedbrats.federated.payload import METRIC_PREFIX
 from fedbrats.precision import autocast, resolve_precision
@@ -47,6 +48,9 @@ class TrainConfig:
         val_every: score the received global model on the site's validation cases every this many rounds (and
             always in round 0 and in the final validation after the last round); rounds in between send no
             metrics, which saves most of a round's time on full-size volumes.
+        postprocess_candidates: minimum connected-component sizes (voxels at the training resolution) each site
+            scores in the final validation; the server keeps the best (see
+            :mod:`fedbrats.evaluation.postprocess`). ``[]`` turns the choice off.
         precision: ``auto`` (bfloat16 autocast where the hardware runs it natively, else float32), ``fp32`` or
             ``bf16``; weights and optimiser state stay float32 (see :mod:`fedbrats.precision`).
         num_threads: torch CPU threads of this site (1 per simulated site keeps a small machine usable).
@@ -65,6 +69,7 @@ class TrainConfig:
     val_overlap: float = 0.25
     val_every: int = 1
     precision: str = "auto"
+    postprocess_candidates: list[int] = field(default_factory=lambda: list(DEFAULT_CANDIDATES))
     num_threads: int = 1
     seed: int = 0
     device: str = "auto"
@@ -79,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if any(not isinstance(n, int) or n < 0 for n in self.postprocess_candidates):
+            raise ValueError(f"postprocess_candidates must be non-negative integers, got {self.postprocess_candidates}")
         if self.val_every < 1:
             raise ValueError(f"val_every must be >= 1, got {self.val_every}")
         resolve_precision(self.precision, torch.device("cpu"))  # rejects an unknown value early
@@ -244,12 +251,22 @@ class SiteTrainer:
         return {"num_steps": steps, "train_loss": loss_sum / n, "loss_terms": {k: v / n for k, v in terms_sum.items()}}
 
     @torch.no_grad()
-    def validate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
+    def validate(
+        self, model: torch.nn.Module | None = None, postprocess_candidates: Sequence[int] = ()
+    ) -> dict[str, float]:
         """Dice and HD95 per region of ``model`` (default: the site's) on the site's validation cases, with the
-        site's own sequences. Keys start with ``val_``; ``val_mean_dice`` is the model-selection metric."""
+        site's own sequences. Keys start with ``val_``; ``val_mean_dice`` is the model-selection metric.
+
+        Args:
+            model: the network to score (default: the site's).
+            postprocess_candidates: minimum connected-component sizes (voxels) to score as well: each adds
+                ``val_mean_dice_min<N>``, the mean Dice after removing smaller components
+                (:mod:`fedbrats.evaluation.postprocess`).
+        """
         model = model or self.model
         model.eval()
         dices, hds = [], []
+        candidate_dices: dict[int, list[torch.Tensor]] = {n: [] for n in postprocess_candidates if n > 0}
         spacing = 1.0 / self.config.data.zoom
         for batch in self.val_loader:
             image = batch["image"].to(self.device)
@@ -261,9 +278,13 @@ class SiteTrainer:
             label = batch["label"]
             dices.append(region_dice(pred, label))
             hds.append(region_hd95(pred, label, spacing=spacing))
+            for size, values in candidate_dices.items():
+                values.append(region_dice(remove_small_components(pred, size), label))
         if not dices:
             return {}
         metrics = summarize(torch.cat(dices), torch.cat(hds), prefix=METRIC_PREFIX)
+        for size, values in candidate_dices.items():
+            metrics[CANDIDATE_METRIC.format(size)] = float(torch.cat(values).float().mean())
         for k, v in metrics.items():
             if not math.isfinite(v):
                 logger.warning("site %s: validation metric %s is %s", self.site.site_name, k, v)

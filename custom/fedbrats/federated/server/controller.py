@@ -18,6 +18,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.workflows.model_controller import ModelController
 
+from fedbrats.evaluation.postprocess import choose_min_component_voxels, write_postprocessing
 from fedbrats.federated.memory import SERVER_GC_ROUNDS, release_memory
 from fedbrats.federated.payload import SITE_ERROR_KEY
 from fedbrats.federated.server.aggregation import AggregationStrategy, SiteUpdate
@@ -364,17 +365,26 @@ class FedBratsController(ModelController):
             sites[r.name] = {"metrics": r.metrics}
         self.event(AppEventType.BEFORE_AGGREGATION)
         updates = [SiteUpdate(n, {}, {}, s["metrics"], 1.0) for n, s in sites.items()]
+        aggregated = _weighted_metrics(updates)
         self._record(
             {
                 "round": final_round,
                 "final_validation": True,
                 "sites": sites,
-                "aggregated": _weighted_metrics(updates),
+                "aggregated": aggregated,
                 "left_out": sorted(set(targets) - set(sites)),
                 "rejected": {},
                 "seconds": 0.0,
             }
         )
+        choice = choose_min_component_voxels(aggregated)
+        if len(choice["scores"]) > 1:  # the sites scored post-processing candidates
+            choice["chosen_on"] = "the sites' validation cases, final global model, mean over sites"
+            write_postprocessing(self.get_run_dir(), choice)
+            self.info(
+                f"post-processing: remove components under {choice['min_component_voxels']} voxels "
+                f"(validation mean Dice by size: {choice['scores']})"
+            )
 
 
 def no_update_message(record: dict[str, Any], empty_rounds: int, any_update: bool, limit: int) -> str:
