@@ -40,6 +40,20 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         {"method_args": {"kd_weight": 0.0, "proto_kd_weight": 0.0, "self_distill_weight": 0.0}},
         {},
     ),
+    # The modality-aware network and aggregation with the supervised loss alone: what FedKD's losses add.
+    "fedkd_net_only": (
+        "fedkd",
+        {
+            "method_args": {
+                "drl_weight": 0.0,
+                "rcl_weight": 0.0,
+                "kd_weight": 0.0,
+                "proto_kd_weight": 0.0,
+                "self_distill_weight": 0.0,
+            }
+        },
+        {},
+    ),
     # Plain FedAvg needs every weight from every site, so sites send the encoders of absent sequences too.
     "fedkd_no_modality_aware_agg": (
         "fedkd",
@@ -195,6 +209,10 @@ def run_folder(workspace: str, name: str, seed: int) -> str:
 #: Paired comparisons the report makes (A vs B), where both were run.
 PAIRS: tuple[tuple[str, str], ...] = (
     ("fedkd", "fedavg"),
+    ("fedkd", "fedkd_net_only"),
+    ("fedkd_no_rcl", "fedkd"),
+    ("fedkd_no_kd", "fedkd"),
+    ("fedkd_net_only", "fedavg"),
     ("mstkd", "fedavg"),
     ("fedavg", "local_only"),
     ("fedkd", "local_only"),
