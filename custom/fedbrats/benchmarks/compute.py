@@ -64,6 +64,7 @@ def training_throughput(
     threads: int = 1,
     min_seconds: float = 2.0,
     min_rounds: int = 1,
+    **training: Any,
 ) -> dict[str, Any]:
     """Training cases/s and voxels/s of each site on the CPU, at the job's crop size, in steady state.
 
@@ -75,7 +76,7 @@ def training_throughput(
     out: dict[str, Any] = {}
     for site in sites:
         with torch_threads(threads):
-            trainer = _site_trainer(job, sites_file, site, overrides, num_threads=threads, device="cpu")
+            trainer = _site_trainer(job, sites_file, site, overrides, num_threads=threads, device="cpu", **training)
             torch.set_num_threads(threads)  # SiteTrainer sets its own; keep the one asked for
             _steady_state(trainer)
             cfg = trainer.config
@@ -99,6 +100,7 @@ def training_throughput(
             "cases": cases,
             "seconds": seconds,
             "seconds_per_step": seconds / max(steps, 1),
+            "precision": trainer.precision,
             "cases_per_second": cases / seconds if seconds else None,
             "voxels_per_second": cases * math.prod(roi) / seconds if seconds else None,
         }

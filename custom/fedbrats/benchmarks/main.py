@@ -248,6 +248,17 @@ def run_benchmarks(
                 ),
                 "gpu": compute.gpu_variants(job, main_fed, sites[0], overrides),
             }
+            if entry["one_thread"] and any(r["precision"] != "fp32" for r in entry["one_thread"].values()):
+                # The recipe's mixed precision against float32, same sites and settings.
+                entry["one_thread_fp32"] = compute.training_throughput(
+                    job,
+                    main_fed,
+                    sites,
+                    overrides,
+                    threads=1,
+                    min_seconds=settings.throughput_min_seconds,
+                    precision="fp32",
+                )
             if cores > 1 and settings.throughput_all_threads:
                 entry["all_threads"] = compute.training_throughput(
                     job, main_fed, sites[:1], overrides, threads=cores, min_seconds=settings.throughput_min_seconds

@@ -414,7 +414,7 @@ def _throughput_section(tp: Mapping[str, Any], plot: str | None) -> list[str]:
     ]
     rows = []
     for job, e in tp.items():
-        for key in ("one_thread", "all_threads"):
+        for key in ("one_thread", "one_thread_fp32", "all_threads"):
             for site, r in sorted(e.get(key, {}).items()):
                 rows.append(
                     [
@@ -422,6 +422,7 @@ def _throughput_section(tp: Mapping[str, Any], plot: str | None) -> list[str]:
                         site,
                         "+".join(r["modalities"]),
                         r["threads"],
+                        r.get("precision", "fp32"),
                         "x".join(map(str, r["roi_size"])),
                         r["batch_size"],
                         r["steps"],
@@ -431,7 +432,7 @@ def _throughput_section(tp: Mapping[str, Any], plot: str | None) -> list[str]:
                     ]
                 )
     lines += _table(
-        ["job", "site", "sequences", "threads", "crop", "batch", "steps timed", "s/step", "cases/s", "Mvoxels/s"],
+        ["job", "site", "sequences", "threads", "precision", "crop", "batch", "steps", "s/step", "cases/s", "Mvox/s"],
         rows,
     )
     for job, e in tp.items():
