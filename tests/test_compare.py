@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from fedbrats.constants import REGIONS
-from fedbrats.evaluation.compare import EXPERIMENTS, PRIVACY, _average_results, _merge
+from fedbrats.evaluation.compare import EXPERIMENTS, PRIVACY, _average_results
 from fedbrats.jobgen import JOBS
+from fedbrats.utils import deep_merge
 
 
 def _row(value: float) -> dict:
@@ -22,7 +23,7 @@ def _row(value: float) -> dict:
 
 def test_merge_is_deep_and_does_not_mutate() -> None:
     base = {"data": {"roi_size": [32, 32, 32], "zoom": 1.0}, "lr": 1e-3}
-    out = _merge(base, {"data": {"zoom": 0.5}})
+    out = deep_merge(base, {"data": {"zoom": 0.5}})
     assert out == {"data": {"roi_size": [32, 32, 32], "zoom": 0.5}, "lr": 1e-3}
     assert base["data"]["zoom"] == 1.0
 

@@ -12,7 +12,6 @@ from fedbrats.constants import modality_combinations
 from fedbrats.federated.methods import build_method
 from fedbrats.federated.methods.mstkd import MSTKDMethod, random_subset_masks
 from fedbrats.losses.mstkd import (
-    StyleDiscriminator,
     adversarial_loss,
     attention_kd_loss,
     consistency_rampup_weight,
@@ -26,7 +25,7 @@ from fedbrats.losses.mstkd import (
     zscore_logits,
 )
 from fedbrats.networks import build_from_spec, build_network, model_spec
-from fedbrats.networks.mstkd import MSTKDNet
+from fedbrats.networks.mstkd import MSTKDNet, StyleDiscriminator
 from fedbrats.networks.segresnet import BraTSSegResNet
 
 SIZE = 16

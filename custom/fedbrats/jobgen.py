@@ -6,12 +6,12 @@ option lives in one place and a job holds configuration only; the code comes fro
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from typing import Any
 
 from fedbrats.networks import network_class_path
+from fedbrats.utils import deep_merge
 
 #: Options every job shares unless it overrides them.
 #: The recipe (docs/results.md, "Training recipe", has the runs behind each choice): Dice + BCE (the methods'
@@ -86,16 +86,6 @@ to `class_allow_list` in each site's `local/resources.json` (see docs/deployment
 """
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def job_configs(
     name: str,
     num_rounds: int = DEFAULT_ROUNDS,
@@ -126,10 +116,10 @@ def job_configs(
     if name not in JOBS:
         raise ValueError(f"job must be one of {sorted(JOBS)}, got {name!r}")
     spec = JOBS[name]
-    training = _merge(_merge(BASE_TRAINING, spec.get("training", {})), training_overrides)
+    training = deep_merge(deep_merge(BASE_TRAINING, spec.get("training", {})), training_overrides)
     training["seed"] = seed
-    network = _merge(_merge(BASE_NETWORK, spec.get("network", {})), {"args": network_args or {}})
-    aggregation = _merge(spec["aggregation"], {"args": aggregation_args or {}})
+    network = deep_merge(deep_merge(BASE_NETWORK, spec.get("network", {})), {"args": network_args or {}})
+    aggregation = deep_merge(spec["aggregation"], {"args": aggregation_args or {}})
     min_clients = spec["min_clients"] if min_clients is None else min_clients
     meta = {
         "name": name,

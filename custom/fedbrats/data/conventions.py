@@ -92,11 +92,6 @@ def detect_convention(case_dir: str) -> BraTSConvention:
     return found[0]
 
 
-def to_regions_label_values(convention: BraTSConvention) -> dict[str, tuple[int, ...]]:
-    """Label values that make up each evaluation region under ``convention`` (WT, TC, ET)."""
-    return {"WT": (1, 2, convention.et_label), "TC": (1, convention.et_label), "ET": (convention.et_label,)}
-
-
 def institution_of(case_id: str) -> str:
     """Institution (acquisition site) encoded in a BraTS case id.
 

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,7 +78,6 @@ class DataConfig:
     augment: bool = True
     num_workers: int = 0
     max_invalid_fraction: float = 0.5
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.roi_size = tuple(int(s) for s in self.roi_size)
@@ -97,7 +96,7 @@ class DataConfig:
     def from_dict(cls, values: dict[str, Any] | None) -> DataConfig:
         """Build from a config mapping, rejecting unknown keys by name."""
         values = dict(values or {})
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        known = set(cls.__dataclass_fields__)
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown data option(s) {unknown}; known: {sorted(known)}")

@@ -24,6 +24,7 @@ from fedbrats.evaluation.report import readable_combination, write_reports
 from fedbrats.evaluation.statistics import paired_difference, seed_summary
 from fedbrats.federated.simulate import SimulationResult, parse_overrides, simulate
 from fedbrats.logging_setup import configure_logging
+from fedbrats.utils import deep_merge
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +78,6 @@ PRIVACY: dict[str, dict[str, Any]] = {
 }
 EXPERIMENTS["fedkd_dp_prototypes"] = ("fedkd", {}, {})
 EXPERIMENTS["fedavg_svt"] = ("fedavg", {}, {})
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def _average_results(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -153,7 +147,7 @@ def run_experiment(
             network_args=network_args,
             sites_file=sites_file,
             num_rounds=num_rounds,
-            overrides=_merge(overrides, job_overrides),
+            overrides=deep_merge(overrides, job_overrides),
             aggregation_args=agg_overrides,
             privacy=PRIVACY.get(name),
         )
@@ -192,7 +186,7 @@ def run_experiment(
         "seed": seed,
         "network_args": network_args or {},
         "rounds": num_rounds,
-        "overrides": _merge(overrides, job_overrides),
+        "overrides": deep_merge(overrides, job_overrides),
         "aggregation_overrides": agg_overrides,
         "privacy": PRIVACY.get(name),
         "simulator_seconds": round(result.seconds, 1) if result.seconds == result.seconds else None,
@@ -373,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(a.set)
     from fedbrats.jobgen import BASE_TRAINING
 
-    eval_data = _merge(BASE_TRAINING["data"], overrides.get("data", {}))
+    eval_data = deep_merge(BASE_TRAINING["data"], overrides.get("data", {}))
     eval_data = {k: v for k, v in eval_data.items() if k in ("roi_size", "zoom", "max_eval_size")}
     if a.eval_roi:
         # The networks are fully convolutional: a window larger than the training crop needs far fewer passes.

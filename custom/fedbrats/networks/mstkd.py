@@ -223,4 +223,41 @@ class MSTKDNet(nn.Module):
         return {"logits": self.head(x), "hidden": hidden, "attn": attn, "style": [s1, s2]}
 
 
-__all__ = ["DOWNSAMPLING", "MSTKDNet", "ViTBlock"]
+class StyleDiscriminator(nn.Module):
+    """PatchGAN-like 3D discriminator on a style feature map: one real/fake logit per patch.
+
+    ``num_layers`` stride-2 4x4x4 convolutions with LeakyReLU(0.2) (``base_filters`` doubling), then a 3x3x3
+    convolution to one channel. Every constructor argument is stored under its own name.
+
+    Args:
+        in_channels: channels of the style feature map.
+        base_filters: channels of the first convolution.
+        num_layers: stride-2 convolutions; the input sides must be at least ``2**num_layers``.
+
+    Raises:
+        ValueError: a non-positive size.
+    """
+
+    def __init__(self, in_channels: int, base_filters: int = 16, num_layers: int = 2) -> None:
+        super().__init__()
+        for arg, value in (("in_channels", in_channels), ("base_filters", base_filters), ("num_layers", num_layers)):
+            if value < 1:
+                raise ValueError(f"{arg} must be >= 1, got {value}")
+        self.in_channels = in_channels
+        self.base_filters = base_filters
+        self.num_layers = num_layers
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for i in range(num_layers):
+            out = base_filters * 2**i
+            layers += [nn.Conv3d(channels, out, kernel_size=4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            channels = out
+        layers.append(nn.Conv3d(channels, 1, kernel_size=3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Patch logits (B, 1, d, h, w) of ``features`` (B, in_channels, D, H, W); positive means "teacher"."""
+        return self.net(features)
+
+
+__all__ = ["DOWNSAMPLING", "MSTKDNet", "StyleDiscriminator", "ViTBlock"]

@@ -34,7 +34,6 @@ from fedbrats.data.transforms import apply_modality_mask
 from fedbrats.federated.methods.base import ClientMethod, check_non_negative
 from fedbrats.losses.mstkd import (
     GAN_MODES,
-    StyleDiscriminator,
     adversarial_loss,
     attention_kd_loss,
     consistency_rampup_weight,
@@ -45,6 +44,7 @@ from fedbrats.losses.mstkd import (
     standardized_logit_kd_loss,
 )
 from fedbrats.losses.segmentation import DiceBCELoss
+from fedbrats.networks.mstkd import StyleDiscriminator
 
 logger = logging.getLogger(__name__)
 
