@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from fedbrats.evaluation.postprocess import (
-    POSTPROCESSING_FILE,
     choose_min_component_voxels,
     read_postprocessing,
     remove_small_components,
     write_postprocessing,
 )
+from fedbrats.federated.protocol import POSTPROCESSING_FILE
 
 
 def _regions() -> torch.Tensor:

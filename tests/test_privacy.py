@@ -10,7 +10,7 @@ import pytest
 
 from fedbrats.federated.filters import describe, privatize_prototypes
 from fedbrats.federated.methods.fedkd import FedKDMethod
-from fedbrats.federated.payload import BASE_META_KEYS
+from fedbrats.federated.protocol import BASE_META_KEYS
 from fedbrats.networks.modality_aware import parameter_modality
 
 TINY = {"epochs_per_round": 1, "data": {"roi_size": [16, 16, 16], "batch_size": 1}}

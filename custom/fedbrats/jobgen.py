@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+from fedbrats.federated.protocol import KEY_METRIC
 from fedbrats.networks import network_class_path
 from fedbrats.utils import deep_merge
 
@@ -153,7 +154,7 @@ def job_configs(
             {
                 "id": "model_selector",
                 "path": "nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector",
-                "args": {"key_metric": "val_mean_dice"},
+                "args": {"key_metric": KEY_METRIC},
             },
             {
                 "id": "model_locator",

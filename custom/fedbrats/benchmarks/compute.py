@@ -17,6 +17,7 @@ import torch
 
 from fedbrats.benchmarks.federated import build_job_network, job_definition
 from fedbrats.constants import MODALITIES
+from fedbrats.federated.protocol import GLOBAL_PROTOTYPE_VALID_KEY, GLOBAL_PROTOTYPES_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def _steady_state(trainer: Any) -> None:
     meta: dict[str, Any] = {}
     if "prototypes" in extras:
         protos = np.asarray(extras["prototypes"], dtype=np.float32)
-        meta = {"global_prototypes": protos, "global_prototype_valid": np.ones(len(protos), dtype=bool)}
+        meta = {GLOBAL_PROTOTYPES_KEY: protos, GLOBAL_PROTOTYPE_VALID_KEY: np.ones(len(protos), dtype=bool)}
     trainer.method.on_global_model(trainer.model, meta, 1)
 
 

@@ -26,6 +26,16 @@ import numpy as np
 from fedbrats.benchmarks.simlog import parse_simulator_log
 from fedbrats.benchmarks.system import ProcessSampler, Sample, load_average, simulator_roles
 from fedbrats.data.federation import DEFAULT_SITE_MODALITIES, POOLED_SITE
+from fedbrats.federated.protocol import (
+    NUM_STEPS_KEY,
+    PAYLOAD_AUDIT_FILE,
+    SITE_NAME_KEY,
+    RunFolder,
+    global_task_meta,
+    site_update_meta,
+    to_wire,
+    update_weight,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +161,7 @@ def model_bytes(run_dir: str) -> dict[str, int]:
     """Parameters and bytes of the saved global model of a run."""
     import torch
 
-    state = torch.load(os.path.join(run_dir, "app_server", "FL_global_model.pt"), weights_only=True)["model"]
+    state = torch.load(RunFolder(run_dir).global_model, weights_only=True)["model"]
     return {
         "parameters": int(sum(v.numel() for v in state.values())),
         "bytes": int(sum(v.numel() * v.element_size() for v in state.values())),
@@ -174,9 +184,9 @@ def communication(
     from fedbrats.networks.modality_aware import parameter_modality
 
     model = model_bytes(run_dir)
-    with open(os.path.join(run_dir, "model_spec.json"), encoding="utf-8") as f:
+    with open(RunFolder(run_dir).model_spec, encoding="utf-8") as f:
         spec_bytes = len(json.dumps(json.load(f)).encode())
-    state_file = os.path.join(run_dir, "server_state.npz")
+    state_file = RunFolder(run_dir).server_state
     state_bytes = 0
     state_items: dict[str, list[int]] = {}
     if os.path.isfile(state_file):
@@ -186,7 +196,7 @@ def communication(
                 state_items[k] = list(state[k].shape)
     per_site: dict[str, Any] = {}
     for site in sites:
-        path = os.path.join(sim_ws, site, "simulate_job", "payload_audit.jsonl")
+        path = os.path.join(sim_ws, site, "simulate_job", PAYLOAD_AUDIT_FILE)
         if not os.path.isfile(path):
             logger.warning("no payload audit for %s at %s", site, path)
             continue
@@ -196,7 +206,7 @@ def communication(
             for line in f:
                 rec = json.loads(line)
                 # The task name is not always in the result's headers: training results carry step counts.
-                is_train = rec.get("task") == "train" or "num_steps" in rec.get("meta", {})
+                is_train = rec.get("task") == "train" or NUM_STEPS_KEY in rec.get("meta", {})
                 if not is_train or rec.get("round") is None:
                     continue
                 r = int(rec["round"])
@@ -438,7 +448,6 @@ def _local_site_worker(conn: Connection, site_name: str, sites_file: str, traini
 
     from fedbrats.data.site_config import load_site_config
     from fedbrats.federated.client.trainer import SiteTrainer, TrainConfig
-    from fedbrats.federated.payload import to_wire
     from fedbrats.networks import build_from_spec
 
     config = TrainConfig.from_dict(training)
@@ -460,13 +469,7 @@ def _local_site_worker(conn: Connection, site_name: str, sites_file: str, traini
         extras = trainer.method.round_payload(trainer.model, trainer.train_loader)
         t3 = time.monotonic()
         weights = {k: v.numpy() for k, v in trainer.weights().items()}
-        out_meta = {
-            "site_name": site_name,
-            "modalities": list(site.modalities),
-            "num_train_cases": trainer.num_train_cases,
-            **summary,
-            **to_wire(extras),
-        }
+        out_meta = site_update_meta(site_name, site.modalities, trainer.num_train_cases, summary, to_wire(extras))
         conn.send(
             {
                 "params": weights,
@@ -526,8 +529,7 @@ def run_local_baseline(
             for current_round in range(num_rounds):
                 w0 = time.time()
                 t0 = time.monotonic()
-                meta = {"model_spec": spec, "keep_local_weights": strategy.keep_local_weights}
-                meta.update(strategy.global_meta())
+                meta = global_task_meta(spec, strategy.keep_local_weights, strategy.global_meta())
                 for conn in conns.values():
                     conn.send((global_params, meta, current_round, num_rounds))
                 replies = {site: conn.recv() for site, conn in conns.items()}
@@ -535,9 +537,9 @@ def run_local_baseline(
                     SiteUpdate(
                         site,
                         r["params"],
-                        {k: v for k, v in r["meta"].items() if k != "site_name"},
+                        {k: v for k, v in r["meta"].items() if k != SITE_NAME_KEY},
                         r["metrics"],
-                        float(r["meta"].get("num_steps", 1) or 1),
+                        update_weight(r["meta"]),
                     )
                     for site, r in replies.items()
                 ]

@@ -43,6 +43,7 @@ import yaml
 
 from fedbrats.data.site_config import LOCAL_CONFIG_NAME, SITE_CONFIG_ENV, load_site_config
 from fedbrats.federated.memory import with_allocator_defaults
+from fedbrats.federated.protocol import GLOBAL_MODEL_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -881,12 +882,12 @@ def download_result(session: Any, job_id: str, out_dir: str) -> tuple[str, str |
     target = os.path.join(os.path.abspath(out_dir), job_id)
     shutil.rmtree(target, ignore_errors=True)
     result_dir = session.download_job_result(job_id, destination=os.path.abspath(out_dir))
-    models = sorted(Path(result_dir).rglob("FL_global_model.pt"))
+    models = sorted(Path(result_dir).rglob(GLOBAL_MODEL_FILE))
     model = str(models[0]) if models else None
     if model:
         logger.info("global model: %s", model)
     else:
-        logger.error("the result of job %s (%s) holds no FL_global_model.pt", job_id, result_dir)
+        logger.error("the result of job %s (%s) holds no %s", job_id, result_dir, GLOBAL_MODEL_FILE)
     return result_dir, model
 
 

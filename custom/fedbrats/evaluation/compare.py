@@ -22,7 +22,8 @@ from fedbrats.evaluation.evaluate import default_test_datalist, evaluate_combina
 from fedbrats.evaluation.postprocess import read_postprocessing
 from fedbrats.evaluation.report import readable_combination, write_reports
 from fedbrats.evaluation.statistics import paired_difference, seed_summary
-from fedbrats.federated.simulate import SimulationResult, parse_overrides, simulate
+from fedbrats.federated.protocol import KEY_METRIC, RunFolder
+from fedbrats.federated.simulate import SimulationResult, parse_overrides, simulate, simulated_run_dir
 from fedbrats.logging_setup import configure_logging
 from fedbrats.utils import deep_merge
 
@@ -102,9 +103,9 @@ def _average_results(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _finished_run(workspace: str, num_rounds: int) -> SimulationResult | None:
-    run_dir = os.path.join(workspace, "sim", "server", "simulate_job")
+    run_dir = simulated_run_dir(workspace)
     try:
-        with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
+        with open(RunFolder(run_dir).metrics, encoding="utf-8") as f:
             history = json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
@@ -151,11 +152,12 @@ def run_experiment(
             aggregation_args=agg_overrides,
             privacy=PRIVACY.get(name),
         )
-    spec = os.path.join(result.run_dir, "model_spec.json")
+    run = RunFolder(result.run_dir)
+    spec = run.model_spec
     # Chosen on the sites' validation cases at the end of training; the test cases only see the result.
     postprocessing = read_postprocessing(result.run_dir)
     if job == "local_only":
-        site_dir = os.path.join(result.run_dir, "site_models")
+        site_dir = run.site_models
         per_site = {}
         for fname in sorted(os.listdir(site_dir)):
             model = load_model(os.path.join(site_dir, fname), spec)
@@ -190,7 +192,7 @@ def run_experiment(
         "aggregation_overrides": agg_overrides,
         "privacy": PRIVACY.get(name),
         "simulator_seconds": round(result.seconds, 1) if result.seconds == result.seconds else None,
-        "final_val_mean_dice": (result.history[-1].get("aggregated") or {}).get("val_mean_dice"),
+        "final_val_mean_dice": (result.history[-1].get("aggregated") or {}).get(KEY_METRIC),
     }
     return results
 

@@ -32,18 +32,21 @@ from fedbrats.data.transforms import apply_modality_mask
 from fedbrats.evaluation.inference import predict_logits
 from fedbrats.evaluation.metrics import logits_to_regions, region_dice, region_hd95
 from fedbrats.evaluation.postprocess import read_postprocessing, remove_small_components
+from fedbrats.federated.protocol import (
+    EXPORTED_METADATA_FILE,
+    EXPORTED_MODEL_FILE,
+    MODEL_SPEC_FILE,
+    MODEL_SPEC_KEY,
+    RUN_CHECKPOINTS,
+    SERVER_APP_DIR,
+    RunFolder,
+)
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
 from fedbrats.networks import build_from_spec
 from fedbrats.precision import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
-MODEL_SPEC_FILE = "model_spec.json"
-#: Files of an exported model folder (see :mod:`fedbrats.evaluation.export`).
-EXPORTED_MODEL_FILE = "model.pt"
-EXPORTED_METADATA_FILE = "metadata.json"
-#: Server checkpoints of a federated run, best first.
-RUN_CHECKPOINTS: tuple[str, ...] = ("best_FL_global_model.pt", "FL_global_model.pt")
 FULL_COMBINATION = combination_name(MODALITIES)
 
 
@@ -63,7 +66,7 @@ def resolve_checkpoint(path: str) -> str:
     if not os.path.isdir(path):
         raise ValueError(f"model {path!r} does not exist (expected a checkpoint, a run folder or an exported model)")
     candidates = [os.path.join(path, EXPORTED_MODEL_FILE)]
-    candidates += [os.path.join(path, "app_server", name) for name in RUN_CHECKPOINTS]
+    candidates += list(RunFolder(path).checkpoints)
     candidates += [os.path.join(path, name) for name in RUN_CHECKPOINTS]
     for candidate in candidates:
         if os.path.isfile(candidate):
@@ -71,7 +74,7 @@ def resolve_checkpoint(path: str) -> str:
     # A simulator workspace nests the run folder (e.g. <workspace>/server/simulate_job/app_server).
     for name in RUN_CHECKPOINTS:
         found = sorted(
-            {p for depth in range(1, 4) for p in glob.glob(os.path.join(path, *["*"] * depth, "app_server", name))}
+            {p for depth in range(1, 4) for p in glob.glob(os.path.join(path, *["*"] * depth, SERVER_APP_DIR, name))}
         )
         if len(found) == 1:
             return found[0]
@@ -79,7 +82,7 @@ def resolve_checkpoint(path: str) -> str:
             raise ValueError(f"folder {path!r} holds several runs {found}; pass one run folder or checkpoint")
     raise ValueError(
         f"folder {path!r} holds no model: expected {EXPORTED_MODEL_FILE} (exported model) or "
-        f"app_server/{RUN_CHECKPOINTS[0]} / app_server/{RUN_CHECKPOINTS[1]} (federated run)"
+        f"{SERVER_APP_DIR}/{RUN_CHECKPOINTS[0]} / {SERVER_APP_DIR}/{RUN_CHECKPOINTS[1]} (federated run)"
     )
 
 
@@ -106,7 +109,7 @@ def spec_from_json(path: str) -> dict[str, Any]:
     """
     content = read_json(path, "model spec")
     # An exported model's metadata.json holds the spec under "model_spec"; model_spec.json is the spec itself.
-    spec = content.get("model_spec", content) if isinstance(content, dict) else None
+    spec = content.get(MODEL_SPEC_KEY, content) if isinstance(content, dict) else None
     if not isinstance(spec, dict) or "path" not in spec:
         raise ValueError(f"{path!r} holds no model spec (a JSON object with 'path' and 'args')")
     return spec
@@ -125,7 +128,7 @@ def find_model_spec(checkpoint: str) -> str:
     searched = []
     for _ in range(3):
         searched.append(folder)
-        spec_path = os.path.join(folder, MODEL_SPEC_FILE)
+        spec_path = RunFolder(folder).model_spec
         if os.path.isfile(spec_path):
             return spec_path
         meta_path = os.path.join(folder, EXPORTED_METADATA_FILE)

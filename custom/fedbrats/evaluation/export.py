@@ -24,8 +24,6 @@ import fedbrats
 from fedbrats.constants import HD95_MISS_VALUE, MODALITIES, REGIONS
 from fedbrats.data.conventions import CONVENTIONS
 from fedbrats.evaluation.evaluate import (
-    EXPORTED_METADATA_FILE,
-    EXPORTED_MODEL_FILE,
     file_sha256,
     find_model_spec,
     load_model,
@@ -35,6 +33,12 @@ from fedbrats.evaluation.evaluate import (
 )
 from fedbrats.evaluation.postprocess import read_postprocessing
 from fedbrats.evaluation.predict import DEFAULT_ROI_SIZE, SPATIAL_DIVISOR
+from fedbrats.federated.protocol import (
+    EXPORTED_METADATA_FILE,
+    EXPORTED_MODEL_FILE,
+    EXPORTED_POSTPROCESSING_KEY,
+    MODEL_SPEC_KEY,
+)
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
 
 logger = logging.getLogger(__name__)
@@ -182,7 +186,7 @@ def export_model(
         "model_sha256": file_sha256(model_path),
         "num_parameters": int(sum(v.numel() for v in model.parameters())),
         "source_checkpoint": os.path.abspath(checkpoint),
-        "model_spec": dict(spec),
+        MODEL_SPEC_KEY: dict(spec),
         "inputs": {
             "image": {
                 "type": "magnetic resonance",
@@ -202,7 +206,7 @@ def export_model(
             }
         },
         # Chosen on the run's validation cases (postprocessing.json); predict and evaluate apply it.
-        "postprocessing": {
+        EXPORTED_POSTPROCESSING_KEY: {
             "min_component_voxels": read_postprocessing(checkpoint),
             "what": "connected components of each region smaller than this (voxels at the model's resolution, "
             "26-connected) are removed; 0 = none",

@@ -20,14 +20,20 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from fedbrats.federated.protocol import (
+    EXPORTED_METADATA_FILE,
+    EXPORTED_POSTPROCESSING_KEY,
+    KEY_METRIC,
+    POSTPROCESSING_FILE,
+    RunFolder,
+)
+
 logger = logging.getLogger(__name__)
 
 #: Candidate minimum component sizes (voxels at the model's working resolution) scored at validation; 0 = none.
 DEFAULT_CANDIDATES: tuple[int, ...] = (0, 10, 50, 200)
-#: The file in a run folder (and the key of an exported model's metadata) that records the chosen size.
-POSTPROCESSING_FILE = "postprocessing.json"
 #: Validation metric of the mean Dice after removing components smaller than N voxels.
-CANDIDATE_METRIC = "val_mean_dice_min{}"
+CANDIDATE_METRIC = f"{KEY_METRIC}_min{{}}"
 
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connected, as nnU-Net
 
@@ -72,7 +78,7 @@ def choose_min_component_voxels(aggregated: Mapping[str, float]) -> dict[str, An
     prefix, _ = CANDIDATE_METRIC.split("{}")
     scores: dict[int, float] = {}
     for key, value in aggregated.items():
-        if key == "val_mean_dice":
+        if key == KEY_METRIC:
             size = 0
         elif key.startswith(prefix) and key[len(prefix) :].isdigit():
             size = int(key[len(prefix) :])
@@ -86,7 +92,7 @@ def choose_min_component_voxels(aggregated: Mapping[str, float]) -> dict[str, An
 
 def write_postprocessing(run_dir: str, choice: Mapping[str, Any]) -> str:
     """Write ``postprocessing.json`` into ``run_dir``; return its path."""
-    path = os.path.join(run_dir, POSTPROCESSING_FILE)
+    path = RunFolder(run_dir).postprocessing
     with open(path, "w", encoding="utf-8") as f:
         json.dump(dict(choice), f, indent=2)
     return path
@@ -101,7 +107,7 @@ def read_postprocessing(folder: str) -> int:
     """
     folder = os.path.abspath(folder if os.path.isdir(folder) else os.path.dirname(folder))
     for _ in range(3):
-        for name, key in ((POSTPROCESSING_FILE, None), ("metadata.json", "postprocessing")):
+        for name, key in ((POSTPROCESSING_FILE, None), (EXPORTED_METADATA_FILE, EXPORTED_POSTPROCESSING_KEY)):
             path = os.path.join(folder, name)
             if not os.path.isfile(path):
                 continue
@@ -122,7 +128,6 @@ def read_postprocessing(folder: str) -> int:
 __all__ = [
     "CANDIDATE_METRIC",
     "DEFAULT_CANDIDATES",
-    "POSTPROCESSING_FILE",
     "choose_min_component_voxels",
     "read_postprocessing",
     "remove_small_components",

@@ -18,7 +18,7 @@ from nvflare.apis.filter import Filter
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-AUDIT_FILE = "payload_audit.jsonl"
+from fedbrats.federated.protocol import PAYLOAD_AUDIT_FILE
 
 
 def describe(value: Any) -> dict[str, Any]:
@@ -60,7 +60,7 @@ class PayloadAuditFilter(Filter):
             "meta": {str(k): describe(v) for k, v in (dxo.meta or {}).items()},
         }
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
-        with open(os.path.join(run_dir, AUDIT_FILE), "a", encoding="utf-8") as f:
+        with open(os.path.join(run_dir, PAYLOAD_AUDIT_FILE), "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=str) + "\n")
         return shareable
 

@@ -23,6 +23,7 @@ from typing import Any
 from fedbrats.data.federation import POOLED_SITE
 from fedbrats.data.site_config import SITE_CONFIG_ENV, federation_sites_file
 from fedbrats.federated.memory import with_allocator_defaults
+from fedbrats.federated.protocol import RunFolder
 from fedbrats.jobgen import DEFAULT_ROUNDS, JOBS, write_job
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,12 @@ class SimulationResult:
 
     @property
     def best_model(self) -> str:
-        return os.path.join(self.run_dir, "app_server", "best_FL_global_model.pt")
+        return RunFolder(self.run_dir).best_global_model
+
+
+def simulated_run_dir(workspace: str) -> str:
+    """The server's run folder of a job :func:`simulate` ran in ``workspace`` (the simulator's own layout)."""
+    return os.path.join(workspace, "sim", "server", "simulate_job")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -72,13 +78,8 @@ def _keep_resume_source(run_dir: str, workspace: str) -> str:
     if not os.path.isdir(run_dir):
         raise ValueError(f"resume_from={run_dir!r} is not a folder")
     target = os.path.join(os.path.abspath(workspace), f"resume_source_{int(time.time())}")
-    os.makedirs(os.path.join(target, "app_server"), exist_ok=True)
-    for rel in (
-        "metrics.json",
-        "model_spec.json",
-        "server_state.npz",
-        os.path.join("app_server", "FL_global_model.pt"),
-    ):
+    os.makedirs(RunFolder(target).app_server, exist_ok=True)
+    for rel in RunFolder.RESUME_FILES:
         src = os.path.join(run_dir, rel)
         if os.path.isfile(src):
             shutil.copy2(src, os.path.join(target, rel))
@@ -294,8 +295,8 @@ def simulate(
     every_site_needed = needed == 0 or needed >= len(clients)
     returncode = _run_simulator(cmd, env, log_file, sim_ws, stop_on_lost_site=every_site_needed)
     seconds = time.monotonic() - started
-    run_dir = os.path.join(sim_ws, "server", "simulate_job")
-    metrics_file = os.path.join(run_dir, "metrics.json")
+    run_dir = simulated_run_dir(workspace)
+    metrics_file = RunFolder(run_dir).metrics
     if returncode != 0 or not os.path.isfile(metrics_file):
         raise RuntimeError(f"simulation of {job} failed (exit {returncode}){_failure_reason(log_file)}; see {log_file}")
     with open(metrics_file, encoding="utf-8") as f:

@@ -15,11 +15,24 @@ import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.client.tracking import SummaryWriter
 
+from fedbrats.constants import REGIONS
 from fedbrats.data.site_config import resolve_site_config
 from fedbrats.federated.client.executor import decode_config
 from fedbrats.federated.client.trainer import SiteTrainer, TrainConfig
 from fedbrats.federated.memory import SITE_GC_ROUNDS, release_memory
-from fedbrats.federated.payload import SITE_ERROR_KEY, SITE_ERROR_MAX_CHARS, to_wire
+from fedbrats.federated.protocol import (
+    KEEP_LOCAL_WEIGHTS_KEY,
+    KEY_METRIC,
+    METRIC_PREFIX,
+    MODEL_SPEC_KEY,
+    NUM_STEPS_KEY,
+    NVFLARE_NUM_STEPS_KEY,
+    SITE_NAME_KEY,
+    TRAIN_LOSS_KEY,
+    site_error_meta,
+    site_update_meta,
+    to_wire,
+)
 from fedbrats.networks import build_from_spec
 
 logger = logging.getLogger("fedbrats.client")
@@ -49,9 +62,8 @@ def _answer_with_error(site_name: str, exc: BaseException, pending: bool) -> Non
     Without this the server only sees an execution error without a message and, when every site fails, would
     run all its rounds on an unchanged model; with it the server stops the job and repeats each site's reason.
     """
-    reason = f"{type(exc).__name__}: {exc}"[:SITE_ERROR_MAX_CHARS]
     # metrics={} rather than None: NVFlare refuses a result without params and metrics.
-    failed = FLModel(metrics={}, meta={"site_name": site_name, SITE_ERROR_KEY: reason})
+    failed = FLModel(metrics={}, meta=site_error_meta(site_name, exc))
     if pending:
         flare.send(failed)
     while flare.is_running():
@@ -78,11 +90,11 @@ def _run(site_name: str, training: dict, workspace: str | None, gc_rounds: int, 
         current_round = input_model.current_round or 0
         if trainer is None:
             # The server sends the network's spec with the weights: the architecture is defined once, on the server.
-            model = build_from_spec(meta["model_spec"])
+            model = build_from_spec(meta[MODEL_SPEC_KEY])
             trainer = SiteTrainer(site, config, model, log_scalar=writer.add_scalar)
             logger.info("site %s: method %s, %d training cases", site_name, config.method, trainer.num_train_cases)
 
-        keep_local = bool(meta.get("keep_local_weights")) and has_local_weights
+        keep_local = bool(meta.get(KEEP_LOCAL_WEIGHTS_KEY)) and has_local_weights
         if not keep_local:
             trainer.load_weights(input_model.params)
         trainer.method.on_global_model(trainer.model, meta, current_round)
@@ -93,11 +105,11 @@ def _run(site_name: str, training: dict, workspace: str | None, gc_rounds: int, 
             logger.info("round %d | site %s | validation %s", current_round, site_name, _fmt(metrics))
             # The weights go back unchanged only so that NVFlare's model selector, which ignores metrics-only
             # results, also judges the final global model.
-            flare.send(FLModel(params=trainer.weights(), metrics=metrics, meta={"site_name": site_name}))
+            flare.send(FLModel(params=trainer.weights(), metrics=metrics, meta={SITE_NAME_KEY: site_name}))
             answered[0] = True
             continue
         if flare.is_submit_model():
-            flare.send(FLModel(params=trainer.weights(), meta={"site_name": site_name}))
+            flare.send(FLModel(params=trainer.weights(), meta={SITE_NAME_KEY: site_name}))
             answered[0] = True
             continue
 
@@ -112,22 +124,16 @@ def _run(site_name: str, training: dict, workspace: str | None, gc_rounds: int, 
         summary = trainer.train_round(current_round, input_model.total_rounds)
         extras = trainer.method.round_payload(trainer.model, trainer.train_loader)
         has_local_weights = True
-        out_meta = {
-            "site_name": site_name,
-            "modalities": list(site.modalities),
-            "num_train_cases": trainer.num_train_cases,
-            "NUM_STEPS_CURRENT_ROUND": summary["num_steps"],
-            **summary,
-            **to_wire(extras),
-        }
+        out_meta = site_update_meta(site_name, site.modalities, trainer.num_train_cases, summary, to_wire(extras))
+        out_meta[NVFLARE_NUM_STEPS_KEY] = summary[NUM_STEPS_KEY]
         flare.send(FLModel(params=trainer.update_weights(), metrics=metrics, meta=out_meta))
         answered[0] = True
         logger.info(
             "round %d | site %s | sent update: %d steps, loss %.4f, %.1fs",
             current_round,
             site_name,
-            summary["num_steps"],
-            summary["train_loss"],
+            summary[NUM_STEPS_KEY],
+            summary[TRAIN_LOSS_KEY],
             time.monotonic() - started,
         )
         rounds_done += 1
@@ -135,8 +141,8 @@ def _run(site_name: str, training: dict, workspace: str | None, gc_rounds: int, 
 
 
 def _fmt(metrics: dict[str, float]) -> str:
-    keys = ("val_dice_WT", "val_dice_TC", "val_dice_ET", "val_mean_dice")
-    return " ".join(f"{k[4:]}={metrics[k]:.3f}" for k in keys if k in metrics)
+    keys = tuple(f"{METRIC_PREFIX}dice_{region}" for region in REGIONS) + (KEY_METRIC,)
+    return " ".join(f"{k[len(METRIC_PREFIX) :]}={metrics[k]:.3f}" for k in keys if k in metrics)
 
 
 def main(argv: list[str] | None = None) -> None:

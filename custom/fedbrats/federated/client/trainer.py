@@ -19,7 +19,7 @@ from fedbrats.evaluation.inference import predict_logits
 from fedbrats.evaluation.metrics import logits_to_regions, region_dice, region_hd95, summarize
 from fedbrats.evaluation.postprocess import CANDIDATE_METRIC, DEFAULT_CANDIDATES, remove_small_components
 from fedbrats.federated.methods import ClientMethod, build_method
-from fedbrats.federated.payload import METRIC_PREFIX
+from fedbrats.federated.protocol import LOSS_TERMS_KEY, LR_KEY, METRIC_PREFIX, NUM_STEPS_KEY, TRAIN_LOSS_KEY
 from fedbrats.precision import autocast, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -242,13 +242,17 @@ class SiteTrainer:
                 time.monotonic() - started,
             )
         summary = self._round_summary(steps, loss_sum, terms_sum)
-        summary["lr"] = lr
+        summary[LR_KEY] = lr
         return summary
 
     @staticmethod
     def _round_summary(steps: int, loss_sum: float, terms_sum: dict[str, float]) -> dict[str, Any]:
         n = max(steps, 1)
-        return {"num_steps": steps, "train_loss": loss_sum / n, "loss_terms": {k: v / n for k, v in terms_sum.items()}}
+        return {
+            NUM_STEPS_KEY: steps,
+            TRAIN_LOSS_KEY: loss_sum / n,
+            LOSS_TERMS_KEY: {k: v / n for k, v in terms_sum.items()},
+        }
 
     @torch.no_grad()
     def validate(

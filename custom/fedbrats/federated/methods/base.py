@@ -16,7 +16,7 @@ class ClientMethod:
     Attributes:
         name: method name used in configs and logs.
         payload_keys: the meta keys this method adds to a site's update beyond
-            :data:`fedbrats.federated.payload.BASE_META_KEYS`; the server rejects anything undeclared.
+            :data:`fedbrats.federated.protocol.BASE_META_KEYS`; the server rejects anything undeclared.
     """
 
     name: ClassVar[str] = "base"

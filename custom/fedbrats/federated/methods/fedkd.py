@@ -24,6 +24,7 @@ import torch
 
 from fedbrats.data.transforms import apply_modality_mask
 from fedbrats.federated.methods.base import ClientMethod, check_non_negative
+from fedbrats.federated.protocol import GLOBAL_PROTOTYPE_VALID_KEY, GLOBAL_PROTOTYPES_KEY
 from fedbrats.losses import (
     DRLLoss,
     RegionContrastiveLoss,
@@ -34,10 +35,6 @@ from fedbrats.losses import (
 )
 from fedbrats.losses.segmentation import DiceBCELoss
 from fedbrats.networks.modality_aware import parameter_modality
-
-#: Meta keys the server sends with the global model.
-GLOBAL_PROTOTYPES = "global_prototypes"
-GLOBAL_PROTOTYPE_VALID = "global_prototype_valid"
 
 
 class FedKDMethod(ClientMethod):
@@ -119,10 +116,10 @@ class FedKDMethod(ClientMethod):
                 p.requires_grad_(False)
         else:
             self.teacher = None
-        protos = global_meta.get(GLOBAL_PROTOTYPES)
+        protos = global_meta.get(GLOBAL_PROTOTYPES_KEY)
         if protos is not None and len(protos):
             self.global_protos = torch.as_tensor(np.asarray(protos, dtype=np.float32), device=self.device)
-            valid = global_meta.get(GLOBAL_PROTOTYPE_VALID)
+            valid = global_meta.get(GLOBAL_PROTOTYPE_VALID_KEY)
             self.global_valid = torch.as_tensor(
                 np.asarray(valid if valid is not None else [True] * len(protos), dtype=bool), device=self.device
             )
@@ -226,4 +223,4 @@ def _random_subset_mask(mask: torch.Tensor) -> torch.Tensor:
     return keep.float()
 
 
-__all__ = ["GLOBAL_PROTOTYPES", "GLOBAL_PROTOTYPE_VALID", "FedKDMethod"]
+__all__ = ["FedKDMethod"]

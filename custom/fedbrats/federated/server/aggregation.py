@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from nvflare.apis.fl_component import FLComponent
 
+from fedbrats.federated.protocol import GLOBAL_PROTOTYPE_VALID_KEY, GLOBAL_PROTOTYPES_KEY, MODALITIES_KEY
 from fedbrats.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class SiteUpdate:
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return tuple(self.meta.get("modalities", ()))
+        return tuple(self.meta.get(MODALITIES_KEY, ()))
 
 
 class AggregationStrategy(FLComponent):
@@ -227,15 +228,15 @@ class ModalityAwareAggregation(WeightedAverage):
     def global_meta(self) -> dict[str, Any]:
         if self.prototypes is None:
             return {}
-        return {"global_prototypes": self.prototypes, "global_prototype_valid": self.prototype_valid}
+        return {GLOBAL_PROTOTYPES_KEY: self.prototypes, GLOBAL_PROTOTYPE_VALID_KEY: self.prototype_valid}
 
     def state(self) -> dict[str, Any]:
         return self.global_meta()
 
     def load_state(self, state: dict[str, Any]) -> None:
-        if "global_prototypes" in state:
-            self.prototypes = np.asarray(state["global_prototypes"], dtype=np.float32)
-            self.prototype_valid = np.asarray(state["global_prototype_valid"], dtype=bool)
+        if GLOBAL_PROTOTYPES_KEY in state:
+            self.prototypes = np.asarray(state[GLOBAL_PROTOTYPES_KEY], dtype=np.float32)
+            self.prototype_valid = np.asarray(state[GLOBAL_PROTOTYPE_VALID_KEY], dtype=bool)
 
 
 #: The aggregation strategies this package builds itself from a job definition (the benchmarks do; NVFlare builds

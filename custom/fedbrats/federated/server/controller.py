@@ -20,12 +20,22 @@ from nvflare.app_common.workflows.model_controller import ModelController
 
 from fedbrats.evaluation.postprocess import choose_min_component_voxels, write_postprocessing
 from fedbrats.federated.memory import SERVER_GC_ROUNDS, release_memory
-from fedbrats.federated.payload import SITE_ERROR_KEY
+from fedbrats.federated.protocol import (
+    KEY_METRIC,
+    LOSS_TERMS_KEY,
+    MODALITIES_KEY,
+    NUM_STEPS_KEY,
+    NUM_TRAIN_CASES_KEY,
+    SITE_ERROR_KEY,
+    SITE_NAME_KEY,
+    TRAIN_LOSS_KEY,
+    RunFolder,
+    global_task_meta,
+    update_weight,
+)
 from fedbrats.federated.server.aggregation import AggregationStrategy, SiteUpdate
 from fedbrats.federated.server.update_checks import update_problem
 from fedbrats.networks import build_from_spec, model_spec
-
-MODEL_SPEC_FILE = "model_spec.json"
 
 
 class FedBratsController(ModelController):
@@ -102,7 +112,7 @@ class FedBratsController(ModelController):
         if self.seed is not None:
             global_params = _seeded_initial_params(spec, self.seed)
         # Saved models hold weights only; this file says which network they belong to (for evaluation/export).
-        with open(os.path.join(self.get_run_dir(), MODEL_SPEC_FILE), "w", encoding="utf-8") as f:
+        with open(RunFolder(self.get_run_dir()).model_spec, "w", encoding="utf-8") as f:
             json.dump(spec, f, indent=2)
         start_round = 0
         if self.resume_from:
@@ -157,12 +167,12 @@ class FedBratsController(ModelController):
         """Load the last saved global model, the completed rounds and the strategy's state of a previous run."""
         assert self.strategy is not None
         run_dir = self.resume_from
-        model_file = os.path.join(run_dir, "app_server", "FL_global_model.pt")
-        metrics_file = os.path.join(run_dir, "metrics.json")
+        previous = RunFolder(run_dir)
+        model_file, metrics_file = previous.global_model, previous.metrics
         for path in (model_file, metrics_file):
             if not os.path.isfile(path):
                 raise ValueError(f"resume_from={run_dir!r}: {path} is missing; point it at the server's run folder")
-        with open(os.path.join(run_dir, MODEL_SPEC_FILE), encoding="utf-8") as f:
+        with open(previous.model_spec, encoding="utf-8") as f:
             old_spec = json.load(f)
         if old_spec != spec:
             raise ValueError(f"resume_from={run_dir!r} holds a {old_spec['path']} with other arguments than this job")
@@ -176,7 +186,7 @@ class FedBratsController(ModelController):
             history = [r for r in json.load(f) if not r.get("final_validation")]
         self.history = history
         start_round = history[-1]["round"] + 1 if history else 0
-        state_file = os.path.join(run_dir, "server_state.npz")
+        state_file = previous.server_state
         if os.path.isfile(state_file):
             with np.load(state_file) as saved:
                 self.strategy.load_state({k: saved[k] for k in saved.files})
@@ -245,8 +255,7 @@ class FedBratsController(ModelController):
 
     def _outgoing(self, params: dict[str, np.ndarray], spec: dict[str, Any], current_round: int) -> FLModel:
         assert self.strategy is not None
-        meta = {"model_spec": spec, "keep_local_weights": self.strategy.keep_local_weights}
-        meta.update(self.strategy.global_meta())
+        meta = global_task_meta(spec, self.strategy.keep_local_weights, self.strategy.global_meta())
         # numpy on the wire: the clients' exchange format converts to torch (tensors here would need streaming).
         return FLModel(
             params=dict(params),
@@ -266,7 +275,7 @@ class FedBratsController(ModelController):
         if global_params is None:
             return _Checked(_site_name(result), {}, meta, metrics, None)
         params = _full_params(result, global_params)
-        modalities = tuple(meta.get("modalities") or ())
+        modalities = tuple(meta.get(MODALITIES_KEY) or ())
         problem = update_problem(
             global_params,
             params,
@@ -295,18 +304,18 @@ class FedBratsController(ModelController):
                 rejected[name] = problem
                 self.warning(f"round {current_round}: rejected the update of {name}: {problem}")
                 continue
-            weight = float(meta.get("num_steps", 1) or 1)
+            weight = update_weight(meta)
             updates.append(SiteUpdate(name, params, meta, metrics, weight))
             sites[name] = {
                 "metrics": metrics,
-                "train_loss": meta.get("train_loss"),
-                "loss_terms": meta.get("loss_terms"),
-                "num_steps": meta.get("num_steps"),
-                "modalities": meta.get("modalities"),
+                "train_loss": meta.get(TRAIN_LOSS_KEY),
+                "loss_terms": meta.get(LOSS_TERMS_KEY),
+                "num_steps": meta.get(NUM_STEPS_KEY),
+                "modalities": meta.get(MODALITIES_KEY),
             }
-            loss = meta.get("train_loss", float("nan"))
-            dice = metrics.get("val_mean_dice", float("nan"))
-            mods = ",".join(meta.get("modalities", []))
+            loss = meta.get(TRAIN_LOSS_KEY, float("nan"))
+            dice = metrics.get(KEY_METRIC, float("nan"))
+            mods = ",".join(meta.get(MODALITIES_KEY, []))
             self.info(f"round {current_round}: {name} ({mods}) loss {loss:.4f}, val mean Dice {dice:.3f}")
         responded = {u.site_name for u in updates} | set(rejected)
         left_out = sorted(set(targets) - responded)
@@ -330,25 +339,24 @@ class FedBratsController(ModelController):
 
     def _save_extras(self, updates: list[SiteUpdate]) -> None:
         assert self.strategy is not None
-        run_dir = self.get_run_dir()
+        run = RunFolder(self.get_run_dir())
         state = self.strategy.state()
         if state:
-            np.savez(os.path.join(run_dir, "server_state.npz"), **{k: np.asarray(v) for k, v in state.items()})
+            np.savez(run.server_state, **{k: np.asarray(v) for k, v in state.items()})
         if self.strategy.keep_local_weights:
-            folder = os.path.join(run_dir, "site_models")
-            os.makedirs(folder, exist_ok=True)
+            os.makedirs(run.site_models, exist_ok=True)
             for u in updates:
                 weights = {k: torch.as_tensor(v) for k, v in u.params.items()}
-                torch.save({"model": weights}, os.path.join(folder, f"{u.site_name}.pt"))
+                torch.save({"model": weights}, run.site_model(u.site_name))
 
     def _record(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         agg = record["aggregated"]
         self.info(
             f"round {record['round']} done in {record['seconds']}s: mean val Dice "
-            f"{agg.get('val_mean_dice', float('nan')):.3f} over {len(record['sites'])} site(s)"
+            f"{agg.get(KEY_METRIC, float('nan')):.3f} over {len(record['sites'])} site(s)"
         )
-        path = os.path.join(self.get_run_dir(), "metrics.json")
+        path = RunFolder(self.get_run_dir()).metrics
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.history, f, indent=2, default=_json_default)
@@ -435,7 +443,7 @@ def _full_params(result: FLModel, global_params: dict[str, np.ndarray]) -> dict[
 
 def _site_name(result: FLModel) -> str:
     meta = result.meta or {}
-    return str(meta.get("client_name") or meta.get("site_name") or "?")
+    return str(meta.get("client_name") or meta.get(SITE_NAME_KEY) or "?")
 
 
 def _site_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
@@ -470,7 +478,7 @@ def _weighted_metrics(updates: list[SiteUpdate]) -> dict[str, float]:
     sums: dict[str, float] = {}
     totals: dict[str, float] = {}
     for u in updates:
-        w = float(u.meta.get("num_train_cases", 1) or 1)
+        w = float(u.meta.get(NUM_TRAIN_CASES_KEY, 1) or 1)
         for k, v in u.metrics.items():
             if math.isfinite(v):
                 sums[k] = sums.get(k, 0.0) + w * v

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from fedbrats.federated.payload import is_finite_array, undeclared_meta_keys
+from fedbrats.federated.protocol import is_finite_array, undeclared_meta_keys
 
 
 def update_problem(
