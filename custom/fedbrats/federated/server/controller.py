@@ -19,6 +19,20 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.workflows.model_controller import ModelController
 
 from fedbrats.evaluation.postprocess import choose_min_component_voxels, write_postprocessing
+from fedbrats.federated.events import (
+    AGGREGATION_DONE,
+    FINAL_VALIDATION,
+    JOB_ERROR,
+    JOB_STOP,
+    RESULT_RECEIVED,
+    RESULTS_COLLECTED,
+    ROUND_END,
+    ROUND_START,
+    RUN_END,
+    RUN_START,
+    TASK_DISPATCHED,
+    RoundEventWriter,
+)
 from fedbrats.federated.memory import SERVER_GC_ROUNDS, release_memory
 from fedbrats.federated.protocol import (
     KEY_METRIC,
@@ -98,12 +112,25 @@ class FedBratsController(ModelController):
         self.seed = seed
         self.strategy: AggregationStrategy | None = None
         self.history: list[dict[str, Any]] = []
+        self._events: RoundEventWriter | None = None
+        self._round: int | None = None  # the round in progress, for the events of a stop or an error
 
     # ---- the workflow -------------------------------------------------------------------------------------
     def run(self) -> None:
+        """The workflow (see the class docstring); its progress goes to ``round_events.jsonl`` as well as the log."""
+        self._events = RoundEventWriter(RunFolder(self.get_run_dir()).round_events)
+        self._round = None
+        try:
+            self._run()
+        except Exception as exc:
+            # Followers learn that the job failed without reading the log (NVFlare logs the traceback).
+            self._event(JOB_ERROR, error=f"{type(exc).__name__}: {exc}")
+            raise
+
+    def _run(self) -> None:
         strategy = self.get_component(self.aggregation_id)
         if not isinstance(strategy, AggregationStrategy):
-            self.panic(f"component {self.aggregation_id!r} must be an AggregationStrategy, got {type(strategy)}")
+            self._stop(f"component {self.aggregation_id!r} must be an AggregationStrategy, got {type(strategy)}")
             return
         self.strategy = strategy
         model = self.load_model()
@@ -119,34 +146,47 @@ class FedBratsController(ModelController):
             global_params, start_round = self._resume(global_params, spec)
         self._set_global_model(global_params)
         self.info(f"start: {self.num_rounds} rounds, aggregation {strategy.name}, model {spec['path']}")
+        self._event(
+            RUN_START,
+            num_rounds=self.num_rounds,
+            aggregation=strategy.name,
+            model=spec["path"],
+            resumed_from=self.resume_from or None,
+        )
         self.fl_ctx.set_prop(AppConstants.NUM_ROUNDS, self.num_rounds, private=True, sticky=False)
 
         empty_rounds = 0
         any_update = False
         for current_round in range(start_round, self.num_rounds):
             if self.abort_signal and self.abort_signal.triggered:
+                self._event(JOB_STOP, reason="aborted")
                 return
             started = time.monotonic()
+            self._round = current_round
             self.fl_ctx.set_prop(AppConstants.CURRENT_ROUND, current_round, private=True, sticky=True)
             self.event(AppEventType.ROUND_STARTED)
             targets = self.sample_clients()
             self.info(f"round {current_round}/{self.num_rounds - 1}: sending the global model to {targets}")
+            self._event(ROUND_START, targets=list(targets))
             results = self._collect("train", self._outgoing(global_params, spec, current_round), targets, global_params)
             updates, record = self._accept(results, targets, current_round)
+            self._collected("train", record)
             self.event(AppEventType.BEFORE_AGGREGATION)  # lets IntimeModelSelector judge the model just scored
             if updates:
                 global_params = strategy.aggregate(global_params, updates, current_round)
                 self._set_global_model(global_params)
                 self.save_model(FLModel(params=dict(global_params)))
                 self._save_extras(updates)
+                self._event(AGGREGATION_DONE, sites=[u.site_name for u in updates])
                 any_update, empty_rounds = True, 0
             else:
                 self.error(f"round {current_round}: no usable update; the global model is unchanged")
                 empty_rounds += 1
             record["seconds"] = round(time.monotonic() - started, 2)
             self._record(record)
+            self._event(ROUND_END, seconds=record["seconds"], aggregated=record["aggregated"])
             if empty_rounds and (not any_update or empty_rounds >= self.max_empty_rounds):
-                self.panic(no_update_message(record, empty_rounds, any_update, self.max_empty_rounds))
+                self._stop(no_update_message(record, empty_rounds, any_update, self.max_empty_rounds))
                 return
             self.event(AppEventType.ROUND_DONE)
             del results, updates
@@ -155,6 +195,28 @@ class FedBratsController(ModelController):
         if self.final_validation:
             self._validate_final(global_params, spec)
         self.info(f"finished {self.num_rounds} rounds; results in {self.get_run_dir()}")
+        self._event(RUN_END, num_rounds=self.num_rounds)
+
+    # ---- progress events ----------------------------------------------------------------------------------
+    def _event(self, event: str, **fields: Any) -> None:
+        """Write a progress event of the round in progress (see :mod:`fedbrats.federated.events`)."""
+        if self._events is not None:
+            self._events.write(event, self._round, **fields)
+
+    def _stop(self, reason: str) -> None:
+        """Stop the job (NVFlare's panic: the job fails) with ``reason``, recorded as an event first."""
+        self._event(JOB_STOP, reason=reason)
+        self.panic(reason)
+
+    def _collected(self, task_name: str, record: dict[str, Any]) -> None:
+        """The event of a task's results being in: usable sites, rejected ones (with why) and silent ones."""
+        self._event(
+            RESULTS_COLLECTED,
+            task=task_name,
+            usable=sorted(record["sites"]),
+            rejected=dict(record["rejected"]),
+            left_out=list(record["left_out"]),
+        )
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def _model_spec(self) -> dict[str, Any]:
@@ -218,6 +280,13 @@ class FedBratsController(ModelController):
                 results.append(checked)
                 usable += int(checked.problem is None)
             arrived.set()
+            self._event(
+                RESULT_RECEIVED,
+                task=task_name,
+                site=checked.name,
+                usable=checked.problem is None,
+                reason=checked.problem,
+            )
             return True
 
         need = self._min_responses(targets)
@@ -229,6 +298,7 @@ class FedBratsController(ModelController):
             timeout=self.train_timeout,
             callback=_on_result,
         )
+        self._event(TASK_DISPATCHED, task=task_name, targets=list(targets))
         reached_at = None
         while self.get_num_standing_tasks() > 0:
             if self.abort_signal and self.abort_signal.triggered:
@@ -364,9 +434,11 @@ class FedBratsController(ModelController):
 
     def _validate_final(self, params: dict[str, np.ndarray], spec: dict[str, Any]) -> None:
         final_round = self.num_rounds
+        self._round = final_round
         self.fl_ctx.set_prop(AppConstants.CURRENT_ROUND, final_round, private=True, sticky=True)
         targets = self.sample_clients()
         self.info(f"final validation of the global model on {targets}")
+        self._event(FINAL_VALIDATION, targets=list(targets))
         results = self._collect("validate", self._outgoing(params, spec, final_round), targets, None)
         sites = {}
         for r in results:
@@ -374,17 +446,17 @@ class FedBratsController(ModelController):
         self.event(AppEventType.BEFORE_AGGREGATION)
         updates = [SiteUpdate(n, {}, {}, s["metrics"], 1.0) for n, s in sites.items()]
         aggregated = _weighted_metrics(updates)
-        self._record(
-            {
-                "round": final_round,
-                "final_validation": True,
-                "sites": sites,
-                "aggregated": aggregated,
-                "left_out": sorted(set(targets) - set(sites)),
-                "rejected": {},
-                "seconds": 0.0,
-            }
-        )
+        record = {
+            "round": final_round,
+            "final_validation": True,
+            "sites": sites,
+            "aggregated": aggregated,
+            "left_out": sorted(set(targets) - set(sites)),
+            "rejected": {},
+            "seconds": 0.0,
+        }
+        self._collected("validate", record)
+        self._record(record)
         choice = choose_min_component_voxels(aggregated)
         if len(choice["scores"]) > 1:  # the sites scored post-processing candidates
             choice["chosen_on"] = "the sites' validation cases, final global model, mean over sites"

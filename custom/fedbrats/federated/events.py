@@ -1,0 +1,190 @@
+"""The controller's progress as JSON lines beside ``metrics.json`` (``round_events.jsonl`` of the run folder).
+
+One line per event, each with the wall-clock ``time`` (``time.time()``), the ``event`` kind and the ``round``
+(None before the first round). Tools follow this file (the benchmarks' round timelines, the deployment's job
+follower, the simulator's failure message) instead of parsing the controller's log lines, which are for people
+and may change wording at any time.
+
+Events, in the order a run writes them:
+
+- ``run_start``: ``num_rounds``, ``aggregation``, ``model`` (the network's class path), ``resumed_from``;
+- per training round: ``round_start`` (``targets``), ``task_dispatched`` (``task``, ``targets``), one
+  ``result_received`` per result (``task``, ``site``, ``usable``, ``reason`` when not usable),
+  ``results_collected`` (``task``, ``usable``, ``rejected``, ``left_out``), ``aggregation_done`` (``sites``)
+  when an update was usable, ``round_end`` (``seconds``, ``aggregated``: the site-weighted metrics);
+- ``final_validation`` (``targets``), then its ``task_dispatched``, ``result_received`` and
+  ``results_collected`` with ``task`` "validate";
+- ``run_end`` when the workflow finished, or ``job_stop`` (``reason``) when the controller stopped the job
+  (no usable update, a bad component, an abort) or ``job_error`` (``error``) when it failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+RUN_START = "run_start"
+ROUND_START = "round_start"
+TASK_DISPATCHED = "task_dispatched"
+RESULT_RECEIVED = "result_received"
+RESULTS_COLLECTED = "results_collected"
+AGGREGATION_DONE = "aggregation_done"
+ROUND_END = "round_end"
+FINAL_VALIDATION = "final_validation"
+RUN_END = "run_end"
+JOB_STOP = "job_stop"
+JOB_ERROR = "job_error"
+
+#: Every event kind a run writes.
+EVENTS: frozenset[str] = frozenset(
+    {
+        RUN_START,
+        ROUND_START,
+        TASK_DISPATCHED,
+        RESULT_RECEIVED,
+        RESULTS_COLLECTED,
+        AGGREGATION_DONE,
+        ROUND_END,
+        FINAL_VALIDATION,
+        RUN_END,
+        JOB_STOP,
+        JOB_ERROR,
+    }
+)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    return str(value)
+
+
+class RoundEventWriter:
+    """Appends events to a JSON-lines file, one complete line per write (safe from several threads).
+
+    Each line is flushed at once so that a follower reading the growing file sees the event when it happens.
+
+    Args:
+        path: the events file (appended to; its folder must exist).
+        clock: wall-clock time source (``time.time``; replaceable in tests).
+    """
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
+        if not path:
+            raise ValueError(f"path must name the events file, got {path!r}")
+        self.path = path
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def write(self, event: str, current_round: int | None, **fields: Any) -> dict[str, Any]:
+        """Append one event and return it.
+
+        Args:
+            event: one of :data:`EVENTS`.
+            current_round: the round it belongs to (None before the first).
+            **fields: the event's own items (JSON values; numpy values are converted).
+
+        Raises:
+            ValueError: an unknown event kind, or a field named like a common item.
+        """
+        if event not in EVENTS:
+            raise ValueError(f"event must be one of {sorted(EVENTS)}, got {event!r}")
+        clash = {"time", "event", "round"} & set(fields)
+        if clash:
+            raise ValueError(f"fields must not be named {sorted(clash)}: every event has them")
+        record = {"time": self._clock(), "event": event, "round": current_round, **fields}
+        line = json.dumps(record, default=_json_default) + "\n"
+        with self._lock, open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+        return record
+
+
+class EventFollower:
+    """Reads an events file as it grows: each :meth:`poll` returns the events written since the last one.
+
+    A line still being written (no newline yet) waits for the next poll; a line that is not valid JSON is
+    skipped with a warning, so that one damaged line does not hide the rest.
+
+    Args:
+        path: the events file (it may not exist yet).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._offset = 0
+        self._partial = ""
+
+    def poll(self) -> list[dict[str, Any]]:
+        """The events appended since the last call (empty while the file does not exist)."""
+        if not os.path.isfile(self.path):
+            return []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+            self._offset = f.tell()
+        lines = (self._partial + chunk).split("\n")
+        self._partial = lines.pop()
+        events = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning("%s: skipping a line that is not JSON: %.200s", self.path, line)
+                continue
+            if isinstance(record, dict) and "event" in record:
+                events.append(record)
+        return events
+
+
+def read_events(path: str) -> list[dict[str, Any]]:
+    """Every complete event of an events file (empty when the file does not exist)."""
+    return EventFollower(path).poll()
+
+
+def describe(event: dict[str, Any]) -> str:
+    """One line for people about an event (what the deployment's follower logs)."""
+    kind, r = event.get("event"), event.get("round")
+    if kind == RUN_START:
+        return f"start: {event.get('num_rounds')} rounds, aggregation {event.get('aggregation')}"
+    if kind == ROUND_START:
+        return f"round {r}: sending the global model to {event.get('targets')}"
+    if kind == RESULT_RECEIVED:
+        state = "usable" if event.get("usable") else f"rejected ({event.get('reason')})"
+        return f"round {r}: {event.get('task')} result of {event.get('site')}: {state}"
+    if kind == RESULTS_COLLECTED and event.get("left_out"):
+        return f"round {r}: no {event.get('task')} result from {event.get('left_out')}"
+    if kind == ROUND_END:
+        return f"round {r} done in {event.get('seconds')}s"
+    if kind == FINAL_VALIDATION:
+        return f"final validation of the global model on {event.get('targets')}"
+    if kind == RUN_END:
+        return f"finished {event.get('num_rounds')} rounds"
+    if kind == JOB_STOP:
+        return f"stopped the job: {event.get('reason')}"
+    if kind == JOB_ERROR:
+        return f"the workflow failed: {event.get('error')}"
+    return f"round {r}: {kind}"
+
+
+def is_problem(event: dict[str, Any]) -> bool:
+    """Whether an event reports something going wrong (a rejected or missing result, a stop, an error)."""
+    kind = event.get("event")
+    if kind == RESULT_RECEIVED:
+        return not event.get("usable")
+    if kind == RESULTS_COLLECTED:
+        return bool(event.get("left_out"))
+    return kind in (JOB_STOP, JOB_ERROR)
