@@ -5,6 +5,7 @@ No assertion is made on any timing: the smoke figures mean nothing, only their s
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 from pathlib import Path
@@ -13,29 +14,52 @@ import pytest
 import torch
 
 from fedbrats.benchmarks.federated import described_bytes, fit_scaling, memory_by_round, memory_growth
-from fedbrats.benchmarks.simlog import parse_simulator_log
+from fedbrats.benchmarks.simlog import read_round_timeline
 from fedbrats.benchmarks.system import Sample, simulator_roles
+from fedbrats.federated.events import RoundEventWriter
 
+# The sites' own lines of a simulator log (the server's lines are only for people: the timeline ignores them).
 LOG = """\
-2026-01-01 10:00:00,000 - INFO - start: 2 rounds, aggregation fedavg, model fedbrats.networks.segresnet.BraTSSegResNet
 2026-01-01 10:00:01,000 - INFO - round 0/1: sending the global model to ['site-1', 'site-2']
 2026-01-01 10:00:05,000 - INFO - round 0 | site site-1 | sent update: 3 steps, loss 0.9000, 2.0s
 2026-01-01 10:00:05,500 - INFO - round 0 | site site-2 | sent update: 3 steps, loss 0.9100, 2.5s
-2026-01-01 10:00:06,000 - INFO - round 0: site-1 (t1,t1ce,t2,flair) loss 0.9000, val mean Dice 0.100
-2026-01-01 10:00:06,200 - INFO - round 0 done in 5.2s: mean val Dice 0.100 over 2 site(s)
-2026-01-01 10:00:06,200 - INFO - round 1/1: sending the global model to ['site-1', 'site-2']
 2026-01-01 10:00:08,200 - INFO - round 1 | site site-1 | sent update: 3 steps, loss 0.8000, 1.0s
-2026-01-01 10:00:08,700 - INFO - round 1: site-1 (t1,t1ce,t2,flair) loss 0.8000, val mean Dice 0.200
-2026-01-01 10:00:09,200 - INFO - round 1 done in 3.0s: mean val Dice 0.200 over 1 site(s)
-2026-01-01 10:00:09,300 - INFO - final validation of the global model on ['site-1', 'site-2']
-2026-01-01 10:00:10,300 - INFO - finished 2 rounds; results in /x
 """
 
 
-def test_simulator_log_gives_the_round_breakdown(tmp_path: Path) -> None:
+def _at(clock: str) -> float:
+    """``time.time()`` of a clock time of the log's day (the log's time stamps are local time)."""
+    return datetime.datetime.strptime(f"2026-01-01 {clock}", "%Y-%m-%d %H:%M:%S.%f").timestamp()
+
+
+# The controller's events of the same run (only the timing-relevant items).
+EVENTS = [
+    ("10:00:00.000", "run_start", None, {"num_rounds": 2}),
+    ("10:00:01.000", "round_start", 0, {}),
+    ("10:00:06.000", "results_collected", 0, {"task": "train"}),
+    ("10:00:06.200", "round_end", 0, {"seconds": 5.2}),
+    ("10:00:06.200", "round_start", 1, {}),
+    ("10:00:08.700", "results_collected", 1, {"task": "train"}),
+    ("10:00:09.200", "round_end", 1, {"seconds": 3.0}),
+    ("10:00:09.300", "final_validation", 2, {}),
+    ("10:00:09.800", "results_collected", 2, {"task": "validate"}),
+    ("10:00:10.300", "run_end", 2, {"num_rounds": 2}),
+]
+
+
+def _write_events(path: Path) -> None:
+    writer_clock = iter(_at(clock) for clock, *_ in EVENTS)
+    writer = RoundEventWriter(str(path), clock=lambda: next(writer_clock))
+    for _, event, current_round, fields in EVENTS:
+        writer.write(event, current_round, **fields)
+
+
+def test_round_events_and_site_lines_give_the_round_breakdown(tmp_path: Path) -> None:
     log = tmp_path / "simulator.log"
     log.write_text(LOG)
-    tl = parse_simulator_log(str(log))
+    events = tmp_path / "round_events.jsonl"
+    _write_events(events)
+    tl = read_round_timeline(str(events), str(log))
     assert sorted(tl.rounds) == [0, 1]
     assert tl.finished - tl.final_validation == pytest.approx(1.0)
     b = tl.rounds[1].breakdown()
@@ -45,6 +69,16 @@ def test_simulator_log_gives_the_round_breakdown(tmp_path: Path) -> None:
     assert b["return"] == pytest.approx(0.5)
     assert b["aggregate"] == pytest.approx(0.5)
     assert tl.rounds[0].site_steps == {"site-1": 3, "site-2": 3}
+    assert tl.workflow_start == pytest.approx(_at("10:00:00.000"))
+
+
+def test_round_timeline_without_the_site_lines_has_no_breakdown(tmp_path: Path) -> None:
+    """The server's events alone give the round windows; the breakdown needs the sites' own work."""
+    events = tmp_path / "round_events.jsonl"
+    _write_events(events)
+    tl = read_round_timeline(str(events))
+    assert tl.rounds[0].done - tl.rounds[0].sent == pytest.approx(5.2)
+    assert tl.rounds[1].breakdown() is None
 
 
 def test_payload_bytes_and_scaling_fit() -> None:

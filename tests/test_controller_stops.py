@@ -98,15 +98,23 @@ def test_readme_simulator_command_with_real_site_names_fails_visibly(
 
 def test_simulate_error_repeats_why_the_job_stopped(tmp_path: Path) -> None:
     """`fedbrats simulate` prints the server's reason (each site's error) itself, not only "see simulator.log"."""
+    from fedbrats.federated.events import RoundEventWriter
     from fedbrats.federated.simulate import _failure_reason
 
-    log = tmp_path / "simulator.log"
-    log.write_text(
-        "2026 - WARNING - round 0: rejected the update of site-1: the site failed: ValueError: bad datalist\n"
-        "2026 - ERROR - Aborting current RUN due to FATAL_SYSTEM_ERROR received: stopping the job: round 0, the "
-        "first of this run, brought no usable update. Sites: site-1: the site failed: ValueError: bad datalist\n"
+    events = tmp_path / "round_events.jsonl"
+    writer = RoundEventWriter(str(events))
+    writer.write("result_received", 0, task="train", site="site-1", usable=False, reason="the site failed: ValueError")
+    writer.write(
+        "job_stop",
+        0,
+        reason="stopping the job: round 0, the first of this run, brought no usable update. Sites: site-1: the site "
+        "failed: ValueError: bad datalist",
     )
-    assert _failure_reason(str(log)).startswith(": stopping the job: round 0")
-    log.write_text("x - WARNING - round 0: rejected the update of site-2: the site failed: KeyError: 'x'\n")
-    assert "site-2: the site failed: KeyError" in _failure_reason(str(log))
-    assert _failure_reason(str(tmp_path / "missing.log")) == ""
+    assert _failure_reason(str(events)).startswith(": stopping the job: round 0")
+    events.unlink()
+    writer.write("result_received", 0, task="validate", site="site-1", usable=False, reason="the site failed: OSError")
+    writer.write(
+        "result_received", 0, task="train", site="site-2", usable=False, reason="the site failed: KeyError: 'x'"
+    )
+    assert "site-2: the site failed: KeyError" in _failure_reason(str(events))
+    assert _failure_reason(str(tmp_path / "missing.jsonl")) == ""

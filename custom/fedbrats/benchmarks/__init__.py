@@ -4,7 +4,7 @@ Run ``python benchmarks/run.py --mode quick --out-dir benchmarks/results/quick``
 code is split by what it measures:
 
 - :mod:`fedbrats.benchmarks.system`: the machine, library versions and a process-tree memory sampler;
-- :mod:`fedbrats.benchmarks.simlog`: round timelines read from the simulator's log;
+- :mod:`fedbrats.benchmarks.simlog`: round timelines from the controller's round events and the sites' log lines;
 - :mod:`fedbrats.benchmarks.federated`: simulator runs, the same work without NVFlare, communication, scale;
 - :mod:`fedbrats.benchmarks.compute`: training throughput and full-size inference;
 - :mod:`fedbrats.benchmarks.report`: ``results.json``, ``report.md`` and the PNG plots;

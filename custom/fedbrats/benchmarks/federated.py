@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fedbrats.benchmarks.simlog import parse_simulator_log
+from fedbrats.benchmarks.simlog import read_round_timeline
 from fedbrats.benchmarks.system import ProcessSampler, Sample, load_average, simulator_roles
 from fedbrats.data.federation import DEFAULT_SITE_MODALITIES, POOLED_SITE
 from fedbrats.federated.protocol import (
@@ -346,8 +346,8 @@ def run_simulated(
     """Run ``job`` in the simulator (every site in parallel) and measure it.
 
     Returns:
-        Round times (from ``metrics.json``), start-up, the log's round breakdown, per-process memory and the
-        communication per site.
+        Round times (from ``metrics.json``), start-up, the round breakdown (from the controller's round events
+        and the sites' log lines), per-process memory and the communication per site.
     """
     from fedbrats.federated.simulate import SimulatedSiteLostError, simulate
 
@@ -376,7 +376,7 @@ def run_simulated(
             logger.warning("%s -- running it once more", err)
     wall_end = time.time()
     log_file = os.path.join(workspace, "simulator.log")
-    timeline = parse_simulator_log(log_file)
+    timeline = read_round_timeline(RunFolder(result.run_dir).round_events, log_file)
     train_rounds = [r for r in result.history if not r.get("final_validation")]
     round_seconds = {int(r["round"]): float(r["seconds"]) for r in train_rounds}
     windows = {r: (t.sent, t.done) for r, t in timeline.rounds.items() if t.sent and t.done}

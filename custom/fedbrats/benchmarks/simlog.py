@@ -1,9 +1,11 @@
-"""Round timelines read from the simulator's log: where the wall time of a federated round goes.
+"""Round timelines of a simulated run: where the wall time of a federated round goes.
 
-The simulator writes the server's and every client's log lines, time-stamped, into one file. The controller
-logs ``round R/N: sending the global model``, ``round R: <site> (...) loss ...`` once every result is in and
-``round R done in Ss``; each site logs ``round R | site S | sent update: ..., X.Xs`` after validating the
-global model and training (``X.X`` seconds of its own work). From these a round splits into:
+The server's side comes from the controller's progress events (``round_events.jsonl`` of the run folder, see
+:mod:`fedbrats.federated.events`): ``round_start`` when the round sends the global model, ``results_collected``
+once every result is in and ``round_end`` after aggregation and saving. A site's own work is known only at the
+site: each logs ``round R | site S | sent update: N steps, loss L, X.Xs`` after validating the global model and
+training (``X.X`` seconds of its own work), and the simulator writes those lines, time-stamped, into its log.
+From these a round splits into:
 
 - dispatch: from the server sending the task to the first site starting its work (task polling, transfer,
   deserialisation);
@@ -18,16 +20,13 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
+from fedbrats.federated.events import FINAL_VALIDATION, RESULTS_COLLECTED, ROUND_END, ROUND_START, RUN_END, RUN_START
+from fedbrats.federated.events import read_events as _read_events
+
+# The sites' own lines (the server's progress comes from its events, not from its log).
 _LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - \w+ - (.*)$")
-_SEND = re.compile(r"^round (\d+)/\d+: sending the global model")
-_DONE = re.compile(r"^round (\d+) done in ([\d.]+)s")
-_ACCEPT = re.compile(r"^round (\d+): (\S+) \(")
 _SITE_SENT = re.compile(r"^round (\d+) \| site (\S+) \| sent update: (\d+) steps, loss \S+, ([\d.]+)s")
-_START = re.compile(r"^start: (\d+) rounds")
-_FINAL = re.compile(r"^final validation of the global model")
-_FINISHED = re.compile(r"^finished (\d+) rounds")
 
 
 def _timestamp(text: str) -> float:
@@ -40,9 +39,9 @@ class RoundTimeline:
 
     Attributes:
         round: round index.
-        sent: the server sent the task.
-        done: the round ended (after aggregation and saving).
-        collected: the first accepted-result line (every result is in).
+        sent: the server sent the task (``round_start``).
+        done: the round ended, after aggregation and saving (``round_end``).
+        collected: every result is in (``results_collected``).
         sites: site -> ``(start, end)`` of its own work (validation + training + extras).
         site_steps: site -> optimisation steps.
     """
@@ -74,19 +73,15 @@ class RoundTimeline:
 
 @dataclass
 class SimulatorTimeline:
-    """Everything :func:`parse_simulator_log` finds.
+    """Everything :func:`read_round_timeline` finds.
 
     Attributes:
-        first_line: time of the log's first line.
-        last_line: time of its last line.
-        workflow_start: the controller's ``start:`` line.
+        workflow_start: the controller's ``run_start``.
         final_validation: the final-validation task was sent.
-        finished: the controller's ``finished`` line.
+        finished: the controller's ``run_end``.
         rounds: round index -> timeline.
     """
 
-    first_line: float | None = None
-    last_line: float | None = None
     workflow_start: float | None = None
     final_validation: float | None = None
     finished: float | None = None
@@ -95,48 +90,48 @@ class SimulatorTimeline:
     def round(self, index: int) -> RoundTimeline:
         return self.rounds.setdefault(index, RoundTimeline(index))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "first_line": self.first_line,
-            "last_line": self.last_line,
-            "workflow_start": self.workflow_start,
-            "final_validation": self.final_validation,
-            "finished": self.finished,
-            "rounds": {
-                r: {"sent": t.sent, "done": t.done, "breakdown": t.breakdown(), "site_steps": t.site_steps}
-                for r, t in sorted(self.rounds.items())
-            },
-        }
 
+def read_round_timeline(events_file: str, log_file: str | None = None) -> SimulatorTimeline:
+    """The round timelines of a simulated run.
 
-def parse_simulator_log(path: str) -> SimulatorTimeline:
-    """Read a simulator log (``simulator.log`` of :func:`fedbrats.federated.simulate.simulate`)."""
+    Args:
+        events_file: the server's ``round_events.jsonl`` (:attr:`fedbrats.federated.protocol.RunFolder.round_events`).
+        log_file: the simulator's log (``simulator.log`` of :func:`fedbrats.federated.simulate.simulate`), for the
+            sites' own work; without it the rounds have no site spans and no breakdown.
+    """
     tl = SimulatorTimeline()
-    with open(path, encoding="utf-8", errors="replace") as f:
+    for event in _read_events(events_file):
+        kind, t, r = event["event"], float(event["time"]), event.get("round")
+        if kind == RUN_START:
+            tl.workflow_start = t
+        elif kind == ROUND_START:
+            tl.round(int(r)).sent = t
+        elif kind == RESULTS_COLLECTED and event.get("task") == "train":
+            rt = tl.round(int(r))
+            rt.collected = rt.collected if rt.collected is not None else t
+        elif kind == ROUND_END:
+            tl.round(int(r)).done = t
+        elif kind == FINAL_VALIDATION:
+            tl.final_validation = t
+        elif kind == RUN_END:
+            tl.finished = t
+    if log_file is not None:
+        _read_site_work(log_file, tl)
+    # Rounds the server never started are not training rounds of this run (e.g. the final validation's numbering).
+    tl.rounds = {r: rt for r, rt in tl.rounds.items() if rt.sent is not None}
+    return tl
+
+
+def _read_site_work(log_file: str, tl: SimulatorTimeline) -> None:
+    """Add each site's ``(start, end)`` of work and its steps per round, from the sites' lines of the log."""
+    with open(log_file, encoding="utf-8", errors="replace") as f:
         for raw in f:
             m = _LINE.match(raw.rstrip("\n"))
             if not m:
                 continue
-            t, msg = _timestamp(m.group(1)), m.group(2)
-            tl.first_line = tl.first_line if tl.first_line is not None else t
-            tl.last_line = t
-            if mm := _SEND.match(msg):
-                tl.round(int(mm.group(1))).sent = t
-            elif mm := _DONE.match(msg):
-                tl.round(int(mm.group(1))).done = t
-            elif mm := _SITE_SENT.match(msg):
-                rt = tl.round(int(mm.group(1)))
-                rt.sites[mm.group(2)] = (t - float(mm.group(4)), t)
-                rt.site_steps[mm.group(2)] = int(mm.group(3))
-            elif mm := _ACCEPT.match(msg):
-                rt = tl.round(int(mm.group(1)))
-                rt.collected = rt.collected if rt.collected is not None else t
-            elif _START.match(msg):
-                tl.workflow_start = t
-            elif _FINAL.match(msg):
-                tl.final_validation = t
-            elif _FINISHED.match(msg):
-                tl.finished = t
-    # Rounds without a send line are not training rounds of this run (e.g. the final validation's numbering).
-    tl.rounds = {r: rt for r, rt in tl.rounds.items() if rt.sent is not None}
-    return tl
+            sent = _SITE_SENT.match(m.group(2))
+            if sent:
+                t = _timestamp(m.group(1))
+                rt = tl.round(int(sent.group(1)))
+                rt.sites[sent.group(2)] = (t - float(sent.group(4)), t)
+                rt.site_steps[sent.group(2)] = int(sent.group(3))

@@ -22,6 +22,7 @@ from typing import Any
 
 from fedbrats.data.federation import POOLED_SITE
 from fedbrats.data.site_config import SITE_CONFIG_ENV, federation_sites_file
+from fedbrats.federated.events import JOB_STOP, RESULT_RECEIVED, read_events
 from fedbrats.federated.memory import with_allocator_defaults
 from fedbrats.federated.protocol import RunFolder
 from fedbrats.jobgen import DEFAULT_ROUNDS, JOBS, write_job
@@ -157,23 +158,16 @@ def _stop_simulator(proc: subprocess.Popen, sim_ws: str, grace: float = 20.0) ->
                 worker.kill()
 
 
-#: What the server logs when it stops a job for lack of usable updates, and when it rejects a site's result.
-_JOB_STOPPED = re.compile(r"(stopping the job: .*)$")
-_SITE_REJECTED = re.compile(r"(round \d+: rejected the update of .*)$")
-
-
-def _failure_reason(log_file: str) -> str:
-    """Why the server stopped the job (or the first site error), from the simulator log, as ": <reason>" or ""."""
-    try:
-        with open(log_file, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return ""
-    for pattern in (_JOB_STOPPED, _SITE_REJECTED):
-        for line in lines:
-            found = pattern.search(line)
-            if found:
-                return f": {found.group(1).strip()}"
+def _failure_reason(events_file: str) -> str:
+    """Why the server stopped the job (or the first rejected site update), from the controller's round events
+    (``round_events.jsonl``), as ": <reason>" or ""."""
+    events = read_events(events_file)
+    for event in events:
+        if event["event"] == JOB_STOP:
+            return f": {event.get('reason')}"
+    for event in events:
+        if event["event"] == RESULT_RECEIVED and event.get("task") == "train" and not event.get("usable"):
+            return f": round {event.get('round')}: rejected the update of {event.get('site')}: {event.get('reason')}"
     return ""
 
 
@@ -295,15 +289,17 @@ def simulate(
     every_site_needed = needed == 0 or needed >= len(clients)
     returncode = _run_simulator(cmd, env, log_file, sim_ws, stop_on_lost_site=every_site_needed)
     seconds = time.monotonic() - started
-    run_dir = simulated_run_dir(workspace)
-    metrics_file = RunFolder(run_dir).metrics
+    run = RunFolder(simulated_run_dir(workspace))
+    run_dir, metrics_file = run.path, run.metrics
     if returncode != 0 or not os.path.isfile(metrics_file):
-        raise RuntimeError(f"simulation of {job} failed (exit {returncode}){_failure_reason(log_file)}; see {log_file}")
+        why = _failure_reason(run.round_events)
+        raise RuntimeError(f"simulation of {job} failed (exit {returncode}){why}; see {log_file}")
     with open(metrics_file, encoding="utf-8") as f:
         history = json.load(f)
     if not any(r["sites"] for r in history if not r.get("final_validation")):
         raise RuntimeError(
-            f"simulation of {job} aggregated no site update in any round{_failure_reason(log_file)}; see {log_file}"
+            f"simulation of {job} aggregated no site update in any round{_failure_reason(run.round_events)}; "
+            f"see {log_file}"
         )
     logger.info("%s finished in %.1fs; run dir %s", job, seconds, run_dir)
     return SimulationResult(run_dir, seconds, history)
