@@ -118,3 +118,82 @@ def test_simulate_error_repeats_why_the_job_stopped(tmp_path: Path) -> None:
     )
     assert "site-2: the site failed: KeyError" in _failure_reason(str(events))
     assert _failure_reason(str(tmp_path / "missing.jsonl")) == ""
+
+
+def _events(tmp_path: Path) -> list[dict]:
+    from fedbrats.federated.events import read_events
+
+    return read_events(str(tmp_path / "round_events.jsonl"))
+
+
+def test_controller_writes_round_events(tmp_path: Path) -> None:
+    """Every round's events in order, beside metrics.json, with the round's seconds as in metrics.json."""
+    ctrl, panics, _ = _controller(tmp_path, [True, False])
+    ctrl.run()
+    assert panics == []
+    events = _events(tmp_path)
+    assert [(e["event"], e["round"]) for e in events] == [
+        ("run_start", None),
+        ("round_start", 0),
+        ("results_collected", 0),
+        ("aggregation_done", 0),
+        ("round_end", 0),
+        ("round_start", 1),
+        ("results_collected", 1),
+        ("round_end", 1),
+        ("run_end", 1),
+    ]
+    times = [e["time"] for e in events]
+    assert times == sorted(times)
+    assert events[2]["usable"] == SITES and events[3]["sites"] == SITES
+    assert events[6]["rejected"] == {"site-1": "the site failed: ValueError: no entry for site 'site-1'"}
+    assert events[6]["left_out"] == ["site-2"] and events[6]["usable"] == []
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    assert [e["seconds"] for e in events if e["event"] == "round_end"] == [r["seconds"] for r in history]
+
+
+def test_controller_records_why_it_stopped(tmp_path: Path) -> None:
+    ctrl, panics, _ = _controller(tmp_path, [False] * 3)
+    ctrl.run()
+    last = _events(tmp_path)[-1]
+    assert last["event"] == "job_stop" and last["round"] == 0 and last["reason"] == panics[0]
+
+
+def test_controller_records_an_error(tmp_path: Path) -> None:
+    ctrl, _, _ = _controller(tmp_path, [True])
+
+    def broken(*_args: object) -> None:
+        raise OSError("disk full")
+
+    ctrl._save_extras = broken  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="disk full"):
+        ctrl.run()
+    last = _events(tmp_path)[-1]
+    assert last == {**last, "event": "job_error", "round": 0, "error": "OSError: disk full"}
+
+
+def test_collect_records_each_result_as_it_arrives(tmp_path: Path) -> None:
+    """The real _collect: the task is recorded before any result, then each result with usable or why not."""
+    ctrl, _, _ = _controller(tmp_path, [True])
+    del ctrl._collect  # the instance stand-in; back to the method
+    ctrl.strategy = WeightedAverage()
+    from fedbrats.federated.events import RoundEventWriter
+
+    ctrl._events = RoundEventWriter(str(tmp_path / "round_events.jsonl"))
+    ctrl._round = 4
+    good = {"w": np.ones(2, dtype=np.float32)}
+
+    def send_model(task_name: str, data: FLModel, targets: list[str], callback, **_kwargs: object) -> None:
+        callback(FLModel(params=good, meta={"site_name": "site-1", "num_steps": 2}))
+        callback(FLModel(params={"w": np.full(2, np.nan, dtype=np.float32)}, meta={"site_name": "site-2"}))
+
+    ctrl.send_model = send_model  # type: ignore[method-assign]
+    ctrl.get_num_standing_tasks = lambda: 0  # type: ignore[method-assign]
+    results = ctrl._collect("train", FLModel(params=good), SITES, {"w": np.zeros(2, dtype=np.float32)})
+    assert len(results) == 2
+    events = _events(tmp_path)
+    assert [e["event"] for e in events] == ["task_dispatched", "result_received", "result_received"]
+    assert events[0]["targets"] == SITES and {e["round"] for e in events} == {4}
+    first, second = events[1], events[2]
+    assert first["site"] == "site-1" and first["usable"] is True and first["reason"] is None
+    assert second["site"] == "site-2" and second["usable"] is False and second["reason"]

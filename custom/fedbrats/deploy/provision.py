@@ -23,7 +23,6 @@ import copy
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -34,7 +33,6 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +40,16 @@ import psutil
 import yaml
 
 from fedbrats.data.site_config import LOCAL_CONFIG_NAME, SITE_CONFIG_ENV, load_site_config
+from fedbrats.federated.events import (
+    ROUND_END,
+    ROUND_START,
+    TASK_DISPATCHED,
+    EventFollower,
+    is_problem,
+)
+from fedbrats.federated.events import describe as describe_event
 from fedbrats.federated.memory import with_allocator_defaults
-from fedbrats.federated.protocol import GLOBAL_MODEL_FILE
+from fedbrats.federated.protocol import GLOBAL_MODEL_FILE, RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -743,60 +749,62 @@ def wait_for_clients(session: Any, kits: Kits, timeout: float = 60.0) -> float:
     )
 
 
-_LOG_LINE = re.compile(
-    r"^(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - (?P<logger>\S+) - (?P<level>[A-Z]+) - "
-    r"(?:\[[^\]]*\] - )?(?P<msg>.*)$"
-)
-_PROGRESS = re.compile(r"^(start: |round \d|final validation|finished \d+ rounds)")
-_ROUND_START = re.compile(r"^round (?P<round>\d+)/\d+: sending")
-_ROUND_DONE = re.compile(r"^round (?P<round>\d+) done in")
+class ServerProgressFollower:
+    """Follows a job on a server of this machine: logs the workflow's progress and times its rounds.
 
-
-class ServerLogFollower:
-    """Reads a job's server log as it grows; logs the workflow's lines and times the rounds from their timestamps.
+    The progress and the round times come from the controller's round events (``round_events.jsonl`` of the job's
+    run folder, see :mod:`fedbrats.federated.events`); the server's log is read only for errors of NVFlare's own
+    components, which write no events.
 
     Args:
-        path: ``<server kit>/<job id>/log.txt`` (exists while the job runs on this machine).
+        run_dir: ``<server kit>/<job id>`` (the job's run folder, present while the job runs on this machine).
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._offset = 0
-        self._partial = ""
-        self._round_start: dict[int, datetime] = {}
+    def __init__(self, run_dir: str) -> None:
+        if not run_dir:
+            raise ValueError(f"run_dir must name the job's run folder, got {run_dir!r}")
+        self.run_dir = run_dir
+        self._events = EventFollower(RunFolder(run_dir).round_events)
+        self._log = os.path.join(run_dir, "log.txt")
+        self._log_offset = 0
+        self._log_partial = ""
+        self._round_start: dict[int, float] = {}
         self.rounds: list[dict[str, float]] = []
 
     def poll(self) -> None:
-        """Read the new lines and log the workflow's progress."""
-        if not os.path.isfile(self.path):
-            return
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            f.seek(self._offset)
-            chunk = f.read()
-            self._offset = f.tell()
-        lines = (self._partial + chunk).split("\n")
-        self._partial = lines.pop()
-        for line in lines:
-            self._line(line)
+        """Log what happened since the last poll and record the rounds that ended."""
+        for event in self._events.poll():
+            self._event(event)
+        self._log_errors()
 
-    def _line(self, line: str) -> None:
-        m = _LOG_LINE.match(line)
-        if not m:
+    def _event(self, event: dict[str, Any]) -> None:
+        if event["event"] != TASK_DISPATCHED:  # round_start already said where the task goes
+            logger.log(logging.WARNING if is_problem(event) else logging.INFO, "server: %s", describe_event(event))
+        n, t = event.get("round"), float(event["time"])
+        if event["event"] == ROUND_START:
+            self._round_start[int(n)] = t
+        elif event["event"] == ROUND_END and n in self._round_start:
+            seconds = round(t - self._round_start[n], 2)
+            self.rounds.append({"round": n, "seconds": seconds})
+            logger.info("round %d took %.2fs", n, seconds)
+
+    def _log_errors(self) -> None:
+        """Repeat the server log's new ERROR lines of other components than the controller (it has events)."""
+        if not os.path.isfile(self._log):
             return
-        msg, level, source = m["msg"], m["level"], m["logger"]
-        if source.endswith("Controller") and (level in ("WARNING", "ERROR") or _PROGRESS.match(msg)):
-            logger.log(logging.WARNING if level in ("WARNING", "ERROR") else logging.INFO, "server: %s", msg)
-        elif level == "ERROR":
-            logger.warning("server error (%s): %s", source, msg)
-        ts = datetime.strptime(m["ts"], "%Y-%m-%d %H:%M:%S,%f")
-        if start := _ROUND_START.match(msg):
-            self._round_start[int(start["round"])] = ts
-        elif done := _ROUND_DONE.match(msg):
-            n = int(done["round"])
-            if n in self._round_start:
-                seconds = round((ts - self._round_start[n]).total_seconds(), 2)
-                self.rounds.append({"round": n, "seconds": seconds})
-                logger.info("round %d took %.2fs", n, seconds)
+        with open(self._log, encoding="utf-8", errors="replace") as f:
+            f.seek(self._log_offset)
+            chunk = f.read()
+            self._log_offset = f.tell()
+        lines = (self._log_partial + chunk).split("\n")
+        self._log_partial = lines.pop()
+        for line in lines:
+            # "<time> - <logger> - <LEVEL> - [<context>] - <message>" (the context is optional)
+            parts = line.split(" - ", 3)
+            if len(parts) < 4 or parts[2] != "ERROR" or parts[1].endswith("Controller"):
+                continue
+            message = parts[3].split("] - ", 1)[1] if parts[3].startswith("[") and "] - " in parts[3] else parts[3]
+            logger.warning("server error (%s): %s", parts[1], message)
 
 
 @dataclass
@@ -807,7 +815,7 @@ class JobOutcome:
         job_id: NVFlare's id of the job.
         status: final status (``FINISHED:COMPLETED`` when it went well).
         seconds: from submission until the end was seen.
-        rounds: per training round, its duration (from the server log's timestamps).
+        rounds: per training round, its duration (from the controller's round events).
     """
 
     job_id: str
@@ -853,7 +861,7 @@ def submit_and_follow(
     logger.info("submitted %s as job %s", os.path.basename(job_dir), job_id)
     if on_submit:
         on_submit(job_id)
-    follower = ServerLogFollower(os.path.join(server_dir, job_id, "log.txt")) if server_dir else None
+    follower = ServerProgressFollower(os.path.join(server_dir, job_id)) if server_dir else None
     status = ""
     while True:
         meta = session.get_job_meta(job_id)

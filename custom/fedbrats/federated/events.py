@@ -165,8 +165,15 @@ def describe(event: dict[str, Any]) -> str:
     if kind == RESULT_RECEIVED:
         state = "usable" if event.get("usable") else f"rejected ({event.get('reason')})"
         return f"round {r}: {event.get('task')} result of {event.get('site')}: {state}"
-    if kind == RESULTS_COLLECTED and event.get("left_out"):
-        return f"round {r}: no {event.get('task')} result from {event.get('left_out')}"
+    if kind == RESULTS_COLLECTED:
+        line = f"round {r}: {len(event.get('usable') or [])} usable {event.get('task')} result(s)"
+        if event.get("rejected"):
+            line += f", rejected {sorted(event['rejected'])}"
+        if event.get("left_out"):
+            line += f", none from {event['left_out']}"
+        return line
+    if kind == AGGREGATION_DONE:
+        return f"round {r}: aggregated the updates of {event.get('sites')}"
     if kind == ROUND_END:
         return f"round {r} done in {event.get('seconds')}s"
     if kind == FINAL_VALIDATION:
@@ -186,5 +193,6 @@ def is_problem(event: dict[str, Any]) -> bool:
     if kind == RESULT_RECEIVED:
         return not event.get("usable")
     if kind == RESULTS_COLLECTED:
-        return bool(event.get("left_out"))
+        no_update = event.get("task") == "train" and not event.get("usable")
+        return bool(event.get("left_out") or event.get("rejected") or no_update)
     return kind in (JOB_STOP, JOB_ERROR)

@@ -290,6 +290,8 @@ class FedBratsController(ModelController):
             return True
 
         need = self._min_responses(targets)
+        # Before sending: a fast site's result must not be recorded ahead of its task.
+        self._event(TASK_DISPATCHED, task=task_name, targets=list(targets))
         self.send_model(
             task_name=task_name,
             data=data,
@@ -298,7 +300,6 @@ class FedBratsController(ModelController):
             timeout=self.train_timeout,
             callback=_on_result,
         )
-        self._event(TASK_DISPATCHED, task=task_name, targets=list(targets))
         reached_at = None
         while self.get_num_standing_tasks() > 0:
             if self.abort_signal and self.abort_signal.triggered:
