@@ -50,6 +50,7 @@ from fedbrats.federated.events import (
 from fedbrats.federated.events import describe as describe_event
 from fedbrats.federated.memory import with_allocator_defaults
 from fedbrats.federated.protocol import GLOBAL_MODEL_FILE, RunFolder
+from fedbrats.utils import FileTail
 
 logger = logging.getLogger(__name__)
 
@@ -765,9 +766,7 @@ class ServerProgressFollower:
             raise ValueError(f"run_dir must name the job's run folder, got {run_dir!r}")
         self.run_dir = run_dir
         self._events = EventFollower(RunFolder(run_dir).round_events)
-        self._log = os.path.join(run_dir, "log.txt")
-        self._log_offset = 0
-        self._log_partial = ""
+        self._log = FileTail(os.path.join(run_dir, "log.txt"))
         self._round_start: dict[int, float] = {}
         self.rounds: list[dict[str, float]] = []
 
@@ -790,15 +789,7 @@ class ServerProgressFollower:
 
     def _log_errors(self) -> None:
         """Repeat the server log's new ERROR lines of other components than the controller (it has events)."""
-        if not os.path.isfile(self._log):
-            return
-        with open(self._log, encoding="utf-8", errors="replace") as f:
-            f.seek(self._log_offset)
-            chunk = f.read()
-            self._log_offset = f.tell()
-        lines = (self._log_partial + chunk).split("\n")
-        self._log_partial = lines.pop()
-        for line in lines:
+        for line in self._log.lines():
             # "<time> - <logger> - <LEVEL> - [<context>] - <message>" (the context is optional)
             parts = line.split(" - ", 3)
             if len(parts) < 4 or parts[2] != "ERROR" or parts[1].endswith("Controller"):

@@ -20,15 +20,17 @@ Events, in the order a run writes them:
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from fedbrats.utils import FileTail
 
 logger = logging.getLogger(__name__)
 
@@ -123,21 +125,12 @@ class EventFollower:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._offset = 0
-        self._partial = ""
+        self._tail = FileTail(path)
 
     def poll(self) -> list[dict[str, Any]]:
         """The events appended since the last call (empty while the file does not exist)."""
-        if not os.path.isfile(self.path):
-            return []
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            f.seek(self._offset)
-            chunk = f.read()
-            self._offset = f.tell()
-        lines = (self._partial + chunk).split("\n")
-        self._partial = lines.pop()
         events = []
-        for line in lines:
+        for line in self._tail.lines():
             if not line.strip():
                 continue
             try:
@@ -155,13 +148,23 @@ def read_events(path: str) -> list[dict[str, Any]]:
     return EventFollower(path).poll()
 
 
+#: How :func:`describe` words each event; ``{name}`` is the event's item of that name (None when missing).
+_DESCRIPTIONS = {
+    RUN_START: "start: {num_rounds} rounds, aggregation {aggregation}",
+    ROUND_START: "round {round}: sending the global model to {targets}",
+    TASK_DISPATCHED: "round {round}: {task} task sent to {targets}",
+    AGGREGATION_DONE: "round {round}: aggregated the updates of {sites}",
+    ROUND_END: "round {round} done in {seconds}s",
+    FINAL_VALIDATION: "final validation of the global model on {targets}",
+    RUN_END: "finished {num_rounds} rounds",
+    JOB_STOP: "stopped the job: {reason}",
+    JOB_ERROR: "the workflow failed: {error}",
+}
+
+
 def describe(event: dict[str, Any]) -> str:
     """One line for people about an event (what the deployment's follower logs)."""
     kind, r = event.get("event"), event.get("round")
-    if kind == RUN_START:
-        return f"start: {event.get('num_rounds')} rounds, aggregation {event.get('aggregation')}"
-    if kind == ROUND_START:
-        return f"round {r}: sending the global model to {event.get('targets')}"
     if kind == RESULT_RECEIVED:
         state = "usable" if event.get("usable") else f"rejected ({event.get('reason')})"
         return f"round {r}: {event.get('task')} result of {event.get('site')}: {state}"
@@ -172,19 +175,8 @@ def describe(event: dict[str, Any]) -> str:
         if event.get("left_out"):
             line += f", none from {event['left_out']}"
         return line
-    if kind == AGGREGATION_DONE:
-        return f"round {r}: aggregated the updates of {event.get('sites')}"
-    if kind == ROUND_END:
-        return f"round {r} done in {event.get('seconds')}s"
-    if kind == FINAL_VALIDATION:
-        return f"final validation of the global model on {event.get('targets')}"
-    if kind == RUN_END:
-        return f"finished {event.get('num_rounds')} rounds"
-    if kind == JOB_STOP:
-        return f"stopped the job: {event.get('reason')}"
-    if kind == JOB_ERROR:
-        return f"the workflow failed: {event.get('error')}"
-    return f"round {r}: {kind}"
+    template = _DESCRIPTIONS.get(str(kind), "round {round}: {event}")
+    return template.format_map(collections.defaultdict(lambda: None, event))
 
 
 def is_problem(event: dict[str, Any]) -> bool:
