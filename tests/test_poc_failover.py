@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -38,6 +37,8 @@ from fedbrats.deploy.provision import (
     stage_job,
     submit_and_follow,
 )
+from fedbrats.federated.events import ROUND_START, read_events
+from fedbrats.federated.protocol import RunFolder
 from fedbrats.jobgen import write_job
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ VICTIM = "site-2"
 NUM_ROUNDS = 5
 #: The dead site never answers: a round ends this long after the other site's update (or at train_timeout).
 CONTROLLER = {"train_timeout": 60, "wait_time_after_min_received": 5}
-_ROUND_START = re.compile(r" - round (\d+)/\d+: sending the global model")
 
 
 @pytest.fixture
@@ -60,16 +60,14 @@ def nvflare_available() -> None:
         pytest.skip(f"nvflare CLI unavailable: {e}")
 
 
-def _started_rounds(server_job_log: Path) -> list[int]:
-    """The training rounds the server has started so far (from its job log)."""
-    if not server_job_log.is_file():
-        return []
-    return [int(m[1]) for m in _ROUND_START.finditer(server_job_log.read_text(encoding="utf-8", errors="replace"))]
+def _started_rounds(run_dir: Path) -> list[int]:
+    """The training rounds the server has started so far (from the controller's round events of the job)."""
+    return [e["round"] for e in read_events(RunFolder(str(run_dir)).round_events) if e["event"] == ROUND_START]
 
 
-def _wait_for_round(session: Any, job_id: str, server_job_log: Path, round_no: int, timeout: float) -> None:
+def _wait_for_round(session: Any, job_id: str, run_dir: Path, round_no: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while round_no not in _started_rounds(server_job_log):
+    while round_no not in _started_rounds(run_dir):
         status = session.get_job_meta(job_id).get("status", "")
         assert not is_terminal(status), f"job {job_id} ended ({status}) before round {round_no} started"
         assert time.monotonic() < deadline, f"round {round_no} of job {job_id} did not start within {timeout:.0f}s"
@@ -111,15 +109,15 @@ def test_killed_site_is_left_out_and_rejoins_the_next_job(tmp_path: Path) -> Non
             session = deployment.session
             server_dir = Path(kits.dir(kits.server))
             job_id = session.submit_job(stage_job(job, str(tmp_path / "staged1")))
-            server_job_log = server_dir / job_id / "log.txt"
+            run_dir = server_dir / job_id
 
             # ---- crash the site once round 1 has started, and restart it right away ----
-            _wait_for_round(session, job_id, server_job_log, 1, timeout=150)
+            _wait_for_round(session, job_id, run_dir, 1, timeout=150)
             killed = deployment.kill_site(VICTIM)
-            kill_round = max(_started_rounds(server_job_log))
+            kill_round = max(_started_rounds(run_dir))
             killed_at = time.monotonic() - started
             registered_s = deployment.restart_site(VICTIM)
-            back_round = max(_started_rounds(server_job_log))  # the round running when the site was back
+            back_round = max(_started_rounds(run_dir))  # the round running when the site was back
             logger.info("%s killed in round %d, back in round %d (%.1fs)", VICTIM, kill_round, back_round, registered_s)
 
             status1 = _wait_for_end(session, job_id, timeout=180)
