@@ -58,6 +58,27 @@ def test_fedavg_two_rounds(tiny_federation: str, tmp_path) -> None:
     with open(os.path.join(result.run_dir, "postprocessing.json"), encoding="utf-8") as f:
         choice = json.load(f)
     assert choice["min_component_voxels"] in (0, 10, 50, 200) and set(choice["scores"]) == {"0", "10", "50", "200"}
+    _check_round_events(result.run_dir, os.path.join(tmp_path, "simulator.log"))
+
+
+def _check_round_events(run_dir: str, log_file: str) -> None:
+    """The controller's round events of a 2-round, 4-site run, and the benchmarks' timeline read from them."""
+    from fedbrats.benchmarks.simlog import read_round_timeline
+    from fedbrats.federated.events import read_events
+
+    events = read_events(os.path.join(run_dir, "round_events.jsonl"))
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "run_start" and kinds[-1] == "run_end"
+    assert [e["round"] for e in events if e["event"] == "round_start"] == [0, 1]
+    for r in (0, 1):
+        received = [e for e in events if e["event"] == "result_received" and e["round"] == r]
+        assert sorted(e["site"] for e in received) == ["site-1", "site-2", "site-3", "site-4"]
+        assert all(e["usable"] and e["task"] == "train" for e in received)
+    assert sum(e["event"] == "result_received" and e["task"] == "validate" for e in events) == 4
+    timeline = read_round_timeline(os.path.join(run_dir, "round_events.jsonl"), log_file)
+    assert sorted(timeline.rounds) == [0, 1]
+    for r in (0, 1):
+        assert timeline.rounds[r].breakdown() is not None and len(timeline.rounds[r].sites) == 4
 
 
 def test_a_failing_site_does_not_stop_the_federation(tiny_federation, tmp_path) -> None:
