@@ -349,7 +349,7 @@ def run_simulated(
         Round times (from ``metrics.json``), start-up, the round breakdown (from the controller's round events
         and the sites' log lines), per-process memory and the communication per site.
     """
-    from fedbrats.federated.simulate import SimulatedSiteLostError, simulate
+    from fedbrats.federated.simulate import SimulatedSiteLostError, simulate, simulator_workspace
 
     sites = federation_sites(sites_file)
     load_before = load_average()
@@ -411,7 +411,7 @@ def run_simulated(
         "client_peak_bytes_mean": float(np.mean([c["peak_bytes"] for c in clients])) if clients else None,
         "total_peak_bytes": _total_peak(_label_simulator(sampler.samples)),
         "communication": communication(
-            os.path.join(workspace, "sim"), result.run_dir, sites, site_modalities(sites_file)
+            simulator_workspace(workspace), result.run_dir, sites, site_modalities(sites_file)
         ),
         "run_dir": result.run_dir,
         "log_file": log_file,

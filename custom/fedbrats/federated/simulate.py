@@ -49,9 +49,14 @@ class SimulationResult:
         return RunFolder(self.run_dir).best_global_model
 
 
+def simulator_workspace(workspace: str) -> str:
+    """The simulator's workspace inside a :func:`simulate` workspace (one folder per site and the server)."""
+    return os.path.join(workspace, "sim")
+
+
 def simulated_run_dir(workspace: str) -> str:
     """The server's run folder of a job :func:`simulate` ran in ``workspace`` (the simulator's own layout)."""
-    return os.path.join(workspace, "sim", "server", "simulate_job")
+    return os.path.join(simulator_workspace(workspace), "server", "simulate_job")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -277,7 +282,7 @@ def simulate(
         **(overrides or {}),
     )
     check_job_options(job_dir)
-    sim_ws = os.path.join(workspace, "sim")
+    sim_ws = simulator_workspace(workspace)
     log_file = log_file or os.path.join(workspace, "simulator.log")
     cmd = [sys.executable, "-m", "nvflare.cli", "simulator", job_dir, "-w", sim_ws, "-c", ",".join(clients)]
     cmd += ["-t", str(threads or len(clients))]
