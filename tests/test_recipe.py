@@ -68,7 +68,9 @@ def test_schedule_continues_across_rounds(tiny_federation: str) -> None:
 
 def test_validation_every_n_rounds(tiny_federation: str) -> None:
     trainer = _trainer(tiny_federation, val_every=3)
-    assert [trainer.should_validate(r) for r in range(7)] == [True, False, False, True, False, False, True]
+    assert [trainer.should_validate(r) for r in range(7)] == [False, False, True, False, False, True, False]
+    every = _trainer(tiny_federation, val_every=1)
+    assert all(every.should_validate(r) for r in range(4))
 
 
 # ---- loss --------------------------------------------------------------------------------------------------

@@ -45,9 +45,10 @@ class TrainConfig:
         weight_decay: Adam weight decay.
         max_steps_per_epoch: cap on batches per epoch (0: the whole training list).
         val_overlap: sliding-window overlap during validation.
-        val_every: score the received global model on the site's validation cases every this many rounds (and
-            always in round 0 and in the final validation after the last round); rounds in between send no
-            metrics, which saves most of a round's time on full-size volumes.
+        val_every: score the received global model on the site's validation cases every this many rounds (the
+            model after rounds ``val_every``, ``2 * val_every``, ...; always in the final validation after the
+            last round); rounds in between send no metrics, which saves most of a round's time on full-size
+            volumes.
         postprocess_candidates: minimum connected-component sizes (voxels at the training resolution) each site
             scores in the final validation; the server keeps the best (see
             :mod:`fedbrats.evaluation.postprocess`). ``[]`` turns the choice off.
@@ -179,8 +180,11 @@ class SiteTrainer:
         return {k: v for k, v in self.weights().items() if self.method.sends_parameter(k)}
 
     def should_validate(self, current_round: int) -> bool:
-        """Whether the global model received in ``current_round`` is scored (see :attr:`TrainConfig.val_every`)."""
-        return current_round % self.config.val_every == 0
+        """Whether the global model received in ``current_round`` is scored (see :attr:`TrainConfig.val_every`):
+        every round when ``val_every`` is 1, else the model after each ``val_every`` rounds of training (the
+        untrained round-0 model is skipped: model selection ignores it and scoring it is the slowest validation,
+        its predictions being everywhere)."""
+        return (current_round + 1) % self.config.val_every == 0 or self.config.val_every == 1
 
     def train_round(self, current_round: int, total_rounds: int | None = None) -> dict[str, Any]:
         """Train ``epochs_per_round`` epochs; return steps, mean loss, the mean of each loss term and the last
