@@ -1,6 +1,8 @@
 """Train several methods on the same federation with the same budget and compare them on all 15 combinations.
 
 This is the command behind the results page (docs/results.md): every number there comes from a run of it.
+Run it from a source checkout: ``python experiments/compare.py --workspace ... --out-dir ...``. It imports the
+package; the package never imports it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ from fedbrats.federated.simulate import SimulationResult, parse_overrides, simul
 from fedbrats.logging_setup import configure_logging
 from fedbrats.utils import deep_merge
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"fedbrats.{__name__}")
+
+#: How the driver is run (written into each result, so that a comparison lists the commands that made it).
+PROG = "python experiments/compare.py"
 
 #: Methods and ablations: (job, training overrides, aggregation overrides).
 EXPERIMENTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -327,7 +332,7 @@ def _without_per_case(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedbrats compare", description=__doc__)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument(
         "--sites", default=None, help="sites.json (default: $FEDBRATS_SITE_CONFIG, else the embedded federation)"
     )
@@ -375,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         # The networks are fully convolutional: a window larger than the training crop needs far fewer passes.
         eval_data["roi_size"] = list(a.eval_roi)
     os.makedirs(a.out_dir, exist_ok=True)
-    command = "fedbrats compare " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[2:]))
+    command = PROG + " " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     for name in [] if a.report_only else names:
         for seed in seeds:
             started = time.monotonic()
@@ -411,3 +416,16 @@ def main(argv: list[str] | None = None) -> int:
     path = write_comparison(a.out_dir, sites_file, runs, commands)
     logger.info("comparison written to %s", path)
     return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The command line: :func:`main`, with a usage error (bad option value, missing file) logged, exit status 1."""
+    try:
+        return main(argv)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        logger.error("%s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(run())
