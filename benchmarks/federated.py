@@ -159,9 +159,9 @@ def described_bytes(desc: Mapping[str, Any]) -> int:
 
 def model_bytes(run_dir: str) -> dict[str, int]:
     """Parameters and bytes of the saved global model of a run."""
-    import torch
+    from fedbrats.evaluation.evaluate import load_state_dict
 
-    state = torch.load(RunFolder(run_dir).global_model, weights_only=True)["model"]
+    state = load_state_dict(RunFolder(run_dir).global_model)
     return {
         "parameters": int(sum(v.numel() for v in state.values())),
         "bytes": int(sum(v.numel() * v.element_size() for v in state.values())),
