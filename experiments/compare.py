@@ -24,6 +24,7 @@ from fedbrats.evaluation.evaluate import default_test_datalist, evaluate_combina
 from fedbrats.evaluation.postprocess import read_postprocessing
 from fedbrats.evaluation.report import readable_combination, write_reports
 from fedbrats.evaluation.statistics import paired_difference, seed_summary
+from fedbrats.federated.methods import EXPERIMENTS as METHOD_EXPERIMENTS
 from fedbrats.federated.protocol import KEY_METRIC, RunFolder
 from fedbrats.federated.simulate import SimulationResult, parse_overrides, simulate, simulated_run_dir
 from fedbrats.logging_setup import configure_logging
@@ -34,44 +35,8 @@ logger = logging.getLogger(f"fedbrats.{__name__}")
 #: How the driver is run (written into each result, so that a comparison lists the commands that made it).
 PROG = "python experiments/compare.py"
 
-#: Methods and ablations: (job, training overrides, aggregation overrides).
-EXPERIMENTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
-    "centralized": ("centralized", {}, {}),
-    "local_only": ("local_only", {}, {}),
-    "fedavg": ("fedavg", {}, {}),
-    "fedkd": ("fedkd", {}, {}),
-    "fedkd_no_drl": ("fedkd", {"method_args": {"drl_weight": 0.0}}, {}),
-    "fedkd_no_rcl": ("fedkd", {"method_args": {"rcl_weight": 0.0}}, {}),
-    "fedkd_no_kd": (
-        "fedkd",
-        {"method_args": {"kd_weight": 0.0, "proto_kd_weight": 0.0, "self_distill_weight": 0.0}},
-        {},
-    ),
-    # The modality-aware network and aggregation with the supervised loss alone: what FedKD's losses add.
-    "fedkd_net_only": (
-        "fedkd",
-        {
-            "method_args": {
-                "drl_weight": 0.0,
-                "rcl_weight": 0.0,
-                "kd_weight": 0.0,
-                "proto_kd_weight": 0.0,
-                "self_distill_weight": 0.0,
-            }
-        },
-        {},
-    ),
-    # Plain FedAvg needs every weight from every site, so sites send the encoders of absent sequences too.
-    "fedkd_no_modality_aware_agg": (
-        "fedkd",
-        {"method_args": {"partial_updates": False}},
-        {"modality_aware": False},
-    ),
-    "mstkd": ("mstkd", {}, {}),
-    "mstkd_no_transformer_kd": ("mstkd", {"method_args": {"hidden_kd_weight": 0.0, "attn_kd_weight": 0.0}}, {}),
-    "mstkd_no_logit_kd": ("mstkd", {"method_args": {"logit_kd_weight": 0.0, "consistency_weight": 0.0}}, {}),
-    "mstkd_no_style": ("mstkd", {"method_args": {"gram_weight": 0.0, "adv_weight": 0.0}}, {}),
-}
+#: Methods and ablations: (job, training overrides, aggregation overrides), as each method's module declares them.
+EXPERIMENTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = dict(METHOD_EXPERIMENTS)
 #: Experiments with site-side privacy filters (see fedbrats.jobgen.job_configs), to measure their cost in Dice.
 PRIVACY: dict[str, dict[str, Any]] = {
     "fedkd_dp_prototypes": {"prototypes": {"clip_norm": 1.0, "noise_multiplier": 1.0}},
