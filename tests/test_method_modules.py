@@ -7,6 +7,7 @@ import re
 import types
 from pathlib import Path
 
+import pytest
 import torch
 
 from fedbrats.federated.methods import EXPERIMENTS, JOBS, METHOD_DEFINITIONS, METHODS, build_method
@@ -67,3 +68,26 @@ def test_jobs_are_built_from_the_method_declarations() -> None:
     client = configs["app/config/config_fed_client.json"]
     assert client["executors"][0]["executor"]["args"]["training"]["method"] == "fedkd"
     assert isinstance(build_method("fedavg"), ClientMethod)
+
+
+def test_a_registry_loads_the_method_modules_own_classes_once_on_a_miss(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from fedbrats.registry import Registry
+
+    registry: Registry[object] = Registry("thing", object, {}, more_from="a_method_package")
+    real_import = importlib.import_module
+    imported = []
+
+    def fake_import(name: str, *args: object) -> object:
+        if name == "a_method_package":
+            imported.append(name)
+            registry.register("own", "collections.OrderedDict")  # what a method module's declaration does
+            return types.ModuleType(name)
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", fake_import)
+    assert registry.path("own") == "collections.OrderedDict"
+    with pytest.raises(ValueError, match="not a registered thing"):
+        registry.path("other")
+    assert imported == ["a_method_package"]  # once, not again on the second miss

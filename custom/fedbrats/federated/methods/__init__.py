@@ -34,6 +34,28 @@ def _method_modules() -> list[Method]:
 METHOD_DEFINITIONS: tuple[Method, ...] = tuple(_method_modules())
 
 
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _register_own_classes() -> None:
+    """Add the networks and strategies the method modules declare to their registries."""
+    from fedbrats.networks import NETWORKS
+
+    for method in METHOD_DEFINITIONS:
+        for name, cls in method.networks.items():
+            NETWORKS.register(name, _class_path(cls))
+    if any(method.strategies for method in METHOD_DEFINITIONS):
+        from fedbrats.federated.server.aggregation import STRATEGIES
+
+        for method in METHOD_DEFINITIONS:
+            for name, cls in method.strategies.items():
+                STRATEGIES.register(name, _class_path(cls))
+
+
+_register_own_classes()
+
+
 def _unique(pairs: list[tuple[str, Any]], what: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in pairs:
@@ -48,11 +70,7 @@ METHODS: Registry[ClientMethod] = Registry(
     "method",
     ClientMethod,
     _unique(
-        [
-            (name, f"{cls.__module__}.{cls.__qualname__}")
-            for method in METHOD_DEFINITIONS
-            for name, cls in method.clients.items()
-        ],
+        [(name, _class_path(cls)) for method in METHOD_DEFINITIONS for name, cls in method.clients.items()],
         "client method",
     ),
 )
@@ -60,6 +78,8 @@ METHODS: Registry[ClientMethod] = Registry(
 JOBS: dict[str, dict[str, Any]] = _unique(
     [(job.name, job.definition()) for method in METHOD_DEFINITIONS for job in method.jobs], "job"
 )
+
+
 #: Every method's runs for the experiment driver: name -> (job, training overrides, aggregation overrides).
 EXPERIMENTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = _unique(
     [

@@ -109,8 +109,14 @@ class Method:
         jobs: the method's jobs and their defaults (network, aggregation strategy, training options).
         experiments: the method's runs for the experiment driver: name -> (job, training overrides, aggregation
             overrides); the method's plain job and its ablations.
+        networks: networks of its own (name -> ``torch.nn.Module`` class), added to
+            :data:`fedbrats.networks.NETWORKS`; the shared ones need no entry.
+        strategies: aggregation strategies of its own (name -> ``AggregationStrategy`` class), added to
+            :data:`fedbrats.federated.server.aggregation.STRATEGIES`; a job names one by its class path.
     """
 
     clients: Mapping[str, type[ClientMethod]]
     jobs: tuple[Job, ...]
     experiments: Mapping[str, tuple[str, Mapping[str, Any], Mapping[str, Any]]] = field(default_factory=dict)
+    networks: Mapping[str, type[torch.nn.Module]] = field(default_factory=dict)
+    strategies: Mapping[str, type] = field(default_factory=dict)
