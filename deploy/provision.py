@@ -1,4 +1,4 @@
-"""Production provisioning and startup kits: the project file, each site's local settings, running a job, clean-up.
+"""The production rehearsal: startup kits from ``nvflare provision``, each started with its own ``start.sh``.
 
 ``python -m deploy.provision`` rehearses a production deployment on loopback: provision, start the server
 and the clients from their kits (mutual TLS), submit a job as the project admin, follow it, download the global
