@@ -9,7 +9,6 @@ so what is rehearsed is what the hospitals receive.
 from __future__ import annotations
 
 import copy
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,8 +17,6 @@ from typing import Any
 import yaml
 
 from deploy.processes import DeploymentError
-
-logger = logging.getLogger(f"fedbrats.{__name__}")
 
 #: The repository root (``poc_setup/`` and ``jobs/`` live there in a source checkout).
 REPO_ROOT = Path(__file__).resolve().parents[1]
