@@ -37,7 +37,7 @@ def test_simulate_uses_the_exported_site_config(
 def test_compare_and_evaluate_use_the_exported_site_config(
     real_named_federation: Path, tiny_federation: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedbrats.evaluation import compare
+    from experiments import compare
     from fedbrats.evaluation.evaluate import default_test_datalist
 
     sites = real_named_federation

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbrats.benchmarks.federated import described_bytes, fit_scaling, memory_by_round, memory_growth
-from fedbrats.benchmarks.simlog import read_round_timeline
-from fedbrats.benchmarks.system import Sample, simulator_roles
+from benchmarks.federated import described_bytes, fit_scaling, memory_by_round, memory_growth
+from benchmarks.simlog import read_round_timeline
+from benchmarks.system import Sample, simulator_roles
 from fedbrats.federated.events import RoundEventWriter
 
 # The sites' own lines of a simulator log (the server's lines are only for people: the timeline ignores them).
@@ -136,8 +136,8 @@ def _finite(value: float | None) -> bool:
 @pytest.mark.integration
 def test_smoke_benchmark_writes_results(tmp_path: Path) -> None:
     """``benchmarks/run.py --smoke``: every section runs and writes well-formed JSON, markdown and PNGs."""
-    from fedbrats.benchmarks.compute import NO_GPU
-    from fedbrats.benchmarks.main import main
+    from benchmarks.compute import NO_GPU
+    from benchmarks.main import main
 
     out = tmp_path / "results"
     argv = ["--smoke", "--out-dir", str(out), "--work-dir", str(tmp_path / "work"), "--log-level", "WARNING"]
@@ -207,7 +207,7 @@ def test_other_work_does_not_count_the_benchmarks_own_processes() -> None:
 
     Controlled clocks, not the live machine: the result must not depend on what else runs meanwhile.
     """
-    from fedbrats.benchmarks.system import OtherWork
+    from benchmarks.system import OtherWork
 
     clock = {"busy": 100.0, "own": 10.0, "wall": 50.0}
     other = OtherWork(lambda: clock["busy"], lambda: clock["own"], lambda: clock["wall"])
@@ -227,7 +227,7 @@ def test_own_cpu_seconds_count_reaped_children() -> None:
     import subprocess
     import sys
 
-    from fedbrats.benchmarks.system import _own_cpu_seconds
+    from benchmarks.system import _own_cpu_seconds
 
     before = _own_cpu_seconds()
     subprocess.run(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from experiments.compare import EXPERIMENTS, PRIVACY, _average_results
 from fedbrats.constants import REGIONS
-from fedbrats.evaluation.compare import EXPERIMENTS, PRIVACY, _average_results
 from fedbrats.jobgen import JOBS
 from fedbrats.utils import deep_merge
 
@@ -108,7 +108,7 @@ def test_paired_difference_recovers_a_known_shift() -> None:
 def test_write_comparison_reports_mean_std_and_pairs(tmp_path) -> None:
     import json
 
-    from fedbrats.evaluation.compare import write_comparison
+    from experiments.compare import write_comparison
 
     cases = ["c0", "c1", "c2", "c3"]
     runs = {

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedbrats.benchmarks.federated import make_federation, run_simulated
+from benchmarks.federated import make_federation, run_simulated
 
 SITES = 16
 ROUNDS = 50

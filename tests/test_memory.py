@@ -36,7 +36,7 @@ def test_controller_and_executor_reject_negative_gc_rounds() -> None:
 
 
 def test_allocator_defaults_never_override_the_user(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fedbrats.deploy.provision import deployment_env
+    from deploy.processes import deployment_env
 
     assert memory.with_allocator_defaults({})["MALLOC_ARENA_MAX"] == "2"
     assert memory.with_allocator_defaults({"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"

@@ -1,4 +1,4 @@
-"""PoC mode on one machine (fedbrats.deploy.poc): one command from prepare to a downloaded model and a clean stop."""
+"""PoC mode on one machine (deploy.poc): one command from prepare to a downloaded model and a clean stop."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbrats.deploy.poc import POC_PROJECT_NAME, PocDeployment
-from fedbrats.deploy.provision import DeploymentError, find_processes, nvflare_cli, port_is_free
+from deploy.poc import POC_PROJECT_NAME, PocDeployment
+from deploy.processes import DeploymentError, find_processes, nvflare_cli, port_is_free
 from fedbrats.jobgen import write_job
 
 TINY_TRAINING = {"epochs_per_round": 1, "data": {"roi_size": [16, 16, 16], "batch_size": 1}}

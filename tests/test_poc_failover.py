@@ -1,4 +1,4 @@
-"""A site crashes mid-round in a PoC federation (fedbrats.deploy.poc), is restarted, and comes back.
+"""A site crashes mid-round in a PoC federation (deploy.poc), is restarted, and comes back.
 
 What NVFlare 2.9 does, and this test checks:
 
@@ -25,18 +25,10 @@ from typing import Any
 import pytest
 import torch
 
-from fedbrats.deploy.poc import PocDeployment, kill_kit, kit_processes
-from fedbrats.deploy.provision import (
-    DeploymentError,
-    download_result,
-    find_processes,
-    is_terminal,
-    kill_processes,
-    nvflare_cli,
-    port_is_free,
-    stage_job,
-    submit_and_follow,
-)
+from deploy.admin import download_result, is_terminal, submit_and_follow
+from deploy.kits import stage_job
+from deploy.poc import PocDeployment, kill_kit, kit_processes
+from deploy.processes import DeploymentError, find_processes, kill_processes, nvflare_cli, port_is_free
 from fedbrats.federated.events import ROUND_START, read_events
 from fedbrats.federated.protocol import RunFolder
 from fedbrats.jobgen import write_job

@@ -1,4 +1,4 @@
-"""Production provisioning (poc_setup/project.yml, fedbrats.deploy.provision): kits, mutual TLS, clean shutdown."""
+"""Production provisioning (poc_setup/project.yml, deploy.provision): kits, mutual TLS, clean shutdown."""
 
 from __future__ import annotations
 
@@ -11,37 +11,39 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbrats.deploy.provision import (
+from deploy.admin import connected_clients, open_admin_session, wait_for_clients
+from deploy.kits import (
     FEDBRATS_CLASS_ALLOW_LIST,
-    LOCAL_HOST,
-    PROJECT_FILE,
-    DeploymentError,
     Kits,
-    ProvisionedDeployment,
     allow_fedbrats_classes,
-    client_names,
-    connected_clients,
+    make_demo_federation,
+    provision,
+    stage_job,
+    write_site_configs,
+)
+from deploy.processes import (
+    DeploymentError,
     deployment_env,
     ensure_stopped,
     find_free_port,
     find_processes,
+    nvflare_cli,
+    port_is_free,
+    request_kit_stop,
+    start_kit,
+    wait_for_listener,
+)
+from deploy.project import (
+    LOCAL_HOST,
+    PROJECT_FILE,
+    client_names,
     load_project,
     local_project,
-    make_demo_federation,
-    nvflare_cli,
-    open_admin_session,
-    port_is_free,
     project_admin,
-    provision,
-    request_kit_stop,
     server_name,
-    stage_job,
-    start_kit,
-    wait_for_clients,
-    wait_for_listener,
     write_project,
-    write_site_configs,
 )
+from deploy.provision import ProvisionedDeployment
 from fedbrats.jobgen import write_job
 
 TINY_TRAINING = {"epochs_per_round": 1, "data": {"roi_size": [16, 16, 16], "batch_size": 1}}

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedbrats.deploy.provision import ServerProgressFollower
+from deploy.follow import ServerProgressFollower
 from fedbrats.federated.events import (
     EventFollower,
     RoundEventWriter,
@@ -116,7 +116,7 @@ def test_server_progress_follower_times_rounds_from_events(tmp_path: Path, caplo
         "2026-01-01 10:00:00,200 - ServerRunner - INFO - all fine\n"
     )
     follower = ServerProgressFollower(str(tmp_path))
-    with caplog.at_level(logging.INFO, logger="fedbrats.deploy.provision"):
+    with caplog.at_level(logging.INFO, logger="fedbrats.deploy.follow"):
         follower.poll()
         assert follower.rounds == []
         writer.write("round_end", 0, seconds=1.4, aggregated={})

@@ -19,7 +19,7 @@ from fedbrats.registry import Registry
 def _gadget(marker: Path) -> dict[str, Any]:
     """The spec of issue 13: a package function that runs a command, named as if it were a network."""
     return {
-        "path": "fedbrats.deploy.provision.run_cli",
+        "path": "deploy.kits.run_cli",
         "args": {"args": ["touch", str(marker)], "env": {"PATH": "/usr/bin:/bin"}, "what": "x"},
     }
 
@@ -53,7 +53,7 @@ def test_model_folder_cannot_run_a_command(tmp_path: Path) -> None:
 def test_server_sent_spec_cannot_run_a_command(tmp_path: Path) -> None:
     """The builder every site uses for the server's model_spec refuses the gadget, naming its path."""
     marker = tmp_path / "x"
-    with pytest.raises(ValueError, match="fedbrats.deploy.provision.run_cli"):
+    with pytest.raises(ValueError, match="deploy.kits.run_cli"):
         build_from_spec(_gadget(marker))
     assert not marker.exists()
 
@@ -83,15 +83,15 @@ def test_registered_networks_still_round_trip() -> None:
 def test_registering_something_that_is_not_a_module_is_refused_when_built(monkeypatch: pytest.MonkeyPatch) -> None:
     """Even a registered path must name a torch.nn.Module subclass."""
     monkeypatch.setattr(NETWORKS, "_paths", dict(NETWORKS._paths))  # the registration ends with the test
-    register_network("test_not_a_module", "fedbrats.deploy.provision.run_cli")
+    register_network("test_not_a_module", "deploy.kits.run_cli")
     with pytest.raises(ValueError, match="not a torch.nn.modules.module.Module"):
         build_network("test_not_a_module", args=["true"], env={}, what="x")
 
 
 def test_build_method_refuses_unregistered_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A job's method name that is a dotted path outside the registry is never imported."""
-    with pytest.raises(ValueError, match="fedbrats.deploy.provision.run_cli"):
-        build_method("fedbrats.deploy.provision.run_cli", args=["touch", str(tmp_path / "x")], env={}, what="x")
+    with pytest.raises(ValueError, match="deploy.kits.run_cli"):
+        build_method("deploy.kits.run_cli", args=["touch", str(tmp_path / "x")], env={}, what="x")
     with pytest.raises(ValueError, match="os.system"):
         build_method("os.system")
     assert not (tmp_path / "x").exists()
@@ -182,8 +182,8 @@ def _mode(path: Path) -> int:
 def test_poc_default_workspace_is_per_user_and_private(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import os
 
-    from fedbrats.deploy import poc
-    from fedbrats.deploy.provision import make_private_dir
+    from deploy import poc
+    from deploy.secrets import make_private_dir
 
     seen: dict[str, str] = {}
     monkeypatch.setattr(poc, "run_from_args", lambda cls, args: seen.setdefault("workspace", args.workspace) and 0)
@@ -199,7 +199,8 @@ def test_poc_default_workspace_is_per_user_and_private(monkeypatch: pytest.Monke
 
 
 def test_private_dir_refuses_a_link(tmp_path: Path) -> None:
-    from fedbrats.deploy.provision import DeploymentError, make_private_dir
+    from deploy.processes import DeploymentError
+    from deploy.secrets import make_private_dir
 
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
@@ -209,7 +210,8 @@ def test_private_dir_refuses_a_link(tmp_path: Path) -> None:
 
 def test_provisioned_root_ca_and_keys_are_private(tmp_path: Path) -> None:
     """NVFlare writes state/cert.json (root CA private key) 0644; after provisioning it is 0600, state/ 0700."""
-    from fedbrats.deploy.provision import PROJECT_FILE, provision
+    from deploy.kits import provision
+    from deploy.project import PROJECT_FILE
 
     kits = provision(str(PROJECT_FILE), str(tmp_path / "prov"))
     cert = next((tmp_path / "prov").rglob("state/cert.json"))
@@ -220,7 +222,7 @@ def test_provisioned_root_ca_and_keys_are_private(tmp_path: Path) -> None:
 
 def test_poc_workspace_keys_are_private(tmp_path: Path) -> None:
     """`nvflare poc prepare` output (no process started): workspace 0700, root CA and keys 0600."""
-    from fedbrats.deploy.poc import PocDeployment
+    from deploy.poc import PocDeployment
 
     deployment = PocDeployment(str(tmp_path / "ws"), 2)
     deployment._setup()

@@ -63,7 +63,7 @@ def test_fedavg_two_rounds(tiny_federation: str, tmp_path) -> None:
 
 def _check_round_events(run_dir: str, log_file: str) -> None:
     """The controller's round events of a 2-round, 4-site run, and the benchmarks' timeline read from them."""
-    from fedbrats.benchmarks.simlog import read_round_timeline
+    from benchmarks.simlog import read_round_timeline
     from fedbrats.federated.events import read_events
 
     events = read_events(os.path.join(run_dir, "round_events.jsonl"))

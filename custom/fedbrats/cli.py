@@ -133,7 +133,6 @@ COMMANDS = {
     "make-jobs": "rewrite the job folders from their single definition",
     "simulate": "run a job in the NVFlare simulator with overrides",
     "evaluate": "score a model on all 15 sequence combinations (JSON, markdown, heatmaps)",
-    "compare": "train methods with the same budget and compare them on all 15 combinations",
     "export": "package a trained model with metadata.json",
     "predict": "segment a new patient from any subset of sequences",
 }
@@ -142,8 +141,11 @@ _MODULES = {
     "prepare": "fedbrats.data.prepare",
     "evaluate": "fedbrats.evaluation.evaluate",
     "export": "fedbrats.evaluation.export",
-    "compare": "fedbrats.evaluation.compare",
     "predict": "fedbrats.evaluation.predict",
+}
+#: Commands that moved out of the package (tooling a site or a server never runs), and what replaces them.
+MOVED = {
+    "compare": "python experiments/compare.py (from a source checkout of fedbrats)",
 }
 _FUNCS = {
     "synth-federation": _synth_federation,
@@ -162,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(f"fedbrats {fedbrats.__version__}\n")
         return 0
+    if argv and argv[0] in MOVED:
+        sys.stderr.write(f"fedbrats: {argv[0]!r} is no longer part of the package; run {MOVED[argv[0]]}\n")
+        return 2
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+from fedbrats.federated.methods import JOBS as METHOD_JOBS
 from fedbrats.federated.protocol import KEY_METRIC
 from fedbrats.networks import network_class_path
 from fedbrats.utils import deep_merge
@@ -32,42 +33,9 @@ BASE_TRAINING: dict[str, Any] = {
 }
 BASE_NETWORK: dict[str, Any] = {"name": "segresnet", "args": {"init_filters": 8}}
 
-JOBS: dict[str, dict[str, Any]] = {
-    "fedavg": {
-        "description": "FedAvg over sites with missing sequences (zero-filled), MONAI SegResNet, Dice loss.",
-        "aggregation": {"path": "fedbrats.federated.server.aggregation.WeightedAverage", "args": {}},
-        "training": {},
-        "min_clients": 0,
-    },
-    "fedkd": {
-        "description": "FedKD: modality-aware network with DRL and RCL, distillation from the global model and "
-        "global region prototypes, modality-aware aggregation.",
-        "aggregation": {"path": "fedbrats.federated.server.aggregation.ModalityAwareAggregation", "args": {}},
-        "network": {"name": "modality_aware", "args": {"init_filters": 8}},
-        "training": {"method": "fedkd"},
-        "min_clients": 0,
-    },
-    "mstkd": {
-        "description": "MST-KDNet distillation: a site-local full-sequence teacher distils into the federated "
-        "student (transformer, logit and style KD); FedAvg of the student only.",
-        "aggregation": {"path": "fedbrats.federated.server.aggregation.WeightedAverage", "args": {}},
-        "network": {"name": "mstkd", "args": {"init_filters": 8}},
-        "training": {"method": "mstkd"},
-        "min_clients": 0,
-    },
-    "local_only": {
-        "description": "Local-only baseline: every site trains alone on its own sequences; no averaging.",
-        "aggregation": {"path": "fedbrats.federated.server.aggregation.LocalOnly", "args": {}},
-        "training": {},
-        "min_clients": 0,
-    },
-    "centralized": {
-        "description": "Centralized upper bound: run with the single site 'central' (all cases, all sequences).",
-        "aggregation": {"path": "fedbrats.federated.server.aggregation.WeightedAverage", "args": {}},
-        "training": {},
-        "min_clients": 1,
-    },
-}
+#: Every job, from the method modules (each declares its jobs' network, aggregation and training defaults; see
+#: :mod:`fedbrats.federated.methods`).
+JOBS: dict[str, dict[str, Any]] = METHOD_JOBS
 
 DEFAULT_ROUNDS = 10
 

@@ -56,14 +56,25 @@ class Registry(Generic[T]):
         kind: what the registry holds, for messages (``"network"``, ``"method"``).
         base: every registered class must subclass it (checked when it is built).
         entries: name -> ``"module.Class"`` registered from the start.
+        more_from: a module of this package whose import registers more entries (the method modules declare their
+            own networks and strategies); imported once, the first time a name or path is not found.
     """
 
-    def __init__(self, kind: str, base: type, entries: Mapping[str, str]) -> None:
+    def __init__(self, kind: str, base: type, entries: Mapping[str, str], more_from: str | None = None) -> None:
         self.kind = kind
         self.base = base
         self._paths: dict[str, str] = {}
+        self._more_from = more_from
         for name, path in entries.items():
             self.register(name, path)
+
+    def _load_more(self) -> bool:
+        """Import ``more_from`` once; whether that was done now."""
+        if not self._more_from:
+            return False
+        module, self._more_from = self._more_from, None
+        importlib.import_module(module)
+        return True
 
     def register(self, name: str, class_path: str) -> None:
         """Allow ``class_path`` to be built, under ``name`` and under its own path.
@@ -93,6 +104,8 @@ class Registry(Generic[T]):
                 return self._paths[name_or_path]
             if name_or_path in self._paths.values():
                 return name_or_path
+            if self._load_more():
+                return self.path(name_or_path)
         raise ValueError(
             f"{self.kind} {name_or_path!r} is not a registered {self.kind}: only {self.names} (or their class "
             f"paths {sorted(set(self._paths.values()))}) can be built; refusing to import anything else"

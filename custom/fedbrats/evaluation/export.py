@@ -27,6 +27,7 @@ from fedbrats.evaluation.evaluate import (
     file_sha256,
     find_model_spec,
     load_model,
+    load_state_dict,
     read_json,
     resolve_checkpoint,
     spec_from_json,
@@ -173,7 +174,7 @@ def export_model(
     tmp = f"{model_path}.tmp{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, model_path)  # never leave a half-written model.pt behind
-    torch.load(model_path, map_location="cpu", weights_only=True)  # the promise of the format, checked
+    load_state_dict(model_path)  # the promise of the format (a bare state dict, weights_only), checked
 
     conventions = {c.name: {"NCR": 1, "ED": 2, "ET": c.et_label} for c in CONVENTIONS.values()}
     metadata: dict[str, Any] = {

@@ -19,6 +19,7 @@ NETWORKS: Registry[torch.nn.Module] = Registry(
         "modality_aware": "fedbrats.networks.modality_aware.ModalityAwareSegNet",
         "mstkd": "fedbrats.networks.mstkd.MSTKDNet",
     },
+    more_from="fedbrats.federated.methods",  # a method module may declare its own network
 )
 
 

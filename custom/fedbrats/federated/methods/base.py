@@ -1,7 +1,10 @@
-"""The interface a client method implements."""
+"""The interface a client method implements, and what a method module declares (:class:`Method`)."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -57,3 +60,63 @@ def check_non_negative(values: dict[str, float]) -> None:
     for arg, value in values.items():
         if value < 0:
             raise ValueError(f"{arg} must be >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class Job:
+    """The defaults of one job of a method (its folder under ``jobs/``, written by :mod:`fedbrats.jobgen`).
+
+    Attributes:
+        name: the job's name (``jobs/<name>``, ``fedbrats simulate <name>``).
+        description: one line for ``meta.json`` and the command listings.
+        aggregation: the server's strategy, a class path of
+            :data:`fedbrats.federated.server.aggregation.STRATEGIES` (a shared one, or the method's own).
+        network: ``{"name": ..., "args": {...}}`` merged over the common network; ``None`` keeps it.
+        training: options merged over the common training recipe (e.g. ``{"method": "fedkd"}``).
+        min_clients: usable updates a round needs (0: every site).
+    """
+
+    name: str
+    description: str
+    aggregation: str
+    network: Mapping[str, Any] | None = None
+    training: Mapping[str, Any] = field(default_factory=dict)
+    min_clients: int = 0
+
+    def definition(self) -> dict[str, Any]:
+        """The job as :data:`fedbrats.jobgen.JOBS` holds it."""
+        out: dict[str, Any] = {
+            "description": self.description,
+            "aggregation": {"path": self.aggregation, "args": {}},
+        }
+        if self.network is not None:
+            out["network"] = copy.deepcopy(dict(self.network))
+        out["training"] = copy.deepcopy(dict(self.training))
+        out["min_clients"] = self.min_clients
+        return out
+
+
+@dataclass(frozen=True)
+class Method:
+    """Everything a federated method declares, in its own module (as ``METHOD``), registered in one place.
+
+    :mod:`fedbrats.federated.methods` finds every module of its folder that defines ``METHOD`` and derives the
+    client registry (``METHODS``), the jobs (``JOBS``, used by :mod:`fedbrats.jobgen`) and the experiments of the
+    driver (``EXPERIMENTS``, used by ``experiments/compare.py``) from them.
+
+    Attributes:
+        clients: the names a job's ``training.method`` may use, each with its :class:`ClientMethod` class.
+        jobs: the method's jobs and their defaults (network, aggregation strategy, training options).
+        experiments: the method's runs for the experiment driver: name -> (job, training overrides, aggregation
+            overrides); the method's plain job and its ablations.
+        networks: networks of its own (name -> ``torch.nn.Module`` class), added to
+            :data:`fedbrats.networks.NETWORKS`; the shared ones need no entry.
+        strategies: aggregation strategies of its own (name -> ``AggregationStrategy`` class), added to
+            :data:`fedbrats.federated.server.aggregation.STRATEGIES`; a job names one by its class path.
+    """
+
+    clients: Mapping[str, type[ClientMethod]]
+    jobs: tuple[Job, ...]
+    experiments: Mapping[str, tuple[str, Mapping[str, Any], Mapping[str, Any]]] = field(default_factory=dict)
+    networks: Mapping[str, type[torch.nn.Module]] = field(default_factory=dict)
+    strategies: Mapping[str, type] = field(default_factory=dict)

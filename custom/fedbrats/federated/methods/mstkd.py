@@ -31,7 +31,7 @@ import torch
 
 from fedbrats.constants import MODALITIES, modality_combinations, modality_mask
 from fedbrats.data.transforms import apply_modality_mask
-from fedbrats.federated.methods.base import ClientMethod, check_non_negative
+from fedbrats.federated.methods.base import ClientMethod, Job, Method, check_non_negative
 from fedbrats.losses.mstkd import (
     GAN_MODES,
     adversarial_loss,
@@ -282,3 +282,25 @@ class MSTKDMethod(ClientMethod):
 
 
 __all__ = ["SUBSET_MASKS", "MSTKDMethod", "random_subset_masks"]
+
+
+#: MST-KD: the MST-KDNet student/teacher network, its distillation losses, FedAvg of the student; its ablations.
+METHOD = Method(
+    clients={"mstkd": MSTKDMethod},
+    jobs=(
+        Job(
+            "mstkd",
+            "MST-KDNet distillation: a site-local full-sequence teacher distils into the federated "
+            "student (transformer, logit and style KD); FedAvg of the student only.",
+            aggregation="fedbrats.federated.server.aggregation.WeightedAverage",
+            network={"name": "mstkd", "args": {"init_filters": 8}},
+            training={"method": "mstkd"},
+        ),
+    ),
+    experiments={
+        "mstkd": ("mstkd", {}, {}),
+        "mstkd_no_transformer_kd": ("mstkd", {"method_args": {"hidden_kd_weight": 0.0, "attn_kd_weight": 0.0}}, {}),
+        "mstkd_no_logit_kd": ("mstkd", {"method_args": {"logit_kd_weight": 0.0, "consistency_weight": 0.0}}, {}),
+        "mstkd_no_style": ("mstkd", {"method_args": {"gram_weight": 0.0, "adv_weight": 0.0}}, {}),
+    },
+)

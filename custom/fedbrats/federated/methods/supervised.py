@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedbrats.federated.methods.base import ClientMethod
+from fedbrats.federated.methods.base import ClientMethod, Job, Method
 from fedbrats.losses.segmentation import DiceBCELoss
 
 
@@ -37,3 +37,32 @@ class SupervisedMethod(ClientMethod):
         terms = self.segmentation_loss.terms(logits, batch["label"])
         loss = sum(getattr(self, f"{k}_weight") * v for k, v in terms.items())
         return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+
+#: FedAvg, local-only and centralized: the supervised loss with the common network (SegResNet) and recipe.
+METHOD = Method(
+    clients={"supervised": SupervisedMethod, "fedavg": SupervisedMethod},
+    jobs=(
+        Job(
+            "fedavg",
+            "FedAvg over sites with missing sequences (zero-filled), MONAI SegResNet, Dice loss.",
+            aggregation="fedbrats.federated.server.aggregation.WeightedAverage",
+        ),
+        Job(
+            "local_only",
+            "Local-only baseline: every site trains alone on its own sequences; no averaging.",
+            aggregation="fedbrats.federated.server.aggregation.LocalOnly",
+        ),
+        Job(
+            "centralized",
+            "Centralized upper bound: run with the single site 'central' (all cases, all sequences).",
+            aggregation="fedbrats.federated.server.aggregation.WeightedAverage",
+            min_clients=1,
+        ),
+    ),
+    experiments={
+        "centralized": ("centralized", {}, {}),
+        "local_only": ("local_only", {}, {}),
+        "fedavg": ("fedavg", {}, {}),
+    },
+)

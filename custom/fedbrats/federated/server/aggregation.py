@@ -249,4 +249,5 @@ STRATEGIES: Registry[AggregationStrategy] = Registry(
         "local_only": f"{__name__}.LocalOnly",
         "modality_aware": f"{__name__}.ModalityAwareAggregation",
     },
+    more_from="fedbrats.federated.methods",  # a method module may declare its own strategy
 )

@@ -21,12 +21,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedbrats.benchmarks import compute, federated
-from fedbrats.benchmarks.report import write_report
-from fedbrats.benchmarks.system import OtherWork, load_average, machine_info
+from benchmarks import compute, federated
+from benchmarks.report import write_report
+from benchmarks.system import OtherWork, load_average, machine_info
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"fedbrats.{__name__}")
 
 SECTIONS: tuple[str, ...] = ("federated", "throughput", "inference", "scale")
 
@@ -49,7 +49,7 @@ class BenchSettings:
         throughput_all_threads: also time the first site with every core (one process using the machine).
         inference_size: shape of the synthetic inference case.
         inference_configs: sliding-window settings and sequence subsets timed (see
-            :func:`fedbrats.benchmarks.compute.inference_benchmark`).
+            :func:`benchmarks.compute.inference_benchmark`).
         inference_repeats: timed runs of each inference configuration.
         sample_interval: seconds between memory readings.
         seed: data seed.

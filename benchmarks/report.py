@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from fedbrats.benchmarks.compute import NO_GPU
+from benchmarks.compute import NO_GPU
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"fedbrats.{__name__}")
 
 OVERHEAD_TARGET = 1.10
 MEMORY_GROWTH_TARGET = 0.02

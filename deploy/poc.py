@@ -2,7 +2,7 @@
 
 ::
 
-    python -m fedbrats.deploy.poc --sites 4 --num-rounds 2        # or poc_setup/run_poc.sh ...
+    python -m deploy.poc --sites 4 --num-rounds 2        # or poc_setup/run_poc.sh ...
 
 What it does, in a private workspace (``--workspace``, default ``$TMPDIR/fedbrats_poc-<uid>``, mode 0700; key
 files are made 0600):
@@ -40,27 +40,15 @@ from typing import Any
 
 import psutil
 
-from fedbrats.deploy.provision import (
-    CleanupReport,
-    Deployment,
-    DeploymentError,
-    Kits,
-    RunReport,
-    add_run_arguments,
-    default_workspace,
-    describe,
-    latest_prod_dir,
-    nvflare_cli,
-    open_admin_session,
-    restrict_secrets,
-    run_cli,
-    run_from_args,
-    start_kit,
-    wait_for_clients,
-    write_project,
-)
+from deploy.admin import open_admin_session, wait_for_clients
+from deploy.cli import add_run_arguments, run_from_args
+from deploy.deployment import Deployment, RunReport
+from deploy.kits import Kits, latest_prod_dir, run_cli
+from deploy.processes import CleanupReport, DeploymentError, describe, nvflare_cli, start_kit
+from deploy.project import write_project
+from deploy.secrets import default_workspace, restrict_secrets
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"fedbrats.{__name__}")
 
 #: Project name of PoC federations (the kits are under ``<workspace>/poc/<name>/prod_00``).
 POC_PROJECT_NAME = "fedbrats_poc"
@@ -185,7 +173,7 @@ class PocDeployment(Deployment):
         """Prepare and start the federation, log in and wait for every site; on exit stop and check everything.
 
         Use the admin session (``self.session``) inside, e.g. with
-        :func:`~fedbrats.deploy.provision.submit_and_follow`. On exit, also after an error or Ctrl-C, the
+        :func:`~deploy.provision.submit_and_follow`. On exit, also after an error or Ctrl-C, the
         federation is stopped and every process of the workspace that is left is killed and reported in
         :attr:`cleanup`.
 
@@ -243,9 +231,9 @@ class PocDeployment(Deployment):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedbrats.deploy.poc``: run a job in a PoC federation on this machine."""
+    """``python -m deploy.poc``: run a job in a PoC federation on this machine."""
     parser = argparse.ArgumentParser(
-        prog="python -m fedbrats.deploy.poc",
+        prog="python -m deploy.poc",
         description="Prepare an NVFlare PoC federation (server + site-1..site-N on loopback, a free port, a private "
         "workspace), write each site's local data configuration, run a job, download the global model, stop "
         "everything and check that nothing is left running.",

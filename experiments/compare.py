@@ -1,6 +1,8 @@
 """Train several methods on the same federation with the same budget and compare them on all 15 combinations.
 
 This is the command behind the results page (docs/results.md): every number there comes from a run of it.
+Run it from a source checkout: ``python experiments/compare.py --workspace ... --out-dir ...``. It imports the
+package; the package never imports it.
 """
 
 from __future__ import annotations
@@ -22,51 +24,19 @@ from fedbrats.evaluation.evaluate import default_test_datalist, evaluate_combina
 from fedbrats.evaluation.postprocess import read_postprocessing
 from fedbrats.evaluation.report import readable_combination, write_reports
 from fedbrats.evaluation.statistics import paired_difference, seed_summary
+from fedbrats.federated.methods import EXPERIMENTS as METHOD_EXPERIMENTS
 from fedbrats.federated.protocol import KEY_METRIC, RunFolder
 from fedbrats.federated.simulate import SimulationResult, parse_overrides, simulate, simulated_run_dir
 from fedbrats.logging_setup import configure_logging
 from fedbrats.utils import deep_merge
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"fedbrats.{__name__}")
 
-#: Methods and ablations: (job, training overrides, aggregation overrides).
-EXPERIMENTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
-    "centralized": ("centralized", {}, {}),
-    "local_only": ("local_only", {}, {}),
-    "fedavg": ("fedavg", {}, {}),
-    "fedkd": ("fedkd", {}, {}),
-    "fedkd_no_drl": ("fedkd", {"method_args": {"drl_weight": 0.0}}, {}),
-    "fedkd_no_rcl": ("fedkd", {"method_args": {"rcl_weight": 0.0}}, {}),
-    "fedkd_no_kd": (
-        "fedkd",
-        {"method_args": {"kd_weight": 0.0, "proto_kd_weight": 0.0, "self_distill_weight": 0.0}},
-        {},
-    ),
-    # The modality-aware network and aggregation with the supervised loss alone: what FedKD's losses add.
-    "fedkd_net_only": (
-        "fedkd",
-        {
-            "method_args": {
-                "drl_weight": 0.0,
-                "rcl_weight": 0.0,
-                "kd_weight": 0.0,
-                "proto_kd_weight": 0.0,
-                "self_distill_weight": 0.0,
-            }
-        },
-        {},
-    ),
-    # Plain FedAvg needs every weight from every site, so sites send the encoders of absent sequences too.
-    "fedkd_no_modality_aware_agg": (
-        "fedkd",
-        {"method_args": {"partial_updates": False}},
-        {"modality_aware": False},
-    ),
-    "mstkd": ("mstkd", {}, {}),
-    "mstkd_no_transformer_kd": ("mstkd", {"method_args": {"hidden_kd_weight": 0.0, "attn_kd_weight": 0.0}}, {}),
-    "mstkd_no_logit_kd": ("mstkd", {"method_args": {"logit_kd_weight": 0.0, "consistency_weight": 0.0}}, {}),
-    "mstkd_no_style": ("mstkd", {"method_args": {"gram_weight": 0.0, "adv_weight": 0.0}}, {}),
-}
+#: How the driver is run (written into each result, so that a comparison lists the commands that made it).
+PROG = "python experiments/compare.py"
+
+#: Methods and ablations: (job, training overrides, aggregation overrides), as each method's module declares them.
+EXPERIMENTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = dict(METHOD_EXPERIMENTS)
 #: Experiments with site-side privacy filters (see fedbrats.jobgen.job_configs), to measure their cost in Dice.
 PRIVACY: dict[str, dict[str, Any]] = {
     "fedkd_dp_prototypes": {"prototypes": {"clip_norm": 1.0, "noise_multiplier": 1.0}},
@@ -327,7 +297,7 @@ def _without_per_case(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedbrats compare", description=__doc__)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument(
         "--sites", default=None, help="sites.json (default: $FEDBRATS_SITE_CONFIG, else the embedded federation)"
     )
@@ -375,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         # The networks are fully convolutional: a window larger than the training crop needs far fewer passes.
         eval_data["roi_size"] = list(a.eval_roi)
     os.makedirs(a.out_dir, exist_ok=True)
-    command = "fedbrats compare " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[2:]))
+    command = PROG + " " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     for name in [] if a.report_only else names:
         for seed in seeds:
             started = time.monotonic()
@@ -411,3 +381,16 @@ def main(argv: list[str] | None = None) -> int:
     path = write_comparison(a.out_dir, sites_file, runs, commands)
     logger.info("comparison written to %s", path)
     return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The command line: :func:`main`, with a usage error (bad option value, missing file) logged, exit status 1."""
+    try:
+        return main(argv)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        logger.error("%s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(run())

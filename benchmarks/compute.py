@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedbrats.benchmarks.federated import build_job_network, job_definition
+from benchmarks.federated import build_job_network, job_definition
 from fedbrats.constants import MODALITIES
 from fedbrats.federated.protocol import GLOBAL_PROTOTYPE_VALID_KEY, GLOBAL_PROTOTYPES_KEY
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"fedbrats.{__name__}")
 
 #: What the report says where CUDA is absent (figures are never estimated).
 NO_GPU = "GPU figures not measured (no GPU on this machine)"

@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"fedbrats.{__name__}")
 
 #: Libraries whose versions go into every report.
 LIBRARIES: tuple[str, ...] = ("torch", "monai", "nvflare", "numpy", "psutil", "nibabel", "matplotlib")

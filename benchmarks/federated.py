@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from fedbrats.benchmarks.simlog import read_round_timeline
-from fedbrats.benchmarks.system import ProcessSampler, Sample, load_average, simulator_roles
+from benchmarks.simlog import read_round_timeline
+from benchmarks.system import ProcessSampler, Sample, load_average, simulator_roles
 from fedbrats.data.federation import DEFAULT_SITE_MODALITIES, POOLED_SITE
 from fedbrats.federated.protocol import (
     NUM_STEPS_KEY,
@@ -37,7 +37,7 @@ from fedbrats.federated.protocol import (
     update_weight,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"fedbrats.{__name__}")
 
 _PROFILES: list[tuple[str, ...]] = list(DEFAULT_SITE_MODALITIES.values())
 
@@ -159,9 +159,9 @@ def described_bytes(desc: Mapping[str, Any]) -> int:
 
 def model_bytes(run_dir: str) -> dict[str, int]:
     """Parameters and bytes of the saved global model of a run."""
-    import torch
+    from fedbrats.evaluation.evaluate import load_state_dict
 
-    state = torch.load(RunFolder(run_dir).global_model, weights_only=True)["model"]
+    state = load_state_dict(RunFolder(run_dir).global_model)
     return {
         "parameters": int(sum(v.numel() for v in state.values())),
         "bytes": int(sum(v.numel() * v.element_size() for v in state.values())),
