@@ -60,6 +60,9 @@ def test_written_choice_is_found_from_the_run_and_from_an_export(tmp_path: Path)
     exported.mkdir()
     (exported / "metadata.json").write_text(json.dumps({"postprocessing": {"min_component_voxels": 10}}))
     assert read_postprocessing(str(exported / "model.pt")) == 10
+    assert read_postprocessing(str(run), override=0) == 0  # an explicit choice wins over the recorded one
+    with pytest.raises(ValueError, match=">= 0"):
+        read_postprocessing(str(run), override=-5)
     (run / POSTPROCESSING_FILE).write_text(json.dumps({"min_component_voxels": "many"}))
     with pytest.raises(ValueError, match="min_component_voxels"):
         read_postprocessing(str(run))

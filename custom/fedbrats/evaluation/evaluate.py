@@ -600,11 +600,7 @@ def main(argv: list[str] | None = None) -> int:
             max_cases=args.max_cases,
             model_name=label,
             precision=args.precision,
-            min_component_voxels=(
-                args.min_component_voxels
-                if args.min_component_voxels is not None
-                else read_postprocessing(resolve_checkpoint(args.model))
-            ),
+            min_component_voxels=read_postprocessing(resolve_checkpoint(args.model), args.min_component_voxels),
         )
         from fedbrats.evaluation.report import format_table, write_reports
 

@@ -98,13 +98,18 @@ def write_postprocessing(run_dir: str, choice: Mapping[str, Any]) -> str:
     return path
 
 
-def read_postprocessing(folder: str) -> int:
+def read_postprocessing(folder: str, override: int | None = None) -> int:
     """The chosen minimum component size recorded in ``folder`` (a run folder's ``postprocessing.json`` or an
     exported model's ``metadata.json``), looked for in the folder and up to two parents; 0 when none is.
+    ``override`` (a user's explicit choice), when given, wins without reading anything.
 
     Raises:
         ValueError: the file exists but holds no valid size.
     """
+    if override is not None:
+        if override < 0:
+            raise ValueError(f"the minimum component size must be >= 0, got {override}")
+        return override
     folder = os.path.abspath(folder if os.path.isdir(folder) else os.path.dirname(folder))
     for _ in range(3):
         for name, key in ((POSTPROCESSING_FILE, None), (EXPORTED_METADATA_FILE, EXPORTED_POSTPROCESSING_KEY)):

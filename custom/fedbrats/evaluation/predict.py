@@ -375,11 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             zoom=zoom,
             convention=convention,
             precision=args.precision,
-            min_component_voxels=(
-                args.min_component_voxels
-                if args.min_component_voxels is not None
-                else read_postprocessing(resolve_checkpoint(args.model))
-            ),
+            min_component_voxels=read_postprocessing(resolve_checkpoint(args.model), args.min_component_voxels),
         )
         write_segmentation(labels, affine, header, args.out)
         logger.info("wrote %s (labels %s)", args.out, sorted(int(v) for v in np.unique(labels)))
