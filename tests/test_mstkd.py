@@ -341,7 +341,8 @@ def test_mstkd_two_rounds(tiny_federation: str, tmp_path) -> None:
     overrides = {
         "epochs_per_round": 2,
         "lr": 3e-3,
-        "data": {"roi_size": [16, 16, 16], "batch_size": 1, "cache_rate": 1.0},
+        # No sequence dropout: the full site must see complete batches for the teacher and KD terms to appear.
+        "data": {"roi_size": [16, 16, 16], "batch_size": 1, "cache_rate": 1.0, "modality_dropout": 0.0},
     }
     result = simulate("mstkd", str(tmp_path), sites_file=tiny_federation, num_rounds=2, overrides=overrides)
     for name in ("FL_global_model.pt", "best_FL_global_model.pt"):

@@ -34,13 +34,29 @@ POISON = textwrap.dedent(
 )
 
 
+#: A plug-in registers its method in code (a job may only name registered classes): in the simulator's
+#: processes through sitecustomize, which Python imports at start-up from the path.
+REGISTER = textwrap.dedent(
+    """
+    from fedbrats.federated.methods import register_method
+
+    register_method("poison", "poison_method.PoisonMethod")
+    """
+)
+
+
 def test_poisoned_updates_are_rejected(tiny_federation: str, tmp_path, monkeypatch) -> None:
+    from fedbrats.federated.methods import METHODS
+
     plugin_dir = tmp_path / "plugin"
     plugin_dir.mkdir()
     (plugin_dir / "poison_method.py").write_text(POISON)
+    (plugin_dir / "sitecustomize.py").write_text(REGISTER)
     monkeypatch.setenv("PYTHONPATH", f"{plugin_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.syspath_prepend(str(plugin_dir))
+    monkeypatch.setitem(METHODS._paths, "poison", "poison_method.PoisonMethod")  # this process checks the job too
     overrides = {
-        "method": "poison_method.PoisonMethod",
+        "method": "poison",
         "epochs_per_round": 1,
         "data": {"roi_size": [16, 16, 16], "batch_size": 1},
     }
