@@ -31,28 +31,32 @@ logger = logging.getLogger("fedbrats.benchmarks.step_time")
 NETWORKS = (("segresnet", "fedavg"), ("modality_aware", "fedkd"))
 
 
-def step_seconds(network: str, method: str, filters: int, roi: int, precision: str, steps: int) -> float:
+def step_seconds(
+    network: str, method: str, filters: int, roi: int, precision: str, steps: int, device: str = "cpu"
+) -> float:
     """Median seconds of ``steps`` training steps after two untimed ones (batch 2, all four sequences)."""
     torch.manual_seed(0)
-    net = build_network(network, init_filters=filters)
+    dev = torch.device(device)
+    net = build_network(network, init_filters=filters).to(dev)
     loss_fn = build_method(method)
-    device = torch.device("cpu")
-    loss_fn.setup(net, ("t1", "t1ce", "t2", "flair"), device)
+    loss_fn.setup(net, ("t1", "t1ce", "t2", "flair"), dev)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     batch = {
-        "image": torch.randn(2, 4, roi, roi, roi),
-        "label": (torch.rand(2, 3, roi, roi, roi) > 0.9).float(),
-        "modality_mask": torch.ones(2, 4),
+        "image": torch.randn(2, 4, roi, roi, roi, device=dev),
+        "label": (torch.rand(2, 3, roi, roi, roi, device=dev) > 0.9).float(),
+        "modality_mask": torch.ones(2, 4, device=dev),
         "case_id": ["a", "b"],
     }
     times = []
     for i in range(steps + 2):
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        with autocast(precision, device):
+        with autocast(precision, dev):
             loss, _ = loss_fn.training_loss(net, batch, 0)
         loss.backward()
         optimizer.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # kernels run asynchronously: time until they are done
         if i >= 2:
             times.append(time.perf_counter() - started)
     return statistics.median(times)
@@ -64,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filters", default="8,16", help="init_filters values (comma-separated)")
     parser.add_argument("--rois", default="32,64,96", help="cubic crop sides (comma-separated)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available")
     configure_logging("INFO")
     torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         for filters in (int(x) for x in args.filters.split(",")):
             for roi in (int(x) for x in args.rois.split(",")):
                 for precision in ("fp32", "bf16"):
-                    seconds = step_seconds(network, method, filters, roi, precision, args.steps)
+                    seconds = step_seconds(network, method, filters, roi, precision, args.steps, args.device)
                     rows.append(
                         {"network": network, "filters": filters, "roi": roi, "precision": precision, "s": seconds}
                     )
@@ -82,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         "native_bf16": cpu_has_native_bf16(),
         "torch": torch.__version__,
         "threads": 1,
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
     }
     command = "python benchmarks/step_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
     os.makedirs(args.out_dir, exist_ok=True)
@@ -91,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Training-step time by network width, crop and precision",
         "",
         f"Command: `{command}`. One torch thread, batch 2, all four sequences, Dice + BCE, Adam; median of "
-        f"{args.steps} steps. CPU computes bfloat16 natively: {machine['native_bf16']}.",
+        f"{args.steps} steps. Device: {machine['gpu'] or 'CPU'}; CPU computes bfloat16 natively: "
+        f"{machine['native_bf16']}.",
         "",
         "| network | init_filters | crop | fp32 s/step | bf16 s/step | speed-up |",
         "|---|--:|--:|--:|--:|--:|",
@@ -100,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     for (network, filters, roi, precision), fp32 in seconds_of.items():
         if precision == "fp32":
             bf16 = seconds_of[(network, filters, roi, "bf16")]
-            lines.append(f"| {network} | {filters} | {roi}³ | {fp32:.3f} | {bf16:.3f} | {fp32 / bf16:.2f}x |")
+            lines.append(f"| {network} | {filters} | {roi}³ | {fp32:.4f} | {bf16:.4f} | {fp32 / bf16:.2f}x |")
     with open(os.path.join(args.out_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return 0

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedbrats.constants import modality_combinations
 from fedbrats.data.site_config import federation_sites_file
@@ -98,6 +99,7 @@ def run_experiment(
     overlap: float = 0.5,
     seed: int = 0,
     network_args: dict[str, Any] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Simulate one method with one seed and evaluate its best global model (every site model for local-only).
 
@@ -139,6 +141,7 @@ def run_experiment(
                 max_cases=max_cases,
                 model_name=f"local {fname[:-3]}",
                 min_component_voxels=postprocessing,
+                device=device,
             )
         results = _average_results(per_site)
         results["per_site"] = {s: r["mean_over_combinations"] for s, r in per_site.items()}
@@ -152,6 +155,7 @@ def run_experiment(
             max_cases=max_cases,
             model_name=name,
             min_component_voxels=postprocessing,
+            device=device,
         )
     results["training"] = {
         "job": job,
@@ -313,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         "--eval-roi", type=int, nargs=3, default=None, help="sliding window of the evaluation (default: training crop)"
     )
     p.add_argument("--eval-overlap", type=float, default=0.5, help="sliding-window overlap of the evaluation")
+    p.add_argument(
+        "--eval-device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device of the evaluation (float32 either way; training picks its own, see the job's 'device')",
+    )
     p.add_argument("--reuse", action="store_true", help="evaluate finished runs in the workspace again, no retraining")
     p.add_argument(
         "--report-only", action="store_true", help="only rewrite the comparison from the results in the workspace"
@@ -362,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                 overlap=a.eval_overlap,
                 seed=seed,
                 network_args=parse_overrides(a.net),
+                device=a.eval_device,
             )
             results["total_seconds"] = round(time.monotonic() - started, 1)
             results["command"] = command

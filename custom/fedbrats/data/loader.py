@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
 from monai.transforms import (
@@ -121,6 +122,22 @@ def _preprocess(modalities: Sequence[str], convention: str, zoom: float) -> list
 #: Keys under which :class:`FgBgToIndicesd` stores a case's tumour / non-tumour voxel indices.
 FG_INDICES_KEY = "label_fg_indices"
 BG_INDICES_KEY = "label_bg_indices"
+
+
+def voxel_spacing(affine: Any, zoom: float = 1.0) -> tuple[float, float, float]:
+    """Voxel size in millimetres of a case after the pipeline's zoom, from its affine.
+
+    Args:
+        affine: the case's 4 x 4 affine as loaded (a batch of affines uses the first).
+        zoom: the pipeline's resampling factor (``data.zoom``).
+    """
+    matrix = np.asarray(affine, dtype=np.float64)
+    if matrix.ndim == 3:
+        matrix = matrix[0]
+    if matrix.shape != (4, 4):
+        raise ValueError(f"affine must be 4 x 4, got shape {matrix.shape}")
+    sizes = np.linalg.norm(matrix[:3, :3], axis=0) / zoom
+    return (float(sizes[0]), float(sizes[1]), float(sizes[2]))
 
 
 def _zero_absent_channels(data: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fedbrats.constants import MODALITIES, REGIONS, combination_name, modality_combinations, modality_mask
-from fedbrats.data.loader import DataConfig, eval_transforms, read_datalist
+from fedbrats.data.loader import DataConfig, eval_transforms, read_datalist, voxel_spacing
 from fedbrats.data.transforms import apply_modality_mask
 from fedbrats.evaluation.inference import predict_logits
 from fedbrats.evaluation.metrics import logits_to_regions, region_dice, region_hd95
@@ -426,7 +426,6 @@ def evaluate_combinations(
     convention = datalist_convention(datalist)
     divisor = max(8, int(getattr(model, "spatial_divisor", 8)))
     transform = eval_transforms(MODALITIES, convention, cfg, divisor=divisor)
-    spacing = 1.0 / cfg.zoom  # voxels are 1 mm before zooming
     device = torch.device(device)
     model = model.to(device).eval()
     masks = {combo: torch.tensor(modality_mask(list(combo)), dtype=torch.float32) for combo in combos}
@@ -448,6 +447,7 @@ def evaluate_combinations(
         sample = transform(entry)
         image = torch.as_tensor(sample["image"])[None].to(device)
         label = torch.as_tensor(sample["label"])[None]
+        spacing = voxel_spacing(sample["affine"], cfg.zoom)
         for combo in combos:
             mask = masks[combo]
             # Zero-filling after normalisation equals never loading the sequence (absent channels load as 0

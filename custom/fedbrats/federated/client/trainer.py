@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedbrats.data.loader import DataConfig, make_loaders
+from fedbrats.data.loader import DataConfig, make_loaders, voxel_spacing
 from fedbrats.data.site_config import SiteConfig
 from fedbrats.evaluation.inference import predict_logits
 from fedbrats.evaluation.metrics import logits_to_regions, region_dice, region_hd95, summarize
@@ -275,8 +275,8 @@ class SiteTrainer:
         model.eval()
         dices, hds = [], []
         candidate_dices: dict[int, list[torch.Tensor]] = {n: [] for n in postprocess_candidates if n > 0}
-        spacing = 1.0 / self.config.data.zoom
         for batch in self.val_loader:
+            spacing = voxel_spacing(batch["affine"], self.config.data.zoom)
             image = batch["image"].to(self.device)
             mask = batch["modality_mask"].to(self.device)
             logits = predict_logits(
