@@ -138,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m fedbrats.job``: run (or, with NVFlare's ``--export``, export) a job's recipe; 0 on success."""
     args = _parser().parse_args(argv)
     configure_logging(args.log_level)
+    try:
+        return _run(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        logger.error("%s", e)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     options = recipe_options(args)
     if args.env == "sim" and options["controller_args"]:
         # The simulator wipes its workspace, which may hold the run to resume.
@@ -146,13 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     recipe = FedBratsRecipe(args.job, **options)
     env = make_env(args)
     run = recipe.execute(env)  # exits here after an --export
-    logger.info("job %s submitted as %s (%s)", args.job, run.get_job_id(), args.env)
+    logger.info("job %s deployed as %s (%s)", args.job, run.get_job_id(), args.env)
+    # clean_up=False: a PoC workspace (and the result downloaded into it) stays; the PoC itself is stopped.
     result = run.get_result(timeout=args.timeout, clean_up=False)
-    status = run.get_status()
     if args.env == "sim":
         run_dir = os.path.join(result, "server", "simulate_job")
         logger.info("%s finished; server run dir %s", args.job, run_dir)
         return 0 if os.path.isfile(os.path.join(run_dir, "metrics.json")) else 1
+    status = run.get_status()
     logger.info("%s ended with status %s; result %s", args.job, status, result)
     return 0 if status == COMPLETED and result else 1
 
