@@ -36,6 +36,8 @@ def test_a_job_is_an_nvflare_recipe_of_one_app_for_every_site() -> None:
     assert server["workflows"][0]["args"] == {"num_rounds": 3, "min_clients": 0, "seed": 0}, "always written"
     assert server["server"] == {"task_request_interval": 0.5}
     assert b"import" not in files["app/custom/README.md"], "app/custom holds no code: the package is installed"
+    meta = json.loads(job_files("fedkd", deploy_min_clients=4)["meta.json"])
+    assert meta["min_clients"] == 4, "a PoC waits for all its sites before deploying"
 
 
 def test_privacy_filters_keep_their_arguments_in_the_export() -> None:
@@ -84,7 +86,8 @@ def test_the_entry_point_builds_each_environment(
     central = make_env(parse(["centralized", "--sites", tiny_federation]))
     assert central.clients == ["central"]
     poc = make_env(parse(["fedkd", "--env", "poc", "--clients", "a,b", "--poc-workspace", str(tmp_path / "poc")]))
-    assert isinstance(poc, PocEnv) and poc.clients == ["a", "b"] and poc.poc_workspace == str(tmp_path / "poc")
+    assert isinstance(poc, PocEnv) and poc.clients == ["a", "b"] and poc.num_clients == 2
+    assert poc.poc_workspace == str(tmp_path / "poc")
     with pytest.raises(ValueError, match="--startup-kit"):
         make_env(parse(["fedkd", "--env", "prod"]))
     prod = make_env(parse(["fedkd", "--env", "prod", "--startup-kit", str(tmp_path), "--username", "lead@h.org"]))

@@ -131,7 +131,10 @@ def make_env(args: argparse.Namespace) -> ExecEnv:
         return SimEnv(clients=clients, num_threads=args.threads, workspace_root=os.path.abspath(args.workspace))
     if args.poc_workspace:
         os.environ["NVFLARE_POC_WORKSPACE"] = os.path.abspath(args.poc_workspace)
-    return PocEnv(clients=clients, project_conf_path=args.project_conf, **_admin_options(args))
+    # With --project-conf, NVFlare takes the sites from that file instead.
+    return PocEnv(
+        num_clients=len(clients), clients=clients, project_conf_path=args.project_conf, **_admin_options(args)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,8 +154,11 @@ def _run(args: argparse.Namespace) -> int:
         # The simulator wipes its workspace, which may hold the run to resume.
         resume = keep_resume_source(options["controller_args"]["resume_from"], args.workspace)
         options["controller_args"] = {"resume_from": resume}
-    recipe = FedBratsRecipe(args.job, **options)
     env = make_env(args)
+    if isinstance(env, PocEnv):
+        # NVFlare's PoC submits a few seconds after starting the sites: wait for all of them, not the first.
+        options["deploy_min_clients"] = env.num_clients
+    recipe = FedBratsRecipe(args.job, **options)
     run = recipe.execute(env)  # exits here after an --export
     logger.info("job %s deployed as %s (%s)", args.job, run.get_job_id(), args.env)
     # clean_up=False: a PoC workspace (and the result downloaded into it) stays; the PoC itself is stopped.

@@ -12,6 +12,7 @@ arguments equal to their default), so the components added here keep their argum
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ from fedbrats.federated.protocol import KEY_METRIC
 from fedbrats.federated.server.aggregation import STRATEGIES
 from fedbrats.federated.server.controller import FedBratsController
 from fedbrats.jobgen import DEFAULT_ROUNDS, JOBS, TASK_REQUEST_INTERVAL, JobSpec, job_spec
+from fedbrats.utils import deep_merge
 
 #: The package whose classes the jobs name: installed at every site, so never copied into a job's ``app/custom``.
 PACKAGE = "fedbrats"
@@ -95,6 +97,10 @@ class FedBratsRecipe(Recipe):
         seed: the run's seed.
         network_args: override arguments of the job's network.
         training: training-option overrides (nested dicts are merged into the defaults).
+        deploy_min_clients: sites that must be connected before the job is deployed (``meta.json``'s
+            ``min_clients``; default the job's ``min_clients``, at least 1). A job that needs every site
+            (``min_clients`` 0) cannot know how many there are: a PoC, which submits while its sites still connect,
+            sets it to its number of sites.
     """
 
     def __init__(
@@ -109,6 +115,7 @@ class FedBratsRecipe(Recipe):
         seed: int = 0,
         network_args: dict[str, Any] | None = None,
         training: dict[str, Any] | None = None,
+        deploy_min_clients: int | None = None,
     ) -> None:
         self.spec: JobSpec = job_spec(
             name,
@@ -122,7 +129,9 @@ class FedBratsRecipe(Recipe):
             training=training,
         )
         job = FedJob(
-            name=name, min_clients=max(1, self.spec.min_clients), meta_props={"description": self.spec.description}
+            name=name,
+            min_clients=deploy_min_clients or max(1, self.spec.min_clients),
+            meta_props={"description": self.spec.description},
         )
         job.set_app_packages([PACKAGE])
         self._add_server(job, self.spec)
@@ -165,35 +174,21 @@ class FedBratsRecipe(Recipe):
             job.to_clients(result_filter, filter_type=FilterType.TASK_RESULT)
 
 
-def write_job(
-    name: str,
-    out_dir: str,
-    num_rounds: int = DEFAULT_ROUNDS,
-    aggregation_args: dict[str, Any] | None = None,
-    min_clients: int | None = None,
-    controller_args: dict[str, Any] | None = None,
-    privacy: dict[str, Any] | None = None,
-    seed: int = 0,
-    network_args: dict[str, Any] | None = None,
-    **training_overrides: Any,
-) -> str:
+def write_job(name: str, out_dir: str, **options: Any) -> str:
     """Export job ``name`` into ``out_dir/name`` and return that folder.
 
-    Arguments as :class:`FedBratsRecipe`; ``training_overrides`` replace training options (nested dicts are
-    merged), e.g. ``epochs_per_round=1``.
+    Args:
+        name: the job.
+        out_dir: where the job folder goes.
+        options: keyword arguments of :class:`FedBratsRecipe` (``num_rounds``, ``privacy``, ...); any other is a
+            training-option override (nested dicts are merged), e.g. ``epochs_per_round=1``.
     """
-    recipe = FedBratsRecipe(
-        name,
-        num_rounds=num_rounds,
-        aggregation_args=aggregation_args,
-        min_clients=min_clients,
-        controller_args=controller_args,
-        privacy=privacy,
-        seed=seed,
-        network_args=network_args,
-        training=training_overrides,
-    )
-    recipe.export(out_dir)
+    recipe_args = set(inspect.signature(FedBratsRecipe.__init__).parameters) - {"self", "name"}
+    kwargs = {key: value for key, value in options.items() if key in recipe_args}
+    training = {key: value for key, value in options.items() if key not in recipe_args}
+    if training:
+        kwargs["training"] = deep_merge(kwargs.get("training") or {}, training)
+    FedBratsRecipe(name, **kwargs).export(out_dir)
     return os.path.join(out_dir, name)
 
 
