@@ -34,7 +34,7 @@ from fedbrats.federated.filters import PayloadAuditFilter, PrototypePrivacyFilte
 from fedbrats.federated.protocol import KEY_METRIC
 from fedbrats.federated.server.aggregation import STRATEGIES
 from fedbrats.federated.server.controller import FedBratsController
-from fedbrats.jobgen import DEFAULT_ROUNDS, JOBS, TASK_REQUEST_INTERVAL, JobSpec, job_spec
+from fedbrats.jobgen import JOBS, TASK_REQUEST_INTERVAL, JobSpec, job_spec
 from fedbrats.utils import deep_merge
 
 #: The package whose classes the jobs name: installed at every site, so never copied into a job's ``app/custom``.
@@ -89,45 +89,17 @@ class FedBratsRecipe(Recipe):
 
     Args:
         name: a key of :data:`fedbrats.jobgen.JOBS` (the method's job).
-        num_rounds: federated rounds.
-        aggregation_args: override arguments of the aggregation strategy.
-        min_clients: usable updates a round needs (default: the job's; 0 means every site).
-        controller_args: further controller arguments (e.g. ``{"resume_from": run_dir}``).
-        privacy: site-side privacy filters, see :func:`fedbrats.jobgen.job_spec`.
-        seed: the run's seed.
-        network_args: override arguments of the job's network.
-        training: training-option overrides (nested dicts are merged into the defaults).
         deploy_min_clients: sites that must be connected before the job is deployed (``meta.json``'s
             ``min_clients``; default the job's ``min_clients``, at least 1). A job that needs every site
             (``min_clients`` 0) cannot know how many there are: a PoC, which submits while its sites still connect,
             sets it to its number of sites.
+        options: the job's options, keyword arguments of :func:`fedbrats.jobgen.job_spec` (``num_rounds``,
+            ``aggregation_args``, ``min_clients``, ``controller_args``, ``privacy``, ``seed``, ``network_args``,
+            ``training``).
     """
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        num_rounds: int = DEFAULT_ROUNDS,
-        aggregation_args: dict[str, Any] | None = None,
-        min_clients: int | None = None,
-        controller_args: dict[str, Any] | None = None,
-        privacy: dict[str, Any] | None = None,
-        seed: int = 0,
-        network_args: dict[str, Any] | None = None,
-        training: dict[str, Any] | None = None,
-        deploy_min_clients: int | None = None,
-    ) -> None:
-        self.spec: JobSpec = job_spec(
-            name,
-            num_rounds=num_rounds,
-            aggregation_args=aggregation_args,
-            min_clients=min_clients,
-            controller_args=controller_args,
-            privacy=privacy,
-            seed=seed,
-            network_args=network_args,
-            training=training,
-        )
+    def __init__(self, name: str, *, deploy_min_clients: int | None = None, **options: Any) -> None:
+        self.spec: JobSpec = job_spec(name, **options)
         job = FedJob(
             name=name,
             min_clients=deploy_min_clients or max(1, self.spec.min_clients),
@@ -180,10 +152,10 @@ def write_job(name: str, out_dir: str, **options: Any) -> str:
     Args:
         name: the job.
         out_dir: where the job folder goes.
-        options: keyword arguments of :class:`FedBratsRecipe` (``num_rounds``, ``privacy``, ...); any other is a
-            training-option override (nested dicts are merged), e.g. ``epochs_per_round=1``.
+        options: keyword arguments of :class:`FedBratsRecipe` (``num_rounds``, ``privacy``, ``deploy_min_clients``,
+            ...); any other is a training-option override (nested dicts are merged), e.g. ``epochs_per_round=1``.
     """
-    recipe_args = set(inspect.signature(FedBratsRecipe.__init__).parameters) - {"self", "name"}
+    recipe_args = (set(inspect.signature(job_spec).parameters) - {"name"}) | {"deploy_min_clients"}
     kwargs = {key: value for key, value in options.items() if key in recipe_args}
     training = {key: value for key, value in options.items() if key not in recipe_args}
     if training:
