@@ -47,15 +47,14 @@ def test_privacy_filters_keep_their_arguments_in_the_export() -> None:
     }
     client = json.loads(job_files("fedkd", privacy=privacy)["app/config/config_fed_client.json"])
     assert client["executors"][0]["executor"]["args"]["params_transfer_type"] == "DIFF"
-    (entry,) = client["task_result_filters"]
-    paths = [f["path"] for f in entry["filters"]]
-    assert paths == [
-        SVT,
-        "fedbrats.federated.filters.PrototypePrivacyFilter",
-        "fedbrats.federated.filters.PayloadAuditFilter",
-    ]
-    assert entry["filters"][0]["args"]["fraction"] == 0.5
-    assert entry["filters"][1]["args"] == {"clip_norm": 2.0, "noise_multiplier": 0.5, "seed": 3}
+    chains = client["task_result_filters"]
+    assert [c["tasks"] for c in chains] == [["train"], ["validate"], ["submit_model"]], "NVFlare matches exact names"
+    ours = "fedbrats.federated.filters."
+    for chain in chains:
+        paths = [f["path"] for f in chain["filters"]]
+        assert paths == [SVT, ours + "PrototypePrivacyFilter", ours + "PayloadAuditFilter"], "the audit comes last"
+        assert chain["filters"][0]["args"]["fraction"] == 0.5
+        assert chain["filters"][1]["args"] == {"clip_norm": 2.0, "noise_multiplier": 0.5, "seed": 3}
 
 
 class _ForgetfulFilter(Filter):
@@ -106,3 +105,13 @@ def test_nvflares_export_flags_write_the_committed_job(tiny_federation: str, tmp
     )
     for rel in exported:
         assert (out / "fedavg" / rel).read_bytes() == (committed / rel).read_bytes(), rel
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "jobs").iterdir() if p.is_dir()))
+def test_every_task_result_passes_the_audit(name: str) -> None:
+    """NVFlare 2.9 looks filters up by exact task name: each task has its own chain, ending with the audit."""
+    client = json.loads((REPO / "jobs" / name / "app" / "config" / "config_fed_client.json").read_text())
+    chains = {tuple(c["tasks"]): c["filters"] for c in client["task_result_filters"]}
+    (executor,) = client["executors"]
+    assert set(chains) == {(task,) for task in executor["tasks"]}
+    assert all(filters[-1]["path"].endswith(".PayloadAuditFilter") for filters in chains.values())

@@ -139,11 +139,13 @@ class FedBratsRecipe(Recipe):
             result_filters.append(built_component(weights_filter))
         if "prototypes" in spec.privacy:
             result_filters.append(PrototypePrivacyFilter(**spec.privacy["prototypes"]))
-        # The audit comes last, so it records exactly what leaves the site. Filters apply to every task (NVFlare's
-        # default, "*"): the sites run only CLIENT_TASKS.
+        # The audit comes last, so it records exactly what leaves the site. One chain per task: NVFlare 2.9 looks a
+        # result's filters up by its exact task name (a chain for "*", the Job API's default, matches no task),
+        # and the Job API keeps a chain's tasks in a set, whose order would change from one export to the next.
         result_filters.append(PayloadAuditFilter())
-        for result_filter in result_filters:
-            job.to_clients(result_filter, filter_type=FilterType.TASK_RESULT)
+        for task in CLIENT_TASKS:
+            for result_filter in result_filters:
+                job.to_clients(result_filter, filter_type=FilterType.TASK_RESULT, tasks=[task])
 
 
 def write_job(name: str, out_dir: str, **options: Any) -> str:
