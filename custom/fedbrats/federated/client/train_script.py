@@ -14,12 +14,12 @@ import time
 import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.client.tracking import SummaryWriter
+from nvflare.fuel.utils.memory_utils import try_malloc_trim
 
 from fedbrats.constants import REGIONS
 from fedbrats.data.site_config import resolve_site_config
 from fedbrats.federated.client.executor import decode_config
 from fedbrats.federated.client.trainer import SiteTrainer, TrainConfig
-from fedbrats.federated.memory import SITE_GC_ROUNDS, release_memory
 from fedbrats.federated.protocol import (
     KEEP_LOCAL_WEIGHTS_KEY,
     KEY_METRIC,
@@ -38,19 +38,18 @@ from fedbrats.networks import build_from_spec
 logger = logging.getLogger("fedbrats.client")
 
 
-def run(training: dict, workspace: str | None, gc_rounds: int = SITE_GC_ROUNDS) -> None:
+def run(training: dict, workspace: str | None) -> None:
     """The site's federated loop (returns when the server ends the job).
 
     Args:
         training: the job's training options.
         workspace: the site's workspace root (for ``local/`` settings).
-        gc_rounds: see :func:`fedbrats.federated.memory.release_memory`.
     """
     flare.init()
     site_name = flare.get_site_name()
     answered = [True]  # whether the last task received has been answered (a list: _run sets it)
     try:
-        _run(site_name, training, workspace, gc_rounds, answered)
+        _run(site_name, training, workspace, answered)
     except Exception as exc:
         logger.exception("site %s failed", site_name)
         _answer_with_error(site_name, exc, pending=not answered[0])
@@ -72,14 +71,13 @@ def _answer_with_error(site_name: str, exc: BaseException, pending: bool) -> Non
         flare.send(failed)
 
 
-def _run(site_name: str, training: dict, workspace: str | None, gc_rounds: int, answered: list[bool]) -> None:
+def _run(site_name: str, training: dict, workspace: str | None, answered: list[bool]) -> None:
     """The loop of :func:`run` (``answered[0]`` False while a received task is not yet answered)."""
     config = TrainConfig.from_dict(training)
     site = resolve_site_config(site_name, workspace)
     writer = SummaryWriter()
     trainer: SiteTrainer | None = None
     has_local_weights = False
-    rounds_done = 0
 
     while flare.is_running():
         input_model = flare.receive()
@@ -136,8 +134,9 @@ def _run(site_name: str, training: dict, workspace: str | None, gc_rounds: int, 
             summary[TRAIN_LOSS_KEY],
             time.monotonic() - started,
         )
-        rounds_done += 1
-        release_memory(rounds_done, gc_rounds)
+        # Free heap pages back to the OS every round (well under a millisecond); the garbage-cycle collection is
+        # NVFlare's Client API option, the executor's memory_gc_rounds (see fedbrats.federated.memory).
+        try_malloc_trim()
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -149,9 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--training", required=True, help="encoded training options (set by the executor)")
     parser.add_argument("--workspace", default=None, help="the site's workspace root (for local/ settings)")
-    parser.add_argument("--gc-rounds", type=int, default=SITE_GC_ROUNDS, help="collect garbage cycles every N rounds")
     args = parser.parse_args(argv)
-    run(decode_config(args.training), args.workspace, args.gc_rounds)
+    run(decode_config(args.training), args.workspace)
 
 
 if __name__ == "__main__":
