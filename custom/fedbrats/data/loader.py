@@ -146,12 +146,19 @@ def _zero_absent_channels(data: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def train_transforms(modalities: Sequence[str], convention: str, cfg: DataConfig) -> Compose:
-    """Training pipeline: load available sequences, crop, normalise, random crop/augment, modality dropout."""
-    keys = ["image", "label"]
+def train_transforms(modalities: Sequence[str], convention: str, cfg: DataConfig, labelled: bool = True) -> Compose:
+    """Training pipeline: load available sequences, crop, normalise, random crop/augment, modality dropout.
+
+    Args:
+        modalities: the site's sequences.
+        convention: its label convention.
+        cfg: data options.
+        labelled: False for a site without labels: images only, uniform random crops (no tumour-centred ones).
+    """
+    keys = ["image", "label"] if labelled else ["image"]
     steps = _preprocess(modalities, convention, cfg.zoom)
     steps.append(SpatialPadd(keys, spatial_size=cfg.roi_size))
-    if cfg.tumour_crop_fraction > 0:
+    if labelled and cfg.tumour_crop_fraction > 0:
         # Voxel indices of tumour and non-tumour are found once per case (deterministic: cached with the case).
         steps += [
             FgBgToIndicesd("label"),  # writes FG_INDICES_KEY and BG_INDICES_KEY
@@ -182,7 +189,7 @@ def train_transforms(modalities: Sequence[str], convention: str, cfg: DataConfig
         ]
     if cfg.modality_dropout > 0:
         steps.append(ModalityDropoutd("image", prob=cfg.modality_dropout))
-    steps.append(EnsureTyped(["image", "label", MASK_KEY], dtype=torch.float32, track_meta=False))
+    steps.append(EnsureTyped([*keys, MASK_KEY], dtype=torch.float32, track_meta=False))
     return Compose(steps)
 
 
@@ -306,8 +313,18 @@ def make_dataset(
     return Dataset(kept, transform=transform)
 
 
+def without_labels(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Datalist entries with their ``label`` path removed: what an unlabelled site loads (it never opens one)."""
+    return [{k: v for k, v in entry.items() if k != "label"} for entry in entries]
+
+
 def make_loaders(
-    datalist: str, modalities: Sequence[str], convention: str, cfg: DataConfig, divisor: int = 8
+    datalist: str,
+    modalities: Sequence[str],
+    convention: str,
+    cfg: DataConfig,
+    divisor: int = 8,
+    labelled: bool = True,
 ) -> tuple[DataLoader, DataLoader]:
     """Training and validation loaders of one site.
 
@@ -317,15 +334,19 @@ def make_loaders(
         convention: the site's BraTS label convention.
         cfg: data options.
         divisor: validation volumes are padded to a multiple of this (the network's down-sampling).
+        labelled: False for a site without labels: the label paths of its datalist are dropped before anything is
+            read, so its batches hold images and sequence masks only.
     """
     unknown = sorted(set(modalities) - set(MODALITIES))
     if unknown:
         raise ValueError(f"modalities {unknown} are not among {list(MODALITIES)}")
     train_entries = read_datalist(datalist, "training")
     val_entries = read_datalist(datalist, "validation")
+    if not labelled:
+        train_entries, val_entries = without_labels(train_entries), without_labels(val_entries)
     train_ds = make_dataset(
         train_entries,
-        train_transforms(modalities, convention, cfg),
+        train_transforms(modalities, convention, cfg, labelled),
         cfg.cache_rate,
         cfg.max_invalid_fraction,
         f"{datalist} training",
@@ -340,9 +361,10 @@ def make_loaders(
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
     val_loader = DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=cfg.num_workers)
     logger.info(
-        "data: %d training / %d validation cases, sequences %s, roi %s, zoom %.2f",
+        "data: %d training / %d validation cases%s, sequences %s, roi %s, zoom %.2f",
         len(train_ds),
         len(val_ds),
+        "" if labelled else " (unlabelled: no label file is read)",
         ",".join(modalities),
         cfg.roi_size,
         cfg.zoom,

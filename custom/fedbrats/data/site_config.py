@@ -11,6 +11,9 @@ single-site file of the same shape::
 
     {"sites": {"site-2": {"datalist": "/data/brats/site-2.json", "modalities": ["t1", "t2", "flair"],
                           "convention": "brats2018"}}}
+
+An entry with ``"labelled": false`` is a site without segmentations: it never reads a label file, even where its
+datalist names one (semi-supervised methods such as IsoFed; see docs/isofed.md).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class SiteConfig:
         modalities: the sequences the site has, in canonical order.
         convention: BraTS label convention of the site's files.
         source: where this configuration came from (for the log).
+        labelled: whether the site has segmentations; an unlabelled site never reads a label file.
     """
 
     site_name: str
@@ -47,6 +51,7 @@ class SiteConfig:
     modalities: tuple[str, ...]
     convention: str = "brats2018"
     source: str = ""
+    labelled: bool = True
 
     @property
     def mask(self) -> list[bool]:
@@ -84,7 +89,7 @@ def load_site_config(path: str, site_name: str) -> SiteConfig:
 
 
 def site_config_from_entry(site_name: str, entry: dict, base_dir: str = "", source: str = "") -> SiteConfig:
-    """Validate one site entry (``datalist``, ``modalities``, optional ``convention``)."""
+    """Validate one site entry (``datalist``, ``modalities``, optional ``convention`` and ``labelled``)."""
     where = f"site {site_name!r} in {source or 'site config'}"
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: the entry must be an object with 'datalist' and 'modalities', got {entry!r}")
@@ -104,8 +109,11 @@ def site_config_from_entry(site_name: str, entry: dict, base_dir: str = "", sour
         raise ValueError(f"{where}: {e}") from None
     convention = entry.get("convention", "brats2018")
     get_convention(convention)
+    labelled = entry.get("labelled", True)
+    if not isinstance(labelled, bool):
+        raise ValueError(f"{where}: 'labelled' must be true or false, got {labelled!r}")
     ordered = tuple(m for m in MODALITIES if m in set(modalities))
-    return SiteConfig(site_name, datalist, ordered, convention, source)
+    return SiteConfig(site_name, datalist, ordered, convention, source, labelled)
 
 
 def federation_sites_file(sites_file: str | None = None, what: str = "run") -> str:
@@ -163,6 +171,11 @@ def resolve_site_config(site_name: str, workspace_root: str | None = None) -> Si
         logger.info("no site configuration found; using the embedded synthetic federation at %s", manifest)
         cfg = load_site_config(manifest, site_name)
     logger.info(
-        "site %s: sequences %s, datalist %s (from %s)", site_name, ",".join(cfg.modalities), cfg.datalist, cfg.source
+        "site %s: sequences %s, %s, datalist %s (from %s)",
+        site_name,
+        ",".join(cfg.modalities),
+        "labelled" if cfg.labelled else "unlabelled",
+        cfg.datalist,
+        cfg.source,
     )
     return cfg

@@ -25,6 +25,9 @@ KEEP_LOCAL_WEIGHTS_KEY = "keep_local_weights"
 #: FedKD's global region prototypes and which of them hold a value.
 GLOBAL_PROTOTYPES_KEY = "global_prototypes"
 GLOBAL_PROTOTYPE_VALID_KEY = "global_prototype_valid"
+#: IsoFed's cross hand-off: weights (name -> array) a site starts its local training from instead of the global
+#: model it scores (sent to labelled sites only: the unlabelled group's model).
+HANDOFF_PARAMS_KEY = "handoff_params"
 
 # ---- site -> server (the meta of a result) -----------------------------------------------------------------
 SITE_NAME_KEY = "site_name"
@@ -44,6 +47,9 @@ NVFLARE_NUM_STEPS_KEY = "NUM_STEPS_CURRENT_ROUND"
 #: :data:`SITE_ERROR_MAX_CHARS`), so that the server can name why a job stops. Sent instead of weights.
 SITE_ERROR_KEY = "site_error"
 SITE_ERROR_MAX_CHARS = 500
+#: Whether the site trained with labels (a flag of the site's configuration, like its sequences), for methods
+#: whose server keeps labelled and unlabelled sites apart (IsoFed).
+LABELLED_KEY = "labelled"
 
 #: Meta keys every method may send.
 BASE_META_KEYS: frozenset[str] = frozenset(

@@ -7,7 +7,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from fedbrats.evaluation.metrics import logits_to_regions, region_dice, region_h
 from fedbrats.evaluation.postprocess import CANDIDATE_METRIC, DEFAULT_CANDIDATES, remove_small_components
 from fedbrats.federated.methods import ClientMethod, build_method
 from fedbrats.federated.protocol import LOSS_TERMS_KEY, LR_KEY, METRIC_PREFIX, NUM_STEPS_KEY, TRAIN_LOSS_KEY
+from fedbrats.losses.unsupervised import information_maximisation_terms
 from fedbrats.precision import autocast, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class TrainConfig:
         seed: seed of the site's random draws (offset by a hash of the site name).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         data: data options, see :class:`fedbrats.data.loader.DataConfig`.
+        unlabelled_sites: sites that use no labels in this job even where their configuration has them (to
+            simulate a semi-supervised federation on a labelled one); a site whose own configuration says
+            ``"labelled": false`` is unlabelled whatever this lists.
     """
 
     method: str = "fedavg"
@@ -75,10 +79,15 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
+    unlabelled_sites: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
             self.data = DataConfig.from_dict(self.data)
+        if not isinstance(self.unlabelled_sites, (list, tuple)) or not all(
+            isinstance(s, str) for s in self.unlabelled_sites
+        ):
+            raise ValueError(f"unlabelled_sites must be a list of site names, got {self.unlabelled_sites!r}")
         if self.epochs_per_round < 1:
             raise ValueError(f"epochs_per_round must be >= 1, got {self.epochs_per_round}")
         if not self.lr > 0:
@@ -143,6 +152,8 @@ class SiteTrainer:
         model: torch.nn.Module,
         log_scalar: ScalarLogger | None = None,
     ) -> None:
+        if site.labelled and site.site_name in config.unlabelled_sites:
+            site = replace(site, labelled=False)  # the job hides this site's labels (simulated unlabelled site)
         self.site = site
         self.config = config
         torch.set_num_threads(config.num_threads)
@@ -152,10 +163,16 @@ class SiteTrainer:
         self.precision = resolve_precision(config.precision, self.device)
         self.model = model.to(self.device)
         self.method: ClientMethod = build_method(config.method, **config.method_args)
+        if not site.labelled and not self.method.supports_unlabelled:
+            raise ValueError(
+                f"site {site.site_name} has no labels, and method {config.method!r} needs them; use a method for "
+                "unlabelled sites (e.g. isofed), or leave the site out"
+            )
+        self.method.labelled = site.labelled
         self.method.setup(self.model, site.modalities, self.device)
         divisor = int(getattr(model, "spatial_divisor", 8))
         self.train_loader, self.val_loader = make_loaders(
-            site.datalist, site.modalities, site.convention, config.data, divisor
+            site.datalist, site.modalities, site.convention, config.data, divisor, labelled=site.labelled
         )
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.log_scalar = log_scalar or (lambda tag, value, step: None)
@@ -202,6 +219,8 @@ class SiteTrainer:
         if cfg.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
         lr = cfg.lr
+        with autocast(self.precision, self.device):
+            self.method.before_round(self.model, self.train_loader, current_round)
         for epoch in range(cfg.epochs_per_round):
             epoch_loss, epoch_steps = 0.0, 0
             for batch_idx, batch in enumerate(self.train_loader):
@@ -273,6 +292,8 @@ class SiteTrainer:
         """
         model = model or self.model
         model.eval()
+        if not self.site.labelled:
+            return self._validate_without_labels(model)
         dices, hds = [], []
         candidate_dices: dict[int, list[torch.Tensor]] = {n: [] for n in postprocess_candidates if n > 0}
         for batch in self.val_loader:
@@ -297,3 +318,23 @@ class SiteTrainer:
             if not math.isfinite(v):
                 logger.warning("site %s: validation metric %s is %s", self.site.site_name, k, v)
         return metrics
+
+    def _validate_without_labels(self, model: torch.nn.Module) -> dict[str, float]:
+        """Label-free scores of ``model`` on an unlabelled site's validation images: ``val_entropy``, the mean
+        binary entropy of the WT/TC/ET predictions over brain voxels (non-zero in some present sequence), and
+        ``val_im``, the information-maximisation objective over them (see :mod:`fedbrats.losses.unsupervised`).
+        Neither is the model-selection metric; no label is read."""
+        entropies, ims = [], []
+        for batch in self.val_loader:
+            image = batch["image"].to(self.device)
+            mask = batch["modality_mask"].to(self.device)
+            logits = predict_logits(
+                model, image, mask, self.config.data.roi_size, overlap=self.config.val_overlap, precision=self.precision
+            )
+            brain = image.abs().sum(1, keepdim=True) > 0
+            terms = information_maximisation_terms(logits, voxel_mask=brain)
+            entropies.append(float(terms["entropy"]))
+            ims.append(float(terms["entropy"] - terms["diversity"]))
+        if not entropies:
+            return {}
+        return {f"{METRIC_PREFIX}entropy": float(np.mean(entropies)), f"{METRIC_PREFIX}im": float(np.mean(ims))}

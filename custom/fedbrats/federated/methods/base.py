@@ -20,10 +20,15 @@ class ClientMethod:
         name: method name used in configs and logs.
         payload_keys: the meta keys this method adds to a site's update beyond
             :data:`fedbrats.federated.protocol.BASE_META_KEYS`; the server rejects anything undeclared.
+        supports_unlabelled: whether the method can train at a site without labels (its batches then hold no
+            ``label``); the trainer refuses an unlabelled site for a method that cannot.
+        labelled: whether this site's cases carry labels (set by the trainer before :meth:`setup`).
     """
 
     name: ClassVar[str] = "base"
     payload_keys: ClassVar[frozenset[str]] = frozenset()
+    supports_unlabelled: ClassVar[bool] = False
+    labelled: bool = True
 
     def setup(self, model: torch.nn.Module, modalities: tuple[str, ...], device: torch.device) -> None:
         """Called once, after the model is built, with the site's available sequences."""
@@ -33,6 +38,10 @@ class ClientMethod:
 
     def on_global_model(self, model: torch.nn.Module, global_meta: dict[str, Any], current_round: int) -> None:
         """Called after the global weights are loaded, before local training (e.g. snapshot a teacher)."""
+
+    def before_round(self, model: torch.nn.Module, train_loader: Any, current_round: int) -> None:
+        """Called at the start of a round's local training, after the validation of the received model (e.g. to
+        start from other weights, or to pre-train on the site's images). Runs under the trainer's autocast."""
 
     def training_loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int

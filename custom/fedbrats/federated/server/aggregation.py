@@ -72,6 +72,11 @@ class AggregationStrategy(FLComponent):
         """Extras sent to every site with the global model (numpy arrays or lists, never tensors)."""
         return {}
 
+    def task_groups(self, targets: list[str]) -> list[tuple[list[str], dict[str, Any]]]:
+        """The targets of a training task in groups, each with extras for its sites only (beyond
+        :meth:`global_meta`); default one group without extras. Every target must be in exactly one group."""
+        return [(list(targets), {})]
+
     def state(self) -> dict[str, Any]:
         """Server state beyond the weights, saved every round next to the model (e.g. prototypes)."""
         return {}

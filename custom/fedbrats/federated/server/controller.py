@@ -297,14 +297,15 @@ class FedBratsController(ModelController):
         need = self._min_responses(targets)
         # Before sending: a fast site's result must not be recorded ahead of its task.
         self._event(TASK_DISPATCHED, task=task_name, targets=list(targets))
-        self.send_model(
-            task_name=task_name,
-            data=data,
-            targets=targets,
-            min_responses=len(targets),
-            timeout=self.train_timeout,
-            callback=_on_result,
-        )
+        for group, group_data in self._task_groups(data, targets, training=global_params is not None):
+            self.send_model(
+                task_name=task_name,
+                data=group_data,
+                targets=group,
+                min_responses=len(group),
+                timeout=self.train_timeout,
+                callback=_on_result,
+            )
         reached_at = None
         while self.get_num_standing_tasks() > 0:
             if self.abort_signal and self.abort_signal.triggered:
@@ -328,6 +329,30 @@ class FedBratsController(ModelController):
             # updates, about 75 MB, in the 16-site load run).
             results.clear()
         return collected
+
+    def _task_groups(self, data: FLModel, targets: list[str], training: bool) -> list[tuple[list[str], FLModel]]:
+        """The task per group of targets: the strategy may add extras for some sites of a training task
+        (:meth:`AggregationStrategy.task_groups`); otherwise one task for every target."""
+        assert self.strategy is not None
+        if not training:
+            return [(list(targets), data)]
+        groups = self.strategy.task_groups(list(targets))
+        if sorted(name for group, _ in groups for name in group) != sorted(targets):
+            raise ValueError(
+                f"{type(self.strategy).__name__}.task_groups must place every target of {targets} once, got "
+                f"{[group for group, _ in groups]}"
+            )
+        tasks = []
+        for group, extras in groups:
+            if group and not extras:
+                tasks.append((list(group), data))
+            elif group:
+                meta = {**data.meta, **extras}
+                own = FLModel(
+                    params=data.params, current_round=data.current_round, total_rounds=data.total_rounds, meta=meta
+                )
+                tasks.append((list(group), own))
+        return tasks
 
     def _outgoing(self, params: dict[str, np.ndarray], spec: dict[str, Any], current_round: int) -> FLModel:
         assert self.strategy is not None
