@@ -161,6 +161,7 @@ class IsoFedMethod(SupervisedMethod):
             state = {k: torch.as_tensor(np.asarray(v)) for k, v in self.handoff.items()}
             model.load_state_dict(state, strict=True)
             self.handoff = None
+            logger.info("isofed: round %d: starting from the hand-off model (the other group's)", current_round)
         self.im_loss = None
         if not self.labelled and not self.unlabelled_training:
             return
