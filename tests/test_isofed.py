@@ -267,6 +267,32 @@ def test_the_job_option_hides_labels_and_a_method_without_unlabelled_support_is_
     assert build_method("isofed").supports_unlabelled
 
 
+def test_prepare_marks_unlabelled_sites_and_needs_no_segmentation_there(tmp_path) -> None:
+    """``fedbrats prepare --unlabelled-sites TCIA``: TCIA's segmentations are neither required nor listed."""
+    from fedbrats.data.conventions import BRATS2018
+    from fedbrats.data.federation import add_pooled_site
+    from fedbrats.data.prepare import main
+    from tests.test_prepare import IDS_2018, write_case
+
+    data = tmp_path / "data"
+    for i, case_id in enumerate(IDS_2018):
+        # One TCIA case has no segmentation at all: an unlabelled hospital need not have any.
+        write_case(data, case_id, BRATS2018, missing=("seg",) if case_id == "Brats18_TCIA01_101_1" else (), seed=i)
+    out = tmp_path / "out"
+    assert main(["--data-dir", str(data), "--out-dir", str(out), "--unlabelled-sites", "TCIA", "--shallow"]) == 0
+    manifest = json.loads((out / "sites.json").read_text())
+    assert manifest["sites"]["TCIA"]["labelled"] is False and "labelled" not in manifest["sites"]["CBICA"]
+    tcia = json.loads((out / "TCIA.json").read_text())
+    assert all("label" not in e for e in tcia["training"] + tcia["validation"])
+    assert not load_site_config(str(out / "sites.json"), "TCIA").labelled
+    test = json.loads((out / "test.json").read_text())["test"]
+    assert all(e["label"] for e in test), "every test case keeps its segmentation for evaluation"
+    add_pooled_site(str(out / "sites.json"))
+    pooled = json.loads((out / "central.json").read_text())
+    assert not [e for e in pooled["training"] + pooled["validation"] if "TCIA" in e["case_id"]]
+    assert main(["--data-dir", str(data), "--out-dir", str(tmp_path / "o2"), "--unlabelled-sites", "MGH"]) == 1
+
+
 # ------------------------------------------------------------------------------------------ simulator
 
 

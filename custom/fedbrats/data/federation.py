@@ -135,6 +135,10 @@ def add_pooled_site(manifest_path: str, name: str = POOLED_SITE, force: bool = F
             "its datalist. Rename that site, or pass --force to replace it"
         )
     sites = {k: v for k, v in manifest["sites"].items() if k != name}
+    unlabelled = sorted(k for k, v in sites.items() if v.get("labelled", True) is False)
+    if unlabelled:
+        logger.info("pooling leaves out the unlabelled site(s) %s: a centralized model trains on labels", unlabelled)
+        sites = {k: v for k, v in sites.items() if k not in unlabelled}
     pooled: dict[str, list] = {"training": [], "validation": []}
     base = os.path.dirname(os.path.abspath(manifest_path))
     datalist: dict = {}

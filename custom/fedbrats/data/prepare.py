@@ -455,12 +455,26 @@ def _labels_of(convention: BraTSConvention) -> dict[str, str]:
     return {str(v): names.get(v, f"label {v}") for v in convention.labels}
 
 
-def _entry(info: CaseInfo, modalities: Sequence[str]) -> dict[str, Any]:
-    return {
-        "case_id": info.case_id,
-        "image": [info.paths.get(m) if m in modalities else None for m in MODALITIES],
-        "label": info.label,
-    }
+def _entry(info: CaseInfo, modalities: Sequence[str], labelled: bool = True) -> dict[str, Any]:
+    entry = {"case_id": info.case_id, "image": [info.paths.get(m) if m in modalities else None for m in MODALITIES]}
+    if labelled:
+        entry["label"] = info.label
+    return entry
+
+
+def parse_unlabelled_sites(spec: str | Sequence[str] | None, sites: Sequence[str]) -> set[str]:
+    """The sites to mark unlabelled, from ``"A,B"`` or a list (``--unlabelled-sites``).
+
+    Raises:
+        ValueError: a name that is not a site of the split (the sites are listed).
+    """
+    if not spec:
+        return set()
+    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    unknown = sorted(set(names) - set(sites))
+    if unknown:
+        raise ValueError(f"unlabelled_sites names unknown site(s) {unknown}; the sites of this split are {list(sites)}")
+    return set(names)
 
 
 def _datalist(
@@ -549,6 +563,7 @@ def _validate_all(
     convention: BraTSConvention | None,
     deep: bool,
     progress_every: int,
+    unlabelled: set[str] = frozenset(),
 ) -> tuple[dict[str, CaseInfo], list[CaseValidationError]]:
     infos: dict[str, CaseInfo] = {}
     errors: list[CaseValidationError] = []
@@ -558,7 +573,11 @@ def _validate_all(
     for i, (case_id, case_dir) in enumerate(sorted(case_dirs.items()), start=1):
         try:
             infos[case_id] = validate_case(
-                case_dir, convention=convention, required_modalities=profile[site_of[case_id]], deep=deep
+                case_dir,
+                convention=convention,
+                required_modalities=profile[site_of[case_id]],
+                check_label=site_of[case_id] not in unlabelled,
+                deep=deep,
             )
         except CaseValidationError as exc:
             errors.append(exc)
@@ -585,6 +604,7 @@ def prepare(
     skip_invalid: bool = False,
     progress_every: int = 10,
     overwrite: bool = False,
+    unlabelled_sites: str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Scan ``data_dir``, validate every case, split into sites and write the datalists and ``sites.json``.
 
@@ -607,6 +627,9 @@ def prepare(
         progress_every: log validation progress every this many cases (0: only errors and the summary).
         overwrite: replace an existing ``sites.json``, ``test.json`` or site datalist in ``out_dir``; without it
             they are refused before any case is read (``--overwrite``).
+        unlabelled_sites: sites without labels (``"A,B"`` or a list, ``--unlabelled-sites``): their segmentations
+            are neither required nor read, their datalists name none, and ``sites.json`` marks them
+            ``"labelled": false``. Only their cases whose segmentation file exists can join the shared test set.
 
     Returns:
         The manifest written to ``sites.json``.
@@ -638,11 +661,12 @@ def prepare(
         if not members:
             raise ValueError(f"site {site!r} has no cases")
     profile = parse_site_modalities(site_modalities, list(sites))
+    unlabelled = parse_unlabelled_sites(unlabelled_sites, list(sites))
     if not overwrite:
         _refuse_existing_outputs(out_dir, [*(f"{site}.json" for site in sites), "test.json", "sites.json"])
     site_of = {case: site for site, members in sites.items() for case in members}
 
-    infos, errors = _validate_all(case_dirs, site_of, profile, conv, deep_validate, progress_every)
+    infos, errors = _validate_all(case_dirs, site_of, profile, conv, deep_validate, progress_every, unlabelled)
     if errors and not skip_invalid:
         raise InvalidCasesError(errors, len(case_dirs))
     bad_by_site: dict[str, int] = {}
@@ -668,7 +692,10 @@ def prepare(
         valid = [c for c in members if c in infos]
         if not valid:
             raise ValueError(f"site {site!r} has no valid case left")
-        eligible = [c for c in valid if all(infos[c].paths[m] is not None for m in MODALITIES)]
+        # Test cases need every sequence and, for evaluation, a segmentation (an unlabelled site may lack it).
+        eligible = [
+            c for c in valid if all(infos[c].paths[m] is not None for m in MODALITIES) and infos[c].label is not None
+        ]
         train, val, test = split_site(site, valid, eligible, test_fraction, val_fraction, seed)
         if not train:
             raise ValueError(f"site {site!r} has no training case after the test/validation split")
@@ -693,8 +720,8 @@ def prepare(
                 ),
                 convention=conv,
                 sections={
-                    "training": [_entry(infos[c], mods) for c in train],
-                    "validation": [_entry(infos[c], mods) for c in val],
+                    "training": [_entry(infos[c], mods, site not in unlabelled) for c in train],
+                    "validation": [_entry(infos[c], mods, site not in unlabelled) for c in val],
                 },
             ),
         )
@@ -705,6 +732,8 @@ def prepare(
             "num_training": len(train),
             "num_validation": len(val),
         }
+        if site in unlabelled:
+            manifest_sites[site]["labelled"] = False
     test_path = os.path.join(out_dir, "test.json")
     _write_json_atomic(
         test_path,
@@ -768,6 +797,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="JSON file or inline 'site-1=t1,t1ce,t2,flair;site-2=t1,t2,flair' (default: all four everywhere)",
     )
+    parser.add_argument(
+        "--unlabelled-sites",
+        default=None,
+        help="comma-separated sites without labels: no segmentation required or read, marked labelled=false",
+    )
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share of each site held out for test")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each site's rest for validation")
     parser.add_argument("--seed", type=int, default=0, help="random seed (random split and hold-outs)")
@@ -804,6 +838,7 @@ def main(argv: list[str] | None = None) -> int:
             skip_invalid=args.skip_invalid,
             progress_every=args.progress_every,
             overwrite=args.overwrite,
+            unlabelled_sites=args.unlabelled_sites,
         )
     except ValueError as exc:
         logger.error("%s", exc)
