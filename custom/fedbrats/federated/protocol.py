@@ -1,5 +1,5 @@
 """The round protocol in one place: the keys of the messages between server and sites, what a site may send
-(checked on both ends), and the layout of the server's run folder.
+(checked on both ends), and the layout of the server's run folder (and the files of a site's).
 
 Every other module takes these names from here, so that a key or a file name is written once.
 
@@ -167,6 +167,9 @@ TB_EVENTS_DIR = "tb_events"
 
 #: A site's run folder: one line per result it sent (see :class:`fedbrats.federated.filters.PayloadAuditFilter`).
 PAYLOAD_AUDIT_FILE = "payload_audit.jsonl"
+#: A site's run folder: its own progress as JSON lines, one ``site_work`` event per training round (see
+#: :mod:`fedbrats.federated.events`), written by the training script.
+SITE_EVENTS_FILE = "site_events.jsonl"
 
 #: Files of an exported model folder (see :mod:`fedbrats.evaluation.export`).
 EXPORTED_MODEL_FILE = "model.pt"

@@ -58,7 +58,13 @@ def simulator_workspace(workspace: str) -> str:
 
 def simulated_run_dir(workspace: str) -> str:
     """The server's run folder of a job :func:`simulate` ran in ``workspace`` (the simulator's own layout)."""
-    return os.path.join(simulator_workspace(workspace), "server", "simulate_job")
+    return simulated_site_run_dir(workspace, "server")
+
+
+def simulated_site_run_dir(workspace: str, site: str) -> str:
+    """A site's run folder of a job :func:`simulate` ran in ``workspace`` (``payload_audit.jsonl``,
+    ``site_events.jsonl``)."""
+    return os.path.join(simulator_workspace(workspace), site, "simulate_job")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

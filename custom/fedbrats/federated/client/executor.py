@@ -70,7 +70,9 @@ class FedBratsExecutor(ClientAPIExecutor):
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == EventType.START_RUN:
-            # The site's workspace root is where a startup kit keeps local/ settings (data paths, modalities).
-            root = fl_ctx.get_engine().get_workspace().get_root_dir()
-            self._task_script_args = f"--training {encode_config(self.training)} --workspace {root}"
+            # The site's workspace root is where a startup kit keeps local/ settings (data paths, modalities); the
+            # job's run folder (NVFlare's, as the payload audit finds it) is where the site writes its events.
+            workspace = fl_ctx.get_engine().get_workspace()
+            root, run_dir = workspace.get_root_dir(), workspace.get_run_dir(fl_ctx.get_job_id())
+            self._task_script_args = f"--training {encode_config(self.training)} --workspace {root} --run-dir {run_dir}"
         super().handle_event(event_type, fl_ctx)
