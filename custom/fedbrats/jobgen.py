@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from fedbrats.federated.methods import JOBS as METHOD_JOBS
-from fedbrats.federated.protocol import KEY_METRIC
+from fedbrats.federated.protocol import KEY_METRIC, PAYLOAD_AUDIT_IN_FILE
 from fedbrats.networks import network_class_path
 from fedbrats.utils import deep_merge
 
@@ -55,6 +55,31 @@ to `class_allow_list` in each site's `local/resources.json` (see docs/deployment
 """
 
 
+#: The tasks of every job (the executor and the filters handle all three).
+TASKS = ["train", "validate", "submit_model"]
+_SVD = "fedbrats.federated.compression"
+
+
+def _compression_args(
+    default: dict[str, Any] | None, choice: dict[str, Any] | bool | None, num_rounds: int
+) -> dict[str, Any] | None:
+    """The SVD filters' arguments (None: no compression) from the job's default and the caller's choice."""
+    if choice is None:
+        choice = default if default is not None else False
+    if choice is False:
+        return None
+    if choice is True:
+        choice = default or {}
+    from fedbrats.federated.compression import DEFAULT_ENERGY_END, DEFAULT_ENERGY_START, check_energies
+
+    unknown = sorted(set(choice) - {"energy_start", "energy_end"})
+    if unknown:
+        raise ValueError(f"compression takes energy_start and energy_end, got {unknown}")
+    args = {"energy_start": DEFAULT_ENERGY_START, "energy_end": DEFAULT_ENERGY_END, **choice}
+    check_energies(args["energy_start"], args["energy_end"])
+    return {**args, "num_rounds": num_rounds}
+
+
 def job_configs(
     name: str,
     num_rounds: int = DEFAULT_ROUNDS,
@@ -64,6 +89,7 @@ def job_configs(
     privacy: dict[str, Any] | None = None,
     seed: int = 0,
     network_args: dict[str, Any] | None = None,
+    compression: dict[str, Any] | bool | None = None,
     **training_overrides: Any,
 ) -> dict[str, Any]:
     """The three files of job ``name``: ``meta.json``, server and client configs, as dicts.
@@ -80,6 +106,9 @@ def job_configs(
         seed: seed of the run: the server's initial model and each site's data order, crops, augmentation and
             sequence dropout (offset per site). The one place a job's seed is set.
         network_args: override arguments of the job's network (e.g. ``{"init_filters": 16}``).
+        compression: SVD-compressed updates both ways (:mod:`fedbrats.federated.compression`): ``True`` or a dict
+            of energies (``{"energy_start": 0.95, "energy_end": 0.98}``) turns it on, ``False`` off, None keeps
+            the job's default. Sites then send weight differences.
         training_overrides: replace training options (nested dicts are merged), e.g. ``epochs_per_round=1``.
     """
     if name not in JOBS:
@@ -144,16 +173,27 @@ def job_configs(
         result_filters.append(
             {"path": "fedbrats.federated.filters.PrototypePrivacyFilter", "args": privacy["prototypes"]}
         )
+    svd = _compression_args(spec.get("compression"), compression, num_rounds)
+    data_filters: list[dict[str, Any]] = []
+    if svd is not None:
+        # Privacy filters act on the update first; the audits see exactly what crosses the wire, both ways.
+        result_filters.append({"path": f"{_SVD}.SVDUpdateCompressor", "args": svd})
+        data_filters = [
+            {"path": "fedbrats.federated.filters.PayloadAuditFilter", "args": {"file_name": PAYLOAD_AUDIT_IN_FILE}},
+            {"path": f"{_SVD}.SVDDecompressor", "args": {}},
+        ]
+        server["task_data_filters"] = [{"tasks": TASKS, "filters": [{"path": f"{_SVD}.SVDBroadcastCompressor", "args": svd}]}]
+        server["task_result_filters"] = [{"tasks": TASKS, "filters": [{"path": f"{_SVD}.SVDDecompressor", "args": {}}]}]
     # The audit comes last, so it records exactly what leaves the site.
     result_filters.append({"path": "fedbrats.federated.filters.PayloadAuditFilter", "args": {}})
     executor_args: dict[str, Any] = {"training": training}
-    if "weights" in privacy:
+    if "weights" in privacy or svd is not None:
         executor_args["params_transfer_type"] = "DIFF"
     client = {
         "format_version": 2,
         "executors": [
             {
-                "tasks": ["train", "validate", "submit_model"],
+                "tasks": TASKS,
                 "executor": {
                     "path": "fedbrats.federated.client.executor.FedBratsExecutor",
                     "args": executor_args,
@@ -167,8 +207,8 @@ def job_configs(
                 "args": {"events_to_convert": ["analytix_log_stats"], "fed_event_prefix": "fed."},
             }
         ],
-        "task_data_filters": [],
-        "task_result_filters": [{"tasks": ["train", "validate", "submit_model"], "filters": result_filters}],
+        "task_data_filters": [{"tasks": TASKS, "filters": data_filters}] if data_filters else [],
+        "task_result_filters": [{"tasks": TASKS, "filters": result_filters}],
     }
     return {
         "meta.json": meta,
@@ -188,6 +228,7 @@ def write_job(
     privacy: dict[str, Any] | None = None,
     seed: int = 0,
     network_args: dict[str, Any] | None = None,
+    compression: dict[str, Any] | bool | None = None,
     **training_overrides: Any,
 ) -> str:
     """Write job ``name`` into ``out_dir/name`` (arguments as :func:`job_configs`) and return that folder."""
@@ -201,6 +242,7 @@ def write_job(
         privacy,
         seed,
         network_args,
+        compression,
         **training_overrides,
     ).items():
         path = os.path.join(job_dir, rel)

@@ -71,8 +71,11 @@ class FedBratsExecutor(ClientAPIExecutor):
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == EventType.START_RUN:
             # The site's workspace root is where a startup kit keeps local/ settings (data paths, modalities).
-            root = fl_ctx.get_engine().get_workspace().get_root_dir()
+            workspace = fl_ctx.get_engine().get_workspace()
+            root = workspace.get_root_dir()
+            run_dir = workspace.get_run_dir(fl_ctx.get_job_id())
             self._task_script_args = (
-                f"--training {encode_config(self.training)} --workspace {root} --gc-rounds {self.memory_gc_rounds}"
+                f"--training {encode_config(self.training)} --workspace {root} --gc-rounds {self.memory_gc_rounds} "
+                f"--run-dir {run_dir}"
             )
         super().handle_event(event_type, fl_ctx)
