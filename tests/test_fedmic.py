@@ -302,6 +302,7 @@ def test_method_options_are_checked_by_name() -> None:
     ):
         with pytest.raises(ValueError, match=arg):
             FedMICMethod(**kwargs)
+
     class LogitsOnly(torch.nn.Module):
         def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return x[:, :3]

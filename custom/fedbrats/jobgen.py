@@ -182,7 +182,9 @@ def job_configs(
             {"path": "fedbrats.federated.filters.PayloadAuditFilter", "args": {"file_name": PAYLOAD_AUDIT_IN_FILE}},
             {"path": f"{_SVD}.SVDDecompressor", "args": {}},
         ]
-        server["task_data_filters"] = [{"tasks": TASKS, "filters": [{"path": f"{_SVD}.SVDBroadcastCompressor", "args": svd}]}]
+        server["task_data_filters"] = [
+            {"tasks": TASKS, "filters": [{"path": f"{_SVD}.SVDBroadcastCompressor", "args": svd}]}
+        ]
         server["task_result_filters"] = [{"tasks": TASKS, "filters": [{"path": f"{_SVD}.SVDDecompressor", "args": {}}]}]
     # The audit comes last, so it records exactly what leaves the site.
     result_filters.append({"path": "fedbrats.federated.filters.PayloadAuditFilter", "args": {}})

@@ -38,9 +38,7 @@ from fedbrats.networks import build_from_spec
 logger = logging.getLogger("fedbrats.client")
 
 
-def run(
-    training: dict, workspace: str | None, gc_rounds: int = SITE_GC_ROUNDS, run_dir: str | None = None
-) -> None:
+def run(training: dict, workspace: str | None, gc_rounds: int = SITE_GC_ROUNDS, run_dir: str | None = None) -> None:
     """The site's federated loop (returns when the server ends the job).
 
     Args:
