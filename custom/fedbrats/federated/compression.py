@@ -221,10 +221,6 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _round_of(shareable: Shareable) -> int:
-    return int(shareable.get_header(AppConstants.CURRENT_ROUND, 0) or 0)
-
-
 def _fingerprint(params: Mapping[str, Any]) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for name in sorted(params):
@@ -235,10 +231,22 @@ def _fingerprint(params: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-class _EnergySchedule:
-    """The energy options of a compressing filter, checked once."""
+class _ScheduledCompressor(DXOFilter):
+    """A compressing filter with the energy schedule of :func:`energy_threshold` (the common part of both).
 
-    def __init__(self, energy_start: float, energy_end: float, num_rounds: int) -> None:
+    Args:
+        energy_start: energy kept at round 0.
+        energy_end: energy kept at the last round (and in the final validation); 1.0 everywhere sends every
+            weight whole.
+        num_rounds: the job's rounds (the schedule's length).
+        data_kinds: the DXO kinds the filter handles.
+
+    Raises:
+        ValueError: thresholds outside (0, 1] or decreasing, or ``num_rounds`` < 1.
+    """
+
+    def __init__(self, energy_start: float, energy_end: float, num_rounds: int, data_kinds: list[str]) -> None:
+        super().__init__(supported_data_kinds=data_kinds, data_kinds_to_filter=data_kinds)
         check_energies(energy_start, energy_end)
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
@@ -246,20 +254,16 @@ class _EnergySchedule:
         self.energy_end = energy_end
         self.num_rounds = num_rounds
 
-    def energy(self, current_round: int) -> float:
-        return energy_threshold(max(current_round, 0), self.num_rounds, self.energy_start, self.energy_end)
+    def energy(self, shareable: Shareable) -> float:
+        """The threshold of the round in ``shareable``'s header."""
+        current_round = max(int(shareable.get_header(AppConstants.CURRENT_ROUND, 0) or 0), 0)
+        return energy_threshold(current_round, self.num_rounds, self.energy_start, self.energy_end)
 
 
-class SVDUpdateCompressor(DXOFilter):
+class SVDUpdateCompressor(_ScheduledCompressor):
     """Site task-result filter: the site's update (a ``WEIGHT_DIFF``) as SVD factors (see the module docstring).
 
-    Args:
-        energy_start: energy kept at round 0.
-        energy_end: energy kept at the last round (1.0 everywhere sends every update whole).
-        num_rounds: the job's rounds (the schedule's length).
-
-    Raises:
-        ValueError: thresholds outside (0, 1] or decreasing, or ``num_rounds`` < 1.
+    Args: as :class:`_ScheduledCompressor` (``energy_start``, ``energy_end``, ``num_rounds``).
     """
 
     def __init__(
@@ -268,11 +272,7 @@ class SVDUpdateCompressor(DXOFilter):
         energy_end: float = DEFAULT_ENERGY_END,
         num_rounds: int = 1,
     ) -> None:
-        super().__init__(
-            supported_data_kinds=[DataKind.WEIGHTS, DataKind.WEIGHT_DIFF],
-            data_kinds_to_filter=[DataKind.WEIGHTS, DataKind.WEIGHT_DIFF],
-        )
-        self.schedule = _EnergySchedule(energy_start, energy_end, num_rounds)
+        super().__init__(energy_start, energy_end, num_rounds, [DataKind.WEIGHTS, DataKind.WEIGHT_DIFF])
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
         """Compress a ``WEIGHT_DIFF``.
@@ -284,7 +284,7 @@ class SVDUpdateCompressor(DXOFilter):
             raise ValueError(
                 "SVDUpdateCompressor compresses weight differences; set the executor's params_transfer_type to DIFF"
             )
-        energy = self.schedule.energy(_round_of(shareable))
+        energy = self.energy(shareable)
         data, stats = compress_params(dxo.data, energy)
         meta = dict(dxo.meta or {})
         meta[SVD_META_KEY] = {"energy": energy}
@@ -296,20 +296,14 @@ class SVDUpdateCompressor(DXOFilter):
         return DXO(DataKind.WEIGHT_DIFF, data=data, meta=meta)
 
 
-class SVDBroadcastCompressor(DXOFilter):
+class SVDBroadcastCompressor(_ScheduledCompressor):
     """Server task-data filter: per site, the global weights as SVD factors of (global - the site's view).
 
     The view of a site is what it holds after the previous broadcast (its reconstruction, not the exact global
     model), so what one broadcast leaves out goes with the next (error feedback). Sites that hold the same view get
     the same factors, computed once.
 
-    Args:
-        energy_start: energy kept at round 0.
-        energy_end: energy kept at the last round and in the final validation.
-        num_rounds: the job's rounds.
-
-    Raises:
-        ValueError: thresholds outside (0, 1] or decreasing, or ``num_rounds`` < 1.
+    Args: as :class:`_ScheduledCompressor` (``energy_start``, ``energy_end``, ``num_rounds``).
     """
 
     def __init__(
@@ -318,8 +312,7 @@ class SVDBroadcastCompressor(DXOFilter):
         energy_end: float = DEFAULT_ENERGY_END,
         num_rounds: int = 1,
     ) -> None:
-        super().__init__(supported_data_kinds=[DataKind.WEIGHTS], data_kinds_to_filter=[DataKind.WEIGHTS])
-        self.schedule = _EnergySchedule(energy_start, energy_end, num_rounds)
+        super().__init__(energy_start, energy_end, num_rounds, [DataKind.WEIGHTS])
         self._lock = threading.Lock()
         self._site_view: dict[str, str] = {}  # site -> token of the weights it holds
         self._views: dict[str, dict[str, np.ndarray]] = {}  # token -> weights
@@ -330,7 +323,7 @@ class SVDBroadcastCompressor(DXOFilter):
         site = peer.get_identity_name() if peer is not None else None
         if not site:
             raise ValueError("SVDBroadcastCompressor runs on the server's task data (it needs the receiving site)")
-        energy = self.schedule.energy(_round_of(shareable))
+        energy = self.energy(shareable)
         with self._lock:
             data, info = self.encode(site, dxo.data, energy)
         meta = dict(dxo.meta or {})
