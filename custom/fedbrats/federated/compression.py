@@ -39,7 +39,7 @@ import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind
@@ -239,20 +239,32 @@ class _ScheduledCompressor(DXOFilter):
         energy_end: energy kept at the last round (and in the final validation); 1.0 everywhere sends every
             weight whole.
         num_rounds: the job's rounds (the schedule's length).
-        data_kinds: the DXO kinds the filter handles.
 
     Raises:
         ValueError: thresholds outside (0, 1] or decreasing, or ``num_rounds`` < 1.
     """
 
-    def __init__(self, energy_start: float, energy_end: float, num_rounds: int, data_kinds: list[str]) -> None:
-        super().__init__(supported_data_kinds=data_kinds, data_kinds_to_filter=data_kinds)
+    #: The DXO kinds the filter handles.
+    handled_kinds: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        energy_start: float = DEFAULT_ENERGY_START,
+        energy_end: float = DEFAULT_ENERGY_END,
+        num_rounds: int = 1,
+    ) -> None:
+        kinds = list(self.handled_kinds)
+        super().__init__(supported_data_kinds=kinds, data_kinds_to_filter=kinds)
         check_energies(energy_start, energy_end)
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
         self.energy_start = energy_start
         self.energy_end = energy_end
         self.num_rounds = num_rounds
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """Set up the filter's own state (none by default)."""
 
     def energy(self, shareable: Shareable) -> float:
         """The threshold of the round in ``shareable``'s header."""
@@ -266,13 +278,7 @@ class SVDUpdateCompressor(_ScheduledCompressor):
     Args: as :class:`_ScheduledCompressor` (``energy_start``, ``energy_end``, ``num_rounds``).
     """
 
-    def __init__(
-        self,
-        energy_start: float = DEFAULT_ENERGY_START,
-        energy_end: float = DEFAULT_ENERGY_END,
-        num_rounds: int = 1,
-    ) -> None:
-        super().__init__(energy_start, energy_end, num_rounds, [DataKind.WEIGHTS, DataKind.WEIGHT_DIFF])
+    handled_kinds = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF)
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
         """Compress a ``WEIGHT_DIFF``.
@@ -306,13 +312,9 @@ class SVDBroadcastCompressor(_ScheduledCompressor):
     Args: as :class:`_ScheduledCompressor` (``energy_start``, ``energy_end``, ``num_rounds``).
     """
 
-    def __init__(
-        self,
-        energy_start: float = DEFAULT_ENERGY_START,
-        energy_end: float = DEFAULT_ENERGY_END,
-        num_rounds: int = 1,
-    ) -> None:
-        super().__init__(energy_start, energy_end, num_rounds, [DataKind.WEIGHTS])
+    handled_kinds = (DataKind.WEIGHTS,)
+
+    def _init_state(self) -> None:
         self._lock = threading.Lock()
         self._site_view: dict[str, str] = {}  # site -> token of the weights it holds
         self._views: dict[str, dict[str, np.ndarray]] = {}  # token -> weights
