@@ -108,7 +108,19 @@ def _simulate(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--resume-from", default="", help="a previous run dir to continue (model, rounds, prototypes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial model, data order and augmentation")
+    p.add_argument(
+        "--compression",
+        choices=("on", "off"),
+        default=None,
+        help="SVD-compressed updates both ways (default: the job's; on in fedmic); energies with --svd",
+    )
+    p.add_argument("--svd", action="append", default=[], metavar="KEY=VALUE", help="energy_start or energy_end")
     a = p.parse_args(argv)
+    compression: dict | bool | None = None if a.compression is None else a.compression == "on"
+    if a.svd:
+        if a.compression == "off":
+            p.error("--svd sets the energies of compression; it cannot go with --compression off")
+        compression = parse_overrides(a.svd)
     result = simulate(
         a.job,
         a.workspace,
@@ -120,6 +132,7 @@ def _simulate(argv: list[str]) -> int:
         threads=a.threads,
         seed=a.seed,
         network_args=parse_overrides(a.net),
+        compression=compression,
     )
     logging.getLogger("fedbrats").info("run dir: %s (%.1fs)", result.run_dir, result.seconds)
     return 0
