@@ -102,17 +102,10 @@ def site_modalities(sites_file: str) -> dict[str, list[str]]:
 
 def job_definition(job: str, num_rounds: int, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     """The training options, network and aggregation of ``job`` with ``overrides``, as the simulator gets them."""
-    from fedbrats.jobgen import job_configs
+    from fedbrats.jobgen import job_spec
 
-    configs = job_configs(job, num_rounds, **dict(overrides or {}))
-    server = configs[os.path.join("app", "config", "config_fed_server.json")]
-    client = configs[os.path.join("app", "config", "config_fed_client.json")]
-    components = {c["id"]: c for c in server["components"]}
-    return {
-        "training": client["executors"][0]["executor"]["args"]["training"],
-        "network": components["persistor"]["args"]["model"],
-        "aggregation": components["aggregation"],
-    }
+    spec = job_spec(job, num_rounds, training=dict(overrides or {}))
+    return {"training": spec.training, "network": spec.network, "aggregation": spec.aggregation}
 
 
 def build_job_network(definition: Mapping[str, Any]) -> Any:

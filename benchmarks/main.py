@@ -180,7 +180,7 @@ def run_benchmarks(
         cache_dir: where the (slow to generate) full-size inference case is kept between runs.
     """
     from fedbrats.data.federation import default_cache_dir
-    from fedbrats.jobgen import job_configs
+    from fedbrats.jobgen import TASK_REQUEST_INTERVAL
 
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
@@ -207,8 +207,7 @@ def run_benchmarks(
         settings.seed,
     )
     results["federation"] = {"sites_file": main_fed, "cases": federated.site_case_counts(main_fed)}
-    server_config = job_configs(settings.jobs[0])[os.path.join("app", "config", "config_fed_server.json")]
-    results["task_request_interval"] = server_config.get("server", {}).get("task_request_interval")
+    results["task_request_interval"] = TASK_REQUEST_INTERVAL
     results["job_settings"] = {
         job: federated.job_definition(job, settings.rounds, overrides)["training"] for job in settings.jobs
     }

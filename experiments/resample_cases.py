@@ -63,10 +63,10 @@ def resample_case(case_dir: str, out_dir: str, zoom: float) -> tuple[int, ...]:
     target = os.path.join(out_dir, case_id)
     os.makedirs(target, exist_ok=True)
     for name, volume in zip(MODALITIES, stack):
-        nib.save(nib.Nifti1Image(np.rint(volume).astype(np.int16), affine), os.path.join(target, f"{case_id}_{name}.nii.gz"))
-    nib.save(
-        nib.Nifti1Image(np.rint(label[0]).astype(np.uint8), affine), os.path.join(target, f"{case_id}_seg.nii.gz")
-    )
+        nib.save(
+            nib.Nifti1Image(np.rint(volume).astype(np.int16), affine), os.path.join(target, f"{case_id}_{name}.nii.gz")
+        )
+    nib.save(nib.Nifti1Image(np.rint(label[0]).astype(np.uint8), affine), os.path.join(target, f"{case_id}_seg.nii.gz"))
     return tuple(stack.shape[1:])
 
 

@@ -312,30 +312,61 @@ def test_method_options_are_checked_by_name() -> None:
 
 
 def test_job_turns_compression_on_and_any_job_can() -> None:
-    from fedbrats.jobgen import job_configs
+    from fedbrats.recipe import CLIENT_TASKS, job_files
 
-    def filters(configs: dict, side: str, kind: str) -> list[str]:
-        cfg = configs[os.path.join("app", "config", f"config_fed_{side}.json")]
-        return [f["path"].rsplit(".", 1)[-1] for entry in cfg.get(kind, []) for f in entry["filters"]]
+    def configs(name: str, **options) -> dict[str, dict]:
+        files = job_files(name, **options)
+        return {side: json.loads(files[f"app/config/config_fed_{side}.json"]) for side in ("server", "client")}
 
-    fedmic = job_configs("fedmic")
-    assert filters(fedmic, "server", "task_data_filters") == ["SVDBroadcastCompressor"]
-    assert filters(fedmic, "server", "task_result_filters") == ["SVDDecompressor"]
-    assert filters(fedmic, "client", "task_data_filters") == ["PayloadAuditFilter", "SVDDecompressor"]
-    assert filters(fedmic, "client", "task_result_filters") == ["SVDUpdateCompressor", "PayloadAuditFilter"]
-    client = fedmic[os.path.join("app", "config", "config_fed_client.json")]
-    assert client["executors"][0]["executor"]["args"]["params_transfer_type"] == "DIFF"
-    assert not filters(job_configs("fedmic", compression=False), "server", "task_data_filters")
+    def filters(cfg: dict, side: str, kind: str) -> dict[str, list[str]]:
+        """Per task (NVFlare 2.9 looks chains up by exact task name), the filters' class names."""
+        chains = cfg[side].get(kind, [])
+        assert all(len(chain["tasks"]) == 1 for chain in chains), "one chain per task"
+        return {chain["tasks"][0]: [f["path"].rsplit(".", 1)[-1] for f in chain["filters"]] for chain in chains}
+
+    def every_task(names: list[str]) -> dict[str, list[str]]:
+        return {task: names for task in CLIENT_TASKS}
+
+    fedmic = configs("fedmic")
+    assert filters(fedmic, "server", "task_data_filters") == every_task(["SVDBroadcastCompressor"])
+    assert filters(fedmic, "server", "task_result_filters") == every_task(["SVDDecompressor"])
+    assert filters(fedmic, "client", "task_data_filters") == every_task(["PayloadAuditFilter", "SVDDecompressor"])
+    assert filters(fedmic, "client", "task_result_filters") == every_task(["SVDUpdateCompressor", "PayloadAuditFilter"])
+    audit_in = fedmic["client"]["task_data_filters"][0]["filters"][0]["args"]
+    assert audit_in == {"file_name": "payload_audit_in.jsonl"}
+    assert fedmic["client"]["executors"][0]["executor"]["args"]["params_transfer_type"] == "DIFF"
+    off = configs("fedmic", compression=False)
+    assert not filters(off, "server", "task_data_filters") and not filters(off, "client", "task_data_filters")
+    assert "params_transfer_type" not in off["client"]["executors"][0]["executor"]["args"], "FULL, the default"
     for job in ("fedavg", "fedkd", "mstkd"):
-        assert not filters(job_configs(job), "server", "task_data_filters")
-        on = job_configs(job, num_rounds=3, compression={"energy_end": 0.99})
-        server = on[os.path.join("app", "config", "config_fed_server.json")]
-        args = server["task_data_filters"][0]["filters"][0]["args"]
-        assert args == {"energy_start": 0.95, "energy_end": 0.99, "num_rounds": 3}
+        assert not filters(configs(job), "server", "task_data_filters")
+        on = configs(job, num_rounds=3, compression={"energy_end": 0.99})
+        for side, kind in (("server", "task_data_filters"), ("client", "task_result_filters")):
+            compressors = [f for chain in on[side][kind] for f in chain["filters"] if ".SVD" in f["path"]]
+            assert len(compressors) == len(CLIENT_TASKS)
+            assert all(f["args"] == {"energy_end": 0.99, "num_rounds": 3} for f in compressors), "defaults left out"
+        assert on["client"]["executors"][0]["executor"]["args"]["params_transfer_type"] == "DIFF"
     with pytest.raises(ValueError, match="energy_start"):
-        job_configs("fedavg", compression={"energy_start": 0.0})
+        job_files("fedavg", compression={"energy_start": 0.0})
     with pytest.raises(ValueError, match="compression takes"):
-        job_configs("fedavg", compression={"rank": 3})
+        job_files("fedavg", compression={"rank": 3})
+
+
+def test_compression_options_of_the_entry_points() -> None:
+    """`fedbrats simulate` and `python -m fedbrats.job` share --compression and --svd (fedbrats.job's options)."""
+    from fedbrats.job import _parser, recipe_options
+
+    def compression(*argv: str):
+        return recipe_options(_parser().parse_args(["fedavg", *argv]))["compression"]
+
+    assert compression() is None, "the job's default"
+    assert compression("--compression", "on") is True and compression("--compression", "off") is False
+    assert compression("--svd", "energy_end=0.99", "--svd", "energy_start=0.9") == {
+        "energy_end": 0.99,
+        "energy_start": 0.9,
+    }
+    with pytest.raises(ValueError, match="--compression off"):
+        compression("--compression", "off", "--svd", "energy_end=0.99")
 
 
 # ---- the job in the simulator ------------------------------------------------------------------------------------
@@ -387,5 +418,10 @@ def test_fedmic_two_rounds_and_payload_audit(tiny_federation: str, tmp_path) -> 
         assert any(personal_shapes[k] != shared_shapes.get(k) for k in personal_shapes)
         with open(os.path.join(run_dir, PAYLOAD_AUDIT_IN_FILE), encoding="utf-8") as f:
             arrived = [json.loads(line) for line in f]
-        assert arrived[0]["kind"] == "WEIGHTS" and all(r["kind"] == "WEIGHT_DIFF" for r in arrived[1:])
-        assert any("items" in d for r in arrived[1:] for d in r["data"].values()), "later broadcasts are factors"
+        # The training rounds share one filter pair (the "train" chain): full weights first, then differences. The
+        # final validation is another task, whose pair has no view of the site yet: it gets the full model.
+        training, final = arrived[:-1], arrived[-1]
+        assert [r["round"] for r in training] == [0, 1]
+        assert training[0]["kind"] == "WEIGHTS" and all(r["kind"] == "WEIGHT_DIFF" for r in training[1:])
+        assert any("items" in d for r in training[1:] for d in r["data"].values()), "later broadcasts are factors"
+        assert final["kind"] == "WEIGHTS"

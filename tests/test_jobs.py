@@ -1,4 +1,4 @@
-"""Tests that the committed job folders are the generator's output and that every job can be instantiated."""
+"""Tests that the committed job folders are the recipes' export and that every job can be instantiated."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from fedbrats.federated.client.executor import FedBratsExecutor, decode_config, 
 from fedbrats.federated.client.trainer import TrainConfig
 from fedbrats.federated.server.aggregation import AggregationStrategy
 from fedbrats.federated.simulate import parse_overrides
-from fedbrats.jobgen import JOBS, job_configs, write_job
+from fedbrats.jobgen import JOBS
 from fedbrats.networks import BraTSSegResNet, build_from_spec, model_spec
 from fedbrats.networks.modality_aware import ModalityAwareSegNet
+from fedbrats.recipe import job_files, write_job
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS_DIR = REPO / "jobs"
@@ -46,12 +47,12 @@ def _import(path: str) -> type:
     return getattr(importlib.import_module(module_name), cls_name)
 
 
-# ------------------------------------------------------------------------------------------ committed == gen
+# ------------------------------------------------------------------------------------------ committed == export
 
 
 @pytest.mark.parametrize("name", sorted(JOBS))
-def test_committed_job_equals_generator(name: str, tmp_path: Path) -> None:
-    """jobs/<name>/ holds exactly the files write_job produces, byte for byte (run `fedbrats make-jobs`)."""
+def test_committed_job_equals_recipe_export(name: str, tmp_path: Path) -> None:
+    """jobs/<name>/ holds exactly the files the job's recipe exports, byte for byte (run `fedbrats make-jobs`)."""
     generated = Path(write_job(name, str(tmp_path)))
     committed = JOBS_DIR / name
     assert committed.is_dir(), f"{committed} is missing; run `fedbrats make-jobs`"
@@ -61,8 +62,8 @@ def test_committed_job_equals_generator(name: str, tmp_path: Path) -> None:
         assert (committed / rel).read_bytes() == (generated / rel).read_bytes(), f"{name}/{rel} is stale"
 
 
-def test_every_generator_job_is_committed() -> None:
-    """No job folder without a generator entry, and none missing."""
+def test_every_recipe_job_is_committed() -> None:
+    """No job folder without a recipe, and none missing."""
     folders = {p.name for p in JOBS_DIR.iterdir() if p.is_dir()}
     assert folders == set(JOBS)
 
@@ -203,16 +204,16 @@ def test_parse_overrides_nested_and_json() -> None:
         parse_overrides(["method_args.rcl_weight"])
 
 
-def test_overrides_merge_into_job_configs() -> None:
+def test_overrides_merge_into_the_exported_job() -> None:
     """Overrides merge into the job's nested training options without dropping the others."""
-    configs = job_configs(
+    files = job_files(
         "fedkd",
         num_rounds=3,
         aggregation_args={"modality_aware": False},
         **parse_overrides(["data.roi_size=[16,16,16]"]),
     )
-    server = configs["app/config/config_fed_server.json"]
-    client = configs["app/config/config_fed_client.json"]
+    server = json.loads(files["app/config/config_fed_server.json"])
+    client = json.loads(files["app/config/config_fed_client.json"])
     training = client["executors"][0]["executor"]["args"]["training"]
     assert training["data"] == {"roi_size": [16, 16, 16], "batch_size": 2, "modality_dropout": 0.5}
     assert training["method"] == "fedkd"
@@ -221,4 +222,4 @@ def test_overrides_merge_into_job_configs() -> None:
     assert aggregation["args"] == {"modality_aware": False}
     TrainConfig.from_dict(training)
     with pytest.raises(ValueError, match="nope"):
-        job_configs("nope")
+        job_files("nope")

@@ -9,11 +9,11 @@ from fedbrats.federated import memory
 
 def test_release_memory_collects_cycles_every_n_rounds_and_always_trims(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(memory.gc, "collect", lambda: calls.append("gc") or 0)
+    monkeypatch.setattr(memory, "cleanup_memory", lambda: calls.append("gc+trim"))
     monkeypatch.setattr(memory, "try_malloc_trim", lambda: calls.append("trim"))
     for completed in range(1, 7):
         memory.release_memory(completed, gc_rounds=3)
-    assert calls == ["trim", "trim", "gc", "trim", "trim", "trim", "gc", "trim"]
+    assert calls == ["trim", "trim", "gc+trim", "trim", "trim", "gc+trim"]
     calls.clear()
     memory.release_memory(5, gc_rounds=0)
     assert calls == ["trim"], "gc_rounds=0 never collects but still trims"
@@ -33,6 +33,14 @@ def test_controller_and_executor_reject_negative_gc_rounds() -> None:
         FedBratsController(memory_gc_rounds=-1)
     with pytest.raises(ValueError, match="memory_gc_rounds"):
         FedBratsExecutor(memory_gc_rounds=-1)
+
+
+def test_the_sites_memory_clean_up_is_nvflares_client_api_option() -> None:
+    """The executor hands memory_gc_rounds to NVFlare's ClientAPIExecutor, which cleans up after every N sends."""
+    from fedbrats.federated.client.executor import FedBratsExecutor
+
+    assert FedBratsExecutor()._memory_gc_rounds == memory.SITE_GC_ROUNDS
+    assert FedBratsExecutor(memory_gc_rounds=3)._memory_gc_rounds == 3
 
 
 def test_allocator_defaults_never_override_the_user(monkeypatch: pytest.MonkeyPatch) -> None:

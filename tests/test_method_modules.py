@@ -14,7 +14,7 @@ from fedbrats.federated.methods import EXPERIMENTS, JOBS, METHOD_DEFINITIONS, ME
 from fedbrats.federated.methods.base import ClientMethod, Method
 from fedbrats.federated.server.aggregation import STRATEGIES
 from fedbrats.jobgen import JOBS as GENERATED_JOBS
-from fedbrats.jobgen import job_configs
+from fedbrats.jobgen import job_spec
 from fedbrats.networks import NETWORKS, build_network
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -64,9 +64,7 @@ def test_the_readme_add_a_method_example_is_a_working_method() -> None:
 
 
 def test_jobs_are_built_from_the_method_declarations() -> None:
-    configs = job_configs("fedkd")
-    client = configs["app/config/config_fed_client.json"]
-    assert client["executors"][0]["executor"]["args"]["training"]["method"] == "fedkd"
+    assert job_spec("fedkd").training["method"] == "fedkd"
     assert isinstance(build_method("fedavg"), ClientMethod)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from deploy.poc import POC_PROJECT_NAME, PocDeployment
 from deploy.processes import DeploymentError, find_processes, nvflare_cli, port_is_free
-from fedbrats.jobgen import write_job
+from fedbrats.recipe import write_job
 
 TINY_TRAINING = {"epochs_per_round": 1, "data": {"roi_size": [16, 16, 16], "batch_size": 1}}
 

@@ -31,7 +31,7 @@ from deploy.poc import PocDeployment, kill_kit, kit_processes
 from deploy.processes import DeploymentError, find_processes, kill_processes, nvflare_cli, port_is_free
 from fedbrats.federated.events import ROUND_START, read_events
 from fedbrats.federated.protocol import RunFolder
-from fedbrats.jobgen import write_job
+from fedbrats.recipe import write_job
 
 logger = logging.getLogger(__name__)
 

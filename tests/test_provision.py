@@ -44,7 +44,7 @@ from deploy.project import (
     write_project,
 )
 from deploy.provision import ProvisionedDeployment
-from fedbrats.jobgen import write_job
+from fedbrats.recipe import write_job
 
 TINY_TRAINING = {"epochs_per_round": 1, "data": {"roi_size": [16, 16, 16], "batch_size": 1}}
 CERT_ERRORS = ("CERTIFICATE_VERIFY_FAILED", "SSLCertVerificationError", "certificate verify failed")

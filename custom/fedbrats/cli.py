@@ -52,40 +52,41 @@ def _pool_sites(argv: list[str]) -> int:
 
 def edited_job_files(out_dir: str) -> list[str]:
     """Files under ``out_dir`` that ``make-jobs`` would change: hand edits it would silently revert."""
-    from fedbrats.jobgen import DEFAULT_ROUNDS, JOBS, job_configs
+    from fedbrats.jobgen import JOBS
+    from fedbrats.recipe import job_files
 
     changed = []
     for name in sorted(JOBS):
-        for rel, content in job_configs(name, DEFAULT_ROUNDS).items():
+        for rel, content in job_files(name).items():
             path = os.path.join(out_dir, name, rel)
             if not os.path.isfile(path):
                 continue
-            with open(path, encoding="utf-8") as f:
+            with open(path, "rb") as f:
                 text = f.read()
-            if isinstance(content, str):
-                same = text == content
-            else:
-                try:
-                    same = json.loads(text) == json.loads(json.dumps(content))
-                except json.JSONDecodeError:
-                    same = False
+            try:
+                same = text == content or json.loads(text) == json.loads(content)
+            except json.JSONDecodeError:
+                same = False
             if not same:
                 changed.append(path)
     return changed
 
 
 def _make_jobs(argv: list[str]) -> int:
-    from fedbrats.jobgen import write_all_jobs
+    from fedbrats.recipe import write_all_jobs
 
     p = argparse.ArgumentParser(prog="fedbrats make-jobs", description="(Re)write the job folders.")
     p.add_argument("--out-dir", default="jobs")
-    p.add_argument("--force", action="store_true", help="rewrite job files that differ from jobgen.py (hand edits)")
+    p.add_argument(
+        "--force", action="store_true", help="rewrite job files that differ from the recipes' export (hand edits)"
+    )
     a = p.parse_args(argv)
     edited = [] if a.force else edited_job_files(a.out_dir)
     if edited:
         raise ValueError(
             f"make-jobs would revert {len(edited)} edited job file(s): {edited}. Put the change in "
-            "custom/fedbrats/jobgen.py (the single definition), or pass --force to discard the edits"
+            "custom/fedbrats/jobgen.py (the defaults) or custom/fedbrats/recipe.py (the components), or pass --force "
+            "to discard the edits"
         )
     for path in write_all_jobs(a.out_dir):
         logging.getLogger("fedbrats").info("wrote %s", path)
@@ -93,46 +94,27 @@ def _make_jobs(argv: list[str]) -> int:
 
 
 def _simulate(argv: list[str]) -> int:
-    from fedbrats.federated.simulate import parse_overrides, simulate
+    from fedbrats.federated.simulate import simulate
+    from fedbrats.job import add_job_arguments, recipe_options
 
     p = argparse.ArgumentParser(prog="fedbrats simulate", description="Run a job in the NVFlare simulator.")
-    p.add_argument("job")
+    add_job_arguments(p)
     p.add_argument("--workspace", required=True)
-    p.add_argument(
-        "--sites", default=None, help="sites.json (default: $FEDBRATS_SITE_CONFIG, else the embedded federation)"
-    )
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training option override")
-    p.add_argument("--agg", action="append", default=[], metavar="KEY=VALUE", help="aggregation argument")
-    p.add_argument("--net", action="append", default=[], metavar="KEY=VALUE", help="network argument")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--resume-from", default="", help="a previous run dir to continue (model, rounds, prototypes)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial model, data order and augmentation")
-    p.add_argument(
-        "--compression",
-        choices=("on", "off"),
-        default=None,
-        help="SVD-compressed updates both ways (default: the job's; on in fedmic); energies with --svd",
-    )
-    p.add_argument("--svd", action="append", default=[], metavar="KEY=VALUE", help="energy_start or energy_end")
     a = p.parse_args(argv)
-    compression: dict | bool | None = None if a.compression is None else a.compression == "on"
-    if a.svd:
-        if a.compression == "off":
-            p.error("--svd sets the energies of compression; it cannot go with --compression off")
-        compression = parse_overrides(a.svd)
+    options = recipe_options(a)
     result = simulate(
         a.job,
         a.workspace,
         sites_file=a.sites,
-        num_rounds=a.rounds,
-        overrides=parse_overrides(a.set),
-        aggregation_args=parse_overrides(a.agg),
-        controller_args={"resume_from": os.path.abspath(a.resume_from)} if a.resume_from else None,
+        num_rounds=options.get("num_rounds"),
+        overrides=options["training"],
+        aggregation_args=options["aggregation_args"],
+        controller_args=options["controller_args"],
         threads=a.threads,
-        seed=a.seed,
-        network_args=parse_overrides(a.net),
-        compression=compression,
+        seed=options["seed"],
+        network_args=options["network_args"],
+        compression=options["compression"],
     )
     logging.getLogger("fedbrats").info("run dir: %s (%.1fs)", result.run_dir, result.seconds)
     return 0
@@ -143,7 +125,7 @@ COMMANDS = {
     "synth-federation": "generate a synthetic federation with datalists (sites.json)",
     "prepare": "scan and validate a BraTS folder, write per-site datalists and sites.json",
     "pool-sites": "add the pooled 'central' site (centralized baseline) to a sites.json",
-    "make-jobs": "rewrite the job folders from their single definition",
+    "make-jobs": "rewrite the job folders (the export of each job's recipe)",
     "simulate": "run a job in the NVFlare simulator with overrides",
     "evaluate": "score a model on all 15 sequence combinations (JSON, markdown, heatmaps)",
     "export": "package a trained model with metadata.json",

@@ -5,7 +5,7 @@ more dimensions (conv kernels reshaped to ``out x (in*k*k*k)``) is factorised by
 triplets whose energy (sum of squared singular values) reaches a fraction ``e`` of the total are sent; ``e`` rises
 linearly over the rounds (0.95 to 0.98). 1-D weights (biases, norms) and non-float arrays go whole.
 
-Where the filters sit (written by :func:`fedbrats.jobgen.job_configs` when compression is on):
+Where the filters sit (added by :class:`fedbrats.recipe.FedBratsRecipe` when compression is on, one chain per task):
 
 ==========================  ============================  ==============================================
 filter                      where                         what

@@ -120,6 +120,7 @@ class PrototypePrivacyFilter(Filter):
         privatize_prototypes(np.zeros((1, 1)), np.zeros(1), clip_norm, noise_multiplier, np.random.default_rng(0))
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
+        self.seed = seed  # kept under its own name: a job export rebuilds the filter from its attributes
         self.rng = np.random.default_rng(seed)
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:

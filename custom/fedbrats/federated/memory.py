@@ -8,17 +8,19 @@ reference each other) that held a round's updates until Python's rare full colle
 the free pages and costs well under a millisecond, so it runs every round; a full ``gc.collect`` costs about
 0.1 s in a process holding torch, MONAI and NVFlare: the server (one process, the cycles) collects every round by
 default, the sites (many processes on a small machine, few cycles) every 10th.
+
+The collection itself is NVFlare's (``nvflare.fuel.utils.memory_utils.cleanup_memory``: ``gc.collect`` and an
+allocator-aware trim). At a site it is the Client API executor's own option, ``memory_gc_rounds`` of
+:class:`~fedbrats.federated.client.executor.FedBratsExecutor` (every that many results sent), and the training
+script trims after every round; the server's :class:`~fedbrats.federated.server.controller.FedBratsController`, an
+NVFlare ``ModelController`` (which, unlike NVFlare's FedAvg, has no such option), calls :func:`release_memory`.
 """
 
 from __future__ import annotations
 
-import gc
-import logging
 from collections.abc import MutableMapping
 
-from nvflare.fuel.utils.memory_utils import try_malloc_trim
-
-logger = logging.getLogger(__name__)
+from nvflare.fuel.utils.memory_utils import cleanup_memory, try_malloc_trim
 
 #: Default ``memory_gc_rounds`` of a site (many processes on a small machine, few cycles) and of the server.
 SITE_GC_ROUNDS = 10
@@ -40,7 +42,8 @@ def with_allocator_defaults(env: MutableMapping[str, str]) -> MutableMapping[str
 
 
 def release_memory(completed_rounds: int, gc_rounds: int) -> None:
-    """Return free heap pages to the OS; every ``gc_rounds``-th round collect garbage cycles first.
+    """Return free heap pages to the OS; every ``gc_rounds``-th round also collect garbage cycles first
+    (NVFlare's ``cleanup_memory``).
 
     Args:
         completed_rounds: rounds this process has finished (1 after the first).
@@ -51,6 +54,6 @@ def release_memory(completed_rounds: int, gc_rounds: int) -> None:
     if gc_rounds < 0:
         raise ValueError(f"gc_rounds must be >= 0, got {gc_rounds}")
     if gc_rounds and completed_rounds % gc_rounds == 0:
-        freed = gc.collect()
-        logger.debug("gc.collect freed %d objects after round %d", freed, completed_rounds)
-    try_malloc_trim()
+        cleanup_memory()
+    else:
+        try_malloc_trim()

@@ -1,8 +1,9 @@
 """Run a job in NVFlare's simulator with chosen overrides, and check that it really trained.
 
 ``fedbrats simulate fedkd --rounds 20 --set method_args.rcl_weight=0`` is how the results and ablations are
-produced: the job is generated from :mod:`fedbrats.jobgen` with the overrides into the workspace, so the
-committed job folders stay the single definition of each method.
+produced: the job is exported from its recipe (:class:`fedbrats.recipe.FedBratsRecipe`) with the overrides into the
+workspace, so the committed job folders stay the single definition of each method. (``python -m fedbrats.job JOB
+--env sim`` runs the same recipe in NVFlare's ``SimEnv``; this runner adds the checks below.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from fedbrats.data.site_config import SITE_CONFIG_ENV, federation_sites_file
 from fedbrats.federated.events import JOB_STOP, RESULT_RECEIVED, read_events
 from fedbrats.federated.memory import with_allocator_defaults
 from fedbrats.federated.protocol import RunFolder
-from fedbrats.jobgen import DEFAULT_ROUNDS, JOBS, write_job
+from fedbrats.jobgen import DEFAULT_ROUNDS, JOBS
+from fedbrats.recipe import write_job
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _keep_resume_source(run_dir: str, workspace: str) -> str:
+def keep_resume_source(run_dir: str, workspace: str) -> str:
     """Copy what a resume needs out of ``run_dir``: the simulator wipes its workspace, which may hold it."""
     if not os.path.isdir(run_dir):
         raise ValueError(f"resume_from={run_dir!r} is not a folder")
@@ -249,14 +251,14 @@ def simulate(
         aggregation_args: arguments of the job's aggregation strategy (merged into the job's).
         min_clients: usable updates a round needs (default: the job's).
         controller_args: further controller arguments, e.g. ``{"resume_from": previous_run_dir}``.
-        privacy: site-side privacy filters, see :func:`fedbrats.jobgen.job_configs`.
+        privacy: site-side privacy filters, see :func:`fedbrats.jobgen.job_spec`.
         clients: client names (default: from ``sites_file``).
         threads: clients run in parallel (default: all).
         log_file: where the simulator's output goes (default ``workspace/simulator.log``).
-        seed: the run's seed (initial model, data order, augmentation), see :func:`fedbrats.jobgen.job_configs`.
+        seed: the run's seed (initial model, data order, augmentation), see :func:`fedbrats.jobgen.job_spec`.
         network_args: override arguments of the job's network (e.g. ``{"init_filters": 16}``).
         compression: SVD-compressed updates on (True or energies) or off (False); None keeps the job's default
-            (see :func:`fedbrats.jobgen.job_configs`).
+            (see :func:`fedbrats.jobgen.job_spec`).
 
     Raises:
         SimulatedSiteLostError: the simulator lost a site's process while the job needs every site (it would
@@ -268,7 +270,7 @@ def simulate(
     sites_file = federation_sites_file(sites_file, f"simulate {job}")
     if controller_args and controller_args.get("resume_from"):
         controller_args = dict(
-            controller_args, resume_from=_keep_resume_source(controller_args["resume_from"], workspace)
+            controller_args, resume_from=keep_resume_source(controller_args["resume_from"], workspace)
         )
     clients = clients or site_names(sites_file, job)
     os.makedirs(workspace, exist_ok=True)

@@ -41,8 +41,9 @@ class FedBratsExecutor(ClientAPIExecutor):
         evaluate_task_name: name of the validation task.
         params_transfer_type: ``FULL`` weights or ``DIFF`` (differences to the received global model, which
             NVFlare's privacy filters on weight differences, e.g. ``SVTPrivacy``, need).
-        memory_gc_rounds: the site returns freed memory to the operating system after every round and also
-            collects garbage cycles every this many rounds (0: never); see :mod:`fedbrats.federated.memory`.
+        memory_gc_rounds: NVFlare's Client API memory clean-up (``gc.collect`` and ``malloc_trim``) after every
+            this many results sent (0: never); the training script also returns free heap pages to the operating
+            system after every round. See :mod:`fedbrats.federated.memory`.
     """
 
     def __init__(
@@ -54,8 +55,6 @@ class FedBratsExecutor(ClientAPIExecutor):
         memory_gc_rounds: int = SITE_GC_ROUNDS,
     ) -> None:
         TrainConfig.from_dict(training)  # fail early on bad options
-        if memory_gc_rounds < 0:
-            raise ValueError(f"memory_gc_rounds must be >= 0, got {memory_gc_rounds}")
         self.training = dict(training or {})
         self.memory_gc_rounds = memory_gc_rounds
         super().__init__(
@@ -66,6 +65,7 @@ class FedBratsExecutor(ClientAPIExecutor):
             train_task_name=train_task_name,
             evaluate_task_name=evaluate_task_name,
             params_transfer_type=params_transfer_type,
+            memory_gc_rounds=memory_gc_rounds,
         )
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
@@ -73,9 +73,7 @@ class FedBratsExecutor(ClientAPIExecutor):
             # The site's workspace root is where a startup kit keeps local/ settings (data paths, modalities).
             workspace = fl_ctx.get_engine().get_workspace()
             root = workspace.get_root_dir()
+            # The job's run folder at this site: where a method keeps site-local state (never sent).
             run_dir = workspace.get_run_dir(fl_ctx.get_job_id())
-            self._task_script_args = (
-                f"--training {encode_config(self.training)} --workspace {root} --gc-rounds {self.memory_gc_rounds} "
-                f"--run-dir {run_dir}"
-            )
+            self._task_script_args = f"--training {encode_config(self.training)} --workspace {root} --run-dir {run_dir}"
         super().handle_event(event_type, fl_ctx)

@@ -14,12 +14,12 @@ import time
 import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.client.tracking import SummaryWriter
+from nvflare.fuel.utils.memory_utils import try_malloc_trim
 
 from fedbrats.constants import REGIONS
 from fedbrats.data.site_config import resolve_site_config
 from fedbrats.federated.client.executor import decode_config
 from fedbrats.federated.client.trainer import SiteTrainer, TrainConfig
-from fedbrats.federated.memory import SITE_GC_ROUNDS, release_memory
 from fedbrats.federated.protocol import (
     KEEP_LOCAL_WEIGHTS_KEY,
     KEY_METRIC,
@@ -38,13 +38,12 @@ from fedbrats.networks import build_from_spec
 logger = logging.getLogger("fedbrats.client")
 
 
-def run(training: dict, workspace: str | None, gc_rounds: int = SITE_GC_ROUNDS, run_dir: str | None = None) -> None:
+def run(training: dict, workspace: str | None, run_dir: str | None = None) -> None:
     """The site's federated loop (returns when the server ends the job).
 
     Args:
         training: the job's training options.
         workspace: the site's workspace root (for ``local/`` settings).
-        gc_rounds: see :func:`fedbrats.federated.memory.release_memory`.
         run_dir: the site's run folder of this job (site-local state of a method, e.g. FedMIC's personalised
             model); None: the method keeps such state in memory only.
     """
@@ -52,7 +51,7 @@ def run(training: dict, workspace: str | None, gc_rounds: int = SITE_GC_ROUNDS, 
     site_name = flare.get_site_name()
     answered = [True]  # whether the last task received has been answered (a list: _run sets it)
     try:
-        _run(site_name, training, workspace, gc_rounds, answered, run_dir)
+        _run(site_name, training, workspace, answered, run_dir)
     except Exception as exc:
         logger.exception("site %s failed", site_name)
         _answer_with_error(site_name, exc, pending=not answered[0])
@@ -75,12 +74,7 @@ def _answer_with_error(site_name: str, exc: BaseException, pending: bool) -> Non
 
 
 def _run(
-    site_name: str,
-    training: dict,
-    workspace: str | None,
-    gc_rounds: int,
-    answered: list[bool],
-    run_dir: str | None = None,
+    site_name: str, training: dict, workspace: str | None, answered: list[bool], run_dir: str | None = None
 ) -> None:
     """The loop of :func:`run` (``answered[0]`` False while a received task is not yet answered)."""
     config = TrainConfig.from_dict(training)
@@ -88,7 +82,6 @@ def _run(
     writer = SummaryWriter()
     trainer: SiteTrainer | None = None
     has_local_weights = False
-    rounds_done = 0
 
     while flare.is_running():
         input_model = flare.receive()
@@ -148,8 +141,9 @@ def _run(
             summary[TRAIN_LOSS_KEY],
             time.monotonic() - started,
         )
-        rounds_done += 1
-        release_memory(rounds_done, gc_rounds)
+        # Free heap pages back to the OS every round (well under a millisecond); the garbage-cycle collection is
+        # NVFlare's Client API option, the executor's memory_gc_rounds (see fedbrats.federated.memory).
+        try_malloc_trim()
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -161,10 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--training", required=True, help="encoded training options (set by the executor)")
     parser.add_argument("--workspace", default=None, help="the site's workspace root (for local/ settings)")
-    parser.add_argument("--gc-rounds", type=int, default=SITE_GC_ROUNDS, help="collect garbage cycles every N rounds")
     parser.add_argument("--run-dir", default=None, help="the site's run folder of this job (site-local state)")
     args = parser.parse_args(argv)
-    run(decode_config(args.training), args.workspace, args.gc_rounds, args.run_dir)
+    run(decode_config(args.training), args.workspace, args.run_dir)
 
 
 if __name__ == "__main__":

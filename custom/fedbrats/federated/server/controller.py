@@ -77,6 +77,10 @@ class FedBratsController(ModelController):
             even start, so the remaining rounds would only repeat the failure and end in a "successful" job.
     """
 
+    #: Written into an exported job even where equal to the default (NVFlare's Job API otherwise leaves defaults
+    #: out): the settings a reader of the job, or a tool that edits it (``deploy``'s ``num_rounds``), looks for.
+    _always_serialize_args = ("num_rounds", "min_clients", "seed")
+
     def __init__(
         self,
         num_rounds: int = 2,
@@ -108,6 +112,7 @@ class FedBratsController(ModelController):
         self.wait_time_after_min_received = wait_time_after_min_received
         self.final_validation = final_validation
         self.resume_from = resume_from
+        self.persistor_id = persistor_id
         self.memory_gc_rounds = memory_gc_rounds
         self.seed = seed
         self.strategy: AggregationStrategy | None = None

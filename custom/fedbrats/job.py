@@ -1,0 +1,193 @@
+"""Run any fedbrats job's recipe in NVFlare's simulator, a PoC federation or a production federation.
+
+::
+
+    python -m fedbrats.job fedkd --env sim --rounds 2 --set epochs_per_round=1   # SimEnv, the sites of sites.json
+    python -m fedbrats.job fedavg --env poc --poc-workspace /tmp/my_poc          # PocEnv: prepare, start, run, stop
+    python -m fedbrats.job fedkd --env prod --startup-kit /path/admin@org.com    # ProdEnv: submit with an admin kit
+    python -m fedbrats.job fedkd --export --export-dir jobs                      # NVFlare's flags: export only
+
+The job is :class:`fedbrats.recipe.FedBratsRecipe` with the options below (the same as ``fedbrats simulate``); its
+defaults are those of :mod:`fedbrats.jobgen`, so ``--export`` with no option writes the committed ``jobs/<name>``.
+``--export`` and ``--export-dir`` are NVFlare's own recipe flags (``Recipe.execute``).
+
+- ``sim``: NVFlare's ``SimEnv`` with the federation's sites (``--sites``, else ``FEDBRATS_SITE_CONFIG``, else the
+  embedded synthetic federation); results under ``<workspace>/<job>/server/simulate_job``. ``fedbrats simulate``
+  runs the same recipe in the simulator with more checks (a lost site, a run that aggregated nothing).
+- ``poc``: NVFlare's ``PocEnv`` (``nvflare poc`` prepare and start, submit, wait, stop). The sites read
+  ``FEDBRATS_SITE_CONFIG`` (exported here from ``--sites``). PoC listens on port 8002 and keeps its settings in
+  ``~/.nvflare`` unless ``--project-conf`` and ``--poc-workspace`` say otherwise; ``python -m deploy.poc`` from a
+  checkout picks a free port and a private workspace by itself.
+- ``prod``: NVFlare's ``ProdEnv``: submit to a running federation with an admin's startup kit; each site reads
+  its own ``local/fedbrats_site.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from nvflare.recipe import PocEnv, ProdEnv, SimEnv
+from nvflare.recipe.spec import ExecEnv
+
+from fedbrats.data.site_config import SITE_CONFIG_ENV, federation_sites_file
+from fedbrats.federated.memory import with_allocator_defaults
+from fedbrats.federated.simulate import keep_resume_source, parse_overrides, site_names
+from fedbrats.jobgen import JOBS
+from fedbrats.logging_setup import add_log_level_argument, configure_logging
+from fedbrats.recipe import FedBratsRecipe
+
+logger = logging.getLogger(__name__)
+
+ENVS = ("sim", "poc", "prod")
+#: The job status NVFlare reports for a job that ran to its end without error.
+COMPLETED = "FINISHED:COMPLETED"
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a job (``fedbrats simulate`` and ``python -m fedbrats.job`` share them)."""
+    parser.add_argument("job", choices=sorted(JOBS))
+    parser.add_argument(
+        "--sites", default=None, help="sites.json (default: $FEDBRATS_SITE_CONFIG, else the embedded federation)"
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default: the job's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training option override")
+    parser.add_argument("--agg", action="append", default=[], metavar="KEY=VALUE", help="aggregation argument")
+    parser.add_argument("--net", action="append", default=[], metavar="KEY=VALUE", help="network argument")
+    parser.add_argument("--resume-from", default="", help="a previous run dir to continue (model, rounds, prototypes)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial model, data order and augmentation")
+    parser.add_argument(
+        "--compression",
+        choices=("on", "off"),
+        default=None,
+        help="SVD-compressed updates both ways (default: the job's; on in fedmic); energies with --svd",
+    )
+    parser.add_argument("--svd", action="append", default=[], metavar="KEY=VALUE", help="energy_start or energy_end")
+
+
+def recipe_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of :class:`~fedbrats.recipe.FedBratsRecipe` from :func:`add_job_arguments`'s options
+    (``num_rounds`` only where ``--rounds`` is given).
+
+    Raises:
+        ValueError: ``--svd`` with ``--compression off``.
+    """
+    compression: dict[str, Any] | bool | None = None if args.compression is None else args.compression == "on"
+    if args.svd:
+        if args.compression == "off":
+            raise ValueError("--svd sets the energies of compression; it cannot go with --compression off")
+        compression = parse_overrides(args.svd)
+    options: dict[str, Any] = {
+        "training": parse_overrides(args.set),
+        "aggregation_args": parse_overrides(args.agg),
+        "network_args": parse_overrides(args.net),
+        "seed": args.seed,
+        "controller_args": {"resume_from": os.path.abspath(args.resume_from)} if args.resume_from else None,
+        "compression": compression,
+    }
+    if args.rounds is not None:
+        options["num_rounds"] = args.rounds
+    return options
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fedbrats.job",
+        description="Run a fedbrats job recipe in NVFlare's simulator (sim), a PoC federation (poc) or a production "
+        "federation (prod); NVFlare's --export [--export-dir DIR] writes the job folder instead.",
+    )
+    add_job_arguments(parser)
+    parser.add_argument("--env", choices=ENVS, default="sim", help="where to run (default: sim)")
+    parser.add_argument("--clients", default=None, help="sim/poc: comma-separated site names (default: --sites')")
+    parser.add_argument("--threads", type=int, default=None, help="sim: sites run in parallel (default: all)")
+    parser.add_argument(
+        "--workspace", default="workspace/recipes", help="sim: the simulator's workspace root (default: %(default)s)"
+    )
+    parser.add_argument("--poc-workspace", default=None, help="poc: NVFLARE_POC_WORKSPACE (default: NVFlare's)")
+    parser.add_argument("--project-conf", default="", help="poc: project.yml for `nvflare poc prepare` (e.g. a port)")
+    parser.add_argument("--startup-kit", default=None, help="prod: the admin's startup kit folder")
+    parser.add_argument("--username", default=None, help="poc/prod: the admin user (default: NVFlare's)")
+    parser.add_argument("--study", default=None, help="poc/prod: the study to submit to (default: NVFlare's)")
+    parser.add_argument(
+        "--timeout", type=float, default=0.0, help="poc/prod: seconds to wait for the job (0: no limit)"
+    )
+    add_log_level_argument(parser)
+    return parser
+
+
+def _clients(args: argparse.Namespace) -> list[str]:
+    """The sites to start (sim, poc): ``--clients``, else those of the federation's ``sites.json``."""
+    if args.clients:
+        return [c.strip() for c in args.clients.split(",") if c.strip()]
+    return site_names(os.environ[SITE_CONFIG_ENV], args.job)
+
+
+def _admin_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in (("username", args.username), ("study", args.study)) if v is not None}
+
+
+def make_env(args: argparse.Namespace) -> ExecEnv:
+    """The NVFlare execution environment ``--env`` names, with its options.
+
+    Raises:
+        ValueError: ``prod`` without ``--startup-kit``.
+    """
+    if args.env == "prod":
+        if not args.startup_kit:
+            raise ValueError("--env prod needs --startup-kit (the admin's startup kit folder)")
+        return ProdEnv(startup_kit_location=os.path.abspath(args.startup_kit), **_admin_options(args))
+    # The simulator's and PoC's site processes start from here: they read the federation's sites.json and get the
+    # allocator settings (fedbrats.federated.memory).
+    os.environ[SITE_CONFIG_ENV] = federation_sites_file(args.sites, f"{args.env} {args.job}")
+    with_allocator_defaults(os.environ)
+    clients = _clients(args)
+    if args.env == "sim":
+        return SimEnv(clients=clients, num_threads=args.threads, workspace_root=os.path.abspath(args.workspace))
+    if args.poc_workspace:
+        os.environ["NVFLARE_POC_WORKSPACE"] = os.path.abspath(args.poc_workspace)
+    # With --project-conf, NVFlare takes the sites from that file instead.
+    return PocEnv(
+        num_clients=len(clients), clients=clients, project_conf_path=args.project_conf, **_admin_options(args)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedbrats.job``: run (or, with NVFlare's ``--export``, export) a job's recipe; 0 on success."""
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return _run(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        logger.error("%s", e)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    options = recipe_options(args)
+    if args.env == "sim" and options["controller_args"]:
+        # The simulator wipes its workspace, which may hold the run to resume.
+        resume = keep_resume_source(options["controller_args"]["resume_from"], args.workspace)
+        options["controller_args"] = {"resume_from": resume}
+    env = make_env(args)
+    if isinstance(env, PocEnv):
+        # NVFlare's PoC submits a few seconds after starting the sites: wait for all of them, not the first.
+        options["deploy_min_clients"] = env.num_clients
+    recipe = FedBratsRecipe(args.job, **options)
+    run = recipe.execute(env)  # exits here after an --export
+    logger.info("job %s deployed as %s (%s)", args.job, run.get_job_id(), args.env)
+    # clean_up=False: a PoC workspace (and the result downloaded into it) stays; the PoC itself is stopped.
+    result = run.get_result(timeout=args.timeout, clean_up=False)
+    if args.env == "sim":
+        run_dir = os.path.join(result, "server", "simulate_job")
+        logger.info("%s finished; server run dir %s", args.job, run_dir)
+        return 0 if os.path.isfile(os.path.join(run_dir, "metrics.json")) else 1
+    status = run.get_status()
+    logger.info("%s ended with status %s; result %s", args.job, status, result)
+    return 0 if status == COMPLETED and result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

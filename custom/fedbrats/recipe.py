@@ -1,0 +1,210 @@
+"""Every job as an NVFlare 2.9 job recipe: one definition, run in ``SimEnv``, ``PocEnv`` or ``ProdEnv``, or exported.
+
+:class:`FedBratsRecipe` builds a job from :func:`fedbrats.jobgen.job_spec` (the defaults of the common training
+recipe and of the method) with NVFlare's Job API; ``recipe.export(out_dir)`` writes the job folder, and the
+committed folders under ``jobs/`` are exactly that export with the defaults (:func:`write_all_jobs`, run by
+``fedbrats make-jobs``; a test checks it). ``python -m fedbrats.job`` runs a recipe in the three environments.
+
+The export rebuilds every component from its attributes named like its constructor's arguments (and leaves out
+arguments equal to their default), so the components added here keep their arguments under their own names;
+:func:`built_component` checks that for classes named by a path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE
+from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
+from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
+from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
+from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
+from nvflare.fuel.utils.class_utils import instantiate_class
+from nvflare.job_config.api import FedJob
+from nvflare.job_config.defs import FilterType
+from nvflare.recipe.spec import Recipe
+
+from fedbrats.federated.client.executor import FedBratsExecutor
+from fedbrats.federated.compression import SVDBroadcastCompressor, SVDDecompressor, SVDUpdateCompressor
+from fedbrats.federated.filters import PayloadAuditFilter, PrototypePrivacyFilter
+from fedbrats.federated.protocol import KEY_METRIC, PAYLOAD_AUDIT_IN_FILE
+from fedbrats.federated.server.aggregation import STRATEGIES
+from fedbrats.federated.server.controller import FedBratsController
+from fedbrats.jobgen import JOBS, TASK_REQUEST_INTERVAL, JobSpec, job_spec
+from fedbrats.utils import deep_merge
+
+#: The package whose classes the jobs name: installed at every site, so never copied into a job's ``app/custom``.
+PACKAGE = "fedbrats"
+#: The tasks a site's executor answers.
+CLIENT_TASKS = ["train", "validate", "submit_model"]
+#: Prefix of the site events NVFlare forwards to the server (TensorBoard streaming).
+FED_EVENT_PREFIX = "fed."
+#: What every job's ``app/custom`` holds: a README and no code. NVFlare treats a job with ``app/custom`` as
+#: bring-your-own-code and then skips the sites' class allow-lists (see the file, and docs/deployment.md).
+APP_CUSTOM_README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "app_custom", "README.md")
+
+_MISSING = object()
+
+
+def built_component(spec: Mapping[str, Any], build: Any = instantiate_class) -> Any:
+    """Build a component from ``{"path": ..., "args": {...}}`` and check that a job export keeps its arguments.
+
+    Args:
+        spec: the class path and constructor arguments.
+        build: ``build(path, args)`` returns the instance (default: NVFlare's ``instantiate_class``; the
+            aggregation strategies go through their registry).
+
+    Raises:
+        ValueError: the class does not store an argument under its own name (or ``_name``), so the exported job
+            would silently lose it.
+    """
+    path, args = spec["path"], dict(spec.get("args", {}))
+    obj = build(path, args)
+    lost = sorted(
+        key
+        for key, value in args.items()
+        if getattr(obj, key, getattr(obj, f"_{key}", _MISSING)) != value  # as NVFlare's export reads it
+    )
+    if lost:
+        raise ValueError(
+            f"{path} does not keep constructor argument(s) {lost} under their own names: an exported job would "
+            "lose them; wrap the class so that it stores each argument as an attribute of the same name"
+        )
+    return obj
+
+
+class FedBratsRecipe(Recipe):
+    """One fedbrats job (any method of :data:`fedbrats.jobgen.JOBS`) as an NVFlare job recipe.
+
+    The job has one app for the server and every site (``app/``, deployed to ``@ALL``): the server runs
+    :class:`~fedbrats.federated.server.controller.FedBratsController` with the job's aggregation strategy, a
+    PyTorch persistor of the job's network, NVFlare's best-model selector, model locator and TensorBoard receiver;
+    each site runs :class:`~fedbrats.federated.client.executor.FedBratsExecutor` (NVFlare's Client API executor,
+    in-process, with the package's training script), forwards its TensorBoard events and passes every result
+    through the optional privacy filters and then the payload audit. ``app/custom`` holds a README only.
+
+    With compression (``JobSpec.compression``, :mod:`fedbrats.federated.compression`) the sites send weight
+    differences; the server compresses what it sends (``SVDBroadcastCompressor``) and rebuilds what it receives
+    (``SVDDecompressor``); each site audits what arrives (``payload_audit_in.jsonl``) and rebuilds it, and
+    compresses its update after the privacy filters, before the audit. Every filter chain is one task's: each
+    task's compressor/decompressor pair is its own (NVFlare builds each chain's filters anew), so the training
+    rounds share one view per site and the final validation, another task, gets the full model.
+
+    Args:
+        name: a key of :data:`fedbrats.jobgen.JOBS` (the method's job).
+        deploy_min_clients: sites that must be connected before the job is deployed (``meta.json``'s
+            ``min_clients``; default the job's ``min_clients``, at least 1). A job that needs every site
+            (``min_clients`` 0) cannot know how many there are: a PoC, which submits while its sites still connect,
+            sets it to its number of sites.
+        options: the job's options, keyword arguments of :func:`fedbrats.jobgen.job_spec` (``num_rounds``,
+            ``aggregation_args``, ``min_clients``, ``controller_args``, ``privacy``, ``seed``, ``network_args``,
+            ``training``, ``compression``).
+    """
+
+    def __init__(self, name: str, *, deploy_min_clients: int | None = None, **options: Any) -> None:
+        self.spec: JobSpec = job_spec(name, **options)
+        job = FedJob(
+            name=name,
+            min_clients=deploy_min_clients or max(1, self.spec.min_clients),
+            meta_props={"description": self.spec.description},
+        )
+        job.set_app_packages([PACKAGE])
+        self._add_server(job, self.spec)
+        self._add_clients(job, self.spec)
+        super().__init__(job)
+
+    @staticmethod
+    def _add_server(job: FedJob, spec: JobSpec) -> None:
+        controller = FedBratsController(
+            num_rounds=spec.num_rounds, min_clients=spec.min_clients, seed=spec.seed, **spec.controller_args
+        )
+        job.to_server(controller, id="controller")
+        job.to_server(PTFileModelPersistor(model=spec.network), id=controller.persistor_id)
+        job.to_server(built_component(spec.aggregation, STRATEGIES.build), id=controller.aggregation_id)
+        job.to_server(IntimeModelSelector(key_metric=KEY_METRIC), id="model_selector")
+        job.to_server(PTFileModelLocator(pt_persistor_id=controller.persistor_id), id="model_locator")
+        job.to_server(TBAnalyticsReceiver(events=[FED_EVENT_PREFIX + ANALYTIC_EVENT_TYPE]), id="tb_receiver")
+        job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
+        job.add_file_to_server(APP_CUSTOM_README)
+        if spec.compression is not None:
+            for task in CLIENT_TASKS:
+                job.to_server(
+                    SVDBroadcastCompressor(**spec.compression), filter_type=FilterType.TASK_DATA, tasks=[task]
+                )
+                job.to_server(SVDDecompressor(), filter_type=FilterType.TASK_RESULT, tasks=[task])
+
+    @staticmethod
+    def _add_clients(job: FedJob, spec: JobSpec) -> None:
+        weights_filter = spec.privacy.get("weights")
+        svd = spec.compression
+        # NVFlare's filters on weights act on differences to the global model, and so does the SVD compression of
+        # an update: the sites then send differences.
+        diff = bool(weights_filter) or svd is not None
+        executor = FedBratsExecutor(training=spec.training, params_transfer_type="DIFF" if diff else "FULL")
+        job.to_clients(executor, tasks=list(CLIENT_TASKS))
+        job.to_clients(
+            ConvertToFedEvent(events_to_convert=[ANALYTIC_EVENT_TYPE], fed_event_prefix=FED_EVENT_PREFIX),
+            id="event_to_fed",
+        )
+        result_filters = []
+        if weights_filter:
+            result_filters.append(built_component(weights_filter))
+        if "prototypes" in spec.privacy:
+            result_filters.append(PrototypePrivacyFilter(**spec.privacy["prototypes"]))
+        if svd is not None:
+            # After the privacy filters (they act on the update itself), before the audit (it sees the wire).
+            result_filters.append(SVDUpdateCompressor(**svd))
+        # The audit comes last, so it records exactly what leaves the site. One chain per task: NVFlare 2.9 looks a
+        # result's filters up by its exact task name (a chain for "*", the Job API's default, matches no task),
+        # and the Job API keeps a chain's tasks in a set, whose order would change from one export to the next.
+        result_filters.append(PayloadAuditFilter())
+        for task in CLIENT_TASKS:
+            if svd is not None:
+                # What arrives is audited before anything decodes it; the decompressor keeps the site's view.
+                job.to_clients(
+                    PayloadAuditFilter(file_name=PAYLOAD_AUDIT_IN_FILE), filter_type=FilterType.TASK_DATA, tasks=[task]
+                )
+                job.to_clients(SVDDecompressor(), filter_type=FilterType.TASK_DATA, tasks=[task])
+            for result_filter in result_filters:
+                job.to_clients(result_filter, filter_type=FilterType.TASK_RESULT, tasks=[task])
+
+
+def write_job(name: str, out_dir: str, **options: Any) -> str:
+    """Export job ``name`` into ``out_dir/name`` and return that folder.
+
+    Args:
+        name: the job.
+        out_dir: where the job folder goes.
+        options: keyword arguments of :class:`FedBratsRecipe` (``num_rounds``, ``privacy``, ``deploy_min_clients``,
+            ...); any other is a training-option override (nested dicts are merged), e.g. ``epochs_per_round=1``.
+    """
+    recipe_args = (set(inspect.signature(job_spec).parameters) - {"name"}) | {"deploy_min_clients"}
+    kwargs = {key: value for key, value in options.items() if key in recipe_args}
+    training = {key: value for key, value in options.items() if key not in recipe_args}
+    if training:
+        kwargs["training"] = deep_merge(kwargs.get("training") or {}, training)
+    FedBratsRecipe(name, **kwargs).export(out_dir)
+    return os.path.join(out_dir, name)
+
+
+def write_all_jobs(out_dir: str) -> list[str]:
+    """Export every job of :data:`fedbrats.jobgen.JOBS` with its defaults (what ``jobs/`` in the repository holds)."""
+    return [write_job(name, out_dir) for name in sorted(JOBS)]
+
+
+def job_files(name: str, **kwargs: Any) -> dict[str, bytes]:
+    """The files of job ``name`` (arguments as :func:`write_job`) by their path in the job folder."""
+    with tempfile.TemporaryDirectory(prefix="fedbrats_job_") as tmp:
+        job_dir = write_job(name, tmp, **kwargs)
+        files = {}
+        for root, _, names in os.walk(job_dir):
+            for file_name in names:
+                path = os.path.join(root, file_name)
+                with open(path, "rb") as f:
+                    files[os.path.relpath(path, job_dir)] = f.read()
+        return files
