@@ -38,18 +38,20 @@ from fedbrats.networks import build_from_spec
 logger = logging.getLogger("fedbrats.client")
 
 
-def run(training: dict, workspace: str | None) -> None:
+def run(training: dict, workspace: str | None, run_dir: str | None = None) -> None:
     """The site's federated loop (returns when the server ends the job).
 
     Args:
         training: the job's training options.
         workspace: the site's workspace root (for ``local/`` settings).
+        run_dir: the site's run folder of this job (site-local state of a method, e.g. FedMIC's personalised
+            model); None: the method keeps such state in memory only.
     """
     flare.init()
     site_name = flare.get_site_name()
     answered = [True]  # whether the last task received has been answered (a list: _run sets it)
     try:
-        _run(site_name, training, workspace, answered)
+        _run(site_name, training, workspace, answered, run_dir)
     except Exception as exc:
         logger.exception("site %s failed", site_name)
         _answer_with_error(site_name, exc, pending=not answered[0])
@@ -71,7 +73,9 @@ def _answer_with_error(site_name: str, exc: BaseException, pending: bool) -> Non
         flare.send(failed)
 
 
-def _run(site_name: str, training: dict, workspace: str | None, answered: list[bool]) -> None:
+def _run(
+    site_name: str, training: dict, workspace: str | None, answered: list[bool], run_dir: str | None = None
+) -> None:
     """The loop of :func:`run` (``answered[0]`` False while a received task is not yet answered)."""
     config = TrainConfig.from_dict(training)
     site = resolve_site_config(site_name, workspace)
@@ -90,6 +94,8 @@ def _run(site_name: str, training: dict, workspace: str | None, answered: list[b
             # The server sends the network's spec with the weights: the architecture is defined once, on the server.
             model = build_from_spec(meta[MODEL_SPEC_KEY])
             trainer = SiteTrainer(site, config, model, log_scalar=writer.add_scalar)
+            if run_dir:
+                trainer.method.use_site_folder(run_dir)
             logger.info("site %s: method %s, %d training cases", site_name, config.method, trainer.num_train_cases)
 
         keep_local = bool(meta.get(KEEP_LOCAL_WEIGHTS_KEY)) and has_local_weights
@@ -120,6 +126,7 @@ def _run(site_name: str, training: dict, workspace: str | None, answered: list[b
                 "round %d | site %s | global model on local validation: %s", current_round, site_name, _fmt(metrics)
             )
         summary = trainer.train_round(current_round, input_model.total_rounds)
+        trainer.method.on_round_end(trainer.model, current_round)
         extras = trainer.method.round_payload(trainer.model, trainer.train_loader)
         has_local_weights = True
         out_meta = site_update_meta(site_name, site.modalities, trainer.num_train_cases, summary, to_wire(extras))
@@ -148,8 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--training", required=True, help="encoded training options (set by the executor)")
     parser.add_argument("--workspace", default=None, help="the site's workspace root (for local/ settings)")
+    parser.add_argument("--run-dir", default=None, help="the site's run folder of this job (site-local state)")
     args = parser.parse_args(argv)
-    run(decode_config(args.training), args.workspace)
+    run(decode_config(args.training), args.workspace, args.run_dir)
 
 
 if __name__ == "__main__":
