@@ -55,13 +55,14 @@ def run(training: dict, workspace: str | None, run_dir: str | None = None) -> No
     Args:
         training: the job's training options.
         workspace: the site's workspace root (for ``local/`` settings).
-        run_dir: the site's run folder of the job (for ``site_events.jsonl``; without it no events are written).
+        run_dir: the site's run folder of this job: its events file (``site_events.jsonl``) and site-local
+            state of a method (e.g. FedMIC's personalised model). None: no events, such state in memory only.
     """
     flare.init()
     site_name = flare.get_site_name()
     answered = [True]  # whether the last task received has been answered (a list: _run sets it)
     try:
-        _run(site_name, training, workspace, answered, site_events_writer(run_dir))
+        _run(site_name, training, workspace, answered, run_dir)
     except Exception as exc:
         logger.exception("site %s failed", site_name)
         _answer_with_error(site_name, exc, pending=not answered[0])
@@ -84,10 +85,11 @@ def _answer_with_error(site_name: str, exc: BaseException, pending: bool) -> Non
 
 
 def _run(
-    site_name: str, training: dict, workspace: str | None, answered: list[bool], events: RoundEventWriter | None
+    site_name: str, training: dict, workspace: str | None, answered: list[bool], run_dir: str | None = None
 ) -> None:
     """The loop of :func:`run` (``answered[0]`` False while a received task is not yet answered)."""
     config = TrainConfig.from_dict(training)
+    events = site_events_writer(run_dir)
     site = resolve_site_config(site_name, workspace)
     writer = SummaryWriter()
     trainer: SiteTrainer | None = None
@@ -104,6 +106,8 @@ def _run(
             # The server sends the network's spec with the weights: the architecture is defined once, on the server.
             model = build_from_spec(meta[MODEL_SPEC_KEY])
             trainer = SiteTrainer(site, config, model, log_scalar=writer.add_scalar)
+            if run_dir:
+                trainer.method.use_site_folder(run_dir)
             logger.info("site %s: method %s, %d training cases", site_name, config.method, trainer.num_train_cases)
 
         keep_local = bool(meta.get(KEEP_LOCAL_WEIGHTS_KEY)) and has_local_weights
@@ -134,6 +138,7 @@ def _run(
                 "round %d | site %s | global model on local validation: %s", current_round, site_name, _fmt(metrics)
             )
         summary = trainer.train_round(current_round, input_model.total_rounds)
+        trainer.method.on_round_end(trainer.model, current_round)
         extras = trainer.method.round_payload(trainer.model, trainer.train_loader)
         has_local_weights = True
         out_meta = site_update_meta(site_name, site.modalities, trainer.num_train_cases, summary, to_wire(extras))
@@ -165,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--training", required=True, help="encoded training options (set by the executor)")
     parser.add_argument("--workspace", default=None, help="the site's workspace root (for local/ settings)")
-    parser.add_argument("--run-dir", default=None, help="the site's run folder of the job (for its events file)")
+    parser.add_argument(
+        "--run-dir", default=None, help="the site's run folder of this job (its events file, site-local state)"
+    )
     args = parser.parse_args(argv)
     run(decode_config(args.training), args.workspace, args.run_dir)
 
