@@ -4,7 +4,7 @@ Run ``python benchmarks/run.py --mode quick --out-dir benchmarks/results/quick``
 code is split by what it measures:
 
 - :mod:`benchmarks.system`: the machine, library versions and a process-tree memory sampler;
-- :mod:`benchmarks.simlog`: round timelines from the controller's round events and the sites' log lines;
+- :mod:`benchmarks.simlog`: round timelines from the controller's round events and the sites' events;
 - :mod:`benchmarks.federated`: simulator runs, the same work without NVFlare, communication, scale;
 - :mod:`benchmarks.compute`: training throughput and full-size inference;
 - :mod:`benchmarks.report`: ``results.json``, ``report.md`` and the PNG plots;

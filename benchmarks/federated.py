@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.simlog import read_round_timeline
+from benchmarks.simlog import read_round_timeline, site_events_files
 from benchmarks.system import ProcessSampler, Sample, load_average, simulator_roles
 from fedbrats.data.federation import DEFAULT_SITE_MODALITIES, POOLED_SITE
 from fedbrats.federated.protocol import (
@@ -340,7 +340,7 @@ def run_simulated(
 
     Returns:
         Round times (from ``metrics.json``), start-up, the round breakdown (from the controller's round events
-        and the sites' log lines), per-process memory and the communication per site.
+        and the sites' events), per-process memory and the communication per site.
     """
     from fedbrats.federated.simulate import SimulatedSiteLostError, simulate, simulator_workspace
 
@@ -368,8 +368,8 @@ def run_simulated(
                 raise
             logger.warning("%s -- running it once more", err)
     wall_end = time.time()
-    log_file = os.path.join(workspace, "simulator.log")
-    timeline = read_round_timeline(RunFolder(result.run_dir).round_events, log_file)
+    log_file = os.path.join(workspace, "simulator.log")  # for people reading the results
+    timeline = read_round_timeline(RunFolder(result.run_dir).round_events, site_events_files(workspace, sites))
     train_rounds = [r for r in result.history if not r.get("final_validation")]
     round_seconds = {int(r["round"]): float(r["seconds"]) for r in train_rounds}
     windows = {r: (t.sent, t.done) for r, t in timeline.rounds.items() if t.sent and t.done}

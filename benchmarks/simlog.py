@@ -3,34 +3,43 @@
 The server's side comes from the controller's progress events (``round_events.jsonl`` of the run folder, see
 :mod:`fedbrats.federated.events`): ``round_start`` when the round sends the global model, ``results_collected``
 once every result is in and ``round_end`` after aggregation and saving. A site's own work is known only at the
-site: each logs ``round R | site S | sent update: N steps, loss L, X.Xs`` after validating the global model and
-training (``X.X`` seconds of its own work), and the simulator writes those lines, time-stamped, into its log.
-From these a round splits into:
+site: its training script writes a ``site_work`` event per round into ``site_events.jsonl`` of the site's run
+folder once it has sent its update, with when its work (validating the global model, training, sending) started
+and ended. From these a round splits into:
 
 - dispatch: from the server sending the task to the first site starting its work (task polling, transfer,
   deserialisation);
 - site work: the longest site's validation + training + extras;
-- return: from the last site's ``sent update`` to the server having every result (upload, result filters,
+- return: from the last site's update sent to the server having every result (upload, result filters,
   the controller noticing it);
 - aggregate: from every result being in to the round's end (checks, aggregation, saving, best-model selection).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import re
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from fedbrats.federated.events import FINAL_VALIDATION, RESULTS_COLLECTED, ROUND_END, ROUND_START, RUN_END, RUN_START
+from fedbrats.federated.events import (
+    FINAL_VALIDATION,
+    RESULTS_COLLECTED,
+    ROUND_END,
+    ROUND_START,
+    RUN_END,
+    RUN_START,
+    SITE_WORK,
+)
 from fedbrats.federated.events import read_events as _read_events
-
-# The sites' own lines (the server's progress comes from its events, not from its log).
-_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - \w+ - (.*)$")
-_SITE_SENT = re.compile(r"^round (\d+) \| site (\S+) \| sent update: (\d+) steps, loss \S+, ([\d.]+)s")
+from fedbrats.federated.protocol import SITE_EVENTS_FILE
 
 
-def _timestamp(text: str) -> float:
-    return dt.datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+def site_events_files(workspace: str, sites: Iterable[str]) -> list[str]:
+    """The sites' ``site_events.jsonl`` of a job :func:`fedbrats.federated.simulate.simulate` ran in ``workspace``
+    (a site that wrote none simply adds no spans)."""
+    from fedbrats.federated.simulate import simulated_site_run_dir  # NVFlare's import only when needed
+
+    return [os.path.join(simulated_site_run_dir(workspace, site), SITE_EVENTS_FILE) for site in sites]
 
 
 @dataclass
@@ -91,13 +100,13 @@ class SimulatorTimeline:
         return self.rounds.setdefault(index, RoundTimeline(index))
 
 
-def read_round_timeline(events_file: str, log_file: str | None = None) -> SimulatorTimeline:
+def read_round_timeline(events_file: str, site_events: Iterable[str] = ()) -> SimulatorTimeline:
     """The round timelines of a simulated run.
 
     Args:
         events_file: the server's ``round_events.jsonl`` (:attr:`fedbrats.federated.protocol.RunFolder.round_events`).
-        log_file: the simulator's log (``simulator.log`` of :func:`fedbrats.federated.simulate.simulate`), for the
-            sites' own work; without it the rounds have no site spans and no breakdown.
+        site_events: the sites' ``site_events.jsonl`` (see :func:`site_events_files`), for the sites' own work;
+            without them the rounds have no site spans and no breakdown.
     """
     tl = SimulatorTimeline()
     for event in _read_events(events_file):
@@ -115,23 +124,12 @@ def read_round_timeline(events_file: str, log_file: str | None = None) -> Simula
             tl.final_validation = t
         elif kind == RUN_END:
             tl.finished = t
-    if log_file is not None:
-        _read_site_work(log_file, tl)
+    for path in site_events:
+        for event in _read_events(path):
+            if event["event"] == SITE_WORK:
+                rt = tl.round(int(event["round"]))
+                rt.sites[event["site"]] = (float(event["started"]), float(event["time"]))
+                rt.site_steps[event["site"]] = int(event["steps"])
     # Rounds the server never started are not training rounds of this run (e.g. the final validation's numbering).
     tl.rounds = {r: rt for r, rt in tl.rounds.items() if rt.sent is not None}
     return tl
-
-
-def _read_site_work(log_file: str, tl: SimulatorTimeline) -> None:
-    """Add each site's ``(start, end)`` of work and its steps per round, from the sites' lines of the log."""
-    with open(log_file, encoding="utf-8", errors="replace") as f:
-        for raw in f:
-            m = _LINE.match(raw.rstrip("\n"))
-            if not m:
-                continue
-            sent = _SITE_SENT.match(m.group(2))
-            if sent:
-                t = _timestamp(m.group(1))
-                rt = tl.round(int(sent.group(1)))
-                rt.sites[sent.group(2)] = (t - float(sent.group(4)), t)
-                rt.site_steps[sent.group(2)] = int(sent.group(3))

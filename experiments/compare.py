@@ -38,7 +38,7 @@ PROG = "python experiments/compare.py"
 
 #: Methods and ablations: (job, training overrides, aggregation overrides), as each method's module declares them.
 EXPERIMENTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = dict(METHOD_EXPERIMENTS)
-#: Experiments with site-side privacy filters (see fedbrats.jobgen.job_configs), to measure their cost in Dice.
+#: Experiments with site-side privacy filters (see fedbrats.jobgen.job_spec), to measure their cost in Dice.
 PRIVACY: dict[str, dict[str, Any]] = {
     "fedkd_dp_prototypes": {"prototypes": {"clip_norm": 1.0, "noise_multiplier": 1.0}},
     "fedavg_svt": {

@@ -18,13 +18,12 @@ from benchmarks.simlog import read_round_timeline
 from benchmarks.system import Sample, simulator_roles
 from fedbrats.federated.events import RoundEventWriter
 
-# The sites' own lines of a simulator log (the server's lines are only for people: the timeline ignores them).
-LOG = """\
-2026-01-01 10:00:01,000 - INFO - round 0/1: sending the global model to ['site-1', 'site-2']
-2026-01-01 10:00:05,000 - INFO - round 0 | site site-1 | sent update: 3 steps, loss 0.9000, 2.0s
-2026-01-01 10:00:05,500 - INFO - round 0 | site site-2 | sent update: 3 steps, loss 0.9100, 2.5s
-2026-01-01 10:00:08,200 - INFO - round 1 | site site-1 | sent update: 3 steps, loss 0.8000, 1.0s
-"""
+# The sites' own events: (site, end clock time, seconds of work, round, steps).
+SITE_WORK = [
+    ("site-1", "10:00:05.000", 2.0, 0, 3),
+    ("site-2", "10:00:05.500", 2.5, 0, 3),
+    ("site-1", "10:00:08.200", 1.0, 1, 3),
+]
 
 
 def _at(clock: str) -> float:
@@ -54,12 +53,25 @@ def _write_events(path: Path) -> None:
         writer.write(event, current_round, **fields)
 
 
-def test_round_events_and_site_lines_give_the_round_breakdown(tmp_path: Path) -> None:
-    log = tmp_path / "simulator.log"
-    log.write_text(LOG)
+def _write_site_events(folder: Path) -> list[str]:
+    """Each site's ``site_events.jsonl`` as its training script writes it."""
+    paths = []
+    for site in sorted({s for s, *_ in SITE_WORK}):
+        rows = [row for row in SITE_WORK if row[0] == site]
+        clock = iter(_at(end) for _, end, *_ in rows)
+        path = folder / f"{site}.jsonl"
+        writer = RoundEventWriter(str(path), clock=clock.__next__)
+        for _, end, seconds, current_round, steps in rows:
+            started = _at(end) - seconds
+            writer.write("site_work", current_round, site=site, started=started, seconds=seconds, steps=steps)
+        paths.append(str(path))
+    return paths
+
+
+def test_round_events_and_site_events_give_the_round_breakdown(tmp_path: Path) -> None:
     events = tmp_path / "round_events.jsonl"
     _write_events(events)
-    tl = read_round_timeline(str(events), str(log))
+    tl = read_round_timeline(str(events), _write_site_events(tmp_path))
     assert sorted(tl.rounds) == [0, 1]
     assert tl.finished - tl.final_validation == pytest.approx(1.0)
     b = tl.rounds[1].breakdown()
@@ -72,7 +84,7 @@ def test_round_events_and_site_lines_give_the_round_breakdown(tmp_path: Path) ->
     assert tl.workflow_start == pytest.approx(_at("10:00:00.000"))
 
 
-def test_round_timeline_without_the_site_lines_has_no_breakdown(tmp_path: Path) -> None:
+def test_round_timeline_without_the_site_events_has_no_breakdown(tmp_path: Path) -> None:
     """The server's events alone give the round windows; the breakdown needs the sites' own work."""
     events = tmp_path / "round_events.jsonl"
     _write_events(events)

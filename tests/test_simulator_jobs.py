@@ -58,12 +58,13 @@ def test_fedavg_two_rounds(tiny_federation: str, tmp_path) -> None:
     with open(os.path.join(result.run_dir, "postprocessing.json"), encoding="utf-8") as f:
         choice = json.load(f)
     assert choice["min_component_voxels"] in (0, 10, 50, 200) and set(choice["scores"]) == {"0", "10", "50", "200"}
-    _check_round_events(result.run_dir, os.path.join(tmp_path, "simulator.log"))
+    _check_round_events(result.run_dir, str(tmp_path))
 
 
-def _check_round_events(run_dir: str, log_file: str) -> None:
-    """The controller's round events of a 2-round, 4-site run, and the benchmarks' timeline read from them."""
-    from benchmarks.simlog import read_round_timeline
+def _check_round_events(run_dir: str, workspace: str) -> None:
+    """The controller's round events of a 2-round, 4-site run, and the benchmarks' timeline read from them and from
+    the sites' own events (``site_events.jsonl`` of each site's run folder)."""
+    from benchmarks.simlog import read_round_timeline, site_events_files
     from fedbrats.federated.events import read_events
 
     events = read_events(os.path.join(run_dir, "round_events.jsonl"))
@@ -75,10 +76,14 @@ def _check_round_events(run_dir: str, log_file: str) -> None:
         assert sorted(e["site"] for e in received) == ["site-1", "site-2", "site-3", "site-4"]
         assert all(e["usable"] and e["task"] == "train" for e in received)
     assert sum(e["event"] == "result_received" and e["task"] == "validate" for e in events) == 4
-    timeline = read_round_timeline(os.path.join(run_dir, "round_events.jsonl"), log_file)
+    sites = ["site-1", "site-2", "site-3", "site-4"]
+    timeline = read_round_timeline(os.path.join(run_dir, "round_events.jsonl"), site_events_files(workspace, sites))
     assert sorted(timeline.rounds) == [0, 1]
     for r in (0, 1):
-        assert timeline.rounds[r].breakdown() is not None and len(timeline.rounds[r].sites) == 4
+        rt = timeline.rounds[r]
+        assert rt.breakdown() is not None and sorted(rt.sites) == sites
+        assert all(rt.sent <= start <= end <= rt.done for start, end in rt.sites.values()), "site work outside round"
+        assert all(steps > 0 for steps in rt.site_steps.values())
 
 
 def test_a_failing_site_does_not_stop_the_federation(tiny_federation, tmp_path) -> None:

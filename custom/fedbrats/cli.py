@@ -114,6 +114,7 @@ def _simulate(argv: list[str]) -> int:
         threads=a.threads,
         seed=options["seed"],
         network_args=options["network_args"],
+        compression=options["compression"],
     )
     logging.getLogger("fedbrats").info("run dir: %s (%.1fs)", result.run_dir, result.seconds)
     return 0

@@ -59,17 +59,34 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--net", action="append", default=[], metavar="KEY=VALUE", help="network argument")
     parser.add_argument("--resume-from", default="", help="a previous run dir to continue (model, rounds, prototypes)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial model, data order and augmentation")
+    parser.add_argument(
+        "--compression",
+        choices=("on", "off"),
+        default=None,
+        help="SVD-compressed updates both ways (default: the job's; on in fedmic); energies with --svd",
+    )
+    parser.add_argument("--svd", action="append", default=[], metavar="KEY=VALUE", help="energy_start or energy_end")
 
 
 def recipe_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of :class:`~fedbrats.recipe.FedBratsRecipe` from :func:`add_job_arguments`'s options
-    (``num_rounds`` only where ``--rounds`` is given)."""
+    (``num_rounds`` only where ``--rounds`` is given).
+
+    Raises:
+        ValueError: ``--svd`` with ``--compression off``.
+    """
+    compression: dict[str, Any] | bool | None = None if args.compression is None else args.compression == "on"
+    if args.svd:
+        if args.compression == "off":
+            raise ValueError("--svd sets the energies of compression; it cannot go with --compression off")
+        compression = parse_overrides(args.svd)
     options: dict[str, Any] = {
         "training": parse_overrides(args.set),
         "aggregation_args": parse_overrides(args.agg),
         "network_args": parse_overrides(args.net),
         "seed": args.seed,
         "controller_args": {"resume_from": os.path.abspath(args.resume_from)} if args.resume_from else None,
+        "compression": compression,
     }
     if args.rounds is not None:
         options["num_rounds"] = args.rounds

@@ -61,6 +61,8 @@ class JobSpec:
         aggregation: the aggregation strategy as ``{"path": ..., "args": ...}``.
         controller_args: further arguments of the controller (e.g. ``resume_from``).
         privacy: site-side privacy filters (see :func:`job_spec`).
+        compression: the SVD compression filters' arguments (``energy_start``, ``energy_end``, ``num_rounds``;
+            see :mod:`fedbrats.federated.compression`), None: no compression.
     """
 
     name: str
@@ -73,6 +75,31 @@ class JobSpec:
     aggregation: dict[str, Any]
     controller_args: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
+    compression: dict[str, Any] | None = None
+
+
+def compression_args(
+    default: dict[str, Any] | None, choice: dict[str, Any] | bool | None, num_rounds: int
+) -> dict[str, Any] | None:
+    """The SVD filters' arguments (None: no compression) from the job's default and the caller's choice.
+
+    Raises:
+        ValueError: an option other than ``energy_start`` and ``energy_end``, or energies out of range.
+    """
+    if choice is None:
+        choice = default if default is not None else False
+    if choice is False:
+        return None
+    if choice is True:
+        choice = default or {}
+    from fedbrats.federated.compression import DEFAULT_ENERGY_END, DEFAULT_ENERGY_START, check_energies
+
+    unknown = sorted(set(choice) - {"energy_start", "energy_end"})
+    if unknown:
+        raise ValueError(f"compression takes energy_start and energy_end, got {unknown}")
+    args = {"energy_start": DEFAULT_ENERGY_START, "energy_end": DEFAULT_ENERGY_END, **choice}
+    check_energies(args["energy_start"], args["energy_end"])
+    return {**args, "num_rounds": num_rounds}
 
 
 def job_spec(
@@ -85,6 +112,7 @@ def job_spec(
     seed: int = 0,
     network_args: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    compression: dict[str, Any] | bool | None = None,
 ) -> JobSpec:
     """Job ``name`` with the defaults of this module and its method, and the given overrides.
 
@@ -102,9 +130,12 @@ def job_spec(
         network_args: override arguments of the job's network (e.g. ``{"init_filters": 16}``).
         training: training options that replace the defaults (nested dicts are merged), e.g.
             ``{"epochs_per_round": 1}``.
+        compression: SVD-compressed updates both ways (:mod:`fedbrats.federated.compression`): ``True`` or a dict
+            of energies (``{"energy_start": 0.95, "energy_end": 0.98}``) turns it on, ``False`` off, None keeps
+            the job's default. Sites then send weight differences.
 
     Raises:
-        ValueError: ``name`` is not a job.
+        ValueError: ``name`` is not a job, or bad ``compression`` options.
     """
     if name not in JOBS:
         raise ValueError(f"job must be one of {sorted(JOBS)}, got {name!r}")
@@ -123,4 +154,5 @@ def job_spec(
         aggregation=deep_merge(spec["aggregation"], {"args": aggregation_args or {}}),
         controller_args=dict(controller_args or {}),
         privacy=dict(privacy or {}),
+        compression=compression_args(spec.get("compression"), compression, num_rounds),
     )

@@ -30,8 +30,9 @@ from nvflare.job_config.defs import FilterType
 from nvflare.recipe.spec import Recipe
 
 from fedbrats.federated.client.executor import FedBratsExecutor
+from fedbrats.federated.compression import SVDBroadcastCompressor, SVDDecompressor, SVDUpdateCompressor
 from fedbrats.federated.filters import PayloadAuditFilter, PrototypePrivacyFilter
-from fedbrats.federated.protocol import KEY_METRIC
+from fedbrats.federated.protocol import KEY_METRIC, PAYLOAD_AUDIT_IN_FILE
 from fedbrats.federated.server.aggregation import STRATEGIES
 from fedbrats.federated.server.controller import FedBratsController
 from fedbrats.jobgen import JOBS, TASK_REQUEST_INTERVAL, JobSpec, job_spec
@@ -87,6 +88,13 @@ class FedBratsRecipe(Recipe):
     in-process, with the package's training script), forwards its TensorBoard events and passes every result
     through the optional privacy filters and then the payload audit. ``app/custom`` holds a README only.
 
+    With compression (``JobSpec.compression``, :mod:`fedbrats.federated.compression`) the sites send weight
+    differences; the server compresses what it sends (``SVDBroadcastCompressor``) and rebuilds what it receives
+    (``SVDDecompressor``); each site audits what arrives (``payload_audit_in.jsonl``) and rebuilds it, and
+    compresses its update after the privacy filters, before the audit. Every filter chain is one task's: each
+    task's compressor/decompressor pair is its own (NVFlare builds each chain's filters anew), so the training
+    rounds share one view per site and the final validation, another task, gets the full model.
+
     Args:
         name: a key of :data:`fedbrats.jobgen.JOBS` (the method's job).
         deploy_min_clients: sites that must be connected before the job is deployed (``meta.json``'s
@@ -95,7 +103,7 @@ class FedBratsRecipe(Recipe):
             sets it to its number of sites.
         options: the job's options, keyword arguments of :func:`fedbrats.jobgen.job_spec` (``num_rounds``,
             ``aggregation_args``, ``min_clients``, ``controller_args``, ``privacy``, ``seed``, ``network_args``,
-            ``training``).
+            ``training``, ``compression``).
     """
 
     def __init__(self, name: str, *, deploy_min_clients: int | None = None, **options: Any) -> None:
@@ -123,12 +131,21 @@ class FedBratsRecipe(Recipe):
         job.to_server(TBAnalyticsReceiver(events=[FED_EVENT_PREFIX + ANALYTIC_EVENT_TYPE]), id="tb_receiver")
         job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
         job.add_file_to_server(APP_CUSTOM_README)
+        if spec.compression is not None:
+            for task in CLIENT_TASKS:
+                job.to_server(
+                    SVDBroadcastCompressor(**spec.compression), filter_type=FilterType.TASK_DATA, tasks=[task]
+                )
+                job.to_server(SVDDecompressor(), filter_type=FilterType.TASK_RESULT, tasks=[task])
 
     @staticmethod
     def _add_clients(job: FedJob, spec: JobSpec) -> None:
         weights_filter = spec.privacy.get("weights")
-        # NVFlare's filters on weights act on differences to the global model: the sites then send differences.
-        executor = FedBratsExecutor(training=spec.training, params_transfer_type="DIFF" if weights_filter else "FULL")
+        svd = spec.compression
+        # NVFlare's filters on weights act on differences to the global model, and so does the SVD compression of
+        # an update: the sites then send differences.
+        diff = bool(weights_filter) or svd is not None
+        executor = FedBratsExecutor(training=spec.training, params_transfer_type="DIFF" if diff else "FULL")
         job.to_clients(executor, tasks=list(CLIENT_TASKS))
         job.to_clients(
             ConvertToFedEvent(events_to_convert=[ANALYTIC_EVENT_TYPE], fed_event_prefix=FED_EVENT_PREFIX),
@@ -139,11 +156,20 @@ class FedBratsRecipe(Recipe):
             result_filters.append(built_component(weights_filter))
         if "prototypes" in spec.privacy:
             result_filters.append(PrototypePrivacyFilter(**spec.privacy["prototypes"]))
+        if svd is not None:
+            # After the privacy filters (they act on the update itself), before the audit (it sees the wire).
+            result_filters.append(SVDUpdateCompressor(**svd))
         # The audit comes last, so it records exactly what leaves the site. One chain per task: NVFlare 2.9 looks a
         # result's filters up by its exact task name (a chain for "*", the Job API's default, matches no task),
         # and the Job API keeps a chain's tasks in a set, whose order would change from one export to the next.
         result_filters.append(PayloadAuditFilter())
         for task in CLIENT_TASKS:
+            if svd is not None:
+                # What arrives is audited before anything decodes it; the decompressor keeps the site's view.
+                job.to_clients(
+                    PayloadAuditFilter(file_name=PAYLOAD_AUDIT_IN_FILE), filter_type=FilterType.TASK_DATA, tasks=[task]
+                )
+                job.to_clients(SVDDecompressor(), filter_type=FilterType.TASK_DATA, tasks=[task])
             for result_filter in result_filters:
                 job.to_clients(result_filter, filter_type=FilterType.TASK_RESULT, tasks=[task])
 

@@ -16,6 +16,11 @@ Events, in the order a run writes them:
   ``results_collected`` with ``task`` "validate";
 - ``run_end`` when the workflow finished, or ``job_stop`` (``reason``) when the controller stopped the job
   (no usable update, a bad component, an abort) or ``job_error`` (``error``) when it failed.
+
+A site writes its own events the same way into ``site_events.jsonl`` of its run folder (the training script,
+best effort: a site that cannot write it still trains): one ``site_work`` per training round once its update is
+sent (``site``, ``started``: the wall-clock start of its work, ``seconds`` of validation + training + extras +
+sending, ``steps``: optimisation steps), its ``time`` being the end of that work.
 """
 
 from __future__ import annotations
@@ -45,8 +50,10 @@ FINAL_VALIDATION = "final_validation"
 RUN_END = "run_end"
 JOB_STOP = "job_stop"
 JOB_ERROR = "job_error"
+#: A site's event (its own events file): its work of one training round.
+SITE_WORK = "site_work"
 
-#: Every event kind a run writes.
+#: Every event kind a run writes (the controller's and the sites').
 EVENTS: frozenset[str] = frozenset(
     {
         RUN_START,
@@ -60,6 +67,7 @@ EVENTS: frozenset[str] = frozenset(
         RUN_END,
         JOB_STOP,
         JOB_ERROR,
+        SITE_WORK,
     }
 )
 
@@ -80,14 +88,18 @@ class RoundEventWriter:
     Args:
         path: the events file (appended to; its folder must exist).
         clock: wall-clock time source (``time.time``; replaceable in tests).
+        best_effort: a write that fails (an unwritable folder, a full disk) logs one warning, the first time, and
+            is skipped instead of raising: for writers whose work must go on (a site's training).
     """
 
-    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: str, clock: Callable[[], float] = time.time, best_effort: bool = False) -> None:
         if not path:
             raise ValueError(f"path must name the events file, got {path!r}")
         self.path = path
         self._clock = clock
         self._lock = threading.Lock()
+        self._best_effort = best_effort
+        self._warned = False
 
     def write(self, event: str, current_round: int | None, **fields: Any) -> dict[str, Any]:
         """Append one event and return it.
@@ -107,9 +119,17 @@ class RoundEventWriter:
             raise ValueError(f"fields must not be named {sorted(clash)}: every event has them")
         record = {"time": self._clock(), "event": event, "round": current_round, **fields}
         line = json.dumps(record, default=_json_default) + "\n"
-        with self._lock, open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
+        with self._lock:
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(line)
+                    f.flush()
+            except OSError as exc:
+                if not self._best_effort:
+                    raise
+                if not self._warned:
+                    self._warned = True
+                    logger.warning("cannot write events to %s (%s): going on without them", self.path, exc)
         return record
 
 
@@ -155,6 +175,7 @@ _DESCRIPTIONS = {
     TASK_DISPATCHED: "round {round}: {task} task sent to {targets}",
     AGGREGATION_DONE: "round {round}: aggregated the updates of {sites}",
     ROUND_END: "round {round} done in {seconds}s",
+    SITE_WORK: "round {round}: {site} worked {seconds}s, {steps} steps",
     FINAL_VALIDATION: "final validation of the global model on {targets}",
     RUN_END: "finished {num_rounds} rounds",
     JOB_STOP: "stopped the job: {reason}",

@@ -42,7 +42,21 @@ class PayloadAuditFilter(Filter):
     weight's name/shape/dtype, and every meta item's description (no values but scalars).
 
     A privacy officer can read exactly what left the site, round by round; the project's tests assert on it.
+    As the first task-data filter of a site (``file_name``
+    :data:`fedbrats.federated.protocol.PAYLOAD_AUDIT_IN_FILE`) it records what arrived.
+
+    Args:
+        file_name: the file in the site's run folder.
+
+    Raises:
+        ValueError: ``file_name`` is empty or holds a path separator.
     """
+
+    def __init__(self, file_name: str = PAYLOAD_AUDIT_FILE) -> None:
+        super().__init__()
+        if not file_name or os.sep in file_name or (os.altsep and os.altsep in file_name):
+            raise ValueError(f"file_name must be a plain file name, got {file_name!r}")
+        self.file_name = file_name
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         try:
@@ -60,7 +74,7 @@ class PayloadAuditFilter(Filter):
             "meta": {str(k): describe(v) for k, v in (dxo.meta or {}).items()},
         }
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
-        with open(os.path.join(run_dir, PAYLOAD_AUDIT_FILE), "a", encoding="utf-8") as f:
+        with open(os.path.join(run_dir, self.file_name), "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=str) + "\n")
         return shareable
 

@@ -1,5 +1,5 @@
 """The round protocol in one place: the keys of the messages between server and sites, what a site may send
-(checked on both ends), and the layout of the server's run folder.
+(checked on both ends), and the layout of the server's run folder (and the files of a site's).
 
 Every other module takes these names from here, so that a key or a file name is written once.
 
@@ -47,6 +47,9 @@ NVFLARE_NUM_STEPS_KEY = "NUM_STEPS_CURRENT_ROUND"
 #: :data:`SITE_ERROR_MAX_CHARS`), so that the server can name why a job stops. Sent instead of weights.
 SITE_ERROR_KEY = "site_error"
 SITE_ERROR_MAX_CHARS = 500
+#: Meta key of an SVD-compressed payload, both ways (see :mod:`fedbrats.federated.compression`): the energy kept
+#: and, from the server, which weights a site must hold to rebuild the global model. The receiving filter removes it.
+SVD_META_KEY = "svd_compression"
 #: Whether the site trained with labels (a flag of the site's configuration, like its sequences), for methods
 #: whose server keeps labelled and unlabelled sites apart (IsoFed).
 LABELLED_KEY = "labelled"
@@ -67,6 +70,8 @@ BASE_META_KEYS: frozenset[str] = frozenset(
         "filter_history",
         "svt_privacy_budget",
         "svt_privacy_accountant",
+        # Added by the SVD compression filter on the way out (and removed by its pair on the server).
+        SVD_META_KEY,
     }
 )
 
@@ -173,6 +178,11 @@ TB_EVENTS_DIR = "tb_events"
 
 #: A site's run folder: one line per result it sent (see :class:`fedbrats.federated.filters.PayloadAuditFilter`).
 PAYLOAD_AUDIT_FILE = "payload_audit.jsonl"
+#: A site's run folder: its own progress as JSON lines, one ``site_work`` event per training round (see
+#: :mod:`fedbrats.federated.events`), written by the training script.
+SITE_EVENTS_FILE = "site_events.jsonl"
+#: A site's run folder: one line per task that arrived, before anything decodes it (jobs with compression).
+PAYLOAD_AUDIT_IN_FILE = "payload_audit_in.jsonl"
 
 #: Files of an exported model folder (see :mod:`fedbrats.evaluation.export`).
 EXPORTED_MODEL_FILE = "model.pt"

@@ -58,7 +58,13 @@ def simulator_workspace(workspace: str) -> str:
 
 def simulated_run_dir(workspace: str) -> str:
     """The server's run folder of a job :func:`simulate` ran in ``workspace`` (the simulator's own layout)."""
-    return os.path.join(simulator_workspace(workspace), "server", "simulate_job")
+    return simulated_site_run_dir(workspace, "server")
+
+
+def simulated_site_run_dir(workspace: str, site: str) -> str:
+    """A site's run folder of a job :func:`simulate` ran in ``workspace`` (``payload_audit.jsonl``,
+    ``site_events.jsonl``)."""
+    return os.path.join(simulator_workspace(workspace), site, "simulate_job")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -237,6 +243,7 @@ def simulate(
     log_file: str | None = None,
     seed: int = 0,
     network_args: dict[str, Any] | None = None,
+    compression: dict[str, Any] | bool | None = None,
 ) -> SimulationResult:
     """Generate ``job`` with ``overrides`` into ``workspace/job`` and run it in the simulator.
 
@@ -256,6 +263,8 @@ def simulate(
         log_file: where the simulator's output goes (default ``workspace/simulator.log``).
         seed: the run's seed (initial model, data order, augmentation), see :func:`fedbrats.jobgen.job_spec`.
         network_args: override arguments of the job's network (e.g. ``{"init_filters": 16}``).
+        compression: SVD-compressed updates on (True or energies) or off (False); None keeps the job's default
+            (see :func:`fedbrats.jobgen.job_spec`).
 
     Raises:
         SimulatedSiteLostError: the simulator lost a site's process while the job needs every site (it would
@@ -281,6 +290,7 @@ def simulate(
         privacy=privacy,
         seed=seed,
         network_args=network_args,
+        compression=compression,
         **(overrides or {}),
     )
     check_job_options(job_dir)

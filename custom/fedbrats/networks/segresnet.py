@@ -59,3 +59,12 @@ class BraTSSegResNet(SegResNet):
         """Logits for WT/TC/ET; ``modality_mask`` is accepted for a uniform interface and ignored (inputs are
         already zero-filled where a sequence is absent)."""
         return super().forward(x)
+
+    def forward_with_features(
+        self, x: torch.Tensor, modality_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (as :meth:`forward`) and the bottleneck features: the deepest encoder output,
+        ``init_filters * 2 ** (len(blocks_down) - 1)`` channels at ``1 / spatial_divisor`` of the input size."""
+        features, skips = self.encode(x)
+        skips.reverse()
+        return self.decode(features, skips), features

@@ -71,6 +71,10 @@ class FedBratsExecutor(ClientAPIExecutor):
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == EventType.START_RUN:
             # The site's workspace root is where a startup kit keeps local/ settings (data paths, modalities).
-            root = fl_ctx.get_engine().get_workspace().get_root_dir()
-            self._task_script_args = f"--training {encode_config(self.training)} --workspace {root}"
+            workspace = fl_ctx.get_engine().get_workspace()
+            root = workspace.get_root_dir()
+            # The job's run folder at this site (as the payload audit finds it): site-local state of a method
+            # (never sent) and the site's events file.
+            run_dir = workspace.get_run_dir(fl_ctx.get_job_id())
+            self._task_script_args = f"--training {encode_config(self.training)} --workspace {root} --run-dir {run_dir}"
         super().handle_event(event_type, fl_ctx)

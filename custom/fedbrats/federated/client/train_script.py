@@ -2,13 +2,16 @@
 
 Per round: receive the global model (and the method's extras), score it on the site's validation cases
 (the metric the server uses to select the best model), train locally, and send back the weights, the
-metrics and the method's declared extras.
+metrics and the method's declared extras. Each training round also appends a ``site_work`` event (when the
+site's work started, its seconds and steps) to ``site_events.jsonl`` of the site's run folder, for tools (see
+:mod:`fedbrats.federated.events`); the log lines are for people.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 
 import nvflare.client as flare
@@ -20,6 +23,7 @@ from fedbrats.constants import REGIONS
 from fedbrats.data.site_config import resolve_site_config
 from fedbrats.federated.client.executor import decode_config
 from fedbrats.federated.client.trainer import SiteTrainer, TrainConfig
+from fedbrats.federated.events import SITE_WORK, RoundEventWriter
 from fedbrats.federated.protocol import (
     KEEP_LOCAL_WEIGHTS_KEY,
     KEY_METRIC,
@@ -27,6 +31,7 @@ from fedbrats.federated.protocol import (
     MODEL_SPEC_KEY,
     NUM_STEPS_KEY,
     NVFLARE_NUM_STEPS_KEY,
+    SITE_EVENTS_FILE,
     SITE_NAME_KEY,
     TRAIN_LOSS_KEY,
     site_error_meta,
@@ -38,18 +43,26 @@ from fedbrats.networks import build_from_spec
 logger = logging.getLogger("fedbrats.client")
 
 
-def run(training: dict, workspace: str | None) -> None:
+def site_events_writer(run_dir: str | None) -> RoundEventWriter | None:
+    """The writer of ``site_events.jsonl`` in the site's run folder (None without one): best effort, so that a
+    folder it cannot write warns once and training goes on."""
+    return RoundEventWriter(os.path.join(run_dir, SITE_EVENTS_FILE), best_effort=True) if run_dir else None
+
+
+def run(training: dict, workspace: str | None, run_dir: str | None = None) -> None:
     """The site's federated loop (returns when the server ends the job).
 
     Args:
         training: the job's training options.
         workspace: the site's workspace root (for ``local/`` settings).
+        run_dir: the site's run folder of this job: its events file (``site_events.jsonl``) and site-local
+            state of a method (e.g. FedMIC's personalised model). None: no events, such state in memory only.
     """
     flare.init()
     site_name = flare.get_site_name()
     answered = [True]  # whether the last task received has been answered (a list: _run sets it)
     try:
-        _run(site_name, training, workspace, answered)
+        _run(site_name, training, workspace, answered, run_dir)
     except Exception as exc:
         logger.exception("site %s failed", site_name)
         _answer_with_error(site_name, exc, pending=not answered[0])
@@ -71,9 +84,12 @@ def _answer_with_error(site_name: str, exc: BaseException, pending: bool) -> Non
         flare.send(failed)
 
 
-def _run(site_name: str, training: dict, workspace: str | None, answered: list[bool]) -> None:
+def _run(
+    site_name: str, training: dict, workspace: str | None, answered: list[bool], run_dir: str | None = None
+) -> None:
     """The loop of :func:`run` (``answered[0]`` False while a received task is not yet answered)."""
     config = TrainConfig.from_dict(training)
+    events = site_events_writer(run_dir)
     site = resolve_site_config(site_name, workspace)
     writer = SummaryWriter()
     trainer: SiteTrainer | None = None
@@ -90,6 +106,8 @@ def _run(site_name: str, training: dict, workspace: str | None, answered: list[b
             # The server sends the network's spec with the weights: the architecture is defined once, on the server.
             model = build_from_spec(meta[MODEL_SPEC_KEY])
             trainer = SiteTrainer(site, config, model, log_scalar=writer.add_scalar)
+            if run_dir:
+                trainer.method.use_site_folder(run_dir)
             logger.info("site %s: method %s, %d training cases", site_name, config.method, trainer.num_train_cases)
 
         keep_local = bool(meta.get(KEEP_LOCAL_WEIGHTS_KEY)) and has_local_weights
@@ -111,7 +129,7 @@ def _run(site_name: str, training: dict, workspace: str | None, answered: list[b
             answered[0] = True
             continue
 
-        started = time.monotonic()
+        started, started_at = time.monotonic(), time.time()
         metrics = trainer.validate() if trainer.should_validate(current_round) else {}
         for tag, value in metrics.items():
             writer.add_scalar(tag, value, current_round)
@@ -120,19 +138,23 @@ def _run(site_name: str, training: dict, workspace: str | None, answered: list[b
                 "round %d | site %s | global model on local validation: %s", current_round, site_name, _fmt(metrics)
             )
         summary = trainer.train_round(current_round, input_model.total_rounds)
+        trainer.method.on_round_end(trainer.model, current_round)
         extras = trainer.method.round_payload(trainer.model, trainer.train_loader)
         has_local_weights = True
         out_meta = site_update_meta(site_name, site.modalities, trainer.num_train_cases, summary, to_wire(extras))
         out_meta[NVFLARE_NUM_STEPS_KEY] = summary[NUM_STEPS_KEY]
         flare.send(FLModel(params=trainer.update_weights(), metrics=metrics, meta=out_meta))
         answered[0] = True
+        seconds, steps = time.monotonic() - started, int(summary[NUM_STEPS_KEY])
+        if events is not None:
+            events.write(SITE_WORK, current_round, site=site_name, started=started_at, seconds=seconds, steps=steps)
         logger.info(
             "round %d | site %s | sent update: %d steps, loss %.4f, %.1fs",
             current_round,
             site_name,
-            summary[NUM_STEPS_KEY],
+            steps,
             summary[TRAIN_LOSS_KEY],
-            time.monotonic() - started,
+            seconds,
         )
         # Free heap pages back to the OS every round (well under a millisecond); the garbage-cycle collection is
         # NVFlare's Client API option, the executor's memory_gc_rounds (see fedbrats.federated.memory).
@@ -148,8 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--training", required=True, help="encoded training options (set by the executor)")
     parser.add_argument("--workspace", default=None, help="the site's workspace root (for local/ settings)")
+    parser.add_argument(
+        "--run-dir", default=None, help="the site's run folder of this job (its events file, site-local state)"
+    )
     args = parser.parse_args(argv)
-    run(decode_config(args.training), args.workspace)
+    run(decode_config(args.training), args.workspace, args.run_dir)
 
 
 if __name__ == "__main__":

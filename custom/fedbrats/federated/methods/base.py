@@ -36,8 +36,15 @@ class ClientMethod:
         self.modalities = modalities
         self.device = device
 
+    def use_site_folder(self, folder: str) -> None:
+        """Called once, after :meth:`setup`, with the site's run folder (for state kept at the site across
+        rounds; nothing in it is ever sent)."""
+
     def on_global_model(self, model: torch.nn.Module, global_meta: dict[str, Any], current_round: int) -> None:
         """Called after the global weights are loaded, before local training (e.g. snapshot a teacher)."""
+
+    def on_round_end(self, model: torch.nn.Module, current_round: int) -> None:
+        """Called after a round's local training, before the update is sent (e.g. save site-local state)."""
 
     def before_round(self, model: torch.nn.Module, train_loader: Any, current_round: int) -> None:
         """Called at the start of a round's local training, after the validation of the received model (e.g. to
@@ -83,6 +90,8 @@ class Job:
         network: ``{"name": ..., "args": {...}}`` merged over the common network; ``None`` keeps it.
         training: options merged over the common training recipe (e.g. ``{"method": "fedkd"}``).
         min_clients: usable updates a round needs (0: every site).
+        compression: SVD-compressed updates both ways by default (``{}`` for the default energies, or
+            ``{"energy_start": ..., "energy_end": ...}``; see :mod:`fedbrats.federated.compression`); None: off.
     """
 
     name: str
@@ -91,6 +100,7 @@ class Job:
     network: Mapping[str, Any] | None = None
     training: Mapping[str, Any] = field(default_factory=dict)
     min_clients: int = 0
+    compression: Mapping[str, Any] | None = None
 
     def definition(self) -> dict[str, Any]:
         """The job as :data:`fedbrats.jobgen.JOBS` holds it."""
@@ -102,6 +112,8 @@ class Job:
             out["network"] = copy.deepcopy(dict(self.network))
         out["training"] = copy.deepcopy(dict(self.training))
         out["min_clients"] = self.min_clients
+        if self.compression is not None:
+            out["compression"] = dict(self.compression)
         return out
 
 

@@ -1,0 +1,288 @@
+"""FedMIC at a site: a personalised model and a shared model distil into each other; only the shared one travels.
+
+After "FedMIC: Federated Distillation for Medical Image Classification" (Ren et al., arXiv 2407.02261, no public
+code), whose mechanism follows FedKD (Wu et al., Nat. Commun. 2022), brought to 3-D segmentation with missing
+sequences as this project's design (see docs/fedmic.md):
+
+* the trainer's ``model`` is the **shared** model: the small network that is federated (FedAvg) and deployed;
+* the site keeps a larger **personalised** model (its own network, Adam optimiser and feature projection), trained
+  on the site's own sequences; it never leaves the site, persists across rounds in memory and in the site's run
+  folder (:data:`PERSONAL_STATE_FILE`), and is resumed from there;
+* every local step, both learn the task (Dice + BCE) and each distils into the other, at the decision level (binary
+  KL between tempered sigmoid outputs) and at the representation level (MSE between bottleneck features, through a
+  learnable 1x1x1 projection of the shared features to the personalised width), each distillation term divided by
+  the sum of the two task losses (FedKD's adaptive weighting):
+
+      L_personal = T_p + s * (w_dec * KL_T(z_p || z_s) + w_rep * MSE(f_p, P(f_s)))
+      L_shared   = T_s + s * (w_dec * KL_T(z_s || z_p) + w_rep * MSE(P(f_s), f_p)),   s = 1 / (T_p + T_s)
+
+  where the other network's output is a constant in each line; the personalised model (with ``P``) steps inside
+  :meth:`FedMICMethod.training_loss`, the trainer steps the shared model with ``L_shared`` (``P`` fixed there).
+
+The updates are SVD-compressed by the job's filters (:mod:`fedbrats.federated.compression`), on by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, ClassVar
+
+import torch
+
+from fedbrats.federated.methods.base import ClientMethod, Job, Method, check_non_negative
+from fedbrats.losses.distillation import logit_kd_loss
+from fedbrats.losses.mutual import FeatureProjection, adaptive_kd_scale, feature_mse
+from fedbrats.losses.segmentation import DiceBCELoss
+from fedbrats.networks import build_network
+
+logger = logging.getLogger(__name__)
+
+#: The personalised model's file in the site's run folder (weights, projection and optimiser state).
+PERSONAL_STATE_FILE = "fedmic_personal.pt"
+#: The personalised network by default: the common SegResNet with twice the shared model's filters.
+DEFAULT_PERSONAL_NETWORK: dict[str, Any] = {"name": "segresnet", "args": {"init_filters": 16}}
+
+
+def logits_and_features(
+    model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A network's logits and its intermediate (bottleneck) features.
+
+    Networks with ``forward_with_features`` (SegResNet) give their deepest encoder output; networks returning a
+    dict give its ``logits`` and ``fused`` features (the modality-aware network).
+
+    Raises:
+        ValueError: the network offers neither.
+    """
+    forward_with_features = getattr(model, "forward_with_features", None)
+    if callable(forward_with_features):
+        return forward_with_features(image, mask)
+    out = model(image, mask)
+    if isinstance(out, dict) and "logits" in out and "fused" in out:
+        return out["logits"], out["fused"]
+    raise ValueError(
+        f"method 'fedmic' needs networks that expose intermediate features (forward_with_features, or a dict with "
+        f"'fused'), got {type(model).__name__}"
+    )
+
+
+class FedMICMethod(ClientMethod):
+    """The site side of FedMIC-style personalised dual distillation. Every weight is an option; 0 switches a term
+    off.
+
+    Args:
+        dice_weight: soft Dice of both networks.
+        bce_weight: voxel-wise binary cross-entropy of both networks.
+        decision_kd_weight: decision-level distillation (binary KL of tempered sigmoids), both ways.
+        representation_kd_weight: representation-level distillation (feature MSE), both ways.
+        kd_temperature: temperature of the decision-level distillation.
+        adaptive: divide the distillation terms by the sum of the two task losses (FedKD); False: plain weights.
+        personal_network: the personalised network, ``{"name": ..., "args": {...}}`` of
+            :data:`fedbrats.networks.NETWORKS` (default: SegResNet with 16 initial filters).
+        personal_lr: Adam learning rate of the personalised model and the projection (constant).
+        personal_weight_decay: their Adam weight decay.
+
+    Raises:
+        ValueError: a negative weight or weight decay, a non-positive temperature or learning rate, or a personalised
+            network spec without a name.
+    """
+
+    name: ClassVar[str] = "fedmic"
+    #: Nothing beyond the shared model's weights and the base items: the personalised model never leaves the site.
+    payload_keys: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(
+        self,
+        dice_weight: float = 1.0,
+        bce_weight: float = 1.0,
+        decision_kd_weight: float = 1.0,
+        representation_kd_weight: float = 1.0,
+        kd_temperature: float = 2.0,
+        adaptive: bool = True,
+        personal_network: dict[str, Any] | None = None,
+        personal_lr: float = 3e-3,
+        personal_weight_decay: float = 1e-5,
+    ) -> None:
+        check_non_negative(
+            {
+                "dice_weight": dice_weight,
+                "bce_weight": bce_weight,
+                "decision_kd_weight": decision_kd_weight,
+                "representation_kd_weight": representation_kd_weight,
+                "personal_weight_decay": personal_weight_decay,
+            }
+        )
+        if kd_temperature <= 0:
+            raise ValueError(f"kd_temperature must be > 0, got {kd_temperature}")
+        if not personal_lr > 0:
+            raise ValueError(f"personal_lr must be > 0, got {personal_lr}")
+        spec = dict(DEFAULT_PERSONAL_NETWORK if personal_network is None else personal_network)
+        if not isinstance(spec.get("name"), str):
+            raise ValueError(f"personal_network must be {{'name': ..., 'args': {{...}}}}, got {personal_network!r}")
+        self.decision_kd_weight = decision_kd_weight
+        self.representation_kd_weight = representation_kd_weight
+        self.kd_temperature = kd_temperature
+        self.adaptive = adaptive
+        self.personal_network = {"name": spec["name"], "args": dict(spec.get("args") or {})}
+        self.personal_lr = personal_lr
+        self.personal_weight_decay = personal_weight_decay
+        self.weights = {"dice": dice_weight, "bce": bce_weight}
+        self.segmentation_loss = DiceBCELoss(dice_weight, bce_weight)
+        self.personal: torch.nn.Module | None = None
+        self.projection: FeatureProjection | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.state_path: str | None = None
+
+    # ---- set-up and persistence ---------------------------------------------------------------------------
+    def setup(self, model: torch.nn.Module, modalities: tuple[str, ...], device: torch.device) -> None:
+        """Build the personalised model, the projection of the shared features to its width, and their optimiser.
+
+        Raises:
+            ValueError: a network without intermediate features, or features of different spatial sizes.
+        """
+        super().setup(model, modalities, device)
+        self.personal = build_network(self.personal_network["name"], **self.personal_network["args"]).to(device)
+        with torch.no_grad():  # the feature widths, from one small probe
+            side = int(getattr(model, "spatial_divisor", 8)) * 2
+            probe = torch.zeros(1, 4, side, side, side, device=device)
+            probe_mask = torch.ones(1, 4, device=device)
+            _, shared_feat = logits_and_features(model, probe, probe_mask)
+            _, personal_feat = logits_and_features(self.personal, probe, probe_mask)
+        if shared_feat.shape[2:] != personal_feat.shape[2:]:
+            raise ValueError(
+                f"personal_network's features ({tuple(personal_feat.shape[2:])}) and the shared network's "
+                f"({tuple(shared_feat.shape[2:])}) must have the same spatial size (same number of levels)"
+            )
+        self.projection = FeatureProjection(shared_feat.shape[1], personal_feat.shape[1]).to(device)
+        self.optimizer = torch.optim.Adam(
+            [*self.personal.parameters(), *self.projection.parameters()],
+            lr=self.personal_lr,
+            weight_decay=self.personal_weight_decay,
+        )
+        n_personal = sum(p.numel() for p in self.personal.parameters())
+        n_shared = sum(p.numel() for p in model.parameters())
+        logger.info(
+            "fedmic: personalised %s (%d parameters, site-local), shared model %d parameters",
+            self.personal_network["name"],
+            n_personal,
+            n_shared,
+        )
+
+    def use_site_folder(self, folder: str) -> None:
+        """Keep the personalised model in ``folder`` (:data:`PERSONAL_STATE_FILE`); resume from it if it exists."""
+        self.state_path = os.path.join(folder, PERSONAL_STATE_FILE)
+        if os.path.isfile(self.state_path):
+            self.load_state(self.state_path)
+            logger.info("fedmic: resumed the personalised model from %s", self.state_path)
+
+    def on_round_end(self, model: torch.nn.Module, current_round: int) -> None:
+        """Save the personalised model to the site's run folder (it persists across rounds and restarts)."""
+        if self.state_path:
+            self.save_state(self.state_path, current_round)
+
+    def save_state(self, path: str, current_round: int) -> None:
+        """Write the personalised model, projection and optimiser state to ``path`` (atomically)."""
+        assert self.personal is not None and self.projection is not None and self.optimizer is not None
+        tmp = path + ".tmp"
+        torch.save(
+            {
+                "round": current_round,
+                "network": self.personal_network,
+                "model": self.personal.state_dict(),
+                "projection": self.projection.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+            },
+            tmp,
+        )
+        os.replace(tmp, path)
+
+    def load_state(self, path: str) -> None:
+        """Restore what :meth:`save_state` wrote.
+
+        Raises:
+            ValueError: the file holds another personalised network than this job's.
+        """
+        assert self.personal is not None and self.projection is not None and self.optimizer is not None
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if state.get("network") != self.personal_network:
+            raise ValueError(f"{path} holds personal_network {state.get('network')}, not {self.personal_network}")
+        self.personal.load_state_dict(state["model"])
+        self.projection.load_state_dict(state["projection"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    # ---- the loss of a batch ------------------------------------------------------------------------------
+    def training_loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Step the personalised model on its loss, and return the shared model's (see the module docstring).
+
+        Returns:
+            ``(loss, terms)``: the shared model's weighted loss and every term as a float (unweighted; the
+            ``personal_*`` terms were already stepped here and are not part of ``loss``).
+        """
+        assert self.personal is not None and self.projection is not None and self.optimizer is not None
+        image, label, mask = batch["image"], batch["label"], batch["modality_mask"]
+        self.personal.train()
+        p_logits, p_feat = logits_and_features(self.personal, image, mask)
+        s_logits, s_feat = logits_and_features(model, image, mask)
+        p_terms = self.segmentation_loss.terms(p_logits, label)
+        s_terms = self.segmentation_loss.terms(s_logits, label)
+        p_task = sum(self.weights[k] * v for k, v in p_terms.items())
+        s_task = sum(self.weights[k] * v for k, v in s_terms.items())
+        scale = adaptive_kd_scale(p_task, s_task) if self.adaptive else torch.ones((), device=image.device)
+
+        # The personalised model (and the projection) learn from the shared model's outputs as constants.
+        p_dec = logit_kd_loss(p_logits.float(), s_logits.detach().float(), self.kd_temperature)
+        p_rep = feature_mse(p_feat, self.projection(s_feat.detach()))
+        p_loss = p_task + scale * (self.decision_kd_weight * p_dec + self.representation_kd_weight * p_rep)
+        if not torch.isfinite(p_loss):
+            raise FloatingPointError(f"fedmic: the personalised model's loss became {float(p_loss)}; lower personal_lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        p_loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        # The shared model learns from the personalised model's (pre-step) outputs; the projection stays fixed here.
+        s_dec = logit_kd_loss(s_logits.float(), p_logits.detach().float(), self.kd_temperature)
+        s_rep = feature_mse(self.projection(s_feat, frozen=True), p_feat.detach())
+        loss = s_task + scale * (self.decision_kd_weight * s_dec + self.representation_kd_weight * s_rep)
+        floats = {k: float(v.detach()) for k, v in s_terms.items()}
+        floats.update(
+            {
+                "decision_kd": float(s_dec.detach()),
+                "representation_kd": float(s_rep.detach()),
+                "kd_scale": float(scale),
+                **{f"personal_{k}": float(v.detach()) for k, v in p_terms.items()},
+                "personal_decision_kd": float(p_dec.detach()),
+                "personal_representation_kd": float(p_rep.detach()),
+            }
+        )
+        return loss, floats
+
+
+__all__ = ["DEFAULT_PERSONAL_NETWORK", "PERSONAL_STATE_FILE", "FedMICMethod", "logits_and_features"]
+
+
+#: FedMIC: a site-local personalised SegResNet and a smaller shared one in mutual distillation; FedAvg of the shared
+#: model, whose updates travel SVD-compressed both ways.
+METHOD = Method(
+    clients={"fedmic": FedMICMethod},
+    jobs=(
+        Job(
+            "fedmic",
+            "FedMIC-style personalised dual distillation: a site-local personalised model and a smaller shared "
+            "model distil into each other; FedAvg of the shared model with SVD-compressed updates both ways.",
+            aggregation="fedbrats.federated.server.aggregation.WeightedAverage",
+            network={"name": "segresnet", "args": {"init_filters": 8}},
+            training={"method": "fedmic"},
+            compression={},
+        ),
+    ),
+    experiments={
+        "fedmic": ("fedmic", {}, {}),
+        "fedmic_no_decision_kd": ("fedmic", {"method_args": {"decision_kd_weight": 0.0}}, {}),
+        "fedmic_no_representation_kd": ("fedmic", {"method_args": {"representation_kd_weight": 0.0}}, {}),
+        "fedmic_fixed_kd_weights": ("fedmic", {"method_args": {"adaptive": False}}, {}),
+    },
+)

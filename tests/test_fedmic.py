@@ -1,0 +1,427 @@
+"""FedMIC: the SVD codec and its NVFlare filter pair, the mutual-distillation terms, the site method, and the job."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.app_constant import AppConstants
+
+from fedbrats.federated.compression import (
+    SVDBroadcastCompressor,
+    SVDDecompressor,
+    SVDUpdateCompressor,
+    compress_array,
+    compress_params,
+    decompress_array,
+    energy_rank,
+    energy_threshold,
+    is_factors,
+)
+from fedbrats.federated.methods.fedmic import PERSONAL_STATE_FILE, FedMICMethod, logits_and_features
+from fedbrats.federated.protocol import BASE_META_KEYS, SVD_META_KEY
+from fedbrats.losses.distillation import logit_kd_loss
+from fedbrats.losses.mutual import FeatureProjection, adaptive_kd_scale, feature_mse
+from fedbrats.networks.segresnet import BraTSSegResNet
+
+SINGULAR = np.array([4.0, 2.0, 1.0, 0.5])  # squared: 16, 4, 1, 0.25 (total 21.25)
+
+
+def _with_singular_values(rows: int, cols: int, singular: np.ndarray, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.normal(size=(rows, len(singular))))
+    v, _ = np.linalg.qr(rng.normal(size=(cols, len(singular))))
+    return (u * singular) @ v.T
+
+
+# ---- the codec ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("energy", "rank"),
+    [(0.5, 1), (16 / 21.25, 1), (0.76, 2), (20 / 21.25, 2), (0.95, 3), (0.99, 4), (1.0, 4), (1.5, 4)],
+)
+def test_energy_rank_on_known_singular_values(energy: float, rank: int) -> None:
+    assert energy_rank(SINGULAR, energy) == rank
+
+
+def test_energy_rank_edge_cases() -> None:
+    assert energy_rank(np.zeros(3), 0.95) == 0, "an all-zero update needs no triplet"
+    assert energy_rank(np.array([3.0]), 0.95) == 1, "rank-1: the one triplet"
+    with pytest.raises(ValueError, match="energy"):
+        energy_rank(SINGULAR, 0.0)
+
+
+@pytest.mark.parametrize("energy", [0.5, 0.9, 0.95, 0.98])
+def test_round_trip_error_is_the_dropped_energy(energy: float) -> None:
+    matrix = _with_singular_values(16, 12, SINGULAR).astype(np.float64)
+    packed = compress_array(matrix, energy)
+    k = energy_rank(SINGULAR, energy)
+    assert is_factors(packed) and packed["u"].shape == (16, k) and packed["vt"].shape == (k, 12)
+    error = float(np.sum((decompress_array(packed) - matrix) ** 2))
+    np.testing.assert_allclose(error, float(np.sum(SINGULAR[k:] ** 2)), atol=1e-9)
+    assert error <= (1 - energy) * float(np.sum(SINGULAR**2)) + 1e-9
+
+
+def test_conv_kernels_are_reshaped_out_by_in_times_kernel() -> None:
+    kernel = _with_singular_values(8, 4 * 27, np.array([5.0, 0.01]), seed=1).reshape(8, 4, 3, 3, 3)
+    packed = compress_array(kernel.astype(np.float32), 0.95)
+    assert packed["u"].shape == (8, 1) and packed["vt"].shape == (1, 108) and packed["shape"] == [8, 4, 3, 3, 3]
+    restored = decompress_array(packed)
+    assert restored.shape == kernel.shape and restored.dtype == np.float32
+    assert np.abs(restored - kernel).max() < 0.02
+
+
+def test_what_goes_whole() -> None:
+    matrix = _with_singular_values(16, 12, SINGULAR).astype(np.float32)
+    for value, why in (
+        (np.arange(5, dtype=np.float32), "1-D"),
+        (matrix, "energy >= 1"),
+        (np.ones((4, 4), dtype=np.int64), "not floating point"),
+        (np.eye(2, dtype=np.float32), "factors not smaller (rank 2 of 2x2)"),
+    ):
+        energy = 1.0 if why == "energy >= 1" else 0.95
+        out = compress_array(value, energy)
+        assert not is_factors(out), why
+        np.testing.assert_array_equal(out, value)
+    zero = compress_array(np.zeros((6, 5), dtype=np.float32), 0.95)
+    assert zero["u"].shape == (6, 0), "an all-zero update sends no triplet"
+    np.testing.assert_array_equal(decompress_array(zero), np.zeros((6, 5)))
+    with pytest.raises(ValueError, match="energy"):
+        compress_array(matrix, -1.0)
+    with pytest.raises(ValueError, match="do not make"):
+        decompress_array({"u": np.ones((3, 1)), "vt": np.ones((1, 4)), "shape": [3, 5]})
+
+
+def test_energy_schedule_rises_linearly() -> None:
+    assert energy_threshold(0, 4) == pytest.approx(0.95)
+    assert energy_threshold(1, 4) == pytest.approx(0.96)
+    assert energy_threshold(3, 4) == pytest.approx(0.98)
+    assert energy_threshold(4, 4) == pytest.approx(0.98), "the final validation keeps the last threshold"
+    assert energy_threshold(0, 1) == pytest.approx(0.98)
+    for kwargs, arg in (
+        ({"num_rounds": 0}, "num_rounds"),
+        ({"start": 1.2}, "energy_start"),
+        ({"start": 0.98, "end": 0.9}, "energy_end"),
+    ):
+        with pytest.raises(ValueError, match=arg):
+            energy_threshold(0, **{"num_rounds": 4, **kwargs})
+
+
+# ---- the filter pair on a real payload ---------------------------------------------------------------------
+def _ctx(site: str | None = None) -> FLContext:
+    ctx = FLContext()
+    if site is not None:
+        peer = FLContext()
+        peer.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
+        ctx.set_peer_context(peer)
+    return ctx
+
+
+def _shareable(kind: str, data: dict, current_round: int):
+    shareable = DXO(kind, data=data, meta={}).to_shareable()
+    shareable.set_header(AppConstants.CURRENT_ROUND, current_round)
+    return shareable
+
+
+def _nbytes(data: dict) -> int:
+    return sum(v["u"].nbytes + v["vt"].nbytes if is_factors(v) else np.asarray(v).nbytes for v in data.values())
+
+
+def test_filter_pair_on_a_segresnet_payload() -> None:
+    """Round 0 goes whole; a site's update travels as factors; the next broadcast is relative to what the site
+    holds; what it leaves out goes with the one after (error feedback)."""
+    torch.manual_seed(0)
+    global0 = {k: v.numpy().copy() for k, v in BraTSSegResNet(init_filters=8).state_dict().items()}
+    server_out, server_in = SVDBroadcastCompressor(num_rounds=3), SVDDecompressor()
+    site_in, site_out = SVDDecompressor(), SVDUpdateCompressor(num_rounds=3)
+
+    # Round 0: first contact, the full model.
+    sent = server_out.process(_shareable(DataKind.WEIGHTS, global0, 0), _ctx("site-1"))
+    assert from_shareable(sent).data_kind == DataKind.WEIGHTS
+    received = from_shareable(site_in.process(sent, _ctx()))
+    assert received.data_kind == DataKind.WEIGHTS and SVD_META_KEY not in received.meta
+    for k in global0:
+        np.testing.assert_array_equal(received.data[k], global0[k])
+
+    # The site's update (low rank plus noise on the conv kernels) as a weight difference.
+    rng = np.random.default_rng(0)
+    update = {}
+    for k, v in global0.items():
+        if v.ndim >= 2:
+            m = v.reshape(v.shape[0], -1)
+            low = np.outer(rng.normal(size=m.shape[0]), rng.normal(size=m.shape[1]))
+            update[k] = (0.01 * low + 1e-5 * rng.normal(size=m.shape)).reshape(v.shape).astype(np.float32)
+        else:
+            update[k] = (0.01 * rng.normal(size=v.shape)).astype(np.float32)
+    with pytest.raises(ValueError, match="DIFF"):
+        site_out.process(_shareable(DataKind.WEIGHTS, update, 0), _ctx())
+    up = site_out.process(_shareable(DataKind.WEIGHT_DIFF, update, 0), _ctx())
+    up_data = from_shareable(up).data
+    assert _nbytes(up_data) < 0.2 * _nbytes(update), "a near rank-1 update must shrink"
+    assert from_shareable(up).meta[SVD_META_KEY] == {"energy": pytest.approx(0.95)}
+    assert SVD_META_KEY in BASE_META_KEYS, "the site's filter adds a declared item"
+    rebuilt = from_shareable(server_in.process(up, _ctx("site-1")))
+    assert rebuilt.data_kind == DataKind.WEIGHT_DIFF and SVD_META_KEY not in rebuilt.meta
+    for k, v in update.items():
+        assert np.sum((rebuilt.data[k] - v) ** 2) <= (1 - 0.95) * np.sum(v.astype(np.float64) ** 2) + 1e-9
+
+    # Round 1: the server's exact new global model goes out relative to what site-1 holds.
+    global1 = {k: global0[k] + rebuilt.data[k] for k in global0}
+    down = server_out.process(_shareable(DataKind.WEIGHTS, global1, 1), _ctx("site-1"))
+    down_dxo = from_shareable(down)
+    assert down_dxo.data_kind == DataKind.WEIGHT_DIFF and _nbytes(down_dxo.data) < 0.2 * _nbytes(global1)
+    held1 = from_shareable(site_in.process(down, _ctx())).data
+    diff_energy = sum(np.sum((global1[k] - global0[k]).astype(np.float64) ** 2) for k in global0)
+    residual = sum(np.sum((global1[k] - held1[k]).astype(np.float64) ** 2) for k in global0)
+    assert residual <= (1 - 0.96) * diff_energy + 1e-9
+
+    # Round 2 with the same global model: only what round 1 left out travels, and the site then holds it exactly
+    # (up to float32 rounding).
+    again = server_out.process(_shareable(DataKind.WEIGHTS, global1, 2), _ctx("site-1"))
+    held2 = from_shareable(site_in.process(again, _ctx())).data
+    residual2 = sum(np.sum((global1[k] - held2[k]).astype(np.float64) ** 2) for k in global0)
+    assert residual2 < 0.05 * residual + 1e-12
+
+    # A site holding other weights than the broadcast assumes stops instead of training on wrong weights.
+    late = server_out.process(_shareable(DataKind.WEIGHTS, global1, 2), _ctx("site-1"))
+    with pytest.raises(RuntimeError, match="holds"):
+        SVDDecompressor().process(late, _ctx())
+
+
+def test_broadcast_is_computed_once_for_sites_holding_the_same_weights() -> None:
+    weights = {"w": _with_singular_values(16, 12, SINGULAR).astype(np.float32), "b": np.ones(3, dtype=np.float32)}
+    server = SVDBroadcastCompressor(num_rounds=2)
+    first = {s: from_shareable(server.process(_shareable(DataKind.WEIGHTS, weights, 0), _ctx(s))) for s in "ab"}
+    assert first["a"].meta[SVD_META_KEY]["version"] == first["b"].meta[SVD_META_KEY]["version"]
+    moved = {"w": weights["w"] * 1.5, "b": weights["b"]}
+    second = [from_shareable(server.process(_shareable(DataKind.WEIGHTS, moved, 1), _ctx(s))) for s in "ab"]
+    assert second[0].meta[SVD_META_KEY] == second[1].meta[SVD_META_KEY]
+    assert second[0].data["w"] is second[1].data["w"]
+    with pytest.raises(ValueError, match="receiving site"):
+        server.process(_shareable(DataKind.WEIGHTS, weights, 0), _ctx())
+
+
+def test_compression_stats() -> None:
+    matrix = _with_singular_values(16, 12, SINGULAR).astype(np.float32)
+    _, stats = compress_params({"w": matrix, "b": np.ones(4, dtype=np.float32)}, 0.9)
+    assert (stats.compressed, stats.whole) == (1, 1)
+    assert stats.dense_bytes == matrix.nbytes + 16 and stats.sent_bytes == 2 * (16 + 12) * 4 + 16
+
+
+# ---- the distillation terms ----------------------------------------------------------------------------------
+def test_adaptive_scale_is_the_inverse_task_loss_sum_and_detached() -> None:
+    a = torch.tensor(2.0, requires_grad=True)
+    scale = adaptive_kd_scale(a, torch.tensor(3.0))
+    assert float(scale) == pytest.approx(0.2) and not scale.requires_grad
+    assert float(adaptive_kd_scale(torch.tensor(0.0), torch.tensor(0.0))) == pytest.approx(1e6)
+    with pytest.raises(ValueError, match="task_loss_a"):
+        adaptive_kd_scale(torch.ones(2), torch.tensor(1.0))
+
+
+def test_decision_kd_known_values() -> None:
+    same = torch.randn(1, 3, 2, 2, 2)
+    assert float(logit_kd_loss(same, same.clone(), 2.0)) == pytest.approx(0.0, abs=1e-6)
+    # Student at 0 (p = 0.5), teacher logit 2 at T = 2 (q = sigmoid(1)): T^2 * KL(q || 0.5).
+    q = 1 / (1 + math.exp(-1))
+    expected = 4 * (q * math.log(q / 0.5) + (1 - q) * math.log((1 - q) / 0.5))
+    value = logit_kd_loss(torch.zeros(1, 1, 2, 2, 2), torch.full((1, 1, 2, 2, 2), 2.0), 2.0)
+    assert float(value) == pytest.approx(expected, rel=1e-5)
+
+
+def test_representation_kd_known_values_and_projection() -> None:
+    assert float(feature_mse(torch.ones(1, 2, 2, 2, 2), torch.zeros(1, 2, 2, 2, 2))) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same shape"):
+        feature_mse(torch.ones(1, 2, 2, 2, 2), torch.ones(1, 3, 2, 2, 2))
+    same = FeatureProjection(4, 4)
+    x = torch.randn(1, 4, 2, 2, 2)
+    assert same(x) is x and not list(same.parameters()), "equal widths: the identity, nothing to learn"
+    proj = FeatureProjection(1, 2)
+    with torch.no_grad():
+        proj.conv.weight.copy_(torch.tensor([1.0, 2.0]).view(2, 1, 1, 1, 1))
+        proj.conv.bias.zero_()
+    x = torch.ones(1, 1, 2, 2, 2, requires_grad=True)
+    # Projected [1, 2] per voxel against a target of zeros: MSE = (1 + 4) / 2.
+    loss = feature_mse(proj(x, frozen=True), torch.zeros(1, 2, 2, 2, 2))
+    assert float(loss) == pytest.approx(2.5)
+    loss.backward()
+    assert proj.conv.weight.grad is None and x.grad is not None, "frozen: the features learn, the projection not"
+    feature_mse(proj(x), torch.zeros(1, 2, 2, 2, 2)).backward()
+    assert proj.conv.weight.grad is not None
+    with pytest.raises(ValueError, match="in_channels"):
+        FeatureProjection(0, 2)
+
+
+# ---- the site method -------------------------------------------------------------------------------------------
+def _batch() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    label = (torch.rand(1, 3, 16, 16, 16) > 0.7).float()
+    return {"image": torch.randn(1, 4, 16, 16, 16), "label": label, "modality_mask": torch.ones(1, 4)}
+
+
+def test_method_steps_personal_model_and_returns_the_shared_loss(tmp_path) -> None:
+    torch.manual_seed(0)
+    shared = BraTSSegResNet(init_filters=8)
+    method = FedMICMethod(personal_network={"name": "segresnet", "args": {"init_filters": 16}})
+    method.setup(shared, ("t1", "t1ce", "t2", "flair"), torch.device("cpu"))
+    assert method.projection.conv.in_channels == 64 and method.projection.conv.out_channels == 128
+    assert set(method.personal.state_dict()).isdisjoint({f"personal.{k}" for k in shared.state_dict()})
+    before = {k: v.clone() for k, v in method.personal.state_dict().items()}
+    loss, terms = method.training_loss(shared, _batch(), epoch=0)
+    assert torch.isfinite(loss) and loss.requires_grad
+    changed = [k for k, v in method.personal.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "the personalised model steps inside training_loss"
+    assert all(p.grad is None for p in method.personal.parameters())
+    expected_scale = 1 / (terms["dice"] + terms["bce"] + terms["personal_dice"] + terms["personal_bce"])
+    assert terms["kd_scale"] == pytest.approx(expected_scale, rel=1e-4)
+    loss.backward()
+    assert all(p.grad is not None for p in shared.parameters() if p.requires_grad)
+    assert method.projection.conv.weight.grad is None, "the shared loss leaves the projection alone"
+
+    method.use_site_folder(str(tmp_path))
+    method.on_round_end(shared, 0)
+    assert os.path.isfile(tmp_path / PERSONAL_STATE_FILE)
+    resumed = FedMICMethod()
+    resumed.setup(shared, ("t1",), torch.device("cpu"))
+    resumed.use_site_folder(str(tmp_path))
+    for k, v in method.personal.state_dict().items():
+        assert torch.equal(resumed.personal.state_dict()[k], v)
+
+
+def test_method_options_are_checked_by_name() -> None:
+    for kwargs, arg in (
+        ({"decision_kd_weight": -1.0}, "decision_kd_weight"),
+        ({"kd_temperature": 0.0}, "kd_temperature"),
+        ({"personal_lr": 0.0}, "personal_lr"),
+        ({"personal_network": {"args": {}}}, "personal_network"),
+    ):
+        with pytest.raises(ValueError, match=arg):
+            FedMICMethod(**kwargs)
+
+    class LogitsOnly(torch.nn.Module):
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return x[:, :3]
+
+    with pytest.raises(ValueError, match="intermediate features"):
+        logits_and_features(LogitsOnly(), torch.zeros(1, 4, 8, 8, 8), torch.ones(1, 4))
+
+
+def test_job_turns_compression_on_and_any_job_can() -> None:
+    from fedbrats.recipe import CLIENT_TASKS, job_files
+
+    def configs(name: str, **options) -> dict[str, dict]:
+        files = job_files(name, **options)
+        return {side: json.loads(files[f"app/config/config_fed_{side}.json"]) for side in ("server", "client")}
+
+    def filters(cfg: dict, side: str, kind: str) -> dict[str, list[str]]:
+        """Per task (NVFlare 2.9 looks chains up by exact task name), the filters' class names."""
+        chains = cfg[side].get(kind, [])
+        assert all(len(chain["tasks"]) == 1 for chain in chains), "one chain per task"
+        return {chain["tasks"][0]: [f["path"].rsplit(".", 1)[-1] for f in chain["filters"]] for chain in chains}
+
+    def every_task(names: list[str]) -> dict[str, list[str]]:
+        return {task: names for task in CLIENT_TASKS}
+
+    fedmic = configs("fedmic")
+    assert filters(fedmic, "server", "task_data_filters") == every_task(["SVDBroadcastCompressor"])
+    assert filters(fedmic, "server", "task_result_filters") == every_task(["SVDDecompressor"])
+    assert filters(fedmic, "client", "task_data_filters") == every_task(["PayloadAuditFilter", "SVDDecompressor"])
+    assert filters(fedmic, "client", "task_result_filters") == every_task(["SVDUpdateCompressor", "PayloadAuditFilter"])
+    audit_in = fedmic["client"]["task_data_filters"][0]["filters"][0]["args"]
+    assert audit_in == {"file_name": "payload_audit_in.jsonl"}
+    assert fedmic["client"]["executors"][0]["executor"]["args"]["params_transfer_type"] == "DIFF"
+    off = configs("fedmic", compression=False)
+    assert not filters(off, "server", "task_data_filters") and not filters(off, "client", "task_data_filters")
+    assert "params_transfer_type" not in off["client"]["executors"][0]["executor"]["args"], "FULL, the default"
+    for job in ("fedavg", "fedkd", "mstkd"):
+        assert not filters(configs(job), "server", "task_data_filters")
+        on = configs(job, num_rounds=3, compression={"energy_end": 0.99})
+        for side, kind in (("server", "task_data_filters"), ("client", "task_result_filters")):
+            compressors = [f for chain in on[side][kind] for f in chain["filters"] if ".SVD" in f["path"]]
+            assert len(compressors) == len(CLIENT_TASKS)
+            assert all(f["args"] == {"energy_end": 0.99, "num_rounds": 3} for f in compressors), "defaults left out"
+        assert on["client"]["executors"][0]["executor"]["args"]["params_transfer_type"] == "DIFF"
+    with pytest.raises(ValueError, match="energy_start"):
+        job_files("fedavg", compression={"energy_start": 0.0})
+    with pytest.raises(ValueError, match="compression takes"):
+        job_files("fedavg", compression={"rank": 3})
+
+
+def test_compression_options_of_the_entry_points() -> None:
+    """`fedbrats simulate` and `python -m fedbrats.job` share --compression and --svd (fedbrats.job's options)."""
+    from fedbrats.job import _parser, recipe_options
+
+    def compression(*argv: str):
+        return recipe_options(_parser().parse_args(["fedavg", *argv]))["compression"]
+
+    assert compression() is None, "the job's default"
+    assert compression("--compression", "on") is True and compression("--compression", "off") is False
+    assert compression("--svd", "energy_end=0.99", "--svd", "energy_start=0.9") == {
+        "energy_end": 0.99,
+        "energy_start": 0.9,
+    }
+    with pytest.raises(ValueError, match="--compression off"):
+        compression("--compression", "off", "--svd", "energy_end=0.99")
+
+
+# ---- the job in the simulator ------------------------------------------------------------------------------------
+TINY = {"epochs_per_round": 1, "data": {"roi_size": [16, 16, 16], "batch_size": 1}}
+
+
+@pytest.mark.integration
+def test_fedmic_two_rounds_and_payload_audit(tiny_federation: str, tmp_path) -> None:
+    """jobs/fedmic runs 2 rounds; what crosses the wire is the shared model only (compressed from round 1 on),
+    never the personalised model, which stays in each site's run folder."""
+    from fedbrats.federated.protocol import PAYLOAD_AUDIT_FILE, PAYLOAD_AUDIT_IN_FILE
+    from fedbrats.federated.simulate import simulate, simulator_workspace
+    from fedbrats.networks import build_from_spec
+
+    result = simulate("fedmic", str(tmp_path), sites_file=tiny_federation, num_rounds=2, overrides=TINY)
+    rounds = [r for r in result.history if not r.get("final_validation")]
+    assert [r["round"] for r in rounds] == [0, 1]
+    for r in rounds:
+        assert sorted(r["sites"]) == ["site-1", "site-2", "site-3", "site-4"] and not r["rejected"]
+        terms = r["sites"]["site-2"]["loss_terms"]
+        assert {"decision_kd", "representation_kd", "personal_dice", "kd_scale"} <= set(terms)
+        assert all(math.isfinite(v) for v in terms.values())
+    final = result.history[-1]
+    assert final.get("final_validation") and math.isfinite(final["aggregated"]["val_mean_dice"])
+
+    with open(os.path.join(result.run_dir, "model_spec.json"), encoding="utf-8") as f:
+        shared_shapes = {k: list(v.shape) for k, v in build_from_spec(json.load(f)).state_dict().items()}
+    allowed_meta = BASE_META_KEYS | FedMICMethod.payload_keys
+    allowed_meta |= {"initial_metrics", "CURRENT_ROUND", "TOTAL_ROUNDS", "JOB_ID", "SITE_NAME", "current_round"}
+    for site in ("site-1", "site-2", "site-3", "site-4"):
+        run_dir = os.path.join(simulator_workspace(str(tmp_path)), site, "simulate_job")
+        personal = torch.load(os.path.join(run_dir, PERSONAL_STATE_FILE), weights_only=True)
+        assert personal["round"] == 1
+        personal_shapes = {k: list(v.shape) for k, v in personal["model"].items()}
+        with open(os.path.join(run_dir, PAYLOAD_AUDIT_FILE), encoding="utf-8") as f:
+            sent = [json.loads(line) for line in f]
+        train = [r for r in sent if "num_steps" in r["meta"]]
+        assert [r["round"] for r in train] == [0, 1] and all(r["kind"] == "WEIGHT_DIFF" for r in train)
+        for record in sent:
+            assert set(record["data"]) == set(shared_shapes), f"{site} sent other weights than the shared model's"
+            assert not set(record["meta"]) - allowed_meta, f"{site} sent undeclared items"
+            for name, desc in record["data"].items():
+                if "items" in desc:  # factors: u (out x k) and vt (k x in*k*k*k) of the shared weight's shape
+                    assert desc["items"]["shape"]["shape"] == [len(shared_shapes[name])]
+                    assert desc["items"]["u"]["shape"][0] == shared_shapes[name][0]
+                else:
+                    assert desc["shape"] == shared_shapes[name], f"{site}: {name} is not the shared weight"
+        # The personalised model (twice the filters) has no weight of the shared shapes under its names.
+        assert any(personal_shapes[k] != shared_shapes.get(k) for k in personal_shapes)
+        with open(os.path.join(run_dir, PAYLOAD_AUDIT_IN_FILE), encoding="utf-8") as f:
+            arrived = [json.loads(line) for line in f]
+        # The training rounds share one filter pair (the "train" chain): full weights first, then differences. The
+        # final validation is another task, whose pair has no view of the site yet: it gets the full model.
+        training, final = arrived[:-1], arrived[-1]
+        assert [r["round"] for r in training] == [0, 1]
+        assert training[0]["kind"] == "WEIGHTS" and all(r["kind"] == "WEIGHT_DIFF" for r in training[1:])
+        assert any("items" in d for r in training[1:] for d in r["data"].values()), "later broadcasts are factors"
+        assert final["kind"] == "WEIGHTS"
