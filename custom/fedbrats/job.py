@@ -35,6 +35,7 @@ from nvflare.recipe.spec import ExecEnv
 
 from fedbrats.data.site_config import SITE_CONFIG_ENV, federation_sites_file
 from fedbrats.federated.memory import with_allocator_defaults
+from fedbrats.federated.protocol import RunFolder
 from fedbrats.federated.simulate import keep_resume_source, parse_overrides, site_names
 from fedbrats.jobgen import JOBS
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
@@ -183,7 +184,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.env == "sim":
         run_dir = os.path.join(result, "server", "simulate_job")
         logger.info("%s finished; server run dir %s", args.job, run_dir)
-        return 0 if os.path.isfile(os.path.join(run_dir, "metrics.json")) else 1
+        return 0 if os.path.isfile(RunFolder(run_dir).metrics) else 1
     status = run.get_status()
     logger.info("%s ended with status %s; result %s", args.job, status, result)
     return 0 if status == COMPLETED and result else 1
