@@ -81,7 +81,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     net = build_network("segresnet", init_filters=8)
     (run / "model_spec.json").write_text(json.dumps(model_spec(net)))
     torch.save({"model": net.state_dict()}, run / "app_server" / "best_FL_global_model.pt")
-    return export_model(str(run), str(root / "exported"), roi_size=(16, 16, 16))
+    return export_model(str(run), str(root / "exported"), roi_size=(16, 16, 16), zoom=1.0)
 
 
 def _volume(path: Path, labels: bool = False) -> str:
@@ -312,14 +312,14 @@ def test_make_jobs_refuses_to_revert_hand_edits(tmp_path: Path, caplog: pytest.L
 def test_export_refuses_an_existing_model_folder(model_dir: str, tmp_path: Path) -> None:
     from fedbrats.evaluation.export import export_model
 
-    before = (Path(model_dir) / "metadata.json").read_text()
+    before = (Path(model_dir) / "configs" / "metadata.json").read_text()
     with pytest.raises(ValueError, match="already holds an exported model.*--overwrite"):
-        export_model(model_dir, model_dir, roi_size=(16, 16, 16))
-    assert (Path(model_dir) / "metadata.json").read_text() == before
+        export_model(model_dir, model_dir)
+    assert (Path(model_dir) / "configs" / "metadata.json").read_text() == before
     target = tmp_path / "copy"
-    export_model(model_dir, str(target), roi_size=(16, 16, 16))
-    export_model(model_dir, str(target), roi_size=(16, 16, 16), overwrite=True, description="again")
-    assert json.loads((target / "metadata.json").read_text())["description"] == "again"
+    export_model(model_dir, str(target))
+    export_model(model_dir, str(target), overwrite=True, description="again")
+    assert json.loads((target / "configs" / "metadata.json").read_text())["description"] == "again"
 
 
 # ---- item 11: files follow the umask; a file the site may not read is named ------------------------------------

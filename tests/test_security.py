@@ -122,15 +122,15 @@ def exported_model(tmp_path: Path) -> Path:
     net = build_network("segresnet", init_filters=8)
     (run / "model_spec.json").write_text(json.dumps(model_spec(net)))
     torch.save({"model": net.state_dict()}, run / "app_server" / "best_FL_global_model.pt")
-    return Path(export_model(str(run), str(tmp_path / "exported"), roi_size=(16, 16, 16)))
+    return Path(export_model(str(run), str(tmp_path / "exported"), roi_size=(16, 16, 16), zoom=1.0))
 
 
 def test_replaced_model_is_refused(exported_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A zeroed model.pt (same names and shapes, so it loads) is refused by predict unless the check is skipped."""
     from fedbrats.evaluation.evaluate import load_model
 
-    state = torch.load(exported_model / "model.pt", weights_only=True)
-    torch.save({k: torch.zeros_like(v) for k, v in state.items()}, exported_model / "model.pt")
+    state = torch.load(exported_model / "models" / "model.pt", weights_only=True)
+    torch.save({k: torch.zeros_like(v) for k, v in state.items()}, exported_model / "models" / "model.pt")
     flair = _tiny_image(tmp_path / "p_flair.nii.gz")
     out = tmp_path / "seg.nii.gz"
     argv = ["--model", str(exported_model), "--flair", flair, "--out", str(out), "--device", "cpu"]
@@ -146,7 +146,7 @@ def test_replaced_model_is_refused(exported_model: Path, tmp_path: Path, caplog:
 def test_intact_export_loads(exported_model: Path) -> None:
     from fedbrats.evaluation.evaluate import load_model, verify_exported_model
 
-    assert verify_exported_model(str(exported_model / "model.pt")) is True
+    assert verify_exported_model(str(exported_model / "models" / "model.pt")) is True
     assert isinstance(load_model(str(exported_model)), torch.nn.Module)
 
 

@@ -1,4 +1,6 @@
-"""Datasets and data loaders for training, validation and evaluation of one site."""
+"""Datasets and data loaders for training, validation and evaluation of one site, and the preprocessing they share
+with inference (:func:`preprocessing_steps`, :func:`inference_steps`): ``predict`` and an exported MONAI bundle
+build their pipelines from the same steps as training."""
 
 from __future__ import annotations
 
@@ -40,11 +42,16 @@ from fedbrats.data.transforms import (
     ConvertBraTSLabelsd,
     LoadBraTSCased,
     ModalityDropoutd,
+    TransformStep,
     apply_modality_mask,
 )
 from fedbrats.data.validation import CaseValidationError, permission_problem
 
 logger = logging.getLogger(__name__)
+
+#: Volumes the networks see are padded to a multiple of this (three halvings in every network of the package); the
+#: crop size must be one too.
+SPATIAL_DIVISOR = 8
 
 
 @dataclass
@@ -82,8 +89,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.roi_size = tuple(int(s) for s in self.roi_size)
-        if len(self.roi_size) != 3 or any(s < 8 or s % 8 for s in self.roi_size):
-            raise ValueError(f"roi_size must be three multiples of 8 (>= 8), got {self.roi_size}")
+        if len(self.roi_size) != 3 or any(s < SPATIAL_DIVISOR or s % SPATIAL_DIVISOR for s in self.roi_size):
+            raise ValueError(f"roi_size must be three multiples of {SPATIAL_DIVISOR} (>= 8), got {self.roi_size}")
         if not 0.0 <= self.tumour_crop_fraction <= 1.0:
             raise ValueError(f"tumour_crop_fraction must be in [0, 1], got {self.tumour_crop_fraction}")
         if not 0.05 <= self.zoom <= 1.0:
@@ -104,19 +111,56 @@ class DataConfig:
         return cls(**values)
 
 
-def _preprocess(modalities: Sequence[str], convention: str, zoom: float) -> list:
-    keys = ["image", "label"]
-    steps: list = [
-        LoadBraTSCased(keys, modalities=modalities, convention=convention),
-        ConvertBraTSLabelsd("label", convention=convention),
-        # Skull-stripped volumes are mostly background: cropping to the head first saves most of the compute.
-        CropForegroundd(keys, source_key="image", allow_missing_keys=True, allow_smaller=True),
-    ]
+def preprocessing_steps(
+    modalities: Sequence[str] | None, convention: str, zoom: float, labelled: bool = True
+) -> list[TransformStep]:
+    """The deterministic preprocessing of a case, the one definition that training, validation, ``predict`` and an
+    exported bundle use: read the sequences (absent ones zero-filled), crop to the head, resample by ``zoom``, and
+    z-score each sequence over its non-zero voxels. There is no intensity window: z-scoring makes scanners'
+    scales comparable and leaves the zero-filled channels of absent sequences at exactly zero.
+
+    Args:
+        modalities: the sequences to read; ``None``: those whose path is given (a new patient).
+        convention: the label convention (checks and converts the label).
+        zoom: resampling factor after cropping (``DataConfig.zoom``).
+        labelled: also read and convert ``label`` (it may still be missing from an entry); False: images only.
+    """
+    keys = ["image", "label"] if labelled else ["image"]
+    load_args: dict[str, Any] = {"keys": keys, "modalities": None if modalities is None else list(modalities)}
+    if labelled:
+        load_args["convention"] = convention
+    steps = [TransformStep(LoadBraTSCased, load_args)]
+    if labelled:
+        steps.append(TransformStep(ConvertBraTSLabelsd, {"keys": "label", "convention": convention}))
+    # Skull-stripped volumes are mostly background: cropping to the head first saves most of the compute.
+    steps.append(
+        TransformStep(
+            CropForegroundd, {"keys": keys, "source_key": "image", "allow_missing_keys": True, "allow_smaller": True}
+        )
+    )
     if zoom < 1.0:
-        steps.append(Zoomd(keys, zoom=zoom, mode=("trilinear", "nearest"), keep_size=False, allow_missing_keys=True))
+        mode = ["trilinear", "nearest"] if labelled else "trilinear"
+        steps.append(
+            TransformStep(
+                Zoomd, {"keys": keys, "zoom": zoom, "mode": mode, "keep_size": False, "allow_missing_keys": True}
+            )
+        )
     # Normalising only non-zero voxels per channel keeps zero-filled (absent) channels at exactly zero.
-    steps.append(NormalizeIntensityd("image", nonzero=True, channel_wise=True))
+    steps.append(TransformStep(NormalizeIntensityd, {"keys": "image", "nonzero": True, "channel_wise": True}))
     return steps
+
+
+def inference_steps(zoom: float, divisor: int = SPATIAL_DIVISOR) -> list[TransformStep]:
+    """Preprocessing of a new patient's sequences (any non-empty subset, given as paths): the steps of
+    :func:`preprocessing_steps` and the padding of :func:`eval_transforms`, each invertible step recorded on the
+    image so that a prediction can be mapped back onto the patient's grid (MONAI's ``Invertd``)."""
+    steps = preprocessing_steps(None, "brats2018", zoom, labelled=False)
+    steps.append(TransformStep(DivisiblePadd, {"keys": "image", "k": divisor}))
+    return steps
+
+
+def _preprocess(modalities: Sequence[str], convention: str, zoom: float) -> list:
+    return [step.build() for step in preprocessing_steps(modalities, convention, zoom)]
 
 
 #: Keys under which :class:`FgBgToIndicesd` stores a case's tumour / non-tumour voxel indices.
@@ -193,7 +237,9 @@ def train_transforms(modalities: Sequence[str], convention: str, cfg: DataConfig
     return Compose(steps)
 
 
-def eval_transforms(modalities: Sequence[str], convention: str, cfg: DataConfig, divisor: int = 8) -> Compose:
+def eval_transforms(
+    modalities: Sequence[str], convention: str, cfg: DataConfig, divisor: int = SPATIAL_DIVISOR
+) -> Compose:
     """Validation / evaluation pipeline: whole (cropped, resampled) volumes, padded to a multiple of ``divisor``."""
     keys = ["image", "label"]
     steps = _preprocess(modalities, convention, cfg.zoom)
@@ -323,7 +369,7 @@ def make_loaders(
     modalities: Sequence[str],
     convention: str,
     cfg: DataConfig,
-    divisor: int = 8,
+    divisor: int = SPATIAL_DIVISOR,
     labelled: bool = True,
 ) -> tuple[DataLoader, DataLoader]:
     """Training and validation loaders of one site.

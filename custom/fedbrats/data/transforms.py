@@ -3,17 +3,22 @@
 The order of the pipeline matters for missing sequences: an absent sequence is never read, its channel is
 zero-filled at load time, and a ``modality_mask`` (1 = present) travels with the sample through every later
 transform, so models, losses and the server know what each case really had.
+
+:class:`TransformStep` describes a pipeline step as data (class and arguments), so that one definition builds the
+Python pipelines and is written into an exported MONAI bundle's config (see :mod:`fedbrats.data.loader`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable, Transform
 
 from fedbrats.constants import MODALITIES, modality_mask
@@ -24,23 +29,99 @@ logger = logging.getLogger(__name__)
 
 MASK_KEY = "modality_mask"
 
+#: Public MONAI modules a bundle config names MONAI's classes by (``monai.transforms.CropForegroundd``): a bare
+#: name would be looked up across all of MONAI, where some names exist twice.
+_MONAI_PUBLIC_MODULES = ("monai.transforms", "monai.inferers", "monai.handlers", "monai.engines", "monai.data")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """Another item of a pipeline's context: ``@name`` in a bundle config, ``refs[name]`` when built in Python.
+
+    Args:
+        name: the item's id (e.g. ``"preprocessing"`` for the pipeline an ``Invertd`` undoes).
+    """
+
+    name: str
+
+
+def config_target(cls: type) -> str:
+    """The ``_target_`` that names ``cls`` in a MONAI bundle config: MONAI's public path
+    (``monai.transforms.Zoomd``), else the class's own module path."""
+    import importlib
+
+    if cls.__module__.startswith("monai."):
+        for module in _MONAI_PUBLIC_MODULES:
+            if getattr(importlib.import_module(module), cls.__name__, None) is cls:
+                return f"{module}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _config_value(value: Any) -> Any:
+    if isinstance(value, Ref):
+        return f"@{value.name}"
+    if isinstance(value, (list, tuple)):
+        return [_config_value(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class TransformStep:
+    """One step of a pipeline as data: its class and keyword arguments (JSON values or :class:`Ref`).
+
+    The same steps build the Python pipeline (:meth:`build`) and are written into an exported MONAI bundle's
+    config (:meth:`to_config`), so training, ``predict`` and the bundle cannot drift apart.
+
+    Args:
+        cls: the transform (or inferer) class.
+        args: its keyword arguments.
+    """
+
+    cls: type
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+    def build(self, refs: Mapping[str, Any] | None = None) -> Any:
+        """The step's object, each :class:`Ref` replaced by ``refs[name]``.
+
+        Raises:
+            ValueError: a :class:`Ref` that ``refs`` does not hold.
+        """
+        refs = refs or {}
+
+        def resolve(value: Any) -> Any:
+            if isinstance(value, Ref):
+                if value.name not in refs:
+                    raise ValueError(f"{self.cls.__name__}: no value given for the reference @{value.name}")
+                return refs[value.name]
+            return value
+
+        return self.cls(**{k: resolve(v) for k, v in self.args.items()})
+
+    def to_config(self) -> dict[str, Any]:
+        """``{"_target_": ..., **args}`` for a MONAI bundle config (a :class:`Ref` becomes ``"@name"``)."""
+        return {"_target_": config_target(self.cls), **{k: _config_value(v) for k, v in self.args.items()}}
+
 
 class LoadBraTSCase(Transform):
     """Read the available sequences of one case into a zero-filled 4-channel volume.
 
+    The volume is a MONAI ``MetaTensor`` carrying the case's affine and its first sequence's file name, so that
+    MONAI's invertible transforms can map a prediction back onto the patient's grid and ``SaveImage`` can write it.
+
     Args:
-        modalities: sequences this site has; the others are never opened, even when a path is given.
+        modalities: sequences this site has; the others are never opened, even when a path is given. ``None``:
+            the sequences whose path is given (a new patient at inference).
         convention: label convention used to check the label values (name or object).
         affine_tolerance: largest absolute difference allowed between the sequences' affines.
     """
 
     def __init__(
         self,
-        modalities: Sequence[str] = MODALITIES,
+        modalities: Sequence[str] | None = MODALITIES,
         convention: str | BraTSConvention = "brats2018",
         affine_tolerance: float = 1e-3,
     ) -> None:
-        self.mask = modality_mask(list(modalities))
+        self.mask = None if modalities is None else modality_mask(list(modalities))
         self.convention = get_convention(convention) if isinstance(convention, str) else convention
         self.affine_tolerance = affine_tolerance
 
@@ -55,23 +136,28 @@ class LoadBraTSCase(Transform):
             case_id: used in error messages.
 
         Returns:
-            dict with ``image`` (float32 tensor, 4 x H x W x D), ``modality_mask`` (float32, 4), ``affine``
-            (float64 4 x 4 numpy) and, when ``label_path`` is given, ``label`` (uint8 tensor, 1 x H x W x D).
+            dict with ``image`` (float32 ``MetaTensor``, 4 x H x W x D), ``modality_mask`` (float32, 4),
+            ``affine`` (float64 4 x 4 numpy) and, when ``label_path`` is given, ``label`` (uint8 tensor,
+            1 x H x W x D).
 
         Raises:
             CaseValidationError: a present sequence is missing or unreadable, shapes or affines differ, or the
                 label holds values outside the convention.
+            ValueError: ``image_paths`` does not have one entry per sequence, or (``modalities`` None) names none.
         """
         if len(image_paths) != len(MODALITIES):
             raise ValueError(
                 f"case {case_id}: 'image' must list {len(MODALITIES)} paths in the order {list(MODALITIES)} "
                 f"(null for a sequence the site lacks), got {len(image_paths)}"
             )
+        mask = self.mask if self.mask is not None else [bool(p) for p in image_paths]
+        if not any(mask):
+            raise ValueError(f"case {case_id}: no sequence given; any non-empty subset of {list(MODALITIES)} works")
         volumes: list[np.ndarray | None] = []
         ref_shape: tuple[int, ...] | None = None
         ref_affine: np.ndarray | None = None
         ref_path = ""
-        for name, present, path in zip(MODALITIES, self.mask, image_paths):
+        for name, present, path in zip(MODALITIES, mask, image_paths):
             if not present:
                 volumes.append(None)
                 continue
@@ -102,8 +188,12 @@ class LoadBraTSCase(Transform):
             if volume is not None:
                 image[channel] = volume
         out: dict[str, Any] = {
-            "image": torch.from_numpy(image),
-            MASK_KEY: torch.tensor(self.mask, dtype=torch.float32),
+            "image": MetaTensor(
+                torch.from_numpy(image),
+                affine=torch.as_tensor(ref_affine, dtype=torch.float64),
+                meta={"filename_or_obj": ref_path},
+            ),
+            MASK_KEY: torch.tensor(mask, dtype=torch.float32),
             "affine": ref_affine,
         }
         if label_path:
@@ -123,7 +213,7 @@ class LoadBraTSCased(MapTransform):
 
     Args:
         keys: the image key and, optionally, the label key (default ``("image", "label")``).
-        modalities: sequences this site has.
+        modalities: sequences this site has; ``None``: the sequences whose path is given.
         convention: label convention.
         allow_missing_keys: tolerate an entry without label (inference).
     """
@@ -131,7 +221,7 @@ class LoadBraTSCased(MapTransform):
     def __init__(
         self,
         keys: KeysCollection = ("image", "label"),
-        modalities: Sequence[str] = MODALITIES,
+        modalities: Sequence[str] | None = MODALITIES,
         convention: str | BraTSConvention = "brats2018",
         allow_missing_keys: bool = True,
     ) -> None:

@@ -35,10 +35,12 @@ from fedbrats.evaluation.postprocess import read_postprocessing, remove_small_co
 from fedbrats.federated.protocol import (
     EXPORTED_METADATA_FILE,
     EXPORTED_MODEL_FILE,
+    EXPORTED_PREPROCESSING_KEY,
     MODEL_SPEC_FILE,
     MODEL_SPEC_KEY,
     RUN_CHECKPOINTS,
     SERVER_APP_DIR,
+    ModelFolder,
     RunFolder,
 )
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
@@ -54,9 +56,10 @@ FULL_COMBINATION = combination_name(MODALITIES)
 def resolve_checkpoint(path: str) -> str:
     """The weights file behind a checkpoint path, an exported model folder or a federated run folder.
 
-    A folder resolves to ``model.pt`` (exported model), else ``app_server/best_FL_global_model.pt`` falling
-    back to ``app_server/FL_global_model.pt`` (run folder), else the same files directly inside it; a
-    simulator workspace holding exactly one run (``.../app_server/...`` up to three levels down) works too.
+    A folder resolves to ``models/model.pt`` (exported bundle; ``model.pt`` of an earlier export), else
+    ``app_server/best_FL_global_model.pt`` falling back to ``app_server/FL_global_model.pt`` (run folder), else the
+    same files directly inside it; a simulator workspace holding exactly one run (``.../app_server/...`` up to three
+    levels down) works too.
 
     Raises:
         ValueError: the path does not exist, or a folder holds no (or more than one) candidate checkpoint.
@@ -65,7 +68,7 @@ def resolve_checkpoint(path: str) -> str:
         return path
     if not os.path.isdir(path):
         raise ValueError(f"model {path!r} does not exist (expected a checkpoint, a run folder or an exported model)")
-    candidates = [os.path.join(path, EXPORTED_MODEL_FILE)]
+    candidates = [ModelFolder(path).model, ModelFolder(path).flat_files[0]]
     candidates += list(RunFolder(path).checkpoints)
     candidates += [os.path.join(path, name) for name in RUN_CHECKPOINTS]
     for candidate in candidates:
@@ -81,7 +84,7 @@ def resolve_checkpoint(path: str) -> str:
         if len(found) > 1:
             raise ValueError(f"folder {path!r} holds several runs {found}; pass one run folder or checkpoint")
     raise ValueError(
-        f"folder {path!r} holds no model: expected {EXPORTED_MODEL_FILE} (exported model) or "
+        f"folder {path!r} holds no model: expected models/{EXPORTED_MODEL_FILE} (exported model) or "
         f"{SERVER_APP_DIR}/{RUN_CHECKPOINTS[0]} / {SERVER_APP_DIR}/{RUN_CHECKPOINTS[1]} (federated run)"
     )
 
@@ -118,12 +121,16 @@ def spec_from_json(path: str) -> dict[str, Any]:
 def find_model_spec(checkpoint: str) -> str:
     """Path of the ``model_spec.json`` (or exported ``metadata.json``) that describes ``checkpoint``.
 
-    Looked for in the checkpoint's folder and up to two parent folders: a run folder has the spec at its top
-    and the checkpoints in ``app_server/`` (or local models in ``site_models/``).
+    An exported ``model.pt`` is described by its bundle's ``configs/metadata.json``; otherwise the spec is looked
+    for in the checkpoint's folder and up to two parent folders: a run folder has the spec at its top and the
+    checkpoints in ``app_server/`` (or local models in ``site_models/``).
 
     Raises:
         ValueError: no spec file was found.
     """
+    exported = ModelFolder.metadata_of(checkpoint)
+    if exported is not None:
+        return exported
     folder = os.path.dirname(os.path.abspath(checkpoint))
     searched = []
     for _ in range(3):
@@ -204,13 +211,14 @@ def verify_exported_model(path: str) -> bool:
     Raises:
         ValueError: the recorded checksum does not match (the file and the way out are named).
     """
+    meta_path = ModelFolder.metadata_of(path)
     metadata = read_model_metadata(path)
     expected = metadata.get("model_sha256")
-    if not expected or os.path.basename(path) != metadata.get("model_file", EXPORTED_MODEL_FILE):
+    recorded_file = os.path.basename(str(metadata.get("model_file", EXPORTED_MODEL_FILE)))
+    if not expected or os.path.basename(path) != recorded_file:
         return False
     actual = file_sha256(path)
     if actual != expected:
-        meta_path = os.path.join(os.path.dirname(os.path.abspath(path)), EXPORTED_METADATA_FILE)
         raise ValueError(
             f"model file {path!r} does not match the model_sha256 recorded in {meta_path} (sha256 {actual[:12]}... "
             f"instead of {str(expected)[:12]}...): it was replaced or damaged after export. Export the model "
@@ -273,23 +281,126 @@ def load_model(
 
 def read_model_metadata(model: str) -> dict[str, Any]:
     """The ``metadata.json`` of an exported model (given as its folder or its ``model.pt``), else ``{}``."""
-    folder = model if os.path.isdir(model) else os.path.dirname(os.path.abspath(model))
-    path = os.path.join(folder, EXPORTED_METADATA_FILE)
-    if not os.path.isfile(path):
+    if os.path.isdir(model):
+        folder = ModelFolder(model)
+        candidates = [folder.metadata, folder.flat_files[1]]
+        path = next((c for c in candidates if os.path.isfile(c)), None)
+    else:
+        path = ModelFolder.metadata_of(model)
+    if path is None:
         return {}
     content = read_json(path, "model metadata")
     return content if isinstance(content, dict) else {}
 
 
-def metadata_input_defaults(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """``roi_size`` and ``zoom`` an exported model documents for its input (empty when it documents none)."""
-    image = metadata.get("inputs", {}).get("image", {}) if isinstance(metadata.get("inputs"), Mapping) else {}
-    out: dict[str, Any] = {}
-    if image.get("roi_size"):
-        out["roi_size"] = tuple(int(s) for s in image["roi_size"])
-    if image.get("zoom"):
-        out["zoom"] = float(image["zoom"])
-    return out
+def run_data_options(checkpoint: str) -> tuple[DataConfig, str] | None:
+    """The data options a federated run trained with, read from the job configuration in its run folder.
+
+    The run folder is looked for from the checkpoint's folder up to two parents (``app_server/*.pt``,
+    ``site_models/*.pt``); NVFlare keeps the job's site configuration there (:attr:`RunFolder.client_config`).
+
+    Returns:
+        ``(options, path of the configuration)``, or ``None`` when no run configuration is found.
+
+    Raises:
+        ValueError: the configuration exists but holds no training options or invalid ones (the file is named).
+    """
+    folder = os.path.abspath(checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint))
+    for _ in range(3):
+        path = RunFolder(folder).client_config
+        if os.path.isfile(path):
+            break
+        folder = os.path.dirname(folder)
+    else:
+        return None
+    config = read_json(path, "job configuration")
+    executors = config.get("executors", []) if isinstance(config, dict) else []
+    for entry in executors:
+        executor = entry.get("executor") if isinstance(entry, dict) else None
+        args = executor.get("args") if isinstance(executor, dict) else None
+        if isinstance(args, dict) and isinstance(args.get("training"), dict):
+            try:
+                return DataConfig.from_dict(args["training"].get("data")), path
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"job configuration {path!r}: bad data options: {exc}") from None
+    raise ValueError(f"job configuration {path!r} holds no executor with 'training' options to read the data options")
+
+
+def recorded_preprocessing(model: str) -> dict[str, Any]:
+    """The preprocessing a model was trained with, as recorded beside it, so that nobody has to type it again.
+
+    Looked for in an exported model's ``metadata.json`` (``preprocessing``; ``inputs.image`` of earlier exports),
+    else in the run's job configuration (:func:`run_data_options`).
+
+    Args:
+        model: a checkpoint, run folder or exported model folder (resolved with :func:`resolve_checkpoint`).
+
+    Returns:
+        ``{"roi_size": (x, y, z), "zoom": z, "source": file}`` (training crop, which is also the sliding window,
+        and resampling factor), or ``{}`` when nothing is recorded.
+    """
+    checkpoint = resolve_checkpoint(model)
+    metadata = read_model_metadata(checkpoint)
+    source = ModelFolder.metadata_of(checkpoint)
+    recorded = metadata.get(EXPORTED_PREPROCESSING_KEY)
+    if not isinstance(recorded, Mapping):
+        inputs = metadata.get("inputs")
+        recorded = inputs.get("image") if isinstance(inputs, Mapping) else None
+    if isinstance(recorded, Mapping) and recorded.get("zoom") and recorded.get("roi_size"):
+        return {
+            "roi_size": tuple(int(s) for s in recorded["roi_size"]),
+            "zoom": float(recorded["zoom"]),
+            "source": source,
+        }
+    found = run_data_options(checkpoint)
+    if found is None:
+        return {}
+    options, path = found
+    return {"roi_size": tuple(options.roi_size), "zoom": float(options.zoom), "source": path}
+
+
+def preprocessing_options(
+    model: str, roi_size: Sequence[int] | None, zoom: float | None, what: str
+) -> tuple[tuple[int, ...], float]:
+    """The sliding window and zoom to run ``model`` with: the options given, else the recorded ones.
+
+    An explicit ``zoom`` other than the recorded one is used but warned about (the model would see its cases at
+    another scale than in training); without any record the :class:`DataConfig` defaults are used, with a warning.
+
+    Args:
+        model: checkpoint, run folder or exported model folder.
+        roi_size: ``--roi-size`` (None: the recorded training crop).
+        zoom: ``--zoom`` (None: the recorded one).
+        what: the command, for the messages (``"predict"``).
+    """
+    recorded = recorded_preprocessing(model)
+    defaults = DataConfig()
+    if not recorded:
+        logger.warning(
+            "%s: no training preprocessing recorded for %s (no exported metadata.json, no run configuration); "
+            "using zoom %s and window %s unless --zoom / --roi-size say otherwise",
+            what,
+            model,
+            zoom if zoom is not None else defaults.zoom,
+            list(roi_size or defaults.roi_size),
+        )
+    elif zoom is not None and abs(zoom - recorded["zoom"]) > 1e-9:
+        logger.warning(
+            "%s: --zoom %s differs from the zoom %s the model was trained with (%s); its cases will be seen at "
+            "another scale",
+            what,
+            zoom,
+            recorded["zoom"],
+            recorded["source"],
+        )
+    chosen_zoom = zoom if zoom is not None else recorded.get("zoom", defaults.zoom)
+    chosen_roi = tuple(roi_size) if roi_size else recorded.get("roi_size", defaults.roi_size)
+    checked = DataConfig(roi_size=chosen_roi, zoom=chosen_zoom)  # the same rules as a job's data options
+    if recorded:
+        logger.info(
+            "%s: zoom %s, window %s (recorded in %s)", what, checked.zoom, list(checked.roi_size), recorded["source"]
+        )
+    return tuple(checked.roi_size), float(checked.zoom)
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -517,7 +628,12 @@ def default_test_datalist(sites: str | None = None, what: str = "evaluate") -> s
     return path if os.path.isabs(path) else os.path.join(os.path.dirname(os.path.abspath(sites)), path)
 
 
-def _roi(values: Sequence[int] | None) -> tuple[int, ...] | None:
+def roi_option(values: Sequence[int] | None) -> tuple[int, ...] | None:
+    """``--roi-size`` as three sizes (one value: a cube), or ``None`` when not given.
+
+    Raises:
+        ValueError: neither one nor three values.
+    """
     if not values:
         return None
     if len(values) == 1:
@@ -543,7 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--key", default="test", help="list of the datalist to evaluate (default: test)")
     parser.add_argument("--roi-size", type=int, nargs="+", default=None, help="sliding-window size (1 or 3 ints)")
-    parser.add_argument("--zoom", type=float, default=None, help="resampling factor after cropping (default 1.0)")
+    parser.add_argument(
+        "--zoom", type=float, default=None, help="resampling factor after cropping (default: the model's training one)"
+    )
     parser.add_argument("--max-eval-size", type=int, default=0, help="centre-crop volumes to this side (0: never)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -579,15 +697,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_device(args.device)
         model = load_model(args.model, args.spec, verify_integrity=not args.skip_integrity_check)
-        # An exported model documents the window and resampling it was made for; the options override them.
-        defaults = metadata_input_defaults(read_model_metadata(resolve_checkpoint(args.model)))
-        data: dict[str, Any] = {"max_eval_size": args.max_eval_size}
-        roi = _roi(args.roi_size) or defaults.get("roi_size")
-        if roi:
-            data["roi_size"] = roi
-        zoom = args.zoom if args.zoom is not None else defaults.get("zoom")
-        if zoom:
-            data["zoom"] = zoom
+        # The model's folder (exported metadata or run configuration) records the window and resampling it was
+        # trained with; the options override them.
+        roi, zoom = preprocessing_options(args.model, roi_option(args.roi_size), args.zoom, "evaluate")
+        data: dict[str, Any] = {"max_eval_size": args.max_eval_size, "roi_size": roi, "zoom": zoom}
         datalist = args.datalist or default_test_datalist(args.sites)
         label = args.label or os.path.basename(os.path.normpath(args.model))
         results = evaluate_combinations(

@@ -1,10 +1,18 @@
-"""Package a trained model for use outside NVFlare: weights plus a MONAI-bundle-style description.
+"""Package a trained model for use outside NVFlare, as a MONAI bundle.
 
-An exported folder holds ``model.pt`` (a bare state dict, loadable with ``torch.load(weights_only=True)``) and
-``metadata.json`` saying which network it is, what it expects (sequences, channel order, modality mask,
-preprocessing, window size) and what it produces (WT/TC/ET sigmoid channels and how they map to BraTS labels),
-what it was trained on and how well it did. :func:`fedbrats.evaluation.evaluate.load_model` and the ``predict``
-command read such a folder directly.
+An exported folder is a MONAI bundle (https://docs.monai.io/en/latest/mb_specification.html):
+
+- ``models/model.pt``: the weights, a bare state dict (``torch.load(weights_only=True)``);
+- ``models/model.ts``: the traced network, ``forward(image, modality_mask) -> logits``, where tracing reproduces it;
+- ``configs/metadata.json``: MONAI's bundle metadata (it passes ``python -m monai.bundle verify_metadata``) plus
+  the package's own description: which network it is (``model_spec``), the training preprocessing, the
+  post-processing chosen on validation, what it was trained on and how well it did;
+- ``configs/inference.json``: ``python -m monai.bundle run`` segments a new patient's NIfTI files with it;
+- ``docs/README.md``: how to use it.
+
+The preprocessing (crop, zoom, window size, normalisation) is read from the run that trained the model, never
+typed again. :func:`fedbrats.evaluation.evaluate.load_model` and the ``predict`` and ``evaluate`` commands read
+such a folder directly.
 """
 
 from __future__ import annotations
@@ -16,33 +24,42 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from importlib import metadata as package_metadata
 from typing import Any
 
 import torch
 
 import fedbrats
-from fedbrats.constants import HD95_MISS_VALUE, MODALITIES, REGIONS
+from fedbrats.constants import HD95_MISS_VALUE, MODALITIES
 from fedbrats.data.conventions import CONVENTIONS
+from fedbrats.data.loader import SPATIAL_DIVISOR, DataConfig
+from fedbrats.evaluation.bundle import check_config_targets, export_torchscript, inference_config, monai_metadata
 from fedbrats.evaluation.evaluate import (
     file_sha256,
     find_model_spec,
     load_model,
     load_state_dict,
     read_json,
+    recorded_preprocessing,
     resolve_checkpoint,
+    roi_option,
     spec_from_json,
 )
 from fedbrats.evaluation.postprocess import read_postprocessing
-from fedbrats.evaluation.predict import DEFAULT_ROI_SIZE, SPATIAL_DIVISOR
 from fedbrats.federated.protocol import (
-    EXPORTED_METADATA_FILE,
-    EXPORTED_MODEL_FILE,
     EXPORTED_POSTPROCESSING_KEY,
+    EXPORTED_PREPROCESSING_KEY,
     MODEL_SPEC_KEY,
+    ModelFolder,
 )
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_AUTHORS = "the institutions of the federation that trained the model"
+DEFAULT_COPYRIGHT = "Copyright (c) the institutions of the federation that trained the model"
+#: Packages the bundle needs beyond MONAI (MONAI's schema asks for them and their versions).
+REQUIRED_PACKAGES: tuple[str, ...] = ("fedbrats", "nibabel", "scipy", "pytorch-ignite")
 
 REFERENCES: tuple[str, ...] = (
     "Menze et al., The Multimodal Brain Tumor Image Segmentation Benchmark (BRATS), IEEE TMI 34(10), 2015",
@@ -113,6 +130,87 @@ def metrics_from_results(results: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def training_preprocessing(
+    checkpoint: str, roi_size: Sequence[int] | None, zoom: float | None
+) -> tuple[DataConfig, str]:
+    """The crop size and zoom the model was trained with: recorded beside it (the run's job configuration, or an
+    exported model's metadata), or, for a checkpoint without either, the values given.
+
+    Returns:
+        ``(options, where they come from)``.
+
+    Raises:
+        ValueError: nothing recorded and a value not given, or a value given that contradicts the record.
+    """
+    recorded = recorded_preprocessing(checkpoint)
+    if not recorded:
+        if roi_size is None or zoom is None:
+            raise ValueError(
+                f"checkpoint {checkpoint!r} has no run configuration (app_server/config/config_fed_client.json of its "
+                "run folder) or exported metadata that records its preprocessing; pass the --zoom and --roi-size it "
+                "was trained with, or export from the run folder"
+            )
+        return DataConfig(roi_size=roi_size, zoom=zoom), "given by the user"
+    for option, given, value in (("--zoom", zoom, recorded["zoom"]), ("--roi-size", roi_size, recorded["roi_size"])):
+        if given is None:
+            continue
+        same = abs(float(given) - value) < 1e-9 if option == "--zoom" else tuple(int(v) for v in given) == value
+        if not same:
+            raise ValueError(
+                f"{option} {given} contradicts the {value} the model was trained with ({recorded['source']}); the "
+                "export records the training preprocessing, leave the option out"
+            )
+    return DataConfig(roi_size=recorded["roi_size"], zoom=recorded["zoom"]), str(recorded["source"])
+
+
+def _package_versions(names: Sequence[str]) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = package_metadata.version(name)
+        except package_metadata.PackageNotFoundError:
+            versions[name] = fedbrats.__version__ if name == "fedbrats" else "not installed"
+    return versions
+
+
+def _write_json(path: str, content: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _bundle_readme(name: str, torchscript_skipped: str | None) -> str:
+    ts = (
+        "`models/model.ts` is the traced network: `torch.jit.load(path)(image, modality_mask)` returns the logits."
+        if torchscript_skipped is None
+        else f"No TorchScript: {torchscript_skipped.rstrip('.')}."
+    )
+    return f"""# {name}
+
+A fedbrats model as a MONAI bundle: brain tumour segmentation (WT, TC, ET) from any non-empty subset of T1, T1ce,
+T2 and FLAIR. `configs/metadata.json` describes it (inputs, outputs, training preprocessing, training data,
+metrics).
+
+Segment a patient, from this folder (any subset of `--t1 --t1ce --t2 --flair`; `--convention brats2023` writes
+ET as 3):
+
+```bash
+python -m monai.bundle run --config_file configs/inference.json --t1 T1.nii.gz --flair FLAIR.nii.gz --output_dir out
+```
+
+It writes `out/<first sequence's name>_seg.nii.gz` on the input's grid; from elsewhere add `--bundle_root <this
+folder>`. The same with the package: `fedbrats predict --model <this folder> --t1 T1.nii.gz --flair FLAIR.nii.gz
+--out seg.nii.gz`.
+
+{ts}
+
+`python -m monai.bundle run` executes the `_target_` and `$` entries of the config it is given: run only
+bundles you trust. `fedbrats predict` reads `configs/metadata.json` only and builds registered classes only.
+"""
+
+
 def export_model(
     checkpoint_or_run_dir: str,
     out_dir: str,
@@ -121,38 +219,42 @@ def export_model(
     name: str | None = None,
     description: str = "",
     training_data: dict[str, Any] | None = None,
-    roi_size: Sequence[int] = DEFAULT_ROI_SIZE,
-    zoom: float = 1.0,
+    roi_size: Sequence[int] | None = None,
+    zoom: float | None = None,
     metrics: dict[str, Any] | None = None,
     overwrite: bool = False,
+    authors: str = DEFAULT_AUTHORS,
+    copyright_: str = DEFAULT_COPYRIGHT,
+    torchscript: bool = True,
 ) -> str:
-    """Write ``model.pt`` and ``metadata.json`` of a trained model to ``out_dir``.
+    """Write a trained model as a MONAI bundle to ``out_dir`` (see the module's description).
 
     Args:
         checkpoint_or_run_dir: a checkpoint, a federated run folder (its best global model is exported) or an
             exported folder (see :func:`~fedbrats.evaluation.evaluate.resolve_checkpoint`).
-        out_dir: the folder to write (created).
+        out_dir: the bundle's folder (created).
         spec: the network description; default: the run's ``model_spec.json`` found next to the checkpoint.
         name: model name (default: the name of ``out_dir``).
         description: free text: method, rounds, anything a user should know.
         training_data: what it was trained on, e.g. :func:`training_data_from_sites`.
-        roi_size: sliding-window size to use at inference (three multiples of 8).
-        zoom: resampling factor the model was trained with (1: native 1 mm grid).
+        roi_size: only for a checkpoint without its run folder: the training crop (the sliding window).
+        zoom: only for a checkpoint without its run folder: the training resampling factor.
         metrics: test results; the output of ``evaluate_combinations`` is condensed to its headline numbers.
         overwrite: replace an exported model already in ``out_dir`` (``--overwrite``); without it that is refused.
+        authors: the bundle's ``authors``.
+        copyright_: the bundle's ``copyright``.
+        torchscript: also write ``models/model.ts`` where tracing reproduces the network.
 
     Returns:
         ``out_dir``.
 
     Raises:
-        ValueError: no model or spec found, weights that do not fit the network, or bad options.
+        ValueError: no model or spec found, weights that do not fit the network, preprocessing neither recorded
+            nor given (or given against the record), or an existing export without ``overwrite``.
     """
-    roi = [int(s) for s in roi_size]
-    if len(roi) != 3 or any(s < SPATIAL_DIVISOR or s % SPATIAL_DIVISOR for s in roi):
-        raise ValueError(f"roi_size must be three multiples of {SPATIAL_DIVISOR}, got {list(roi_size)}")
-    if not 0.05 <= zoom <= 1.0:
-        raise ValueError(f"zoom must be in [0.05, 1], got {zoom}")
-    existing = [n for n in (EXPORTED_MODEL_FILE, EXPORTED_METADATA_FILE) if os.path.lexists(os.path.join(out_dir, n))]
+    folder = ModelFolder(out_dir)
+    candidates = (folder.model, folder.metadata, folder.inference_config, *folder.flat_files)
+    existing = [os.path.relpath(p, out_dir) for p in candidates if os.path.lexists(p)]
     if existing and not overwrite:
         raise ValueError(
             f"--out-dir {out_dir!r} already holds an exported model ({', '.join(existing)}); choose another folder, "
@@ -165,106 +267,143 @@ def export_model(
         if not os.path.isfile(spec):
             raise ValueError(f"model spec {spec!r} does not exist")
         spec = spec_from_json(spec)
+    data_options, preprocessing_source = training_preprocessing(checkpoint, roi_size, zoom)
+    roi = list(data_options.roi_size)
     # Building and loading proves that weights and spec belong together before anything is written.
     model = load_model(checkpoint, dict(spec))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    min_component_voxels = read_postprocessing(checkpoint)
+    inference = inference_config(spec, zoom=data_options.zoom, roi_size=roi, min_component_voxels=min_component_voxels)
+    check_config_targets(inference, "configs/inference.json")
 
-    os.makedirs(out_dir, exist_ok=True)
-    model_path = os.path.join(out_dir, EXPORTED_MODEL_FILE)
-    tmp = f"{model_path}.tmp{os.getpid()}"
+    for sub in (os.path.dirname(folder.model), os.path.dirname(folder.metadata), os.path.dirname(folder.readme)):
+        os.makedirs(sub, exist_ok=True)
+    tmp = f"{folder.model}.tmp{os.getpid()}"
     torch.save(state, tmp)
-    os.replace(tmp, model_path)  # never leave a half-written model.pt behind
-    load_state_dict(model_path)  # the promise of the format (a bare state dict, weights_only), checked
+    os.replace(tmp, folder.model)  # never leave a half-written model.pt behind
+    load_state_dict(folder.model)  # the promise of the format (a bare state dict, weights_only), checked
+    if overwrite:
+        for stale in (*folder.flat_files, folder.torchscript):  # an earlier export's files would contradict this one
+            if os.path.lexists(stale):
+                os.remove(stale)
 
-    conventions = {c.name: {"NCR": 1, "ED": 2, "ET": c.et_label} for c in CONVENTIONS.values()}
-    metadata: dict[str, Any] = {
-        "name": name or os.path.basename(os.path.normpath(os.path.abspath(out_dir))),
-        "version": fedbrats.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "description": description,
-        "framework": {"torch": torch.__version__, "monai": _monai_version()},
-        "model_file": EXPORTED_MODEL_FILE,
-        "model_sha256": file_sha256(model_path),
-        "num_parameters": int(sum(v.numel() for v in model.parameters())),
-        "source_checkpoint": os.path.abspath(checkpoint),
-        MODEL_SPEC_KEY: dict(spec),
-        "inputs": {
-            "image": {
-                "type": "magnetic resonance",
-                "format": "NIfTI, the sequences of a case co-registered (same shape and affine), skull-stripped, "
-                "1 mm isotropic (BraTS preprocessing)",
-                "num_channels": len(MODALITIES),
-                "channels": list(MODALITIES),
-                "modality_mask": f"float vector of {len(MODALITIES)} in channel order, 1 = sequence present, "
-                "0 = absent; passed as forward(image, modality_mask)",
-                "preprocessing": "foreground crop, per-channel z-score of non-zero voxels, "
-                "zero-filled absent sequences",
-                "dtype": "float32",
-                "shape": ["B", len(MODALITIES), "H", "W", "D"],
-                "spatial": f"multiple of {SPATIAL_DIVISOR}",
+    bundle_name = name or os.path.basename(os.path.normpath(os.path.abspath(out_dir)))
+    summary = metrics_from_results(metrics) if metrics else {}
+    metadata: dict[str, Any] = monai_metadata(
+        version=fedbrats.__version__,
+        name=bundle_name,
+        description=description or f"fedbrats {spec.get('path', '').rsplit('.', 1)[-1]} exported from {checkpoint}",
+        roi_size=roi,
+        authors=authors,
+        copyright_=copyright_,
+        required_packages=_package_versions(REQUIRED_PACKAGES),
+        eval_metrics=_eval_metrics(summary),
+        references=REFERENCES,
+    )
+    torchscript_skipped: str | None = "not requested (--no-torchscript)"
+    if torchscript:
+        torchscript_skipped = export_torchscript(model, folder.torchscript, roi, meta_values=metadata)
+    metadata.update(
+        {
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model_file": os.path.relpath(folder.model, out_dir),
+            "model_sha256": file_sha256(folder.model),
+            "num_parameters": int(sum(v.numel() for v in model.parameters())),
+            "source_checkpoint": os.path.abspath(checkpoint),
+            MODEL_SPEC_KEY: dict(spec),
+            "torchscript": (
+                {"file": os.path.relpath(folder.torchscript, out_dir), "forward": "(image, modality_mask) -> logits"}
+                if torchscript_skipped is None
+                else {"file": None, "why_not": torchscript_skipped}
+            ),
+            EXPORTED_PREPROCESSING_KEY: {
+                "zoom": float(data_options.zoom),
                 "roi_size": roi,
-                "zoom": float(zoom),
-            }
-        },
-        # Chosen on the run's validation cases (postprocessing.json); predict and evaluate apply it.
-        EXPORTED_POSTPROCESSING_KEY: {
-            "min_component_voxels": read_postprocessing(checkpoint),
-            "what": "connected components of each region smaller than this (voxels at the model's resolution, "
-            "26-connected) are removed; 0 = none",
-        },
-        "outputs": {
-            "pred": {
-                "type": "logits",
-                "num_channels": len(REGIONS),
-                "channels": list(REGIONS),
-                "activation": "sigmoid",
-                "threshold": 0.5,
-                "regions": {
-                    "WT": "whole tumour: NCR + ED + ET",
-                    "TC": "tumour core: NCR + ET",
-                    "ET": "enhancing tumour",
-                },
-                "label_conventions": conventions,
-            }
-        },
-        "training_data": training_data or {},
-        "metrics": metrics_from_results(metrics) if metrics else {},
-        "metrics_notes": f"Dice and HD95 (mm) per region; HD95 is {HD95_MISS_VALUE} mm where a region is missed "
-        "or predicted but absent",
-        "usage": "python -m fedbrats.evaluation.predict --model <this folder> --t1 T1.nii.gz --flair FLAIR.nii.gz "
-        "--out seg.nii.gz (any subset of --t1 --t1ce --t2 --flair)",
-        "references": list(REFERENCES),
-    }
-    meta_path = os.path.join(out_dir, EXPORTED_METADATA_FILE)
-    with open(meta_path, "w", encoding="utf-8") as f:
-        json.dump(metadata, f, indent=2)
-    logger.info("exported %s (%s) to %s", spec.get("path"), checkpoint, out_dir)
+                "read_from": preprocessing_source,
+                "crop": "bounding box of the non-zero voxels of the given sequences",
+                "normalisation": "z-score of the non-zero voxels of each sequence; absent sequences zero-filled",
+                "intensity_window": None,
+                "padding": f"to a multiple of {SPATIAL_DIVISOR}",
+                "steps": "configs/inference.json#preprocessing (the steps of training and `fedbrats predict`)",
+            },
+            # Chosen on the run's validation cases (postprocessing.json); predict, evaluate and the bundle apply it.
+            EXPORTED_POSTPROCESSING_KEY: {
+                "min_component_voxels": min_component_voxels,
+                "what": "connected components of each region smaller than this (voxels at the model's resolution, "
+                "26-connected) are removed; 0 = none",
+            },
+            "label_conventions": {c.name: {"NCR": 1, "ED": 2, "ET": c.et_label} for c in CONVENTIONS.values()},
+            "training_data": training_data or {},
+            "metrics": summary,
+            "metrics_notes": f"Dice and HD95 (mm) per region; HD95 is {HD95_MISS_VALUE} mm where a region is "
+            "missed or predicted but absent",
+            "usage": {
+                "monai": "python -m monai.bundle run --config_file <bundle>/configs/inference.json --bundle_root "
+                "<bundle> --t1 T1.nii.gz --flair FLAIR.nii.gz --output_dir out (any subset of "
+                f"{', '.join('--' + m for m in MODALITIES)})",
+                "fedbrats": "fedbrats predict --model <bundle> --t1 T1.nii.gz --flair FLAIR.nii.gz --out seg.nii.gz",
+            },
+        }
+    )
+    _write_json(folder.inference_config, inference)
+    _write_json(folder.metadata, metadata)
+    with open(folder.readme, "w", encoding="utf-8") as f:
+        f.write(_bundle_readme(bundle_name, torchscript_skipped))
+    logger.info(
+        "exported %s (%s) as a MONAI bundle to %s (zoom %s and window %s from %s)",
+        spec.get("path"),
+        checkpoint,
+        out_dir,
+        data_options.zoom,
+        roi,
+        preprocessing_source,
+    )
     return out_dir
 
 
-def _monai_version() -> str:
-    import monai
-
-    return str(monai.__version__)
+def _eval_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """MONAI's ``eval_metrics``: the headline mean Dice values of the condensed results, if any."""
+    out: dict[str, Any] = {}
+    for key, label in (("mean_over_combinations", "mean_dice_15_combinations"), ("full_modality", "mean_dice_all4")):
+        row = summary.get(key)
+        if isinstance(row, Mapping) and row.get("mean_dice") is not None:
+            out[label] = row["mean_dice"]
+    return out or {k: v for k, v in summary.items() if isinstance(v, (int, float))}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``export`` command-line parser."""
     parser = argparse.ArgumentParser(
-        prog="fedbrats-export", description="Package a trained model (weights + metadata.json) for use outside NVFlare."
+        prog="fedbrats-export",
+        description="Package a trained model as a MONAI bundle (configs/metadata.json, configs/inference.json, "
+        "models/model.pt, models/model.ts).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run-dir", default=None, help="federated run folder (its best global model is exported)")
     source.add_argument("--checkpoint", default=None, help="a checkpoint file (.pt)")
-    parser.add_argument("--out-dir", required=True, help="folder to write model.pt and metadata.json to")
+    parser.add_argument("--out-dir", required=True, help="the bundle's folder")
     parser.add_argument("--spec", default=None, help="model_spec.json (default: found next to the checkpoint)")
     parser.add_argument("--name", default=None, help="model name (default: the output folder's name)")
     parser.add_argument("--description", default="", help="free text describing the model")
-    parser.add_argument("--roi-size", type=int, nargs="+", default=None, help="inference window (1 or 3 ints)")
-    parser.add_argument("--zoom", type=float, default=1.0, help="resampling factor used in training")
+    parser.add_argument("--authors", default=DEFAULT_AUTHORS, help="the bundle's authors")
+    parser.add_argument("--copyright", default=DEFAULT_COPYRIGHT, help="the bundle's copyright")
+    parser.add_argument(
+        "--roi-size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="only for a checkpoint outside its run folder: the training crop (1 or 3 ints); else read from the run",
+    )
+    parser.add_argument(
+        "--zoom",
+        type=float,
+        default=None,
+        help="only for a checkpoint outside its run folder: the training zoom; otherwise read from the run",
+    )
     parser.add_argument("--results", default=None, help="results.json of `evaluate`, stored as the metrics")
     parser.add_argument("--sites", default=None, help="sites.json of the training federation")
     parser.add_argument("--site", action="append", default=None, help="a site that trained the model (repeatable)")
+    parser.add_argument("--no-torchscript", action="store_true", help="do not write models/model.ts")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already exported in --out-dir")
     add_log_level_argument(parser)
     return parser
@@ -279,11 +418,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     try:
-        roi: Sequence[int] = DEFAULT_ROI_SIZE
-        if args.roi_size:
-            if len(args.roi_size) not in (1, 3):
-                raise ValueError(f"--roi-size takes one or three integers, got {args.roi_size}")
-            roi = args.roi_size * 3 if len(args.roi_size) == 1 else args.roi_size
         if args.site and not args.sites:
             raise ValueError("--site needs --sites (the sites.json that lists the sites)")
         training = training_data_from_sites(args.sites, args.site) if args.sites else None
@@ -295,10 +429,13 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name,
             description=args.description,
             training_data=training,
-            roi_size=roi,
+            roi_size=roi_option(args.roi_size),
             zoom=args.zoom,
             metrics=metrics,
             overwrite=args.overwrite,
+            authors=args.authors,
+            copyright_=args.copyright,
+            torchscript=not args.no_torchscript,
         )
         logger.info("exported model in %s", out)
     except ValueError as exc:

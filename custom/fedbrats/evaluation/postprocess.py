@@ -18,9 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from monai.utils import convert_to_dst_type
 from scipy import ndimage
 
 from fedbrats.federated.protocol import (
+    BUNDLE_CONFIGS_DIR,
     EXPORTED_METADATA_FILE,
     EXPORTED_POSTPROCESSING_KEY,
     KEY_METRIC,
@@ -65,6 +69,33 @@ def remove_small_components(regions: torch.Tensor, min_voxels: int) -> torch.Ten
     return torch.as_tensor(out, dtype=regions.dtype, device=regions.device)
 
 
+class RemoveSmallComponentsd(MapTransform):
+    """Dictionary transform of :func:`remove_small_components` on one case's regions (C x H x W x D).
+
+    Args:
+        keys: the binary region maps (e.g. ``"pred"``).
+        min_voxels: the minimum component size (0: keep everything).
+        allow_missing_keys: tolerate an entry without the key.
+
+    Raises:
+        ValueError: ``min_voxels`` < 0.
+    """
+
+    def __init__(self, keys: KeysCollection = "pred", min_voxels: int = 0, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if min_voxels < 0:
+            raise ValueError(f"min_voxels must be >= 0, got {min_voxels}")
+        self.min_voxels = min_voxels
+
+    def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            regions = torch.as_tensor(d[key])
+            kept = remove_small_components(regions[None], self.min_voxels)[0]
+            d[key] = convert_to_dst_type(kept, d[key])[0]  # keeps a MetaTensor's meta data
+        return d
+
+
 def choose_min_component_voxels(aggregated: Mapping[str, float]) -> dict[str, Any]:
     """The candidate size with the best aggregated validation mean Dice (ties: the smaller size).
 
@@ -100,7 +131,7 @@ def write_postprocessing(run_dir: str, choice: Mapping[str, Any]) -> str:
 
 def read_postprocessing(folder: str, override: int | None = None) -> int:
     """The chosen minimum component size recorded in ``folder`` (a run folder's ``postprocessing.json`` or an
-    exported model's ``metadata.json``), looked for in the folder and up to two parents; 0 when none is.
+    exported model's ``configs/metadata.json``), looked for in the folder and up to two parents; 0 when none is.
     ``override`` (a user's explicit choice), when given, wins without reading anything.
 
     Raises:
@@ -112,7 +143,11 @@ def read_postprocessing(folder: str, override: int | None = None) -> int:
         return override
     folder = os.path.abspath(folder if os.path.isdir(folder) else os.path.dirname(folder))
     for _ in range(3):
-        for name, key in ((POSTPROCESSING_FILE, None), (EXPORTED_METADATA_FILE, EXPORTED_POSTPROCESSING_KEY)):
+        for name, key in (
+            (POSTPROCESSING_FILE, None),
+            (os.path.join(BUNDLE_CONFIGS_DIR, EXPORTED_METADATA_FILE), EXPORTED_POSTPROCESSING_KEY),
+            (EXPORTED_METADATA_FILE, EXPORTED_POSTPROCESSING_KEY),
+        ):
             path = os.path.join(folder, name)
             if not os.path.isfile(path):
                 continue
@@ -133,6 +168,7 @@ def read_postprocessing(folder: str, override: int | None = None) -> int:
 __all__ = [
     "CANDIDATE_METRIC",
     "DEFAULT_CANDIDATES",
+    "RemoveSmallComponentsd",
     "choose_min_component_voxels",
     "read_postprocessing",
     "remove_small_components",

@@ -5,6 +5,11 @@ non-zero voxels of each sequence, absent sequences zero-filled and flagged in th
 runs window by window, and the WT/TC/ET prediction is put back onto the original voxel grid and written as a
 BraTS label map (1 necrosis / non-enhancing core, 2 edema, 4 or 3 enhancing tumour), so it overlays the input
 in any viewer.
+
+The pipeline is data: :func:`fedbrats.data.loader.inference_steps` (the training preprocessing),
+:func:`inferer_step` and :func:`postprocessing_steps` (MONAI's ``Invertd`` undoes the preprocessing on the
+prediction). ``predict`` builds them in Python; an exported bundle's ``configs/inference.json`` holds the same
+steps for ``python -m monai.bundle run``.
 """
 
 from __future__ import annotations
@@ -19,31 +24,31 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
-from monai.transforms import NormalizeIntensity, Zoom
-from monai.transforms.utils import generate_spatial_bounding_box
-from monai.utils import convert_to_tensor
+from monai.config import KeysCollection
+from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, MapTransform
+from monai.utils import convert_to_dst_type
 
 from fedbrats.constants import MODALITIES
 from fedbrats.data.conventions import CONVENTIONS, get_convention
-from fedbrats.data.transforms import LoadBraTSCase
+from fedbrats.data.loader import DataConfig, inference_steps
+from fedbrats.data.transforms import MASK_KEY, Ref, TransformStep
 from fedbrats.evaluation.evaluate import (
     check_device,
     load_model,
-    metadata_input_defaults,
-    read_model_metadata,
+    preprocessing_options,
     resolve_checkpoint,
+    roi_option,
 )
-from fedbrats.evaluation.inference import predict_logits
-from fedbrats.evaluation.postprocess import read_postprocessing, remove_small_components
+from fedbrats.evaluation.inference import MaskedSlidingWindowInferer
+from fedbrats.evaluation.postprocess import RemoveSmallComponentsd, read_postprocessing
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
 from fedbrats.precision import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ROI_SIZE: tuple[int, int, int] = (96, 96, 96)
-#: Padding multiple of the network input (three halvings in every network of the package).
-SPATIAL_DIVISOR = 8
+#: The id of the preprocessing pipeline that ``Invertd`` undoes (a :class:`Ref` in Python, ``@preprocessing`` in a
+#: bundle config).
+PREPROCESSING_REF = "preprocessing"
 
 
 def check_image_paths(image_paths: Mapping[str, str | None]) -> dict[str, str]:
@@ -158,12 +163,79 @@ def regions_to_labels(regions: np.ndarray, convention: str = "brats2018") -> np.
     return labels
 
 
+class RegionsToLabelsd(MapTransform):
+    """Dictionary transform of :func:`regions_to_labels`: binary WT/TC/ET (3 x ...) to a BraTS label map
+    (1 x ..., uint8), keeping a MetaTensor's affine, so ``SaveImage`` writes it where the input lies.
+
+    Args:
+        keys: the region maps (e.g. ``"pred"``).
+        convention: ``brats2018`` (ET = 4) or ``brats2023`` (ET = 3).
+        allow_missing_keys: tolerate an entry without the key.
+
+    Raises:
+        ValueError: an unknown convention.
+    """
+
+    def __init__(
+        self, keys: KeysCollection = "pred", convention: str = "brats2018", allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        get_convention(convention)  # fail on a typo when the pipeline is built
+        self.convention = convention
+
+    def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            regions = np.asarray(torch.as_tensor(d[key]).detach().cpu())
+            labels = torch.from_numpy(regions_to_labels(regions > 0.5, self.convention))[None]
+            d[key] = convert_to_dst_type(labels, d[key], dtype=torch.uint8)[0]
+        return d
+
+
+def inferer_step(
+    roi_size: Sequence[int], overlap: float = 0.5, sw_batch_size: int = 1, precision: str = "fp32"
+) -> TransformStep:
+    """The sliding-window inferer of ``predict`` and of an exported bundle (see :class:`MaskedSlidingWindowInferer`)."""
+    args = {"roi_size": [int(s) for s in roi_size], "overlap": overlap, "sw_batch_size": sw_batch_size}
+    return TransformStep(MaskedSlidingWindowInferer, {**args, "precision": precision})
+
+
+def postprocessing_steps(
+    convention: str | Ref, min_component_voxels: int | Ref, threshold: float = 0.5
+) -> list[TransformStep]:
+    """From the network's logits (``pred``) to a label map on the patient's grid: sigmoid, threshold, small
+    components removed (at the model's resolution, where their size was chosen), the preprocessing undone
+    (``Invertd`` on ``@preprocessing``, nearest neighbour) and the regions painted as BraTS labels.
+
+    Args:
+        convention: the label values (a :class:`Ref` lets a bundle user choose at run time).
+        min_component_voxels: the minimum component size (see :mod:`fedbrats.evaluation.postprocess`).
+        threshold: sigmoid threshold of each region.
+    """
+    return [
+        TransformStep(Activationsd, {"keys": "pred", "sigmoid": True}),
+        TransformStep(AsDiscreted, {"keys": "pred", "threshold": threshold}),
+        TransformStep(RemoveSmallComponentsd, {"keys": "pred", "min_voxels": min_component_voxels}),
+        TransformStep(
+            Invertd,
+            {
+                "keys": "pred",
+                "transform": Ref(PREPROCESSING_REF),
+                "orig_keys": "image",
+                "nearest_interp": True,
+                "to_tensor": True,
+            },
+        ),
+        TransformStep(RegionsToLabelsd, {"keys": "pred", "convention": convention}),
+    ]
+
+
 @torch.no_grad()
 def predict_case(
     model: torch.nn.Module,
     image_paths: Mapping[str, str | None],
     *,
-    roi_size: Sequence[int] = DEFAULT_ROI_SIZE,
+    roi_size: Sequence[int] = DataConfig.roi_size,
     overlap: float = 0.5,
     device: str | torch.device = "cpu",
     zoom: float = 1.0,
@@ -180,7 +252,8 @@ def predict_case(
             :func:`~fedbrats.evaluation.evaluate.load_model`.
         image_paths: sequence name -> NIfTI path, any non-empty subset of ``t1``, ``t1ce``, ``t2``, ``flair``;
             the volumes must be co-registered (same shape and affine), as BraTS data are.
-        roi_size: sliding-window size (three multiples of 8).
+        roi_size: sliding-window size (three multiples of 8; the model's training crop, see
+            :func:`~fedbrats.evaluation.evaluate.recorded_preprocessing`).
         overlap: sliding-window overlap.
         device: where inference runs.
         zoom: the resampling factor the model was trained with (< 1 for downsampled training); the result is
@@ -201,66 +274,41 @@ def predict_case(
             files are named), or bad options.
     """
     paths = check_image_paths(image_paths)
-    roi = tuple(int(s) for s in roi_size)
-    if len(roi) != 3 or any(s < SPATIAL_DIVISOR or s % SPATIAL_DIVISOR for s in roi):
-        raise ValueError(f"roi_size must be three multiples of {SPATIAL_DIVISOR}, got {tuple(roi_size)}")
-    if not 0.05 <= zoom <= 1.0:
-        raise ValueError(f"zoom must be in [0.05, 1], got {zoom}")
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    data_cfg = DataConfig(roi_size=roi_size, zoom=zoom)  # the rules of a job's data options
+    inferer = inferer_step(data_cfg.roi_size, overlap, sw_batch_size, precision).build()
     get_convention(convention)  # fail before the work on an unknown convention
     first = next(iter(paths.values()))
     case_id = os.path.basename(first).split(".nii")[0]
-    # LoadBraTSCase reads only the given sequences, zero-fills the others and checks shapes and affines.
-    loaded = LoadBraTSCase(list(paths), convention=convention)([paths.get(m) for m in MODALITIES], None, case_id)
-    image: torch.Tensor = loaded["image"]
-    mask: torch.Tensor = loaded["modality_mask"]
-    affine: np.ndarray = loaded["affine"]
     header = nib.load(first).header.copy()
-    original_shape = tuple(image.shape[1:])
-    logger.info("predicting %s from %s, volume %s", case_id, "+".join(paths), original_shape)
 
-    # Same steps as the training pipeline, recorded so that each can be undone on the prediction.
-    start, end = generate_spatial_bounding_box(image, allow_smaller=True)
-    if any(e <= s for s, e in zip(start, end)):
+    preprocessing = [step.build() for step in inference_steps(data_cfg.zoom)]
+    # The loading step runs on its own: its errors (CaseValidationError, a ValueError naming the file) reach the
+    # caller unwrapped, and an all-zero case stops before the crop, which cannot crop an empty volume.
+    loaded = preprocessing[0]({"image": [paths.get(m) for m in MODALITIES], "case_id": case_id})
+    affine: np.ndarray = loaded["affine"]
+    original_shape = tuple(loaded["image"].shape[1:])
+    logger.info("predicting %s from %s, volume %s", case_id, "+".join(paths), original_shape)
+    if not bool(torch.as_tensor(loaded["image"]).any()):
         logger.warning("%s: the volumes are empty (all zero); the segmentation is empty", case_id)
         return np.zeros(original_shape, dtype=np.uint8), affine, header
-    box = tuple(slice(s, e) for s, e in zip(start, end))
-    x = image[(slice(None), *box)]
-    cropped_shape = tuple(x.shape[1:])
-    if zoom < 1.0:
-        x = convert_to_tensor(Zoom(zoom=zoom, mode="trilinear", keep_size=False)(x), track_meta=False)
-    x = convert_to_tensor(NormalizeIntensity(nonzero=True, channel_wise=True)(x), track_meta=False).float()
-    net_shape = tuple(x.shape[1:])
-    pad = [(-s) % SPATIAL_DIVISOR for s in net_shape]
-    # F.pad lists the last dimension first; padding only at the far end makes undoing it a plain slice.
-    x = F.pad(x, [v for p in reversed(pad) for v in (0, p)])
+    data = Compose(preprocessing[1:])(loaded)
 
     device = torch.device(device)
     model = model.to(device).eval()
-    logits = predict_logits(
-        model,
-        x[None].to(device),
-        mask[None].to(device),
-        roi,
-        overlap=overlap,
-        sw_batch_size=sw_batch_size,
-        precision=precision,
-    )
-    logits = logits[(0, slice(None), *(slice(0, s) for s in net_shape))]
-    regions = (torch.sigmoid(logits.float()) > threshold).float().cpu()
-    regions = remove_small_components(regions[None], min_component_voxels)[0]
-    if zoom < 1.0:
-        regions = F.interpolate(regions[None], size=cropped_shape, mode="nearest")[0]
-    full = np.zeros((3, *original_shape), dtype=np.uint8)
-    full[(slice(None), *box)] = regions.numpy().astype(np.uint8)
-    labels = regions_to_labels(full, convention)
+    logits = inferer(data["image"][None].to(device), model, data[MASK_KEY][None].to(device))
+    steps = postprocessing_steps(convention, min_component_voxels, threshold)
+    post = Compose([step.build({PREPROCESSING_REF: Compose(preprocessing)}) for step in steps])
+    result = post({"image": data["image"], "pred": logits[0].cpu()})
+    labels = np.asarray(result["pred"][0].cpu(), dtype=np.uint8)
+    if labels.shape != original_shape:  # Invertd restores the input grid exactly; anything else is a bug
+        raise RuntimeError(f"{case_id}: segmentation shape {labels.shape} differs from the input {original_shape}")
+    et_label = get_convention(convention).et_label
     logger.info(
         "%s: %d WT, %d TC, %d ET voxels",
         case_id,
-        int(full[0].sum()),
-        int(full[1].sum()),
-        int(full[2].sum()),
+        int((labels > 0).sum()),
+        int(((labels == 1) | (labels == et_label)).sum()),
+        int((labels == et_label).sum()),
     )
     return labels, affine, header
 
@@ -305,8 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="label values: brats2018 (ET=4) or brats2023 (ET=3); default: from the input names, else brats2018",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file (never an input)")
-    parser.add_argument("--roi-size", type=int, nargs="+", default=None, help="sliding window (1 or 3 ints)")
-    parser.add_argument("--zoom", type=float, default=None, help="resampling factor (default: the model's, or 1)")
+    parser.add_argument(
+        "--roi-size", type=int, nargs="+", default=None, help="sliding window, 1 or 3 ints (default: the training crop)"
+    )
+    parser.add_argument(
+        "--zoom", type=float, default=None, help="resampling factor (default: the one the model was trained with)"
+    )
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument(
@@ -358,14 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                 source,
             )
         model = load_model(args.model, args.spec, verify_integrity=not args.skip_integrity_check)
-        defaults = metadata_input_defaults(read_model_metadata(resolve_checkpoint(args.model)))
-        if args.roi_size:
-            if len(args.roi_size) not in (1, 3):
-                raise ValueError(f"--roi-size takes one or three integers, got {args.roi_size}")
-            roi = tuple(args.roi_size) * 3 if len(args.roi_size) == 1 else tuple(args.roi_size)
-        else:
-            roi = defaults.get("roi_size", DEFAULT_ROI_SIZE)
-        zoom = args.zoom if args.zoom is not None else defaults.get("zoom", 1.0)
+        # The window and resampling the model was trained with, from its folder; the options override them.
+        roi, zoom = preprocessing_options(args.model, roi_option(args.roi_size), args.zoom, "predict")
         labels, affine, header = predict_case(
             model,
             image_paths,

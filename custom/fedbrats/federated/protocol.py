@@ -184,12 +184,20 @@ SITE_EVENTS_FILE = "site_events.jsonl"
 #: A site's run folder: one line per task that arrived, before anything decodes it (jobs with compression).
 PAYLOAD_AUDIT_IN_FILE = "payload_audit_in.jsonl"
 
-#: Files of an exported model folder (see :mod:`fedbrats.evaluation.export`).
+#: Files of an exported model folder (see :mod:`fedbrats.evaluation.export` and :class:`ModelFolder`).
 EXPORTED_MODEL_FILE = "model.pt"
 EXPORTED_METADATA_FILE = "metadata.json"
 #: The key of the exported metadata that holds the post-processing choice (its network spec is under
 #: :data:`MODEL_SPEC_KEY`).
 EXPORTED_POSTPROCESSING_KEY = "postprocessing"
+#: The key of the exported metadata that holds the training preprocessing (zoom, crop size, normalisation).
+EXPORTED_PREPROCESSING_KEY = "preprocessing"
+#: An exported model is a MONAI bundle: its sub-folders and the files beyond model.pt and metadata.json.
+BUNDLE_CONFIGS_DIR = "configs"
+BUNDLE_MODELS_DIR = "models"
+BUNDLE_DOCS_DIR = "docs"
+BUNDLE_INFERENCE_FILE = "inference.json"
+BUNDLE_TORCHSCRIPT_FILE = "model.ts"
 
 
 @dataclass(frozen=True)
@@ -285,3 +293,76 @@ class RunFolder:
     def tb_events(self) -> str:
         """``tb_events/``: the sites' TensorBoard scalars."""
         return self._file(TB_EVENTS_DIR)
+
+    @property
+    def client_config(self) -> str:
+        """``app_server/config/config_fed_client.json``: the job's site configuration (NVFlare deploys the job's one
+        app, sites' part included, to the server too), where the training options of the run are recorded."""
+        return self._file(SERVER_APP_DIR, "config", "config_fed_client.json")
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """An exported model folder, a MONAI bundle (``configs/``, ``models/``, ``docs/``): where each file lies.
+
+    Exports made before the bundle layout hold ``model.pt`` and ``metadata.json`` at the top; :meth:`of` and the
+    readers of a model folder accept them too.
+
+    Args:
+        path: the bundle's root folder (need not exist yet).
+
+    Raises:
+        ValueError: ``path`` is empty.
+    """
+
+    path: str
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError(f"path must name the model folder, got {self.path!r}")
+        object.__setattr__(self, "path", os.fspath(self.path))
+
+    @property
+    def model(self) -> str:
+        """``models/model.pt``: the weights, a bare state dict."""
+        return os.path.join(self.path, BUNDLE_MODELS_DIR, EXPORTED_MODEL_FILE)
+
+    @property
+    def torchscript(self) -> str:
+        """``models/model.ts``: the traced network, where tracing reproduces it."""
+        return os.path.join(self.path, BUNDLE_MODELS_DIR, BUNDLE_TORCHSCRIPT_FILE)
+
+    @property
+    def metadata(self) -> str:
+        """``configs/metadata.json``: MONAI's bundle metadata plus the package's description of the model."""
+        return os.path.join(self.path, BUNDLE_CONFIGS_DIR, EXPORTED_METADATA_FILE)
+
+    @property
+    def inference_config(self) -> str:
+        """``configs/inference.json``: the inference workflow for ``python -m monai.bundle run``."""
+        return os.path.join(self.path, BUNDLE_CONFIGS_DIR, BUNDLE_INFERENCE_FILE)
+
+    @property
+    def readme(self) -> str:
+        """``docs/README.md``: how to use the bundle."""
+        return os.path.join(self.path, BUNDLE_DOCS_DIR, "README.md")
+
+    @property
+    def flat_files(self) -> tuple[str, str]:
+        """``model.pt`` and ``metadata.json`` at the top: the layout of exports made before the bundle."""
+        return os.path.join(self.path, EXPORTED_MODEL_FILE), os.path.join(self.path, EXPORTED_METADATA_FILE)
+
+    @staticmethod
+    def metadata_of(weights: str) -> str | None:
+        """The ``metadata.json`` that describes an exported weights file, or ``None`` for any other file.
+
+        ``<root>/models/model.pt`` is described by ``<root>/configs/metadata.json`` (a bundle),
+        ``<root>/model.pt`` by ``<root>/metadata.json`` (an earlier export).
+        """
+        if os.path.basename(weights) != EXPORTED_MODEL_FILE:
+            return None
+        folder = os.path.dirname(os.path.abspath(weights))
+        candidates = [os.path.join(folder, EXPORTED_METADATA_FILE)]
+        if os.path.basename(folder) == BUNDLE_MODELS_DIR:
+            candidates.insert(0, ModelFolder(os.path.dirname(folder)).metadata)
+        return next((c for c in candidates if os.path.isfile(c)), None)
