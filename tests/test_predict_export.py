@@ -278,6 +278,25 @@ def test_export_cli(federation: dict, exported: dict, tmp_path: Path) -> None:
     assert export_cli.main([*argv, "--overwrite", "--zoom", "1"]) == 1  # the run trained at 0.5
 
 
+# ---- one preprocessing definition ----------------------------------------------------------------------
+def test_inference_preprocessing_is_the_validation_preprocessing(federation: dict) -> None:
+    """A new patient's sequences go through exactly what the model saw in validation during training."""
+    from monai.transforms import Compose
+
+    from fedbrats.data.loader import DataConfig, eval_transforms, inference_steps
+
+    given = ("t2", "flair")
+    entry = {"image": [federation["paths"][m] if m in given else None for m in MODALITIES], "case_id": "c"}
+    cfg = DataConfig(roi_size=ROI, zoom=0.5)
+    validation = eval_transforms(given, "brats2018", cfg)(entry)
+    inference = Compose([step.build() for step in inference_steps(cfg.zoom)])(entry)
+    assert torch.equal(torch.as_tensor(inference["image"]), torch.as_tensor(validation["image"]))
+    assert inference["modality_mask"].tolist() == [0.0, 0.0, 1.0, 1.0]  # from the paths given
+    ops = [op["class"] for op in inference["image"].applied_operations]
+    assert ops == ["CropForeground", "Zoom", "DivisiblePad"]  # what Invertd undoes
+    assert inference["image"].meta["filename_or_obj"] == federation["paths"]["t2"]
+
+
 # ---- predict ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("given", [("t1",), ("t2", "flair"), MODALITIES])
 def test_predict_keeps_the_input_grid(federation: dict, tmp_path: Path, given: tuple[str, ...]) -> None:
