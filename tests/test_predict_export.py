@@ -152,9 +152,12 @@ def test_export_of_a_bare_checkpoint_needs_its_preprocessing(tmp_path: Path) -> 
     run = write_run(tmp_path, build_network("segresnet", init_filters=8), data=None)
     with pytest.raises(ValueError, match="--zoom"):
         export_model(str(run), str(tmp_path / "a"))
-    out = export_model(str(run), str(tmp_path / "b"), roi_size=ROI, zoom=1.0, torchscript=False)
+    out = export_model(str(run), str(tmp_path / "b"), roi_size=ROI, zoom=1.0)
+    assert (Path(out) / "models" / "model.ts").is_file()
+    export_model(str(run), out, roi_size=ROI, zoom=1.0, torchscript=False, overwrite=True)
     meta = json.loads((Path(out) / "configs" / "metadata.json").read_text())
     assert meta["preprocessing"]["read_from"] == "given by the user"
+    # The earlier export's TorchScript would contradict the new weights: it is gone.
     assert meta["torchscript"]["file"] is None and not (Path(out) / "models" / "model.ts").exists()
 
 

@@ -128,7 +128,7 @@ COMMANDS = {
     "make-jobs": "rewrite the job folders (the export of each job's recipe)",
     "simulate": "run a job in the NVFlare simulator with overrides",
     "evaluate": "score a model on all 15 sequence combinations (JSON, markdown, heatmaps)",
-    "export": "package a trained model with metadata.json",
+    "export": "package a trained model as a MONAI bundle",
     "predict": "segment a new patient from any subset of sequences",
 }
 _MODULES = {
