@@ -287,6 +287,7 @@ def test_inference_preprocessing_is_the_validation_preprocessing(federation: dic
     from monai.transforms import Compose
 
     from fedbrats.data.loader import DataConfig, eval_transforms, inference_steps
+    from fedbrats.data.transforms import LoadBraTSCase
 
     given = ("t2", "flair")
     entry = {"image": [federation["paths"][m] if m in given else None for m in MODALITIES], "case_id": "c"}
@@ -298,6 +299,8 @@ def test_inference_preprocessing_is_the_validation_preprocessing(federation: dic
     ops = [op["class"] for op in inference["image"].applied_operations]
     assert ops == ["CropForeground", "Zoom", "DivisiblePad"]  # what Invertd undoes
     assert inference["image"].meta["filename_or_obj"] == federation["paths"]["t2"]
+    with pytest.raises(ValueError, match="no sequence given"):
+        LoadBraTSCase(None)([None] * len(MODALITIES), None, "empty")
 
 
 # ---- predict ----------------------------------------------------------------------------------------------
