@@ -200,3 +200,59 @@ def test_existing_dataset_json_is_never_replaced_without_overwrite(make_dataset,
     assert _load(out / "dataset.json") == {"mine": True}
     prepare(str(data), str(out), overwrite=True)
     assert _load(out / "dataset.json")["numTraining"] > 0
+
+
+# ------------------------------------------------------------------------------------------ BraTS 2023+ end to end
+
+
+def test_brats2023_folders_end_to_end(tmp_path: Path) -> None:
+    """BraTS-GLI-00000-000 folders (t1n/t1c/t2w/t2f/seg, ET = 3): prepare, a site's loader, evaluate with the
+    lesion-wise option, on tiny synthetic cases."""
+    import torch
+
+    from fedbrats.data.loader import DataConfig, make_loaders
+    from fedbrats.data.site_config import load_site_config
+    from fedbrats.data.synthetic import generate_case
+    from fedbrats.evaluation.evaluate import main as evaluate_main
+    from fedbrats.networks import build_network
+    from tests.test_evaluate import _run_dir
+
+    data = tmp_path / "BraTS2024-GLI"
+    ids = [f"BraTS-GLI-{i:05d}-{t:03d}" for i, t in ((0, 0), (1, 0), (2, 0), (2, 1), (3, 0), (4, 0))]
+    for seed, case_id in enumerate(ids):
+        generate_case(str(data), case_id, convention="brats2023", size=16, seed=seed)
+    assert sorted(p.name for p in (data / ids[0]).iterdir()) == sorted(
+        f"{ids[0]}-{s}.nii.gz" for s in ("t1n", "t1c", "t2w", "t2f", "seg")
+    )
+    out = tmp_path / "lists"
+    manifest = prepare(str(data), str(out), split="random", k=2, test_fraction=0.34, val_fraction=0.5)
+    assert manifest["convention"] == "brats2023" and manifest["num_test"] == 2
+
+    # A site reads its entry and loads its cases with ET = 3 turned into the ET region.
+    site = load_site_config(str(out / "sites.json"), "site-1")
+    assert site.convention == "brats2023"
+    _, val_loader = make_loaders(site.datalist, site.modalities, site.convention, DataConfig.from_dict({}))
+    entry = _load(site.datalist)["validation"][0]
+    seg = np.asarray(nib.load(entry["label"]).dataobj)
+    assert (seg == 3).any()
+    label = next(iter(val_loader))["label"][0]
+    assert int(label[2].sum()) == int((seg == 3).sum())  # ET
+    assert int(label[1].sum()) == int(np.isin(seg, [1, 3]).sum())  # TC
+    assert int(label[0].sum()) == int((seg > 0).sum())  # WT
+
+    # evaluate on the held-out cases, case-wise and lesion-wise, from the sites.json prepare wrote.
+    torch.manual_seed(0)
+    run = _run_dir(tmp_path / "run", build_network("segresnet", init_filters=8))
+    report = tmp_path / "eval"
+    argv = ["--model", str(run), "--sites", str(out / "sites.json"), "--roi-size", "16", "--device", "cpu"]
+    assert evaluate_main([*argv, "--lesion-wise", "--out-dir", str(report)]) == 0
+    results = _load(report / "results.json")
+    assert results["convention"] == "brats2023" and results["num_cases"] == 2
+    assert results["lesion_wise"] == {"dilation": 3, "min_volume_mm3": 50.0, "hd95_miss_value": 374.0}
+    for row in results["combinations"].values():
+        lesion = row["lesion_wise"]
+        assert all(0.0 <= lesion["dice"][r] <= 1.0 and 0.0 <= lesion["hd95"][r] <= 374.0 for r in ("WT", "TC", "ET"))
+        assert len(lesion["per_case"]["dice"]) == 2 and set(lesion["lesions"]) == {"tp", "fp", "fn"}
+    assert "lesion_wise" in results["mean_over_combinations"]
+    markdown = (report / "results.md").read_text(encoding="utf-8")
+    assert "## Lesion-wise (BraTS 2023)" in markdown and markdown.count("**mean over 15**") == 2
