@@ -123,7 +123,7 @@ def _simulate(argv: list[str]) -> int:
 COMMANDS = {
     "synth": "generate synthetic BraTS cases",
     "synth-federation": "generate a synthetic federation with datalists (sites.json)",
-    "prepare": "scan and validate a BraTS folder, write per-site datalists and sites.json",
+    "prepare": "scan and validate a BraTS folder, write per-site datalists, sites.json and an nnU-Net dataset.json",
     "pool-sites": "add the pooled 'central' site (centralized baseline) to a sites.json",
     "make-jobs": "rewrite the job folders (the export of each job's recipe)",
     "simulate": "run a job in the NVFlare simulator with overrides",
