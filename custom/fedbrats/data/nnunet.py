@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +32,7 @@ import numpy as np
 
 from fedbrats.constants import MODALITIES
 from fedbrats.data.conventions import BraTSConvention
+from fedbrats.utils import write_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -127,15 +127,7 @@ def _write_label(source: str, target: str, lookup: Mapping[int, int]) -> None:
     converted = table[values.astype(np.int64)]
     header = image.header.copy()
     header.set_data_dtype(np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=".seg.", suffix=FILE_ENDING, dir=os.path.dirname(target))
-    os.close(fd)
-    try:
-        nib.save(nib.Nifti1Image(converted, image.affine, header), tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(target, lambda tmp: nib.save(nib.Nifti1Image(converted, image.affine, header), tmp), FILE_ENDING)
 
 
 def write_nnunet_dataset(
@@ -146,7 +138,6 @@ def write_nnunet_dataset(
     mode: str = "regions",
     name: str = "fedbrats",
     description: str = "",
-    write_json: Callable[[str, Any], None],
 ) -> dict[str, Any]:
     """Write ``dataset.json``, ``nnunet_splits_final.json`` and ``nnunet_cases.json`` (see the module doc).
 
@@ -157,7 +148,6 @@ def write_nnunet_dataset(
         mode: ``"regions"`` or ``"labels"`` (:data:`NNUNET_LABEL_MODES`).
         name: the dataset's ``name`` in ``dataset.json``.
         description: its ``description``.
-        write_json: how to write a JSON file (``prepare`` passes its atomic writer).
 
     Returns:
         The content written to ``dataset.json``.
@@ -198,9 +188,9 @@ def write_nnunet_dataset(
         "file_ending": FILE_ENDING,
         "dataset": entries,
     }
-    write_json(os.path.join(out_dir, DATASET_JSON), content)
+    write_json_atomic(os.path.join(out_dir, DATASET_JSON), content)
     subsets = {cid: mapping[cid]["subset"] for cid in entries}
-    write_json(
+    write_json_atomic(
         os.path.join(out_dir, SPLITS_FILE),
         [
             {
@@ -209,7 +199,7 @@ def write_nnunet_dataset(
             }
         ],
     )
-    write_json(
+    write_json_atomic(
         os.path.join(out_dir, CASES_FILE),
         {
             "dataset_json": DATASET_JSON,

@@ -30,7 +30,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -49,6 +48,7 @@ from fedbrats.data.nnunet import NNUNET_LABEL_MODES, NnUNetCase, dataset_labels,
 from fedbrats.data.nnunet import OUTPUT_NAMES as NNUNET_OUTPUTS
 from fedbrats.data.validation import CaseInfo, CaseValidationError, validate_case
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
+from fedbrats.utils import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -634,32 +634,6 @@ def _refuse_existing_outputs(out_dir: str, names: Sequence[str]) -> None:
         )
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON through a temporary file and ``os.replace`` so readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600; the datalists must be readable as the umask allows (a site client may run as
-        # another user of the group), like any file this user writes.
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The whole preparation
 # ----------------------------------------------------------------------------------------------------------
@@ -857,7 +831,7 @@ def prepare(
     for site, (train, val, _) in splits.items():
         mods = profile[site]
         path = os.path.join(out_dir, f"{site}.json")
-        _write_json_atomic(
+        write_json_atomic(
             path,
             _datalist(
                 name=f"fedbrats-{site}",
@@ -899,10 +873,9 @@ def prepare(
             mode=nnunet,
             name=f"fedbrats-{os.path.basename(data_dir)}",
             description=f"BraTS cases of {data_dir} as prepared by fedbrats ({split} split, seed {seed})",
-            write_json=_write_json_atomic,
         )
     test_path = os.path.join(out_dir, "test.json")
-    _write_json_atomic(
+    write_json_atomic(
         test_path,
         _datalist(
             name="fedbrats-test",
@@ -927,7 +900,7 @@ def prepare(
     if nnunet != "off":
         manifest["nnunet"] = {"dataset_json": os.path.join(out_dir, NNUNET_DATASET_JSON), "labels": nnunet}
     # sites.json last: once it exists, every datalist it points to is complete.
-    _write_json_atomic(os.path.join(out_dir, "sites.json"), manifest)
+    write_json_atomic(os.path.join(out_dir, "sites.json"), manifest)
     _log_summary(splits, profile, out_dir)
     return manifest
 
