@@ -178,7 +178,7 @@ def lesion_wise_region(
     tp = fn = 0
     # Work in each lesion's neighbourhood only: a full-volume dilation per lesion is slow on 240³ volumes.
     for number, box in enumerate(ndimage.find_objects(lesions), start=1):
-        if box is None:  # a dilated component's number without truth voxels cannot occur, but never index None
+        if box is None:  # cannot happen (every dilated component holds truth voxels); never index None
             continue
         near = _grown(box, params.dilation, label.shape)
         lesion_near = lesions[near] == number
