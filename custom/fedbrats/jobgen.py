@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedbrats.federated.methods import JOBS as METHOD_JOBS
+from fedbrats.federated.protocol import KEY_METRIC
 from fedbrats.networks import network_class_path
 from fedbrats.utils import deep_merge
 
@@ -63,6 +64,7 @@ class JobSpec:
         privacy: site-side privacy filters (see :func:`job_spec`).
         compression: the SVD compression filters' arguments (``energy_start``, ``energy_end``, ``num_rounds``;
             see :mod:`fedbrats.federated.compression`), None: no compression.
+        key_metric: the validation score by which the best global model is kept (higher is better).
     """
 
     name: str
@@ -76,6 +78,7 @@ class JobSpec:
     controller_args: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
     compression: dict[str, Any] | None = None
+    key_metric: str = KEY_METRIC
 
 
 def compression_args(
@@ -155,4 +158,5 @@ def job_spec(
         controller_args=dict(controller_args or {}),
         privacy=dict(privacy or {}),
         compression=compression_args(spec.get("compression"), compression, num_rounds),
+        key_metric=spec.get("key_metric", KEY_METRIC),
     )

@@ -32,7 +32,7 @@ from nvflare.recipe.spec import Recipe
 from fedbrats.federated.client.executor import FedBratsExecutor
 from fedbrats.federated.compression import SVDBroadcastCompressor, SVDDecompressor, SVDUpdateCompressor
 from fedbrats.federated.filters import PayloadAuditFilter, PrototypePrivacyFilter
-from fedbrats.federated.protocol import KEY_METRIC, PAYLOAD_AUDIT_IN_FILE
+from fedbrats.federated.protocol import PAYLOAD_AUDIT_IN_FILE
 from fedbrats.federated.server.aggregation import STRATEGIES
 from fedbrats.federated.server.controller import FedBratsController
 from fedbrats.jobgen import JOBS, TASK_REQUEST_INTERVAL, JobSpec, job_spec
@@ -126,7 +126,7 @@ class FedBratsRecipe(Recipe):
         job.to_server(controller, id="controller")
         job.to_server(PTFileModelPersistor(model=spec.network), id=controller.persistor_id)
         job.to_server(built_component(spec.aggregation, STRATEGIES.build), id=controller.aggregation_id)
-        job.to_server(IntimeModelSelector(key_metric=KEY_METRIC), id="model_selector")
+        job.to_server(IntimeModelSelector(key_metric=spec.key_metric), id="model_selector")
         job.to_server(PTFileModelLocator(pt_persistor_id=controller.persistor_id), id="model_locator")
         job.to_server(TBAnalyticsReceiver(events=[FED_EVENT_PREFIX + ANALYTIC_EVENT_TYPE]), id="tb_receiver")
         job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})

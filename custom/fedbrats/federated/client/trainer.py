@@ -235,6 +235,8 @@ class SiteTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 with autocast(self.precision, self.device):
                     loss, terms = self.method.training_loss(self.model, batch, self.epochs_done)
+                if loss is None:  # the method has nothing to learn from this batch
+                    continue
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"site {self.site.site_name}: loss became {float(loss)} at round {current_round}, "
@@ -292,6 +294,9 @@ class SiteTrainer:
         """
         model = model or self.model
         model.eval()
+        own = self.method.validate(model, self.val_loader)
+        if own is not None:
+            return own
         if not self.site.labelled:
             return self._validate_without_labels(model)
         dices, hds = [], []
