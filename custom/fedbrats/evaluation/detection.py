@@ -88,7 +88,9 @@ def mean_dice_at(slices: Sequence[tuple[np.ndarray, np.ndarray]], threshold: flo
     return float(np.mean([dice_at(s, y, threshold) for s, y in slices]))
 
 
-def candidate_thresholds(slices: Sequence[tuple[np.ndarray, np.ndarray]], num: int = DEFAULT_NUM_THRESHOLDS) -> np.ndarray:
+def candidate_thresholds(
+    slices: Sequence[tuple[np.ndarray, np.ndarray]], num: int = DEFAULT_NUM_THRESHOLDS
+) -> np.ndarray:
     """``num`` thresholds spread over the scores of ``slices``: their quantiles (each an actual score)."""
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")

@@ -386,8 +386,8 @@ def anomaly_scores(
         scores = torch.cat([(x1 - net(x1)) ** 2 for x1 in source.split(chunk)])
     brain_np = brain.cpu().numpy().astype(bool)
     if erode > 0:
-        brain_np = np.stack([ndimage.binary_erosion(b, iterations=erode) for b in brain_np.reshape(-1, *brain_np.shape[-2:])])
-        brain_np = brain_np.reshape(brain.shape)
+        planes = brain_np.reshape(-1, *brain_np.shape[-2:])
+        brain_np = np.stack([ndimage.binary_erosion(b, iterations=erode) for b in planes]).reshape(brain.shape)
     return scores.float() * torch.from_numpy(brain_np).to(scores.device)
 
 
@@ -562,4 +562,3 @@ METHOD = Method(
     ),
 )
 # Its comparison is experiments/mmccd_compare.py (anomaly scores, not the 15-combination segmentation).
-
