@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -268,3 +269,38 @@ def test_mmccd_job_runs_two_rounds_in_the_simulator(tiny_federation: str, tmp_pa
     assert 0.0 <= final["val_auroc"] <= 1.0  # the selection metric of the job
     spec = json.loads(open(f"{result.run_dir}/model_spec.json", encoding="utf-8").read())
     assert spec["args"]["variant"] == "mmccd" and spec["args"]["image_size"] == 16
+
+
+def test_anomaly_eval_chooses_the_threshold_on_validation_and_reports_the_test_slices(
+    tiny_federation: str, tmp_path
+) -> None:
+    from fedbrats.cli import main as cli_main
+    from fedbrats.networks import model_spec
+
+    torch.manual_seed(0)
+    net = ModalityCycleNet(**TINY_NET)
+    torch.save({"model": net.state_dict()}, tmp_path / "model.pt")
+    (tmp_path / "model_spec.json").write_text(json.dumps(model_spec(net)))
+    manifest = json.loads(open(tiny_federation, encoding="utf-8").read())
+    base = os.path.dirname(tiny_federation)
+    test_list = os.path.join(base, manifest["test_datalist"])
+    val_list = os.path.join(base, manifest["sites"]["site-1"]["datalist"])
+    out = tmp_path / "anomaly.json"
+    args = ["anomaly-eval", "--model", str(tmp_path / "model.pt"), "--datalist", test_list]
+    args += ["--val-datalist", val_list, "--zoom", "1", "--masks", "8", "--steps", "1", "--brain-fraction", "0.3"]
+    assert cli_main([*args, "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    test = results["test"]
+    assert test["num_slices"] >= 1 and 0 <= test["auroc"] <= 1 and 0 <= test["auprc"] <= 1
+    assert results["validation"]["num_slices"] >= 1 and math.isfinite(results["threshold"])
+    assert test["dice"] <= test["dice_best_threshold_on_these_slices_optimistic"] + 1e-9
+    assert cli_main([*args, "--out", str(out)]) == 1  # never overwrites
+    seg_model = tmp_path / "seg"
+    seg_model.mkdir()
+    from fedbrats.networks.segresnet import BraTSSegResNet
+
+    seg = BraTSSegResNet(init_filters=8)
+    torch.save({"model": seg.state_dict()}, seg_model / "model.pt")
+    (seg_model / "model_spec.json").write_text(json.dumps(model_spec(seg)))
+    args[2] = str(seg_model / "model.pt")
+    assert cli_main(args) == 1  # a segmentation model is refused by name

@@ -130,6 +130,7 @@ COMMANDS = {
     "evaluate": "score a model on all 15 sequence combinations (JSON, markdown, heatmaps)",
     "export": "package a trained model with metadata.json",
     "predict": "segment a new patient from any subset of sequences",
+    "anomaly-eval": "score an anomaly model (jobs/mmccd) on test slices: AUROC, AUPRC, Dice",
 }
 _MODULES = {
     "synth": "fedbrats.data.synthetic",
@@ -137,6 +138,7 @@ _MODULES = {
     "evaluate": "fedbrats.evaluation.evaluate",
     "export": "fedbrats.evaluation.export",
     "predict": "fedbrats.evaluation.predict",
+    "anomaly-eval": "fedbrats.evaluation.anomaly",
 }
 #: Commands that moved out of the package (tooling a site or a server never runs), and what replaces them.
 MOVED = {

@@ -44,6 +44,7 @@ from fedbrats.constants import MODALITIES
 from fedbrats.evaluation.detection import auprc, auroc
 from fedbrats.federated.methods.base import ClientMethod, Job, Method
 from fedbrats.federated.protocol import METRIC_PREFIX
+from fedbrats.precision import autocast, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -499,20 +500,22 @@ class MMCCDMethod(ClientMethod):
         if self.missing:
             return {}
         scores, labels = [], []
+        precision = resolve_precision("auto", self.device)
         for i, batch in enumerate(val_loader):
             cs = case_slices(batch["image"][0], batch["label"][0], model, self.brain_fraction)
             z = cs.largest_tumour()
             if z is None:
                 continue
-            s = anomaly_scores(
-                model,
-                cs.source[z : z + 1].to(self.device),
-                cs.brain[z : z + 1],
-                self.val_masks,
-                self.val_steps,
-                self.erode,
-                seed=i,
-            ).cpu()
+            with autocast(precision, self.device):
+                s = anomaly_scores(
+                    model,
+                    cs.source[z : z + 1].to(self.device),
+                    cs.brain[z : z + 1],
+                    self.val_masks,
+                    self.val_steps,
+                    self.erode,
+                    seed=i,
+                ).cpu()
             inside = cs.brain[z : z + 1]
             scores.append(s[inside].numpy())
             labels.append(cs.tumour[z : z + 1][inside].numpy())
