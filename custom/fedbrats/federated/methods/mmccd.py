@@ -433,7 +433,7 @@ class MMCCDMethod(ClientMethod):
     def __init__(
         self,
         slices_per_volume: int = 8,
-        brain_fraction: float = 0.8,
+        brain_fraction: float = 0.6,
         val_masks: int = 16,
         val_steps: int = 3,
         erode: int = 2,
