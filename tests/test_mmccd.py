@@ -304,3 +304,32 @@ def test_anomaly_eval_chooses_the_threshold_on_validation_and_reports_the_test_s
     (seg_model / "model_spec.json").write_text(json.dumps(model_spec(seg)))
     args[2] = str(seg_model / "model.pt")
     assert cli_main(args) == 1  # a segmentation model is refused by name
+
+
+def test_anomaly_map_of_a_new_patient_is_on_the_input_grid_and_never_overwrites(tmp_path) -> None:
+    import nibabel as nib
+
+    from fedbrats.cli import main as cli_main
+    from fedbrats.networks import model_spec
+
+    torch.manual_seed(0)
+    net = ModalityCycleNet(**TINY_NET)
+    torch.save({"model": net.state_dict()}, tmp_path / "model.pt")
+    (tmp_path / "model_spec.json").write_text(json.dumps(model_spec(net)))
+    rng = np.random.default_rng(0)
+    volume = np.zeros((20, 18, 12), dtype=np.float32)
+    volume[3:17, 2:16, 2:10] = rng.uniform(1, 2, (14, 14, 8))
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(volume, affine), tmp_path / "flair.nii.gz")
+    out = tmp_path / "map.nii.gz"
+    args = ["anomaly", "--model", str(tmp_path / "model.pt"), "--image", str(tmp_path / "flair.nii.gz")]
+    args += ["--out", str(out), "--zoom", "1", "--masks", "8", "--steps", "1", "--erode", "0"]
+    assert cli_main(args) == 0
+    result = nib.load(out)
+    data = result.get_fdata()
+    assert data.shape == volume.shape and np.allclose(result.affine, affine)
+    assert data[volume == 0].max() == 0 and data[volume > 0].max() > 0  # scores inside the head only
+    assert cli_main(args) == 1  # the existing map is not overwritten
+    assert cli_main([*args, "--overwrite"]) == 0
+    missing = [*args[:4], str(tmp_path / "nope.nii.gz"), "--out", str(tmp_path / "other.nii.gz")]
+    assert cli_main(missing) == 1

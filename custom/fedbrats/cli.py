@@ -130,6 +130,7 @@ COMMANDS = {
     "evaluate": "score a model on all 15 sequence combinations (JSON, markdown, heatmaps)",
     "export": "package a trained model with metadata.json",
     "predict": "segment a new patient from any subset of sequences",
+    "anomaly": "write the anomaly map of a new patient's FLAIR (jobs/mmccd)",
     "anomaly-eval": "score an anomaly model (jobs/mmccd) on test slices: AUROC, AUPRC, Dice",
 }
 _MODULES = {
@@ -144,7 +145,16 @@ _MODULES = {
 MOVED = {
     "compare": "python experiments/compare.py (from a source checkout of fedbrats)",
 }
+
+
+def _anomaly(argv: list[str]) -> int:
+    from fedbrats.evaluation.anomaly import map_main
+
+    return map_main(argv)
+
+
 _FUNCS = {
+    "anomaly": _anomaly,
     "synth-federation": _synth_federation,
     "pool-sites": _pool_sites,
     "make-jobs": _make_jobs,

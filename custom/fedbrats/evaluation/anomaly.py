@@ -1,4 +1,8 @@
-"""Score an unsupervised anomaly-segmentation model (jobs/mmccd and its baselines) on labelled cases.
+"""Anomaly maps of a new patient, and the scores of an anomaly-segmentation model (jobs/mmccd) on labelled cases.
+
+``fedbrats anomaly --model RUN --image FLAIR.nii.gz --out map.nii.gz`` writes the anomaly map of every axial
+slice of a patient's source sequence (FLAIR by default), preprocessed as in training and put back on the input's
+voxel grid, so it overlays the input in any viewer.
 
 ``fedbrats anomaly-eval --model RUN --datalist test.json --val-datalist central.json`` takes, from every case, the
 central axial slice with the largest whole tumour (as the MMCCD paper does, one slice per subject), computes its
@@ -25,13 +29,23 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
+from monai.transforms import Compose
 
-from fedbrats.data.loader import DataConfig, eval_transforms, make_dataset, read_datalist
+from fedbrats.constants import MODALITIES
+from fedbrats.data.loader import DataConfig, _preprocess, eval_transforms, make_dataset, read_datalist
 from fedbrats.evaluation.detection import auprc, auroc, best_dice_on, choose_threshold, mean_dice_at
 from fedbrats.evaluation.evaluate import check_device, datalist_convention, load_model
-from fedbrats.federated.methods.mmccd import TRAINING, ModalityCycleNet, anomaly_scores, case_slices
+from fedbrats.federated.methods.mmccd import (
+    TRAINING,
+    ModalityCycleNet,
+    anomaly_scores,
+    case_slices,
+    plane_offsets,
+    unfit_in_plane,
+)
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
 from fedbrats.precision import PRECISIONS, autocast, resolve_precision
 
@@ -179,6 +193,73 @@ def evaluate_anomaly(
     }
 
 
+def anomaly_map_case(
+    model: ModalityCycleNet,
+    image_path: str,
+    *,
+    zoom: float = TRAINING["data"]["zoom"],
+    convention: str = "brats2018",
+    num_masks: int = 16,
+    steps: int = 5,
+    erode: int = 2,
+    batch_slices: int = 4,
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
+) -> tuple[np.ndarray, np.ndarray, Any]:
+    """The anomaly map of one patient's source sequence on the input's own voxel grid.
+
+    The volume goes through the training pipeline's deterministic steps (foreground crop, resampling, z-score;
+    :func:`fedbrats.data.loader._preprocess`), every axial slice with brain is scored, and MONAI inverts the
+    recorded crop and resampling on the map.
+
+    Args:
+        model: the anomaly model; its ``source`` is the sequence ``image_path`` holds.
+        image_path: the NIfTI file of that sequence.
+        zoom: the job's ``data.zoom``.
+        convention: BraTS naming convention of the file (only the image is read).
+        num_masks: band masks per slice (MMCCD).
+        steps: DDIM steps (MMCCD).
+        erode: erosion of the brain mask in pixels.
+        batch_slices: slices scored together.
+        device: where inference runs.
+        precision: ``auto``, ``fp32`` or ``bf16``.
+
+    Returns:
+        ``(map, affine, header)``: a float32 map with the input's shape, its affine and NIfTI header.
+
+    Raises:
+        ValueError: a model of another kind, or a missing or unreadable file (named).
+    """
+    if not isinstance(model, ModalityCycleNet):
+        raise ValueError(f"anomaly maps need a modality_cycle model (jobs/mmccd), got {type(model).__name__}")
+    if not os.path.isfile(image_path):
+        raise ValueError(f"--image {image_path!r} does not exist")
+    case_id = os.path.basename(image_path).split(".nii")[0]
+    pipeline = Compose(_preprocess((model.source,), convention, zoom))
+    entry = {"image": [image_path if m == model.source else None for m in MODALITIES], "case_id": case_id}
+    image = pipeline(entry)["image"]
+    cs = case_slices(image.as_tensor(), None, model, brain_fraction=0.0)
+    with_brain = torch.nonzero(cs.brain.flatten(1).any(1)).flatten()
+    fitted = torch.zeros_like(cs.source)
+    device = torch.device(device)
+    model = model.to(device).eval()
+    resolved = resolve_precision(precision, device)
+    logger.info("%s: scoring %d slice(s) with brain, %d masks x %d steps", case_id, len(with_brain), num_masks, steps)
+    for start in range(0, len(with_brain), batch_slices):
+        idx = with_brain[start : start + batch_slices]
+        with autocast(resolved, device):
+            fitted[idx] = anomaly_scores(
+                model, cs.source[idx].to(device), cs.brain[idx], num_masks, steps, erode, seed=start
+            ).cpu()
+    # Back from (Z, 1, S, S) slices to the preprocessed volume, then to the input grid.
+    planes = unfit_in_plane(fitted[:, 0], tuple(image.shape[1:3]), plane_offsets(image.shape[1:3], model.image_size))
+    volume = image[:1].clone()
+    volume[0] = planes.permute(1, 2, 0)
+    restored = pipeline.inverse({"image": volume})["image"][0]
+    reference = nib.load(image_path)
+    return np.asarray(restored, dtype=np.float32), reference.affine, reference.header.copy()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``anomaly-eval`` command-line parser."""
     p = argparse.ArgumentParser(
@@ -243,6 +324,59 @@ def main(argv: list[str] | None = None) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w", encoding="utf-8") as f:
                 json.dump(results, f, indent=2)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 1
+    return 0
+
+
+def build_map_parser() -> argparse.ArgumentParser:
+    """The ``anomaly`` command-line parser."""
+    p = argparse.ArgumentParser(
+        prog="fedbrats anomaly",
+        description="Write the anomaly map of a new patient's source sequence (FLAIR for the default jobs/mmccd).",
+    )
+    p.add_argument("--model", required=True, help="checkpoint (.pt) or federated run folder of jobs/mmccd")
+    p.add_argument("--image", required=True, help="NIfTI file of the model's source sequence (e.g. the FLAIR)")
+    p.add_argument("--out", required=True, help="where the map goes (.nii.gz); never overwritten without --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--zoom", type=float, default=TRAINING["data"]["zoom"], help="the job's data.zoom")
+    p.add_argument("--convention", default="brats2018", help="BraTS naming convention of the file")
+    p.add_argument("--masks", type=int, default=16, help="band masks per slice (the paper: 128)")
+    p.add_argument("--steps", type=int, default=5, help="DDIM steps per sample (the paper: 100)")
+    p.add_argument("--erode", type=int, default=2, help="erosion of the brain mask in pixels")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    add_log_level_argument(p)
+    return p
+
+
+def map_main(argv: list[str] | None = None) -> int:
+    """Run ``fedbrats anomaly``; 0 on success, 1 with the reason logged."""
+    args = build_map_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        check_device(args.device)
+        if os.path.exists(args.out) and not args.overwrite:
+            raise ValueError(f"--out {args.out!r} exists; pass --overwrite to replace it")
+        if os.path.abspath(args.out) == os.path.abspath(args.image):
+            raise ValueError("--out must not be the input --image")
+        model = load_model(args.model)
+        scores, affine, header = anomaly_map_case(
+            model,
+            args.image,
+            zoom=args.zoom,
+            convention=args.convention,
+            num_masks=args.masks,
+            steps=args.steps,
+            erode=args.erode,
+            device=args.device,
+            precision=args.precision,
+        )
+        header.set_data_dtype(np.float32)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        nib.save(nib.Nifti1Image(scores, affine, header), args.out)
+        logger.info("wrote %s (max score %.4g)", args.out, float(scores.max()))
     except ValueError as exc:
         logger.error("%s", exc)
         return 1

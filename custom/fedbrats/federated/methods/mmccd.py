@@ -217,22 +217,28 @@ def window_intensities(volume: torch.Tensor, brain: torch.Tensor, window: Sequen
     return torch.where(brain, out, torch.full_like(out, BACKGROUND))
 
 
+def plane_offsets(shape: Sequence[int], size: int) -> tuple[int, int, int, int]:
+    """``(pad_x, crop_x, pad_y, crop_y)`` that centre an in-plane ``shape`` in a ``size`` x ``size`` slice (before
+    padding, at most one of each pair is non-zero)."""
+    out: list[int] = []
+    for n in shape:
+        out += [max(size - int(n), 0) // 2, max(int(n) - size, 0) // 2]
+    return out[0], out[1], out[2], out[3]
+
+
 def fit_in_plane(x: torch.Tensor, size: int, value: float = 0.0) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """Centre-pad (with ``value``) or centre-crop the last two axes of ``x`` to ``size``; also return
-    ``(pad_x, crop_x, pad_y, crop_y)`` for :func:`unfit_in_plane`."""
-    offsets = []
-    for axis in (-2, -1):
-        n = x.shape[axis]
-        pad = max(size - n, 0)
+    :func:`plane_offsets` for :func:`unfit_in_plane`."""
+    offsets = plane_offsets(x.shape[-2:], size)
+    for axis, (pad_before, crop) in zip((-2, -1), (offsets[:2], offsets[2:])):
+        pad = max(size - x.shape[axis], 0)
         if pad:
             widths = [0, 0, 0, 0]
-            widths[0 if axis == -1 else 2] = pad // 2
-            widths[1 if axis == -1 else 3] = pad - pad // 2
+            widths[0 if axis == -1 else 2] = pad_before
+            widths[1 if axis == -1 else 3] = pad - pad_before
             x = F.pad(x, widths, value=value)
-        crop = max(n - size, 0) // 2
         x = x.narrow(axis, crop, size)
-        offsets += [pad // 2, crop]
-    return x, (offsets[0], offsets[1], offsets[2], offsets[3])
+    return x, offsets
 
 
 def unfit_in_plane(x: torch.Tensor, shape: tuple[int, int], offsets: tuple[int, int, int, int]) -> torch.Tensor:
