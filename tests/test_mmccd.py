@@ -333,3 +333,18 @@ def test_anomaly_map_of_a_new_patient_is_on_the_input_grid_and_never_overwrites(
     assert cli_main([*args, "--overwrite"]) == 0
     missing = [*args[:4], str(tmp_path / "nope.nii.gz"), "--out", str(tmp_path / "other.nii.gz")]
     assert cli_main(missing) == 1
+
+
+def test_imputation_averages_the_samples_where_the_band_did_not_hide_the_source(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net = ModalityCycleNet(**TINY_NET)
+    # A "translation" that returns the condition: outside the band it is the source itself, inside it noise.
+    monkeypatch.setattr(mmccd, "sample_translation", lambda net, condition, steps, generator=None: condition)
+    x1 = torch.randn(3, 1, 16, 16)
+    out = mmccd.impute_target(net, x1, num_masks=2, steps=1)
+    # Every pixel outside the corner both bands share is the source (the noise inside a band is never used).
+    assert torch.allclose(out[..., 4:, 4:], x1[..., 4:, 4:]) and torch.allclose(out[..., :4, 4:], x1[..., :4, 4:])
+    assert torch.all(out[..., :4, :4] == BACKGROUND)
+    with pytest.raises(ValueError, match="autoencoder"):
+        mmccd.impute_target(ModalityCycleNet(variant="autoencoder", **TINY_NET), x1)

@@ -299,15 +299,16 @@ def random_band_masks(n: int, size: int, band: int, generator: torch.Generator |
     return masks
 
 
-def band_masks(num_masks: int, size: int, band: int) -> torch.Tensor:
+def band_masks(num_masks: int, size: int, band: int, cover: bool = True) -> torch.Tensor:
     """The inference masks: ``num_masks / 2`` horizontal and as many vertical bands, their offsets spread evenly
-    over ``[0, size - band]``, so that every pixel lies in at least one band of each orientation.
+    over ``[0, size - band]``; with ``cover``, enough of them that every pixel lies in at least one band of each
+    orientation.
 
     Raises:
-        ValueError: an odd ``num_masks``, or too few to cover the slice (``2 * ceil(size / band)``).
+        ValueError: an odd ``num_masks``, or (with ``cover``) too few to cover the slice (``2 * ceil(size / band)``).
     """
     per_axis = num_masks // 2
-    need = -(-size // band)
+    need = -(-size // band) if cover else 1
     if num_masks % 2 or per_axis < need:
         raise ValueError(
             f"num_masks must be even and >= {2 * need} (bands of {band} px covering {size} px), got {num_masks}"
@@ -396,6 +397,43 @@ def anomaly_scores(
         planes = brain_np.reshape(-1, *brain_np.shape[-2:])
         brain_np = np.stack([ndimage.binary_erosion(b, iterations=erode) for b in planes]).reshape(brain.shape)
     return scores.float() * torch.from_numpy(brain_np).to(scores.device)
+
+
+@torch.no_grad()
+def impute_target(
+    net: ModalityCycleNet,
+    source: torch.Tensor,
+    num_masks: int = 2,
+    steps: int = 5,
+    seed: int = 0,
+    chunk: int = 32,
+) -> torch.Tensor:
+    """The target sequence synthesised from ``(N, 1, S, S)`` windowed source slices (imputation of a sequence a
+    site lacks): ``f(x1)`` for the cyclic UNet; for MMCCD, the mean over ``num_masks`` band masks (half
+    horizontal, half vertical) of ``f(masked x1)``, each pixel averaged over the samples whose band did not hide
+    it *(ours: f only ever saw masked inputs)*.
+
+    Raises:
+        ValueError: the autoencoder (it has no translator), or an odd ``num_masks``.
+    """
+    if net.variant == "autoencoder":
+        raise ValueError("the autoencoder baseline cannot synthesise another sequence")
+    net.eval()
+    if net.variant == "cyclic_unet":
+        return torch.cat([net.translator(x1) for x1 in source.split(chunk)])
+    if num_masks < 2 or num_masks % 2:
+        raise ValueError(f"num_masks must be even and >= 2, got {num_masks}")
+    masks = band_masks(num_masks, net.image_size, net.band, cover=False).to(source.device)
+    generator = torch.Generator().manual_seed(seed)
+    total, weight = torch.zeros_like(source), torch.zeros_like(source)
+    for m in masks:
+        for start in range(0, source.shape[0], chunk):
+            x1 = source[start : start + chunk]
+            mask = m.expand_as(x1)
+            x2 = sample_translation(net, mask_source(x1, mask, generator), steps, generator).float()
+            total[start : start + chunk] += x2 * (1 - mask)
+            weight[start : start + chunk] += 1 - mask
+    return torch.where(weight > 0, total / weight.clamp(min=1e-6), BACKGROUND)
 
 
 def translation_terms(
