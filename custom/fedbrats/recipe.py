@@ -121,7 +121,11 @@ class FedBratsRecipe(Recipe):
     @staticmethod
     def _add_server(job: FedJob, spec: JobSpec) -> None:
         controller = FedBratsController(
-            num_rounds=spec.num_rounds, min_clients=spec.min_clients, seed=spec.seed, **spec.controller_args
+            num_rounds=spec.num_rounds,
+            min_clients=spec.min_clients,
+            seed=spec.seed,
+            key_metric=spec.key_metric,
+            **spec.controller_args,
         )
         job.to_server(controller, id="controller")
         job.to_server(PTFileModelPersistor(model=spec.network), id=controller.persistor_id)

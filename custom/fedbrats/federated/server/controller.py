@@ -94,6 +94,7 @@ class FedBratsController(ModelController):
         memory_gc_rounds: int = SERVER_GC_ROUNDS,
         seed: int | None = None,
         max_empty_rounds: int = 3,
+        key_metric: str = KEY_METRIC,
     ) -> None:
         super().__init__(persistor_id=persistor_id, ignore_result_error=True)
         if num_rounds < 1:
@@ -115,6 +116,7 @@ class FedBratsController(ModelController):
         self.persistor_id = persistor_id
         self.memory_gc_rounds = memory_gc_rounds
         self.seed = seed
+        self.key_metric = key_metric
         self.strategy: AggregationStrategy | None = None
         self.history: list[dict[str, Any]] = []
         self._events: RoundEventWriter | None = None
@@ -415,9 +417,9 @@ class FedBratsController(ModelController):
                 "modalities": meta.get(MODALITIES_KEY),
             }
             loss = meta.get(TRAIN_LOSS_KEY, float("nan"))
-            dice = metrics.get(KEY_METRIC, float("nan"))
+            score = metrics.get(self.key_metric, float("nan"))
             mods = ",".join(meta.get(MODALITIES_KEY, []))
-            self.info(f"round {current_round}: {name} ({mods}) loss {loss:.4f}, val mean Dice {dice:.3f}")
+            self.info(f"round {current_round}: {name} ({mods}) loss {loss:.4f}, {self.key_metric} {score:.3f}")
         responded = {u.site_name for u in updates} | set(rejected)
         left_out = sorted(set(targets) - responded)
         if left_out:
@@ -454,8 +456,8 @@ class FedBratsController(ModelController):
         self.history.append(record)
         agg = record["aggregated"]
         self.info(
-            f"round {record['round']} done in {record['seconds']}s: mean val Dice "
-            f"{agg.get(KEY_METRIC, float('nan')):.3f} over {len(record['sites'])} site(s)"
+            f"round {record['round']} done in {record['seconds']}s: {self.key_metric} "
+            f"{agg.get(self.key_metric, float('nan')):.3f} over {len(record['sites'])} site(s)"
         )
         path = RunFolder(self.get_run_dir()).metrics
         tmp = path + ".tmp"
