@@ -36,8 +36,8 @@ from fedbrats.federated.methods.mmccd import (
     window_intensities,
 )
 
-#: Networks and data small enough for a test: 16^3 synthetic volumes, 16 x 16 slices, 4-px bands.
-TINY_NET = {"image_size": 16, "band": 4, "init_filters": 8, "attention": False, "num_train_timesteps": 50}
+#: Networks and data small enough for a test: 16^3 synthetic volumes, 32 x 32 slices, 8-px bands.
+TINY_NET = {"image_size": 32, "band": 8, "init_filters": 8, "attention": False, "num_train_timesteps": 50}
 TINY_TRAINING = {
     "method": "mmccd",
     "method_args": {"slices_per_volume": 2, "brain_fraction": 0.3, "val_masks": 8, "val_steps": 2},
@@ -104,7 +104,7 @@ def test_forward_process_is_the_linear_ddpm_one_and_the_loss_is_on_x0() -> None:
             assert x.shape[1] == 2 and timesteps.shape == (x.shape[0],)
             return self.target
 
-    source, target = torch.randn(3, 1, 16, 16), torch.randn(3, 1, 16, 16)
+    source, target = torch.randn(3, 1, 32, 32), torch.randn(3, 1, 32, 32)
     net.translator = Oracle(target)
     terms = translation_terms(net, source, target)
     assert float(terms["translate"].detach()) == 0.0 and float(terms["back"].detach()) > 0
@@ -117,7 +117,7 @@ def test_masked_error_is_averaged_over_the_masks_covering_each_pixel(monkeypatch
     net.back = torch.nn.Identity()
     monkeypatch.setattr(mmccd, "mask_source", lambda source, masks, generator=None: source * (1 - masks))
     monkeypatch.setattr(mmccd, "sample_translation", lambda net, condition, steps, generator=None: condition)
-    x1 = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 1, 16, 16) / 100
+    x1 = torch.arange(2 * 32 * 32, dtype=torch.float32).reshape(2, 1, 32, 32) / 1000
     brain = torch.ones_like(x1, dtype=torch.bool)
     scores = anomaly_scores(net, x1, brain, num_masks=8, steps=1, erode=0, chunk=5)
     assert torch.allclose(scores, x1**2, rtol=1e-5)
@@ -130,9 +130,9 @@ def test_masked_error_is_averaged_over_the_masks_covering_each_pixel(monkeypatch
 def test_sampling_is_seeded_and_the_map_stays_in_the_brain() -> None:
     torch.manual_seed(0)
     net = ModalityCycleNet(**TINY_NET)
-    x1 = torch.randn(1, 1, 16, 16)
+    x1 = torch.randn(1, 1, 32, 32)
     brain = torch.zeros_like(x1, dtype=torch.bool)
-    brain[..., 3:13, 3:13] = True
+    brain[..., 3:29, 3:29] = True
     a = anomaly_scores(net, x1, brain, num_masks=8, steps=2, erode=1, seed=3)
     b = anomaly_scores(net, x1, brain, num_masks=8, steps=2, erode=1, seed=3)
     assert torch.equal(a, b) and float(a[~brain].abs().sum()) == 0 and float(a[brain].sum()) > 0
@@ -167,7 +167,7 @@ def test_case_slices_choose_central_healthy_slices_and_the_largest_tumour() -> N
     label[0, 1:3, 1:3, 2] = 1  # tumour in slice 2 (4 px) and slice 3 (9 px)
     label[0, 1:4, 1:4, 3] = 1
     cs = case_slices(image, label, net, brain_fraction=0.6)
-    assert cs.source.shape == (6, 1, 16, 16) and cs.target is not None
+    assert cs.source.shape == (6, 1, 32, 32) and cs.target is not None
     assert cs.central.tolist() == [False, False, True, True, True, False]  # area >= 0.6 * 100
     assert cs.healthy().tolist() == [4] and cs.largest_tumour() == 3
     no_label = case_slices(image, None, net, brain_fraction=0.6)
@@ -233,13 +233,13 @@ def test_method_and_network_reject_bad_options_by_name() -> None:
     with pytest.raises(ValueError, match="brain_fraction"):
         MMCCDMethod(brain_fraction=0)
     with pytest.raises(RuntimeError, match="anomaly_scores"):
-        ModalityCycleNet(**TINY_NET)(torch.zeros(1, 1, 16, 16))
+        ModalityCycleNet(**TINY_NET)(torch.zeros(1, 1, 32, 32))
 
 
 @pytest.mark.parametrize("variant", ["cyclic_unet", "autoencoder"])
 def test_baselines_train_and_score(variant: str) -> None:
     net = ModalityCycleNet(variant=variant, **TINY_NET)
-    x1, x2 = torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16)
+    x1, x2 = torch.randn(2, 1, 32, 32), torch.randn(2, 1, 32, 32)
     terms = translation_terms(net, x1, x2 if variant != "autoencoder" else None)
     assert set(terms) == ({"reconstruct"} if variant == "autoencoder" else {"translate", "back"})
     scores = anomaly_scores(net, x1, torch.ones_like(x1, dtype=torch.bool), erode=0)
@@ -268,7 +268,7 @@ def test_mmccd_job_runs_two_rounds_in_the_simulator(tiny_federation: str, tmp_pa
     final = history[-1]["aggregated"]
     assert 0.0 <= final["val_auroc"] <= 1.0  # the selection metric of the job
     spec = json.loads(open(f"{result.run_dir}/model_spec.json", encoding="utf-8").read())
-    assert spec["args"]["variant"] == "mmccd" and spec["args"]["image_size"] == 16
+    assert spec["args"]["variant"] == "mmccd" and spec["args"]["image_size"] == 32
 
 
 def test_anomaly_eval_chooses_the_threshold_on_validation_and_reports_the_test_slices(
@@ -341,10 +341,10 @@ def test_imputation_averages_the_samples_where_the_band_did_not_hide_the_source(
     net = ModalityCycleNet(**TINY_NET)
     # A "translation" that returns the condition: outside the band it is the source itself, inside it noise.
     monkeypatch.setattr(mmccd, "sample_translation", lambda net, condition, steps, generator=None: condition)
-    x1 = torch.randn(3, 1, 16, 16)
+    x1 = torch.randn(3, 1, 32, 32)
     out = mmccd.impute_target(net, x1, num_masks=2, steps=1)
     # Every pixel outside the corner both bands share is the source (the noise inside a band is never used).
-    assert torch.allclose(out[..., 4:, 4:], x1[..., 4:, 4:]) and torch.allclose(out[..., :4, 4:], x1[..., :4, 4:])
-    assert torch.all(out[..., :4, :4] == BACKGROUND)
+    assert torch.allclose(out[..., 8:, 8:], x1[..., 8:, 8:]) and torch.allclose(out[..., :8, 8:], x1[..., :8, 8:])
+    assert torch.all(out[..., :8, :8] == BACKGROUND)
     with pytest.raises(ValueError, match="autoencoder"):
         mmccd.impute_target(ModalityCycleNet(variant="autoencoder", **TINY_NET), x1)
