@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,12 @@ def test_mlflow_tracking_is_an_optional_extra() -> None:
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert "mlflow" not in " ".join(pyproject["project"]["dependencies"]), "mlflow must stay optional"
     assert any(d.startswith("mlflow") for d in pyproject["project"]["optional-dependencies"]["mlflow"])
+
+
+def test_mlflow_without_its_package_is_refused_naming_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "fedbrats.federated.server.mlflow_receiver", None)  # as if mlflow were absent
+    with pytest.raises(ValueError, match=r"fedbrats\[mlflow\]"):
+        job_files("fedavg", tracking="mlflow")
 
 
 @pytest.mark.integration

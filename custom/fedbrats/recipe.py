@@ -67,15 +67,15 @@ def tracking_receiver(tracking: str, job_name: str, tracking_uri: str = "") -> A
         tracking_uri: the MLflow store (empty: NVFlare's default, ``mlflow.db`` in the job's result folder).
 
     Raises:
-        ValueError: an unknown ``tracking``.
-        ImportError: ``mlflow`` without the ``mlflow`` package (``pip install fedbrats[mlflow]``).
+        ValueError: an unknown ``tracking``, or ``mlflow`` without the ``mlflow`` package (the extra:
+            ``pip install 'fedbrats[mlflow]'``).
     """
     if check_tracking(tracking) == "tensorboard":
         return TBAnalyticsReceiver(events=list(TRACKING_EVENTS))
     try:
         from fedbrats.federated.server.mlflow_receiver import FedBratsMLflowReceiver
     except ImportError as e:
-        raise ImportError(
+        raise ValueError(
             f"tracking='mlflow' needs the mlflow package ({e}); install the extra: pip install 'fedbrats[mlflow]'"
         ) from e
     # Tags given explicitly: NVFlare's receiver prints a notice for every tag mapping it is not given.
