@@ -96,10 +96,13 @@ def plot_run(run_dir: str, out: str, title: str | None = None) -> str:
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     panels = {name: series for name, series in run_curves(load_history(run_dir)).items() if series}
     if not panels:
         raise ValueError(f"{RunFolder(run_dir).metrics} holds no metric or loss to plot")
+    # One step axis for every panel: the run's rounds, the final validation included.
+    last = max(step for series in panels.values() for steps, _ in series.values() for step in steps)
     rows = math.ceil(len(panels) / PANEL_COLUMNS)
     cols = min(len(panels), PANEL_COLUMNS)
     fig = Figure(figsize=(5.0 * cols, 3.6 * rows))
@@ -110,10 +113,12 @@ def plot_run(run_dir: str, out: str, title: str | None = None) -> str:
             ax.plot(steps, values, marker="o", markersize=3, label=label)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("round")
+        ax.set_xlim(-0.25, last + 0.25)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole steps
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title or os.path.abspath(run_dir), fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title above the panels
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=100)
     logger.info("wrote %s (%d panels from %s)", out, len(panels), RunFolder(run_dir).metrics)
