@@ -62,8 +62,8 @@ def tracking_receiver(tracking: str, job_name: str, tracking_uri: str = "") -> A
     Args:
         tracking: ``tensorboard`` (NVFlare's TensorBoard receiver: ``tb_events/<site>/`` in the run folder) or
             ``mlflow`` (:class:`~fedbrats.federated.server.mlflow_receiver.FedBratsMLflowReceiver`: experiment
-            ``fedbrats``, one run per site and one for the server, named after the job).
-        job_name: the job (the MLflow runs' name).
+            ``fedbrats``, one run per site and one for the server, named after the site, job id and job).
+        job_name: the job (an MLflow tag of every run).
         tracking_uri: the MLflow store (empty: NVFlare's default, ``mlflow.db`` in the job's result folder).
 
     Raises:
@@ -81,7 +81,7 @@ def tracking_receiver(tracking: str, job_name: str, tracking_uri: str = "") -> A
     # Tags given explicitly: NVFlare's receiver prints a notice for every tag mapping it is not given.
     kw_args = {
         "experiment_name": MLFLOW_EXPERIMENT,
-        "run_name": job_name,
+        "run_name": MLFLOW_EXPERIMENT,  # NVFlare names a run "<site>-<job id>-<job name>-<run_name>"
         "experiment_tags": {"mlflow.note.content": "fedbrats federated runs (one MLflow run per site and server)"},
         "run_tags": {"fedbrats.job": job_name},
     }
