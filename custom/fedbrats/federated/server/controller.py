@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE, AnalyticsDataType
+from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
@@ -49,6 +51,7 @@ from fedbrats.federated.protocol import (
 )
 from fedbrats.federated.server.aggregation import AggregationStrategy, SiteUpdate
 from fedbrats.federated.server.update_checks import update_problem
+from fedbrats.federated.tracking import global_scalars
 from fedbrats.networks import build_from_spec, model_spec
 
 
@@ -464,6 +467,18 @@ class FedBratsController(ModelController):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.history, f, indent=2, default=_json_default)
         os.replace(tmp, path)
+        self._track(record)
+
+    def _track(self, record: dict[str, Any]) -> None:
+        """Log the global model's aggregate validation of a round to the job's tracking receiver (TensorBoard or
+        MLflow, :mod:`fedbrats.federated.tracking`), stepped by the round as the sites' curves are.
+
+        A local event, under the server's name: the receiver files the sites' forwarded records under theirs.
+        """
+        for tag, value in global_scalars(record).items():
+            dxo = create_analytic_dxo(tag, value, AnalyticsDataType.SCALAR, global_step=int(record["round"]))
+            with self.engine.new_context() as fl_ctx:
+                send_analytic_dxo(self, dxo, fl_ctx, event_type=ANALYTIC_EVENT_TYPE)
 
     def _validate_final(self, params: dict[str, np.ndarray], spec: dict[str, Any]) -> None:
         final_round = self.num_rounds
