@@ -133,3 +133,54 @@ def read_round_timeline(events_file: str, site_events: Iterable[str] = ()) -> Si
     # Rounds the server never started are not training rounds of this run (e.g. the final validation's numbering).
     tl.rounds = {r: rt for r, rt in tl.rounds.items() if rt.sent is not None}
     return tl
+
+
+def overhead_summary(timeline: SimulatorTimeline) -> dict[str, float] | None:
+    """Medians over a run's complete rounds: wall time, the sites' span (first site start to last site end),
+    NVFlare's own share (dispatch + return + aggregation) and the ratio wall / span. The span is the sites' work
+    as it ran inside the simulator, so the ratio leaves out any slowdown of the work itself; None without a
+    complete round."""
+    rows = [b for rt in timeline.rounds.values() if (b := rt.breakdown()) is not None and b["sites_span"] > 0]
+    if not rows:
+        return None
+
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+    return {
+        "rounds": len(rows),
+        "wall_s": median([b["wall"] for b in rows]),
+        "sites_span_s": median([b["sites_span"] for b in rows]),
+        "nvflare_s": median([b["dispatch"] + b["return"] + b["aggregate"] for b in rows]),
+        "ratio": median([b["wall"] / b["sites_span"] for b in rows]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.simlog WORKSPACE...``: the round overhead of finished simulated runs, as JSON (one
+    object per workspace of :func:`fedbrats.federated.simulate.simulate`)."""
+    import argparse
+    import json
+    import sys
+
+    from fedbrats.federated.protocol import RunFolder
+    from fedbrats.federated.simulate import simulated_run_dir, simulator_workspace
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.simlog", description=main.__doc__)
+    p.add_argument("workspaces", nargs="+")
+    args = p.parse_args(argv)
+    out = {}
+    for ws in args.workspaces:
+        sim = simulator_workspace(ws)
+        sites = sorted(d for d in os.listdir(sim) if d not in ("server", "startup") and os.path.isdir(f"{sim}/{d}"))
+        timeline = read_round_timeline(RunFolder(simulated_run_dir(ws)).round_events, site_events_files(ws, sites))
+        out[ws] = overhead_summary(timeline)
+    json.dump(out, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,7 +15,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +43,16 @@ class Kits:
         prod_dir: the folder holding one kit per participant.
         server: the server's name (and kit folder).
         clients: the clients' names.
-        admin: the project admin's name.
+        admin: the name of the admin who submits jobs (the project admin; the lead in distributed provisioning).
+        locations: kit folders that are not ``prod_dir/<name>`` (distributed provisioning: each participant
+            packages its own kit, on its own machine).
     """
 
     prod_dir: str
     server: str
     clients: tuple[str, ...]
     admin: str
+    locations: dict[str, str] = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_project(cls, prod_dir: str, project: Mapping[str, Any]) -> Kits:
@@ -62,7 +65,7 @@ class Kits:
 
     def dir(self, participant: str) -> str:
         """The kit folder of a participant."""
-        return os.path.join(self.prod_dir, participant)
+        return self.locations.get(participant) or os.path.join(self.prod_dir, participant)
 
     @property
     def client_dirs(self) -> dict[str, str]:

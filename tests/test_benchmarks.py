@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks.federated import described_bytes, fit_scaling, memory_by_round, memory_growth
-from benchmarks.simlog import read_round_timeline
+from benchmarks.simlog import overhead_summary, read_round_timeline
 from benchmarks.system import Sample, simulator_roles
 from fedbrats.federated.events import RoundEventWriter
 
@@ -82,6 +82,17 @@ def test_round_events_and_site_events_give_the_round_breakdown(tmp_path: Path) -
     assert b["aggregate"] == pytest.approx(0.5)
     assert tl.rounds[0].site_steps == {"site-1": 3, "site-2": 3}
     assert tl.workflow_start == pytest.approx(_at("10:00:00.000"))
+
+
+def test_overhead_summary_is_the_median_over_complete_rounds(tmp_path: Path) -> None:
+    events = tmp_path / "round_events.jsonl"
+    _write_events(events)
+    summary = overhead_summary(read_round_timeline(str(events), _write_site_events(tmp_path)))
+    # Round 0: wall 5.2, sites 03.0-05.5 (span 2.5), NVFlare 2.0 + 0.5 + 0.2; round 1: 3.0, 1.0, 1.0 + 0.5 + 0.5.
+    assert summary["rounds"] == 2
+    assert summary["wall_s"] == pytest.approx(4.1) and summary["sites_span_s"] == pytest.approx(1.75)
+    assert summary["nvflare_s"] == pytest.approx(2.35) and summary["ratio"] == pytest.approx((5.2 / 2.5 + 3.0) / 2)
+    assert overhead_summary(read_round_timeline(str(events))) is None
 
 
 def test_round_timeline_without_the_site_events_has_no_breakdown(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from nvflare.recipe import PocEnv, ProdEnv, SimEnv
 from nvflare.recipe.spec import Recipe
 
 from fedbrats.data.site_config import SITE_CONFIG_ENV
-from fedbrats.job import _parser, make_env
+from fedbrats.job import _parser, byoc, make_env, recipe_options
 from fedbrats.recipe import FedBratsRecipe, built_component, job_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +38,18 @@ def test_a_job_is_an_nvflare_recipe_of_one_app_for_every_site() -> None:
     assert b"import" not in files["app/custom/README.md"], "app/custom holds no code: the package is installed"
     meta = json.loads(job_files("fedkd", deploy_min_clients=4)["meta.json"])
     assert meta["min_clients"] == 4, "a PoC waits for all its sites before deploying"
+
+
+def test_production_jobs_go_without_byoc_by_default() -> None:
+    """Without app/custom NVFlare checks the sites' class allow-lists; the simulator and PoC need the folder."""
+    assert "app/custom/README.md" not in job_files("fedkd", byoc=False)
+    parse = _parser().parse_args
+    assert not byoc(parse(["fedkd", "--env", "prod", "--startup-kit", "kit"])), "production default: no BYOC"
+    assert byoc(parse(["fedkd", "--env", "prod", "--startup-kit", "kit", "--byoc", "on"]))
+    assert byoc(parse(["fedkd"])) and byoc(parse(["fedkd", "--env", "poc"])), "NVFlare's simulator and PoC need it"
+    options = recipe_options(parse(["fedkd", "--tracking", "mlflow", "--tracking-uri", "http://mlflow:5000"]))
+    assert (options["tracking"], options["tracking_uri"]) == ("mlflow", "http://mlflow:5000")
+    assert recipe_options(parse(["fedkd"]))["tracking"] == "tensorboard"
 
 
 def test_privacy_filters_keep_their_arguments_in_the_export() -> None:

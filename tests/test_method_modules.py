@@ -23,7 +23,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_every_job_and_experiment_comes_from_a_method_module() -> None:
     assert GENERATED_JOBS is JOBS
     declared = {job.name for method in METHOD_DEFINITIONS for job in method.jobs}
-    assert declared == set(JOBS) == {"fedavg", "local_only", "centralized", "fedkd", "mstkd", "fedmic", "isofed"}
+    assert (
+        declared == set(JOBS) == {"fedavg", "local_only", "centralized", "fedkd", "mstkd", "fedmic", "isofed", "mmccd"}
+    )
     for name, job in JOBS.items():
         assert job["training"].get("method", "fedavg") in METHODS.names, name
         STRATEGIES.resolve(job["aggregation"]["path"])  # a registered strategy

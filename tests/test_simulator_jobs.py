@@ -53,6 +53,8 @@ def test_fedavg_two_rounds(tiny_federation: str, tmp_path) -> None:
     final = result.history[-1]
     assert final.get("final_validation") and len(final["sites"]) == 4
     assert os.path.isdir(os.path.join(result.run_dir, "tb_events", "site-1")), "TensorBoard events not streamed"
+    tb_origins = set(os.listdir(os.path.join(result.run_dir, "tb_events")))
+    assert tb_origins - {"site-1", "site-2", "site-3", "site-4"}, "no TensorBoard curves of the global model (server)"
     # The final validation scored the post-processing candidates and the server kept the best on validation.
     assert "val_mean_dice_min10" in final["sites"]["site-1"]["metrics"]
     with open(os.path.join(result.run_dir, "postprocessing.json"), encoding="utf-8") as f:

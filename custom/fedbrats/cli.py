@@ -115,6 +115,8 @@ def _simulate(argv: list[str]) -> int:
         seed=options["seed"],
         network_args=options["network_args"],
         compression=options["compression"],
+        tracking=options["tracking"],
+        tracking_uri=options["tracking_uri"],
     )
     logging.getLogger("fedbrats").info("run dir: %s (%.1fs)", result.run_dir, result.seconds)
     return 0
@@ -123,13 +125,16 @@ def _simulate(argv: list[str]) -> int:
 COMMANDS = {
     "synth": "generate synthetic BraTS cases",
     "synth-federation": "generate a synthetic federation with datalists (sites.json)",
-    "prepare": "scan and validate a BraTS folder, write per-site datalists and sites.json",
+    "prepare": "scan and validate a BraTS folder, write per-site datalists, sites.json and an nnU-Net dataset.json",
     "pool-sites": "add the pooled 'central' site (centralized baseline) to a sites.json",
     "make-jobs": "rewrite the job folders (the export of each job's recipe)",
     "simulate": "run a job in the NVFlare simulator with overrides",
     "evaluate": "score a model on all 15 sequence combinations (JSON, markdown, heatmaps)",
     "export": "package a trained model as a MONAI bundle",
     "predict": "segment a new patient from any subset of sequences",
+    "anomaly": "write the anomaly map of a new patient's FLAIR (jobs/mmccd)",
+    "anomaly-eval": "score an anomaly model (jobs/mmccd) on test slices: AUROC, AUPRC, Dice",
+    "plot-run": "plot a run's curves (validation, training loss, every loss term by round) to PNG",
 }
 _MODULES = {
     "synth": "fedbrats.data.synthetic",
@@ -137,12 +142,23 @@ _MODULES = {
     "evaluate": "fedbrats.evaluation.evaluate",
     "export": "fedbrats.evaluation.export",
     "predict": "fedbrats.evaluation.predict",
+    "anomaly-eval": "fedbrats.evaluation.anomaly",
+    "plot-run": "fedbrats.evaluation.curves",
 }
 #: Commands that moved out of the package (tooling a site or a server never runs), and what replaces them.
 MOVED = {
     "compare": "python experiments/compare.py (from a source checkout of fedbrats)",
 }
+
+
+def _anomaly(argv: list[str]) -> int:
+    from fedbrats.evaluation.anomaly import map_main
+
+    return map_main(argv)
+
+
 _FUNCS = {
+    "anomaly": _anomaly,
     "synth-federation": _synth_federation,
     "pool-sites": _pool_sites,
     "make-jobs": _make_jobs,

@@ -6,6 +6,7 @@
     python -m fedbrats.job fedavg --env poc --poc-workspace /tmp/my_poc          # PocEnv: prepare, start, run, stop
     python -m fedbrats.job fedkd --env prod --startup-kit /path/admin@org.com    # ProdEnv: submit with an admin kit
     python -m fedbrats.job fedkd --export --export-dir jobs                      # NVFlare's flags: export only
+    python -m fedbrats.job fedkd --env sim --tracking mlflow                     # curves to MLflow, not TensorBoard
 
 The job is :class:`fedbrats.recipe.FedBratsRecipe` with the options below (the same as ``fedbrats simulate``); its
 defaults are those of :mod:`fedbrats.jobgen`, so ``--export`` with no option writes the committed ``jobs/<name>``.
@@ -19,7 +20,9 @@ defaults are those of :mod:`fedbrats.jobgen`, so ``--export`` with no option wri
   ``~/.nvflare`` unless ``--project-conf`` and ``--poc-workspace`` say otherwise; ``python -m deploy.poc`` from a
   checkout picks a free port and a private workspace by itself.
 - ``prod``: NVFlare's ``ProdEnv``: submit to a running federation with an admin's startup kit; each site reads
-  its own ``local/fedbrats_site.json``.
+  its own ``local/fedbrats_site.json``. The job goes without ``app/custom`` (not bring-your-own-code): the sites
+  run it from their installed package with ``fedbrats.`` on their class allow-list (docs/deployment.md);
+  ``--byoc on`` submits it as bring-your-own-code instead, which the submitter needs the right for.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from fedbrats.data.site_config import SITE_CONFIG_ENV, federation_sites_file
 from fedbrats.federated.memory import with_allocator_defaults
 from fedbrats.federated.protocol import RunFolder
 from fedbrats.federated.simulate import keep_resume_source, parse_overrides, site_names
+from fedbrats.federated.tracking import DEFAULT_TRACKING, TRACKERS
 from fedbrats.jobgen import JOBS
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
 from fedbrats.recipe import FedBratsRecipe
@@ -67,6 +71,16 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         help="SVD-compressed updates both ways (default: the job's; on in fedmic); energies with --svd",
     )
     parser.add_argument("--svd", action="append", default=[], metavar="KEY=VALUE", help="energy_start or energy_end")
+    parser.add_argument(
+        "--tracking",
+        choices=TRACKERS,
+        default=DEFAULT_TRACKING,
+        help="where the server sends every site's and the global model's curves (default: %(default)s; mlflow "
+        "needs the mlflow extra at the server)",
+    )
+    parser.add_argument(
+        "--tracking-uri", default="", help="MLflow tracking store (default: mlflow.db in the server's job results)"
+    )
 
 
 def recipe_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -88,6 +102,8 @@ def recipe_options(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "controller_args": {"resume_from": os.path.abspath(args.resume_from)} if args.resume_from else None,
         "compression": compression,
+        "tracking": args.tracking,
+        "tracking_uri": args.tracking_uri,
     }
     if args.rounds is not None:
         options["num_rounds"] = args.rounds
@@ -115,6 +131,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=0.0, help="poc/prod: seconds to wait for the job (0: no limit)"
     )
+    parser.add_argument(
+        "--byoc",
+        choices=("on", "off"),
+        default=None,
+        help="give the job its app/custom folder, so that NVFlare treats it as bring-your-own-code (default: off "
+        "for prod, where sites allow fedbrats. classes instead; on otherwise: NVFlare's simulator and PoC need it)",
+    )
     add_log_level_argument(parser)
     return parser
 
@@ -128,6 +151,11 @@ def _clients(args: argparse.Namespace) -> list[str]:
 
 def _admin_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in (("username", args.username), ("study", args.study)) if v is not None}
+
+
+def byoc(args: argparse.Namespace) -> bool:
+    """Whether the job goes as bring-your-own-code (``--byoc``; default: not in production, else yes)."""
+    return args.byoc == "on" if args.byoc else args.env != "prod"
 
 
 def make_env(args: argparse.Namespace) -> ExecEnv:
@@ -176,7 +204,7 @@ def _run(args: argparse.Namespace) -> int:
     if isinstance(env, PocEnv):
         # NVFlare's PoC submits a few seconds after starting the sites: wait for all of them, not the first.
         options["deploy_min_clients"] = env.num_clients
-    recipe = FedBratsRecipe(args.job, **options)
+    recipe = FedBratsRecipe(args.job, byoc=byoc(args), **options)
     run = recipe.execute(env)  # exits here after an --export
     logger.info("job %s deployed as %s (%s)", args.job, run.get_job_id(), args.env)
     # clean_up=False: a PoC workspace (and the result downloaded into it) stays; the PoC itself is stopped.

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedbrats.federated.methods import JOBS as METHOD_JOBS
+from fedbrats.federated.protocol import KEY_METRIC
+from fedbrats.federated.tracking import DEFAULT_TRACKING, check_tracking
 from fedbrats.networks import network_class_path
 from fedbrats.utils import deep_merge
 
@@ -63,6 +65,11 @@ class JobSpec:
         privacy: site-side privacy filters (see :func:`job_spec`).
         compression: the SVD compression filters' arguments (``energy_start``, ``energy_end``, ``num_rounds``;
             see :mod:`fedbrats.federated.compression`), None: no compression.
+        key_metric: the validation score by which the best global model is kept (higher is better).
+        tracking: where the server sends the run's curves, ``tensorboard`` or ``mlflow``
+            (:mod:`fedbrats.federated.tracking`).
+        tracking_uri: the MLflow tracking store (empty: NVFlare's default, ``mlflow.db`` in the job's result
+            folder); only with ``mlflow``.
     """
 
     name: str
@@ -76,6 +83,9 @@ class JobSpec:
     controller_args: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
     compression: dict[str, Any] | None = None
+    key_metric: str = KEY_METRIC
+    tracking: str = DEFAULT_TRACKING
+    tracking_uri: str = ""
 
 
 def compression_args(
@@ -113,6 +123,8 @@ def job_spec(
     network_args: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     compression: dict[str, Any] | bool | None = None,
+    tracking: str = DEFAULT_TRACKING,
+    tracking_uri: str = "",
 ) -> JobSpec:
     """Job ``name`` with the defaults of this module and its method, and the given overrides.
 
@@ -133,12 +145,20 @@ def job_spec(
         compression: SVD-compressed updates both ways (:mod:`fedbrats.federated.compression`): ``True`` or a dict
             of energies (``{"energy_start": 0.95, "energy_end": 0.98}``) turns it on, ``False`` off, None keeps
             the job's default. Sites then send weight differences.
+        tracking: where the server sends every site's and its own curves: ``tensorboard`` (event files in the run
+            folder) or ``mlflow`` (needs the package's ``mlflow`` extra at the server).
+        tracking_uri: the MLflow tracking store, e.g. ``http://mlflow.example.org:5000`` (empty: an SQLite file in
+            the server's job result folder).
 
     Raises:
-        ValueError: ``name`` is not a job, or bad ``compression`` options.
+        ValueError: ``name`` is not a job, bad ``compression`` options, an unknown ``tracking``, or a
+            ``tracking_uri`` without ``mlflow``.
     """
     if name not in JOBS:
         raise ValueError(f"job must be one of {sorted(JOBS)}, got {name!r}")
+    check_tracking(tracking)
+    if tracking_uri and tracking != "mlflow":
+        raise ValueError(f"tracking_uri is an MLflow store; it needs tracking='mlflow', got tracking={tracking!r}")
     spec = JOBS[name]
     merged_training = deep_merge(deep_merge(BASE_TRAINING, spec.get("training", {})), training or {})
     merged_training["seed"] = seed
@@ -155,4 +175,7 @@ def job_spec(
         controller_args=dict(controller_args or {}),
         privacy=dict(privacy or {}),
         compression=compression_args(spec.get("compression"), compression, num_rounds),
+        key_metric=spec.get("key_metric", KEY_METRIC),
+        tracking=tracking,
+        tracking_uri=tracking_uri,
     )

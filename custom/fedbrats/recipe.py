@@ -21,6 +21,7 @@ from typing import Any
 from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE
 from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
 from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
+from nvflare.app_common.widgets.streaming import AnalyticsReceiver
 from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
@@ -32,9 +33,10 @@ from nvflare.recipe.spec import Recipe
 from fedbrats.federated.client.executor import FedBratsExecutor
 from fedbrats.federated.compression import SVDBroadcastCompressor, SVDDecompressor, SVDUpdateCompressor
 from fedbrats.federated.filters import PayloadAuditFilter, PrototypePrivacyFilter
-from fedbrats.federated.protocol import KEY_METRIC, PAYLOAD_AUDIT_IN_FILE
+from fedbrats.federated.protocol import PAYLOAD_AUDIT_IN_FILE
 from fedbrats.federated.server.aggregation import STRATEGIES
 from fedbrats.federated.server.controller import FedBratsController
+from fedbrats.federated.tracking import MLFLOW_EXPERIMENT, check_tracking
 from fedbrats.jobgen import JOBS, TASK_REQUEST_INTERVAL, JobSpec, job_spec
 from fedbrats.utils import deep_merge
 
@@ -42,13 +44,48 @@ from fedbrats.utils import deep_merge
 PACKAGE = "fedbrats"
 #: The tasks a site's executor answers.
 CLIENT_TASKS = ["train", "validate", "submit_model"]
-#: Prefix of the site events NVFlare forwards to the server (TensorBoard streaming).
+#: Prefix of the site events NVFlare forwards to the server (the sites' tracking records).
 FED_EVENT_PREFIX = "fed."
+#: What the server's tracking receiver handles: the sites' records (forwarded events) and the server's own (the
+#: global model's aggregate, a local event), see :mod:`fedbrats.federated.tracking`.
+TRACKING_EVENTS = [ANALYTIC_EVENT_TYPE, FED_EVENT_PREFIX + ANALYTIC_EVENT_TYPE]
 #: What every job's ``app/custom`` holds: a README and no code. NVFlare treats a job with ``app/custom`` as
 #: bring-your-own-code and then skips the sites' class allow-lists (see the file, and docs/deployment.md).
 APP_CUSTOM_README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "app_custom", "README.md")
 
 _MISSING = object()
+
+
+def tracking_receiver(tracking: str, job_name: str, tracking_uri: str = "") -> AnalyticsReceiver:
+    """The server's receiver of every site's and its own curves (see :mod:`fedbrats.federated.tracking`).
+
+    Args:
+        tracking: ``tensorboard`` (NVFlare's TensorBoard receiver: ``tb_events/<site>/`` in the run folder) or
+            ``mlflow`` (:class:`~fedbrats.federated.server.mlflow_receiver.FedBratsMLflowReceiver`: experiment
+            ``fedbrats``, one run per site and one for the server, named after the site, job id and job).
+        job_name: the job (an MLflow tag of every run).
+        tracking_uri: the MLflow store (empty: NVFlare's default, ``mlflow.db`` in the job's result folder).
+
+    Raises:
+        ValueError: an unknown ``tracking``, or ``mlflow`` without the ``mlflow`` package (the extra:
+            ``pip install 'fedbrats[mlflow]'``).
+    """
+    if check_tracking(tracking) == "tensorboard":
+        return TBAnalyticsReceiver(events=list(TRACKING_EVENTS))
+    try:
+        from fedbrats.federated.server.mlflow_receiver import FedBratsMLflowReceiver
+    except ImportError as e:
+        raise ValueError(
+            f"tracking='mlflow' needs the mlflow package ({e}); install the extra: pip install 'fedbrats[mlflow]'"
+        ) from e
+    # Tags given explicitly: NVFlare's receiver prints a notice for every tag mapping it is not given.
+    kw_args = {
+        "experiment_name": MLFLOW_EXPERIMENT,
+        "run_name": MLFLOW_EXPERIMENT,  # NVFlare names a run "<site>-<job id>-<job name>-<run_name>"
+        "experiment_tags": {"mlflow.note.content": "fedbrats federated runs (one MLflow run per site and server)"},
+        "run_tags": {"fedbrats.job": job_name},
+    }
+    return FedBratsMLflowReceiver(tracking_uri=tracking_uri or None, kw_args=kw_args, events=list(TRACKING_EVENTS))
 
 
 def built_component(spec: Mapping[str, Any], build: Any = instantiate_class) -> Any:
@@ -83,10 +120,11 @@ class FedBratsRecipe(Recipe):
 
     The job has one app for the server and every site (``app/``, deployed to ``@ALL``): the server runs
     :class:`~fedbrats.federated.server.controller.FedBratsController` with the job's aggregation strategy, a
-    PyTorch persistor of the job's network, NVFlare's best-model selector, model locator and TensorBoard receiver;
-    each site runs :class:`~fedbrats.federated.client.executor.FedBratsExecutor` (NVFlare's Client API executor,
-    in-process, with the package's training script), forwards its TensorBoard events and passes every result
-    through the optional privacy filters and then the payload audit. ``app/custom`` holds a README only.
+    PyTorch persistor of the job's network, NVFlare's best-model selector and model locator, and the tracking
+    receiver (:func:`tracking_receiver`: TensorBoard or MLflow); each site runs
+    :class:`~fedbrats.federated.client.executor.FedBratsExecutor` (NVFlare's Client API executor, in-process, with
+    the package's training script), forwards its tracking records and passes every result through the optional
+    privacy filters and then the payload audit. ``app/custom`` holds a README only, or is left out (``byoc``).
 
     With compression (``JobSpec.compression``, :mod:`fedbrats.federated.compression`) the sites send weight
     differences; the server compresses what it sends (``SVDBroadcastCompressor``) and rebuilds what it receives
@@ -101,12 +139,18 @@ class FedBratsRecipe(Recipe):
             ``min_clients``; default the job's ``min_clients``, at least 1). A job that needs every site
             (``min_clients`` 0) cannot know how many there are: a PoC, which submits while its sites still connect,
             sets it to its number of sites.
+        byoc: give the job its ``app/custom`` folder (a README, no code), so that NVFlare treats it as
+            bring-your-own-code: the sites then skip their class allow-lists, and the submitter needs the BYOC
+            right. NVFlare's simulator and PoC check the classes of a job without it against NVFlare's built-in
+            list, which lacks ``fedbrats.``, so the committed jobs keep it. ``False``: the production default, for
+            sites that list ``fedbrats.`` in their ``class_allow_list`` and grant no BYOC right
+            (docs/deployment.md).
         options: the job's options, keyword arguments of :func:`fedbrats.jobgen.job_spec` (``num_rounds``,
             ``aggregation_args``, ``min_clients``, ``controller_args``, ``privacy``, ``seed``, ``network_args``,
-            ``training``, ``compression``).
+            ``training``, ``compression``, ``tracking``, ``tracking_uri``).
     """
 
-    def __init__(self, name: str, *, deploy_min_clients: int | None = None, **options: Any) -> None:
+    def __init__(self, name: str, *, deploy_min_clients: int | None = None, byoc: bool = True, **options: Any) -> None:
         self.spec: JobSpec = job_spec(name, **options)
         job = FedJob(
             name=name,
@@ -115,22 +159,28 @@ class FedBratsRecipe(Recipe):
         )
         job.set_app_packages([PACKAGE])
         self._add_server(job, self.spec)
+        if byoc:
+            job.add_file_to_server(APP_CUSTOM_README)
         self._add_clients(job, self.spec)
         super().__init__(job)
 
     @staticmethod
     def _add_server(job: FedJob, spec: JobSpec) -> None:
         controller = FedBratsController(
-            num_rounds=spec.num_rounds, min_clients=spec.min_clients, seed=spec.seed, **spec.controller_args
+            num_rounds=spec.num_rounds,
+            min_clients=spec.min_clients,
+            seed=spec.seed,
+            key_metric=spec.key_metric,
+            **spec.controller_args,
         )
         job.to_server(controller, id="controller")
         job.to_server(PTFileModelPersistor(model=spec.network), id=controller.persistor_id)
         job.to_server(built_component(spec.aggregation, STRATEGIES.build), id=controller.aggregation_id)
-        job.to_server(IntimeModelSelector(key_metric=KEY_METRIC), id="model_selector")
+        job.to_server(IntimeModelSelector(key_metric=spec.key_metric), id="model_selector")
         job.to_server(PTFileModelLocator(pt_persistor_id=controller.persistor_id), id="model_locator")
-        job.to_server(TBAnalyticsReceiver(events=[FED_EVENT_PREFIX + ANALYTIC_EVENT_TYPE]), id="tb_receiver")
+        receiver_id = "tb_receiver" if spec.tracking == "tensorboard" else "mlflow_receiver"
+        job.to_server(tracking_receiver(spec.tracking, spec.name, spec.tracking_uri), id=receiver_id)
         job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
-        job.add_file_to_server(APP_CUSTOM_README)
         if spec.compression is not None:
             for task in CLIENT_TASKS:
                 job.to_server(
@@ -181,9 +231,10 @@ def write_job(name: str, out_dir: str, **options: Any) -> str:
         name: the job.
         out_dir: where the job folder goes.
         options: keyword arguments of :class:`FedBratsRecipe` (``num_rounds``, ``privacy``, ``deploy_min_clients``,
-            ...); any other is a training-option override (nested dicts are merged), e.g. ``epochs_per_round=1``.
+            ``byoc``, ``tracking``, ...); any other is a training-option override (nested dicts are merged), e.g.
+            ``epochs_per_round=1``.
     """
-    recipe_args = (set(inspect.signature(job_spec).parameters) - {"name"}) | {"deploy_min_clients"}
+    recipe_args = (set(inspect.signature(job_spec).parameters) - {"name"}) | {"deploy_min_clients", "byoc"}
     kwargs = {key: value for key, value in options.items() if key in recipe_args}
     training = {key: value for key, value in options.items() if key not in recipe_args}
     if training:

@@ -3,9 +3,53 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from typing import Any
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str, write: Callable[[str], None], suffix: str = ".tmp") -> None:
+    """Write a file through ``write(temporary_path)`` and ``os.replace``, so readers never see half a file.
+
+    Args:
+        path: the file to write (its folder exists).
+        write: writes the whole content to the path it is given.
+        suffix: the temporary file's suffix (writers that choose a format by the name, as nibabel does, need it).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        # mkstemp creates 0600; the files must be readable as the umask allows (a site client may run as another
+        # user of the group), like any file this user writes.
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically (:func:`write_atomic`) and synced to disk."""
+
+    def dump(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    write_atomic(path, dump)
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

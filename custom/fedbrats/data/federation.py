@@ -109,6 +109,7 @@ def make_synthetic_federation(
         val_fraction=val_fraction,
         seed=seed,
         overwrite=True,  # the cases were just generated again: datalists of an earlier generation are stale
+        nnunet="off",  # the jobs' data: nnU-Net files (converted label copies for 2018 names) would only cost time
     )
     manifest = os.path.join(out_dir, "sites.json")
     add_pooled_site(manifest)

@@ -8,16 +8,21 @@ The output folder holds:
 - ``test.json``: a held-out ``test`` set, drawn per site (stratified), with all four sequences, because
   evaluation covers all 15 sequence combinations.
 - ``sites.json``: the manifest a federated client reads to find its own datalist and available sequences.
+- ``dataset.json``, ``nnunet_splits_final.json``, ``nnunet_cases.json``: the same cases as an nnU-Net v2 dataset
+  (:mod:`fedbrats.data.nnunet`; ``--nnunet off`` leaves them out).
 
 Command line::
 
     python -m fedbrats.data.prepare --data-dir /data/brats2018 --out-dir datalists --split institution \\
         --site-modalities "CBICA=t1,t1ce,t2,flair;TCIA=t1,t2,flair;2013=t2,flair"
+    python -m fedbrats.data.prepare --data-dir /data/FeTS2022 --out-dir datalists --split fets-csv \\
+        --split-map /data/FeTS2022/partitioning_1.csv
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import math
@@ -25,7 +30,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,13 +43,17 @@ from fedbrats.data.conventions import (
     get_convention,
     institution_of,
 )
+from fedbrats.data.nnunet import DATASET_JSON as NNUNET_DATASET_JSON
+from fedbrats.data.nnunet import NNUNET_LABEL_MODES, NnUNetCase, dataset_labels, write_nnunet_dataset
+from fedbrats.data.nnunet import OUTPUT_NAMES as NNUNET_OUTPUTS
 from fedbrats.data.validation import CaseInfo, CaseValidationError, validate_case
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
+from fedbrats.utils import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 #: Ways of assigning cases to sites.
-SPLITS: tuple[str, ...] = ("institution", "random", "map")
+SPLITS: tuple[str, ...] = ("institution", "random", "map", "fets-csv")
 
 #: Version of the ``sites.json`` layout.
 MANIFEST_VERSION: int = 1
@@ -54,6 +62,9 @@ MANIFEST_VERSION: int = 1
 _RESERVED_SITE_NAMES = frozenset({"test", "sites"})
 #: Site names become file names and NVFlare client names: keep them plain.
 _SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+#: The lists of :func:`split_site`'s result, in its order.
+_SUBSETS: tuple[str, ...] = ("training", "validation", "test")
 
 _LABEL_NAMES = {0: "background", 1: "necrotic / non-enhancing tumour core", 2: "peritumoural edema"}
 
@@ -209,6 +220,125 @@ def load_split_map(path: str) -> dict[str, Any]:
     if not isinstance(mapping, dict):
         raise ValueError(f"split_map: {path!r} must hold a JSON object, got {type(mapping).__name__}")
     return mapping
+
+
+#: Columns of a FeTS partitioning CSV (``partitioning_1.csv``, ``partitioning_2.csv`` of the FeTS challenges).
+FETS_PARTITION_COLUMN = "Partition_ID"
+FETS_SUBJECT_COLUMN = "Subject_ID"
+
+
+def fets_site_name(partition_id: str) -> str:
+    """Site name of a FeTS partition: ``site-<id>``, a numeric id without its leading zeros (``01`` -> ``site-1``).
+
+    FeTS writes the same institution as ``1`` in one file and ``01`` in another; both must give one site, and
+    ``site-N`` is also what ``nvflare simulator -n`` calls its clients.
+    """
+    text = partition_id.strip()
+    return f"site-{int(text)}" if text.isdigit() else f"site-{text}"
+
+
+def load_fets_partitions(path: str) -> dict[str, list[str]]:
+    """Read a FeTS partitioning CSV into ``{site: [subject ids]}`` (see :func:`fets_site_name`).
+
+    The file has a header with the columns ``Partition_ID`` and ``Subject_ID`` in either order (FeTS ships
+    both orders); other columns are ignored, and the names are matched without regard to case or surrounding
+    spaces. Rows whose ``Subject_ID`` is blank list nothing.
+
+    Args:
+        path: the CSV file (``--split-map`` with ``--split fets-csv``).
+
+    Returns:
+        Site -> subject ids in the order of the file, sites sorted by name.
+
+    Raises:
+        ValueError: the file is missing or unreadable, lacks one of the two columns (the columns found are
+            named), a row has a subject without a partition, a subject is listed twice (both lines named), or a
+            partition lists no subject.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"split_map: FeTS partitioning CSV {path!r} not found")
+    try:
+        # utf-8-sig: a CSV saved by a spreadsheet starts with a byte-order mark that would rename the first column.
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"split_map: cannot read {path!r} as a CSV file ({exc})") from exc
+    if not rows:
+        raise ValueError(f"split_map: FeTS partitioning CSV {path!r} is empty")
+    header = [name.strip().lower() for name in rows[0]]
+    missing = [c for c in (FETS_PARTITION_COLUMN, FETS_SUBJECT_COLUMN) if c.lower() not in header]
+    if missing:
+        raise ValueError(
+            f"split_map: {path!r} lacks the column(s) {missing} of a FeTS partitioning CSV; its header is "
+            f"{rows[0]}; expected e.g. '{FETS_PARTITION_COLUMN},{FETS_SUBJECT_COLUMN}' then '1,FeTS2022_00000'"
+        )
+    part_col, subj_col = header.index(FETS_PARTITION_COLUMN.lower()), header.index(FETS_SUBJECT_COLUMN.lower())
+    sites: dict[str, list[str]] = {}
+    line_of: dict[str, int] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        partition = row[part_col].strip() if part_col < len(row) else ""
+        subject = row[subj_col].strip() if subj_col < len(row) else ""
+        if not partition:
+            raise ValueError(f"split_map: {path!r} line {line}: subject {subject!r} has no {FETS_PARTITION_COLUMN}")
+        members = sites.setdefault(fets_site_name(partition), [])
+        if not subject:
+            continue
+        if subject in line_of:
+            raise ValueError(
+                f"split_map: {path!r} lists subject {subject!r} twice (lines {line_of[subject]} and {line}); "
+                "each subject belongs to exactly one partition"
+            )
+        line_of[subject] = line
+        members.append(subject)
+    if not sites:
+        raise ValueError(f"split_map: FeTS partitioning CSV {path!r} has a header but no rows")
+    empty = sorted(site for site, members in sites.items() if not members)
+    if empty:
+        raise ValueError(f"split_map: {path!r}: partition(s) {empty} list no subject; remove those rows or fill them")
+    return {site: sites[site] for site in sorted(sites)}
+
+
+def split_from_partitions(
+    case_ids: Sequence[str], partitions: Mapping[str, Sequence[str]], data_dir: str | None = None
+) -> dict[str, list[str]]:
+    """Assign cases to sites as a FeTS partitioning says (:func:`load_fets_partitions`).
+
+    Args:
+        case_ids: the case ids found on disk (folders holding NIfTI files).
+        partitions: site -> subject ids.
+        data_dir: the data folder, to tell a subject without any folder from one whose folder holds no NIfTI file.
+
+    Returns:
+        Site -> sorted case ids, sites sorted by name.
+
+    Raises:
+        ValueError: subjects without a case folder, subjects whose folder holds no ``.nii.gz`` file, or case
+            folders the partitioning does not list (each group named).
+    """
+    ids = _check_case_ids(case_ids)
+    listed = {subject for members in partitions.values() for subject in members}
+    unknown = sorted(listed - set(ids))
+    if unknown:
+        empty = [s for s in unknown if data_dir and os.path.isdir(os.path.join(data_dir, s))]
+        absent = [s for s in unknown if s not in set(empty)]
+        problems = []
+        if absent:
+            problems.append(f"{len(absent)} subject(s) with no case folder in the data folder: {absent}")
+        if empty:
+            problems.append(f"{len(empty)} subject(s) whose folder holds no .nii.gz file: {empty}")
+        raise ValueError(
+            "the FeTS partitioning lists " + "; ".join(problems) + ". Point --data-dir at the folder of the release "
+            "the CSV belongs to, or remove those rows"
+        )
+    unlisted = sorted(set(ids) - listed)
+    if unlisted:
+        raise ValueError(
+            f"the FeTS partitioning leaves {len(unlisted)} case folder(s) without a partition: {unlisted}; add them "
+            "to the CSV or move the folders out of the data folder"
+        )
+    return {site: sorted(members) for site, members in partitions.items()}
 
 
 def split_from_map(case_ids: Sequence[str], mapping: Mapping[str, str | Sequence[str]]) -> dict[str, list[str]]:
@@ -504,52 +634,35 @@ def _refuse_existing_outputs(out_dir: str, names: Sequence[str]) -> None:
         )
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON through a temporary file and ``os.replace`` so readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600; the datalists must be readable as the umask allows (a site client may run as
-        # another user of the group), like any file this user writes.
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The whole preparation
 # ----------------------------------------------------------------------------------------------------------
 
 
 def _assign_sites(
-    case_ids: list[str], split: str, k: int | None, split_map: str | Mapping[str, Any] | None, seed: int
+    case_ids: list[str],
+    split: str,
+    k: int | None,
+    split_map: str | Mapping[str, Any] | None,
+    seed: int,
+    data_dir: str | None = None,
 ) -> dict[str, list[str]]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     if split != "random" and k is not None:
         raise ValueError(f"k (--num-sites) is only used with split='random', not split={split!r}")
-    if split != "map" and split_map is not None:
-        raise ValueError(f"split_map (--split-map) is only used with split='map', not split={split!r}")
+    if split not in ("map", "fets-csv") and split_map is not None:
+        raise ValueError(f"split_map (--split-map) is only used with split='map' or 'fets-csv', not split={split!r}")
     if split == "institution":
         return split_by_institution(case_ids)
     if split == "random":
         if k is None:
             raise ValueError("split='random' needs k (--num-sites)")
         return split_random(case_ids, k, seed)
+    if split == "fets-csv":
+        if not isinstance(split_map, str):
+            raise ValueError("split='fets-csv' needs split_map (--split-map partitioning_1.csv), the CSV's path")
+        return split_from_partitions(case_ids, load_fets_partitions(split_map), data_dir)
     if split_map is None:
         raise ValueError("split='map' needs split_map (--split-map FILE.json)")
     mapping = load_split_map(split_map) if isinstance(split_map, str) else split_map
@@ -605,6 +718,7 @@ def prepare(
     progress_every: int = 10,
     overwrite: bool = False,
     unlabelled_sites: str | Sequence[str] | None = None,
+    nnunet: str = "regions",
 ) -> dict[str, Any]:
     """Scan ``data_dir``, validate every case, split into sites and write the datalists and ``sites.json``.
 
@@ -614,9 +728,10 @@ def prepare(
         data_dir: the BraTS folder (one sub-folder per case).
         out_dir: where ``<site>.json``, ``test.json`` and ``sites.json`` go (created if needed).
         split: ``"institution"`` (one site per institution in the case ids), ``"random"`` (``k`` balanced
-            sites) or ``"map"`` (``split_map``).
+            sites), ``"map"`` (``split_map``) or ``"fets-csv"`` (a FeTS partitioning CSV as ``split_map``: one
+            site ``site-<Partition_ID>`` per partition).
         k: number of sites for ``split="random"``.
-        split_map: JSON file path or mapping for ``split="map"``.
+        split_map: JSON file path or mapping for ``split="map"``; the CSV's path for ``split="fets-csv"``.
         site_modalities: site -> available sequences (see :func:`parse_site_modalities`); default all four.
         test_fraction: share of each site's cases held out for the global test set, in [0, 1).
         val_fraction: share of each site's remaining cases used for validation, in [0, 1).
@@ -630,6 +745,9 @@ def prepare(
         unlabelled_sites: sites without labels (``"A,B"`` or a list, ``--unlabelled-sites``): their segmentations
             are neither required nor read, their datalists name none, and ``sites.json`` marks them
             ``"labelled": false``. Only their cases whose segmentation file exists can join the shared test set.
+        nnunet: also write the cases as an nnU-Net v2 dataset (``dataset.json``, ``nnunet_splits_final.json``,
+            ``nnunet_cases.json``, see :mod:`fedbrats.data.nnunet`) with ``"regions"`` (region-based BraTS
+            training) or ``"labels"``; ``"off"`` writes none of them (``--nnunet``).
 
     Returns:
         The manifest written to ``sites.json``.
@@ -647,11 +765,13 @@ def prepare(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     conv = get_convention(convention) if isinstance(convention, str) else convention
+    if nnunet != "off":
+        dataset_labels(nnunet)  # an unknown mode fails here, before any case is read
     data_dir = os.path.abspath(data_dir)
     out_dir = os.path.abspath(out_dir)
 
     case_dirs = {os.path.basename(d): d for d in scan_cases(data_dir)}
-    sites = _assign_sites(list(case_dirs), split, k, split_map, seed)
+    sites = _assign_sites(list(case_dirs), split, k, split_map, seed, data_dir)
     for site, members in sites.items():
         if not _SITE_NAME_RE.match(site) or site in _RESERVED_SITE_NAMES:
             raise ValueError(
@@ -663,7 +783,8 @@ def prepare(
     profile = parse_site_modalities(site_modalities, list(sites))
     unlabelled = parse_unlabelled_sites(unlabelled_sites, list(sites))
     if not overwrite:
-        _refuse_existing_outputs(out_dir, [*(f"{site}.json" for site in sites), "test.json", "sites.json"])
+        outputs = [*(f"{site}.json" for site in sites), "test.json", "sites.json"]
+        _refuse_existing_outputs(out_dir, outputs + (list(NNUNET_OUTPUTS) if nnunet != "off" else []))
     site_of = {case: site for site, members in sites.items() for case in members}
 
     infos, errors = _validate_all(case_dirs, site_of, profile, conv, deep_validate, progress_every, unlabelled)
@@ -710,7 +831,7 @@ def prepare(
     for site, (train, val, _) in splits.items():
         mods = profile[site]
         path = os.path.join(out_dir, f"{site}.json")
-        _write_json_atomic(
+        write_json_atomic(
             path,
             _datalist(
                 name=f"fedbrats-{site}",
@@ -734,8 +855,27 @@ def prepare(
         }
         if site in unlabelled:
             manifest_sites[site]["labelled"] = False
+    if nnunet != "off":
+        subsets = {c: subset for _, lists in splits.items() for subset, cs in zip(_SUBSETS, lists) for c in cs}
+        write_nnunet_dataset(
+            out_dir,
+            [
+                NnUNetCase(
+                    c,
+                    site_of[c],
+                    subsets[c],
+                    tuple(infos[c].paths.get(m) for m in MODALITIES),
+                    infos[c].label if site_of[c] not in unlabelled else None,
+                )
+                for c in sorted(subsets)
+            ],
+            conv,
+            mode=nnunet,
+            name=f"fedbrats-{os.path.basename(data_dir)}",
+            description=f"BraTS cases of {data_dir} as prepared by fedbrats ({split} split, seed {seed})",
+        )
     test_path = os.path.join(out_dir, "test.json")
-    _write_json_atomic(
+    write_json_atomic(
         test_path,
         _datalist(
             name="fedbrats-test",
@@ -757,8 +897,10 @@ def prepare(
         "skipped_cases": sorted(e.case_id for e in errors),
         "sites": manifest_sites,
     }
+    if nnunet != "off":
+        manifest["nnunet"] = {"dataset_json": os.path.join(out_dir, NNUNET_DATASET_JSON), "labels": nnunet}
     # sites.json last: once it exists, every datalist it points to is complete.
-    _write_json_atomic(os.path.join(out_dir, "sites.json"), manifest)
+    write_json_atomic(os.path.join(out_dir, "sites.json"), manifest)
     _log_summary(splits, profile, out_dir)
     return manifest
 
@@ -791,7 +933,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", required=True, help="output folder for <site>.json, test.json, sites.json")
     parser.add_argument("--split", choices=SPLITS, default="institution", help="how cases are assigned to sites")
     parser.add_argument("--num-sites", type=int, default=None, help="number of sites for --split random")
-    parser.add_argument("--split-map", default=None, help="JSON {case_id: site} or {site: [case_ids]} for --split map")
+    parser.add_argument(
+        "--split-map",
+        default=None,
+        help="--split map: JSON {case_id: site} or {site: [case_ids]}; --split fets-csv: a FeTS partitioning CSV "
+        "(Partition_ID, Subject_ID), one site site-<Partition_ID> per partition",
+    )
     parser.add_argument(
         "--site-modalities",
         default=None,
@@ -809,7 +956,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-invalid", action="store_true", help="leave invalid cases out instead of aborting")
     parser.add_argument("--shallow", action="store_true", help="check headers only (fast, misses truncated files)")
     parser.add_argument("--progress-every", type=int, default=10, help="log progress every N cases")
-    parser.add_argument("--overwrite", action="store_true", help="replace sites.json and datalists in --out-dir")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace sites.json, datalists and nnU-Net files in --out-dir"
+    )
+    parser.add_argument(
+        "--nnunet",
+        choices=[*NNUNET_LABEL_MODES, "off"],
+        default="regions",
+        help="also write an nnU-Net v2 dataset.json (+ nnunet_splits_final.json, nnunet_cases.json): region-based "
+        "BraTS labels (default), plain labels, or off",
+    )
     add_log_level_argument(parser)
     return parser
 
@@ -839,6 +995,7 @@ def main(argv: list[str] | None = None) -> int:
             progress_every=args.progress_every,
             overwrite=args.overwrite,
             unlabelled_sites=args.unlabelled_sites,
+            nnunet=args.nnunet,
         )
     except ValueError as exc:
         logger.error("%s", exc)

@@ -29,6 +29,7 @@ import torch
 from fedbrats.constants import MODALITIES, REGIONS, combination_name, modality_combinations, modality_mask
 from fedbrats.data.loader import DataConfig, eval_transforms, read_datalist, voxel_spacing
 from fedbrats.data.transforms import apply_modality_mask
+from fedbrats.evaluation import metrics
 from fedbrats.evaluation.inference import predict_logits
 from fedbrats.evaluation.metrics import logits_to_regions, region_dice, region_hd95
 from fedbrats.evaluation.postprocess import read_postprocessing, remove_small_components
@@ -429,12 +430,17 @@ def datalist_convention(datalist: str) -> str:
     return str(content.get("convention") or "brats2018") if isinstance(content, dict) else "brats2018"
 
 
-def _row(dice: torch.Tensor, hd95: torch.Tensor, modalities: Sequence[str]) -> dict[str, Any]:
-    """One table row from per-case values (N x 3)."""
+def _row(
+    dice: torch.Tensor,
+    hd95: torch.Tensor,
+    modalities: Sequence[str] | None = None,
+    lesions: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """One table row from per-case values (N x 3); ``lesions`` (the per-case :func:`lesion_wise` values) adds the
+    lesion-wise scores as the row's ``lesion_wise`` part, itself a row with lesion counts per region."""
     dice_mean = dice.double().mean(0)
     hd_mean = hd95.double().mean(0)
-    return {
-        "modalities": list(modalities),
+    row: dict[str, Any] = {
         "dice": {r: float(dice_mean[i]) for i, r in enumerate(REGIONS)},
         "hd95": {r: float(hd_mean[i]) for i, r in enumerate(REGIONS)},
         "mean_dice": float(dice_mean.mean()),
@@ -442,20 +448,31 @@ def _row(dice: torch.Tensor, hd95: torch.Tensor, modalities: Sequence[str]) -> d
         # Per-case values allow paired tests between methods on the same cases.
         "per_case": {"dice": dice.tolist(), "hd95": hd95.tolist()},
     }
+    if modalities is not None:
+        row = {"modalities": list(modalities), **row}
+    if lesions is not None:
+        row["lesion_wise"] = _row(lesions["dice"], lesions["hd95"])
+        row["lesion_wise"]["lesions"] = {
+            key: {r: int(lesions[key][:, i].sum()) for i, r in enumerate(REGIONS)} for key in ("tp", "fp", "fn")
+        }
+    return row
 
 
 def mean_over_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Unweighted mean of table rows (each combination counts once)."""
+    """Unweighted mean of table rows (each combination counts once), lesion-wise part included where rows have it."""
     if not rows:
         raise ValueError("no rows to average")
     dice = {r: float(np.mean([row["dice"][r] for row in rows])) for r in REGIONS}
     hd95 = {r: float(np.mean([row["hd95"][r] for row in rows])) for r in REGIONS}
-    return {
+    mean: dict[str, Any] = {
         "dice": dice,
         "hd95": hd95,
         "mean_dice": float(np.mean(list(dice.values()))),
         "mean_hd95": float(np.mean(list(hd95.values()))),
     }
+    if all("lesion_wise" in row for row in rows):
+        mean["lesion_wise"] = mean_over_rows([row["lesion_wise"] for row in rows])
+    return mean
 
 
 def _check_combinations(combinations: Sequence[Sequence[str]] | None) -> list[tuple[str, ...]]:
@@ -488,6 +505,7 @@ def evaluate_combinations(
     model_name: str | None = None,
     precision: str = "fp32",
     min_component_voxels: int = 0,
+    lesion_wise: metrics.LesionWiseParams | str | None = None,
 ) -> dict[str, Any]:
     """Dice and HD95 per region of ``model`` for every combination of sequences, on complete test cases.
 
@@ -504,12 +522,18 @@ def evaluate_combinations(
         precision: inference precision (``fp32``, the reference, ``bf16`` or ``auto``).
         min_component_voxels: post-processing chosen on validation data (0: none), see
             :mod:`fedbrats.evaluation.postprocess`.
+        lesion_wise: also score BraTS 2023's lesion-wise Dice and HD95 (see
+            :func:`~fedbrats.evaluation.metrics.lesion_wise`) with these parameters, or those of a BraTS challenge
+            by name (``"GLI"``, ``"MET"``...); ``None``: not.
 
     Returns:
         ``{"model", "datalist", "key", "convention", "num_cases", "cases", "data", "overlap", "combinations":
         {name: row}, "mean_over_combinations", "full_modality", "seconds"}``; a row holds ``modalities``,
         ``dice`` and ``hd95`` per region, ``mean_dice``, ``mean_hd95`` and the ``per_case`` values.
-        ``full_modality`` is the row of all four sequences (None when it was not scored).
+        ``full_modality`` is the row of all four sequences (None when it was not scored). With ``lesion_wise``
+        every row (and the mean) has a ``lesion_wise`` part with the same layout plus ``lesions`` (matched ``tp``,
+        missed ``fn`` and false-positive ``fp`` lesions per region, summed over cases), and the results say the
+        parameters under ``lesion_wise``.
 
     Raises:
         ValueError: bad options, an unreadable datalist, or a case that lacks a sequence (the evaluation needs
@@ -517,6 +541,7 @@ def evaluate_combinations(
     """
     cfg = data if isinstance(data, DataConfig) else DataConfig.from_dict(data)
     combos = _check_combinations(combinations)
+    lesion_params = lesion_wise_params(lesion_wise)
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if max_cases < 0:
@@ -542,6 +567,7 @@ def evaluate_combinations(
     masks = {combo: torch.tensor(modality_mask(list(combo)), dtype=torch.float32) for combo in combos}
     dices: dict[tuple[str, ...], list[torch.Tensor]] = {combo: [] for combo in combos}
     hds: dict[tuple[str, ...], list[torch.Tensor]] = {combo: [] for combo in combos}
+    lesions: dict[tuple[str, ...], list[dict[str, torch.Tensor]]] = {combo: [] for combo in combos}
     case_ids: list[str] = []
     started = time.monotonic()
     logger.info(
@@ -570,6 +596,8 @@ def evaluate_combinations(
             pred = remove_small_components(logits_to_regions(logits).cpu(), min_component_voxels)
             dices[combo].append(region_dice(pred, label))
             hds[combo].append(region_hd95(pred, label, spacing=spacing))
+            if lesion_params is not None:
+                lesions[combo].append(metrics.lesion_wise(pred, label, spacing, lesion_params))
         case_ids.append(case_id)
         full = dices[combos[-1]][-1].mean().item()
         logger.info(
@@ -581,7 +609,15 @@ def evaluate_combinations(
             combination_name(combos[-1]),
             time.monotonic() - case_started,
         )
-    rows = {combination_name(c): _row(torch.cat(dices[c]), torch.cat(hds[c]), c) for c in combos}
+    rows = {
+        combination_name(c): _row(
+            torch.cat(dices[c]),
+            torch.cat(hds[c]),
+            c,
+            {k: torch.cat([case[k] for case in lesions[c]]) for k in lesions[c][0]} if lesion_params else None,
+        )
+        for c in combos
+    }
     results: dict[str, Any] = {
         "model": model_name or type(model).__name__,
         "datalist": os.path.abspath(datalist),
@@ -599,6 +635,12 @@ def evaluate_combinations(
         "full_modality": rows.get(FULL_COMBINATION),
         "seconds": round(time.monotonic() - started, 2),
     }
+    if lesion_params is not None:
+        results["lesion_wise"] = {
+            "dilation": lesion_params.dilation,
+            "min_volume_mm3": lesion_params.min_volume_mm3,
+            "hd95_miss_value": metrics.LESION_HD95_MISS_VALUE,
+        }
     summary = results["mean_over_combinations"]
     logger.info(
         "done in %.1fs: mean over %d combinations Dice %.3f, HD95 %.1f mm",
@@ -608,6 +650,23 @@ def evaluate_combinations(
         summary["mean_hd95"],
     )
     return results
+
+
+def lesion_wise_params(spec: metrics.LesionWiseParams | str | None) -> metrics.LesionWiseParams | None:
+    """The lesion-wise parameters of ``spec``: given, a BraTS challenge's by name (``"GLI"``, ``"BraTS-MET"``), or
+    ``None`` (no lesion-wise scores).
+
+    Raises:
+        ValueError: an unknown challenge name (the known ones are listed).
+    """
+    if spec is None or isinstance(spec, metrics.LesionWiseParams):
+        return spec
+    name = str(spec).upper().removeprefix("BRATS-")
+    if name not in metrics.BRATS_LESION_PARAMS:
+        raise ValueError(
+            f"lesion_wise must be one of {sorted(metrics.BRATS_LESION_PARAMS)} (BraTS challenges), got {spec!r}"
+        )
+    return metrics.BRATS_LESION_PARAMS[name]
 
 
 # ---- command line -----------------------------------------------------------------------------------------
@@ -679,6 +738,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="remove smaller connected components (default: the size chosen on validation in the run/model folder)",
     )
+    parser.add_argument(
+        "--lesion-wise",
+        nargs="?",
+        const="GLI",
+        default=None,
+        choices=sorted(metrics.BRATS_LESION_PARAMS),
+        help="also report BraTS 2023's lesion-wise Dice/HD95 with the parameters of that challenge (default GLI: "
+        "dilation 3, lesions > 50 mm^3)",
+    )
     parser.add_argument("--out-dir", default=None, help="where results.json/.md and heatmaps go (default: none)")
     parser.add_argument("--label", default=None, help="name of the model in the report (default: the model path)")
     parser.add_argument("--max-cases", type=int, default=0, help="use only the first N cases (0: all)")
@@ -714,10 +782,13 @@ def main(argv: list[str] | None = None) -> int:
             model_name=label,
             precision=args.precision,
             min_component_voxels=read_postprocessing(resolve_checkpoint(args.model), args.min_component_voxels),
+            lesion_wise=args.lesion_wise,
         )
         from fedbrats.evaluation.report import format_table, write_reports
 
         logger.info("results of %s on %d case(s):\n%s", label, results["num_cases"], format_table(results))
+        if args.lesion_wise:
+            logger.info("lesion-wise (BraTS 2023, %s):\n%s", args.lesion_wise, format_table(results, "lesion_wise"))
         if args.out_dir:
             paths = write_reports(results, args.out_dir, label=label)
             logger.info("wrote %s", ", ".join(paths.values()))

@@ -48,12 +48,24 @@ def _metric_cells(row: Mapping[str, Any]) -> list[str]:
     return dice + hd95
 
 
-def format_table(results: Mapping[str, Any]) -> str:
+def format_table(results: Mapping[str, Any], part: str | None = None) -> str:
     """Markdown table of one model: a row per combination (● present, ○ absent) and the mean row.
 
     Columns: the four sequences, Dice WT/TC/ET/mean, HD95 WT/TC/ET (mm).
+
+    Args:
+        results: what :func:`~fedbrats.evaluation.evaluate.evaluate_combinations` returned.
+        part: ``None`` for the case-wise scores, ``"lesion_wise"`` for the lesion-wise ones (then every row must
+            have them).
+
+    Raises:
+        ValueError: results without combination rows, or without the ``part`` asked for.
     """
     rows = _rows_in_order(results)
+    if part is not None:
+        if not all(part in row for _, row in rows):
+            raise ValueError(f"results hold no {part!r} scores; evaluate with that option")
+        rows = [(name, {"modalities": row.get("modalities"), **row[part]}) for name, row in rows]
     header = [DISPLAY_NAMES[m] for m in MODALITIES]
     header += [f"Dice {r}" for r in REGIONS] + ["Dice mean"] + [f"HD95 {r}" for r in REGIONS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":-:"] * len(MODALITIES) + ["--:"] * 7) + "|"]
@@ -62,10 +74,36 @@ def format_table(results: Mapping[str, Any]) -> str:
         marks = [PRESENT if m in present else ABSENT for m in MODALITIES]
         lines.append("| " + " | ".join(marks + _metric_cells(row)) + " |")
     mean = results.get("mean_over_combinations")
+    if mean and part is not None:
+        mean = mean.get(part)
     if mean:
         first = [f"**mean over {len(rows)}**"] + [""] * (len(MODALITIES) - 1)
         lines.append("| " + " | ".join(first + [f"**{c}**" for c in _metric_cells(mean)]) + " |")
     return "\n".join(lines)
+
+
+def lesion_wise_section(results: Mapping[str, Any]) -> list[str]:
+    """The markdown lines of the lesion-wise scores (empty when the results hold none)."""
+    params = results.get("lesion_wise")
+    if not params:
+        return []
+    full = results.get("full_modality") or {}
+    counts = (full.get("lesion_wise") or {}).get("lesions")
+    lines = [
+        "## Lesion-wise (BraTS 2023)",
+        "",
+        f"Each connected ground-truth lesion scored on its own (lesions whose dilations by {params['dilation']} "
+        f"voxel(s) touch count as one; lesions of at most {params['min_volume_mm3']:g} mm³ left out), each predicted "
+        f"component that meets no lesion a false positive with Dice 0 and HD95 {params['hd95_miss_value']:g} mm; "
+        "per case and region, the mean over lesions and false positives.",
+        "",
+    ]
+    if counts:
+        per_region = ", ".join(
+            f"{r} {counts['tp'][r]}/{counts['fn'][r]}/{counts['fp'][r]}" for r in REGIONS if r in counts["tp"]
+        )
+        lines += [f"With all four sequences, lesions matched/missed/false positive: {per_region}.", ""]
+    return [*lines, format_table(results, "lesion_wise"), ""]
 
 
 def _jsonable(value: Any) -> Any:
@@ -165,6 +203,7 @@ def write_reports(results: Mapping[str, Any], out_dir: str, label: str = "model"
         "",
         table,
         "",
+        *lesion_wise_section(results),
     ]
     with open(paths["markdown"], "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

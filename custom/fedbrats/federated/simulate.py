@@ -26,6 +26,7 @@ from fedbrats.data.site_config import SITE_CONFIG_ENV, federation_sites_file
 from fedbrats.federated.events import JOB_STOP, RESULT_RECEIVED, read_events
 from fedbrats.federated.memory import with_allocator_defaults
 from fedbrats.federated.protocol import RunFolder
+from fedbrats.federated.tracking import DEFAULT_TRACKING
 from fedbrats.jobgen import DEFAULT_ROUNDS, JOBS
 from fedbrats.recipe import write_job
 
@@ -244,6 +245,8 @@ def simulate(
     seed: int = 0,
     network_args: dict[str, Any] | None = None,
     compression: dict[str, Any] | bool | None = None,
+    tracking: str = DEFAULT_TRACKING,
+    tracking_uri: str = "",
 ) -> SimulationResult:
     """Generate ``job`` with ``overrides`` into ``workspace/job`` and run it in the simulator.
 
@@ -265,6 +268,9 @@ def simulate(
         network_args: override arguments of the job's network (e.g. ``{"init_filters": 16}``).
         compression: SVD-compressed updates on (True or energies) or off (False); None keeps the job's default
             (see :func:`fedbrats.jobgen.job_spec`).
+        tracking: where the curves go, ``tensorboard`` (``tb_events/`` in the run folder) or ``mlflow``
+            (see :mod:`fedbrats.federated.tracking`).
+        tracking_uri: the MLflow store (default: ``mlflow.db`` in the server's job result folder).
 
     Raises:
         SimulatedSiteLostError: the simulator lost a site's process while the job needs every site (it would
@@ -291,6 +297,8 @@ def simulate(
         seed=seed,
         network_args=network_args,
         compression=compression,
+        tracking=tracking,
+        tracking_uri=tracking_uri,
         **(overrides or {}),
     )
     check_job_options(job_dir)

@@ -4,7 +4,9 @@ Per round: receive the global model (and the method's extras), score it on the s
 (the metric the server uses to select the best model), train locally, and send back the weights, the
 metrics and the method's declared extras. Each training round also appends a ``site_work`` event (when the
 site's work started, its seconds and steps) to ``site_events.jsonl`` of the site's run folder, for tools (see
-:mod:`fedbrats.federated.events`); the log lines are for people.
+:mod:`fedbrats.federated.events`), and streams the round's curves (training loss, every loss term, learning rate,
+validation of the global model; stepped by the round, see :mod:`fedbrats.federated.tracking`) to the server's
+tracking receiver; the log lines are for people.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from fedbrats.federated.protocol import (
     site_update_meta,
     to_wire,
 )
+from fedbrats.federated.tracking import site_scalars
 from fedbrats.networks import build_from_spec
 
 logger = logging.getLogger("fedbrats.client")
@@ -105,7 +108,7 @@ def _run(
         if trainer is None:
             # The server sends the network's spec with the weights: the architecture is defined once, on the server.
             model = build_from_spec(meta[MODEL_SPEC_KEY])
-            trainer = SiteTrainer(site, config, model, log_scalar=writer.add_scalar)
+            trainer = SiteTrainer(site, config, model)
             if run_dir:
                 trainer.method.use_site_folder(run_dir)
             logger.info("site %s: method %s, %d training cases", site_name, config.method, trainer.num_train_cases)
@@ -119,6 +122,7 @@ def _run(
             # The final validation also scores the post-processing candidates (the server keeps the best).
             metrics = trainer.validate(postprocess_candidates=config.postprocess_candidates)
             logger.info("round %d | site %s | validation %s", current_round, site_name, _fmt(metrics))
+            _track(writer, {"metrics": metrics}, current_round)
             # The weights go back unchanged only so that NVFlare's model selector, which ignores metrics-only
             # results, also judges the final global model.
             flare.send(FLModel(params=trainer.weights(), metrics=metrics, meta={SITE_NAME_KEY: site_name}))
@@ -131,8 +135,6 @@ def _run(
 
         started, started_at = time.monotonic(), time.time()
         metrics = trainer.validate() if trainer.should_validate(current_round) else {}
-        for tag, value in metrics.items():
-            writer.add_scalar(tag, value, current_round)
         if metrics:
             logger.info(
                 "round %d | site %s | global model on local validation: %s", current_round, site_name, _fmt(metrics)
@@ -141,6 +143,7 @@ def _run(
         trainer.method.on_round_end(trainer.model, current_round)
         extras = trainer.method.round_payload(trainer.model, trainer.train_loader)
         has_local_weights = True
+        _track(writer, {**summary, "metrics": metrics}, current_round)
         out_meta = site_update_meta(site_name, site.modalities, trainer.num_train_cases, summary, to_wire(extras))
         out_meta[NVFLARE_NUM_STEPS_KEY] = summary[NUM_STEPS_KEY]
         flare.send(FLModel(params=trainer.update_weights(), metrics=metrics, meta=out_meta))
@@ -159,6 +162,13 @@ def _run(
         # Free heap pages back to the OS every round (well under a millisecond); the garbage-cycle collection is
         # NVFlare's Client API option, the executor's memory_gc_rounds (see fedbrats.federated.memory).
         try_malloc_trim()
+
+
+def _track(writer: SummaryWriter, entry: dict, current_round: int) -> None:
+    """Stream a round's curves (:func:`fedbrats.federated.tracking.site_scalars` of ``entry``: ``metrics``,
+    ``train_loss``, ``loss_terms``, ``lr``) to the server's tracking receiver, stepped by the round."""
+    for tag, value in site_scalars(entry).items():
+        writer.add_scalar(tag, value, current_round)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -6,7 +6,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,8 +24,6 @@ from fedbrats.losses.unsupervised import information_maximisation_terms
 from fedbrats.precision import autocast, resolve_precision
 
 logger = logging.getLogger(__name__)
-
-ScalarLogger = Callable[[str, float, int], None]
 
 #: Values of :attr:`TrainConfig.lr_schedule`.
 LR_SCHEDULES = ("poly", "cosine", "constant")
@@ -142,16 +140,9 @@ class SiteTrainer:
         site: the site's data configuration.
         config: training options.
         model: the network (built by the caller, e.g. from the server's model spec).
-        log_scalar: optional ``(tag, value, step)`` sink (TensorBoard).
     """
 
-    def __init__(
-        self,
-        site: SiteConfig,
-        config: TrainConfig,
-        model: torch.nn.Module,
-        log_scalar: ScalarLogger | None = None,
-    ) -> None:
+    def __init__(self, site: SiteConfig, config: TrainConfig, model: torch.nn.Module) -> None:
         if site.labelled and site.site_name in config.unlabelled_sites:
             site = replace(site, labelled=False)  # the job hides this site's labels (simulated unlabelled site)
         self.site = site
@@ -175,7 +166,6 @@ class SiteTrainer:
             site.datalist, site.modalities, site.convention, config.data, divisor, labelled=site.labelled
         )
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.log_scalar = log_scalar or (lambda tag, value, step: None)
         self.global_step = 0
         self.epochs_done = 0
 
@@ -235,6 +225,8 @@ class SiteTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 with autocast(self.precision, self.device):
                     loss, terms = self.method.training_loss(self.model, batch, self.epochs_done)
+                if loss is None:  # the method has nothing to learn from this batch
+                    continue
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"site {self.site.site_name}: loss became {float(loss)} at round {current_round}, "
@@ -252,7 +244,6 @@ class SiteTrainer:
                     terms_sum[k] = terms_sum.get(k, 0.0) + v
             self.epochs_done += 1
             mean = epoch_loss / max(epoch_steps, 1)
-            self.log_scalar("train_loss", mean, self.epochs_done)
             logger.info(
                 "round %d | site %s | epoch %d/%d | loss %.4f | %d steps | lr %.2e | %.1fs",
                 current_round,
@@ -292,6 +283,9 @@ class SiteTrainer:
         """
         model = model or self.model
         model.eval()
+        own = self.method.validate(model, self.val_loader)
+        if own is not None:
+            return own
         if not self.site.labelled:
             return self._validate_without_labels(model)
         dices, hds = [], []

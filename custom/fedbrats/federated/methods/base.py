@@ -52,9 +52,18 @@ class ClientMethod:
 
     def training_loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one batch and its named terms (floats, for logging)."""
+    ) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Loss of one batch and its named terms (floats, for logging).
+
+        A loss of None skips the batch: no optimiser step, and the step is not counted (so a site whose every
+        batch is skipped sends an update that weighs nothing in a step-weighted average).
+        """
         raise NotImplementedError
+
+    def validate(self, model: torch.nn.Module, val_loader: Any) -> dict[str, float] | None:
+        """The method's own validation scores of ``model`` on the site's validation loader (keys start with
+        ``val_``), or None for the trainer's segmentation validation (Dice and HD95 per region)."""
+        return None
 
     def round_payload(self, model: torch.nn.Module, train_loader: Any) -> dict[str, Any]:
         """Extra items sent with this round's update (numpy arrays, lists or numbers; never tensors)."""
@@ -92,6 +101,8 @@ class Job:
         min_clients: usable updates a round needs (0: every site).
         compression: SVD-compressed updates both ways by default (``{}`` for the default energies, or
             ``{"energy_start": ..., "energy_end": ...}``; see :mod:`fedbrats.federated.compression`); None: off.
+        key_metric: the sites' validation score (higher is better) by which NVFlare's model selector keeps the
+            best global model (default: the mean Dice, :data:`fedbrats.federated.protocol.KEY_METRIC`).
     """
 
     name: str
@@ -101,6 +112,7 @@ class Job:
     training: Mapping[str, Any] = field(default_factory=dict)
     min_clients: int = 0
     compression: Mapping[str, Any] | None = None
+    key_metric: str | None = None
 
     def definition(self) -> dict[str, Any]:
         """The job as :data:`fedbrats.jobgen.JOBS` holds it."""
@@ -114,6 +126,8 @@ class Job:
         out["min_clients"] = self.min_clients
         if self.compression is not None:
             out["compression"] = dict(self.compression)
+        if self.key_metric is not None:
+            out["key_metric"] = self.key_metric
         return out
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE, AnalyticsDataType
+from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
@@ -49,6 +51,7 @@ from fedbrats.federated.protocol import (
 )
 from fedbrats.federated.server.aggregation import AggregationStrategy, SiteUpdate
 from fedbrats.federated.server.update_checks import update_problem
+from fedbrats.federated.tracking import global_scalars
 from fedbrats.networks import build_from_spec, model_spec
 
 
@@ -94,6 +97,7 @@ class FedBratsController(ModelController):
         memory_gc_rounds: int = SERVER_GC_ROUNDS,
         seed: int | None = None,
         max_empty_rounds: int = 3,
+        key_metric: str = KEY_METRIC,
     ) -> None:
         super().__init__(persistor_id=persistor_id, ignore_result_error=True)
         if num_rounds < 1:
@@ -115,6 +119,7 @@ class FedBratsController(ModelController):
         self.persistor_id = persistor_id
         self.memory_gc_rounds = memory_gc_rounds
         self.seed = seed
+        self.key_metric = key_metric
         self.strategy: AggregationStrategy | None = None
         self.history: list[dict[str, Any]] = []
         self._events: RoundEventWriter | None = None
@@ -415,9 +420,9 @@ class FedBratsController(ModelController):
                 "modalities": meta.get(MODALITIES_KEY),
             }
             loss = meta.get(TRAIN_LOSS_KEY, float("nan"))
-            dice = metrics.get(KEY_METRIC, float("nan"))
+            score = metrics.get(self.key_metric, float("nan"))
             mods = ",".join(meta.get(MODALITIES_KEY, []))
-            self.info(f"round {current_round}: {name} ({mods}) loss {loss:.4f}, val mean Dice {dice:.3f}")
+            self.info(f"round {current_round}: {name} ({mods}) loss {loss:.4f}, {self.key_metric} {score:.3f}")
         responded = {u.site_name for u in updates} | set(rejected)
         left_out = sorted(set(targets) - responded)
         if left_out:
@@ -454,14 +459,26 @@ class FedBratsController(ModelController):
         self.history.append(record)
         agg = record["aggregated"]
         self.info(
-            f"round {record['round']} done in {record['seconds']}s: mean val Dice "
-            f"{agg.get(KEY_METRIC, float('nan')):.3f} over {len(record['sites'])} site(s)"
+            f"round {record['round']} done in {record['seconds']}s: {self.key_metric} "
+            f"{agg.get(self.key_metric, float('nan')):.3f} over {len(record['sites'])} site(s)"
         )
         path = RunFolder(self.get_run_dir()).metrics
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.history, f, indent=2, default=_json_default)
         os.replace(tmp, path)
+        self._track(record)
+
+    def _track(self, record: dict[str, Any]) -> None:
+        """Log the global model's aggregate validation of a round to the job's tracking receiver (TensorBoard or
+        MLflow, :mod:`fedbrats.federated.tracking`), stepped by the round as the sites' curves are.
+
+        A local event, under the server's name: the receiver files the sites' forwarded records under theirs.
+        """
+        for tag, value in global_scalars(record).items():
+            dxo = create_analytic_dxo(tag, value, AnalyticsDataType.SCALAR, global_step=int(record["round"]))
+            with self.engine.new_context() as fl_ctx:
+                send_analytic_dxo(self, dxo, fl_ctx, event_type=ANALYTIC_EVENT_TYPE)
 
     def _validate_final(self, params: dict[str, np.ndarray], spec: dict[str, Any]) -> None:
         final_round = self.num_rounds

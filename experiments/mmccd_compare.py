@@ -1,0 +1,216 @@
+"""MMCCD and its baselines, federated, centralized and each site alone, scored on the same test slices.
+
+``python experiments/mmccd_compare.py --sites DATA/sites.json --workspace W --out-dir OUT`` trains every
+(variant, mode, seed) with jobs/mmccd in the simulator and scores its best global model with
+:func:`fedbrats.evaluation.anomaly.evaluate_anomaly` (threshold chosen on the pooled site's validation cases, test
+slices scored once). Variants: ``mmccd``, ``cyclic_unet``, ``autoencoder``; modes: ``federated`` (every site but
+the pooled one), ``centralized`` (the pooled site), ``local`` (each site alone; its row averages the sites).
+Finished runs are reused (the driver can be stopped and run again). It imports the package; the package never
+imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from typing import Any
+
+import numpy as np
+
+from fedbrats.data.federation import POOLED_SITE
+from fedbrats.data.site_config import federation_sites_file
+from fedbrats.evaluation.anomaly import evaluate_anomaly
+from fedbrats.evaluation.evaluate import load_model
+from fedbrats.federated.methods.mmccd import VARIANTS
+from fedbrats.federated.protocol import RunFolder
+from fedbrats.federated.simulate import parse_overrides, simulate
+from fedbrats.logging_setup import configure_logging
+
+logger = logging.getLogger(f"fedbrats.{__name__}")
+
+PROG = "python experiments/mmccd_compare.py"
+MODES = ("federated", "centralized", "local")
+METRICS = ("auroc", "auprc", "dice", "dice_best_threshold_on_these_slices_optimistic")
+
+
+def _sites(sites_file: str) -> tuple[list[str], str, str]:
+    """The federation's sites (without the pooled one), its test datalist and the pooled site's datalist."""
+    with open(sites_file, encoding="utf-8") as f:
+        manifest = json.load(f)
+    base = os.path.dirname(os.path.abspath(sites_file))
+    sites = manifest["sites"]
+    if POOLED_SITE not in sites:
+        raise ValueError(f"{sites_file} has no {POOLED_SITE!r} site; run `fedbrats pool-sites {sites_file}`")
+    pooled = os.path.join(base, sites[POOLED_SITE]["datalist"])
+    return sorted(s for s in sites if s != POOLED_SITE), os.path.join(base, manifest["test_datalist"]), pooled
+
+
+def run_one(
+    workspace: str,
+    variant: str,
+    clients: list[str],
+    seed: int,
+    args: argparse.Namespace,
+    sites_file: str,
+    test_list: str,
+    val_list: str,
+) -> dict[str, Any]:
+    """Train (or reuse) one run and score it; the result is kept in ``workspace/results.json``."""
+    done = os.path.join(workspace, "results.json")
+    if os.path.isfile(done):
+        with open(done, encoding="utf-8") as f:
+            return json.load(f)
+    network_args = {**parse_overrides(args.net), "variant": variant}
+    result = simulate(
+        "mmccd",
+        workspace,
+        sites_file=sites_file,
+        num_rounds=args.rounds,
+        overrides=parse_overrides(args.set),
+        clients=clients,
+        seed=seed,
+        network_args=network_args,
+    )
+    run = RunFolder(result.run_dir)
+    checkpoint = run.best_global_model if os.path.isfile(run.best_global_model) else run.global_model
+    model = load_model(checkpoint, run.model_spec)
+    results = evaluate_anomaly(
+        model,
+        test_list,
+        val_list,
+        zoom=args.zoom,
+        num_masks=args.masks,
+        steps=args.steps,
+        brain_fraction=args.brain_fraction,
+        device="cpu",
+    )
+    results["training"] = {
+        "clients": clients,
+        "seed": seed,
+        "rounds": args.rounds,
+        "network_args": network_args,
+        "overrides": parse_overrides(args.set),
+        "simulator_seconds": round(result.seconds, 1),
+        "checkpoint": os.path.basename(checkpoint),
+    }
+    with open(done, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def _pm(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def _paired_auroc(a: dict[int, list[dict]], b: dict[int, list[dict]], n_boot: int = 10000) -> dict[str, Any] | None:
+    """Per-test-case AUROC difference A - B averaged over the shared seeds, with a bootstrap 95 % interval over
+    the test cases."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    diffs = []
+    for s in seeds:
+        ra = {c["case_id"]: c["auroc"] for c in a[s]}
+        rb = {c["case_id"]: c["auroc"] for c in b[s]}
+        cases = sorted(k for k in ra if k in rb and ra[k] is not None and rb[k] is not None)
+        diffs.append([ra[k] - rb[k] for k in cases])
+    per_case = np.mean(np.asarray(diffs), axis=0)
+    draws = np.random.default_rng(0).integers(0, len(per_case), size=(n_boot, len(per_case)))
+    low, high = np.percentile(per_case[draws].mean(axis=1), [2.5, 97.5])
+    return {"seeds": seeds, "num_cases": len(per_case), "mean": float(per_case.mean()), "ci95": [low, high]}
+
+
+def write_report(rows: dict[str, dict[int, list[dict[str, Any]]]], out_dir: str, command: str) -> str:
+    """``comparison.md`` and ``comparison.json``: mean ± sd over seeds of each row (a local row first averages
+    its sites), and paired per-case AUROC differences of MMCCD against each other row."""
+    os.makedirs(out_dir, exist_ok=True)
+    table = ["| Model | seeds | AUROC | AUPRC | Dice (threshold on validation) | Dice (best on test, optimistic) |"]
+    table.append("|---|--:|--:|--:|--:|--:|")
+    summary: dict[str, Any] = {}
+    per_case: dict[str, dict[int, list[dict]]] = {}
+    for name, by_seed in rows.items():
+        values = {m: [float(np.mean([r["test"][m] for r in runs])) for runs in by_seed.values()] for m in METRICS}
+        summary[name] = {m: values[m] for m in METRICS} | {"seeds": sorted(by_seed)}
+        table.append(f"| {name} | {len(by_seed)} | " + " | ".join(_pm(values[m]) for m in METRICS) + " |")
+        if all(len(runs) == 1 for runs in by_seed.values()):
+            per_case[name] = {s: runs[0]["test"]["per_case"] for s, runs in by_seed.items()}
+    first = next((runs[0] for by_seed in rows.values() for runs in by_seed.values()), None)
+    if first is not None and "intensity_baseline" in first:
+        # The same slices for every run: the model-free row is computed once.
+        b = first["intensity_baseline"]
+        table.append("| source intensity (no model) | - | " + " | ".join(f"{b[m]:.3f}" for m in METRICS) + " |")
+        summary["source intensity (no model)"] = {m: b[m] for m in METRICS}
+        per_case["source intensity (no model)"] = {s: b["per_case"] for s in next(iter(per_case.values()), {0: 0})}
+    pairs = []
+    reference = "mmccd federated"
+    if reference in per_case:
+        pairs = [
+            "",
+            "Paired per-case AUROC difference (A - B), mean over the shared seeds, 95 % bootstrap interval over the "
+            "test cases:",
+            "",
+        ]
+        pairs += ["| A vs B | seeds | cases | mean difference | 95 % interval |", "|---|--:|--:|--:|--:|"]
+        for name in per_case:
+            if name == reference:
+                continue
+            d = _paired_auroc(per_case[reference], per_case[name])
+            if d:
+                summary[f"{reference} - {name}"] = d
+                pairs.append(
+                    f"| {reference} vs {name} | {len(d['seeds'])} | {d['num_cases']} | {d['mean']:+.3f} | "
+                    f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] |"
+                )
+    text = "\n".join([f"Produced by `{command}`", "", *table, *pairs, ""])
+    with open(os.path.join(out_dir, "comparison.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    with open(os.path.join(out_dir, "comparison.json"), "w", encoding="utf-8") as f:
+        json.dump({"command": command, "rows": summary}, f, indent=2, default=float)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--sites", default=None, help="sites.json with a pooled site (default: the synthetic federation)")
+    p.add_argument("--workspace", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training option for all runs")
+    p.add_argument("--net", action="append", default=[], metavar="KEY=VALUE", help="network argument for all runs")
+    p.add_argument("--zoom", type=float, default=0.5, help="the runs' data.zoom (for scoring)")
+    p.add_argument("--masks", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--brain-fraction", type=float, default=0.6)
+    a = p.parse_args(argv)
+    configure_logging("INFO")
+    sites_file = federation_sites_file(a.sites, "mmccd_compare")
+    sites, test_list, val_list = _sites(sites_file)
+    rows: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    for variant in a.variants:
+        for mode in a.modes:
+            groups = {"federated": [sites], "centralized": [[POOLED_SITE]], "local": [[s] for s in sites]}[mode]
+            for seed in a.seeds:
+                for clients in groups:
+                    suffix = f"-{clients[0]}" if mode == "local" else ""
+                    ws = os.path.join(a.workspace, f"{variant}-{mode}{suffix}", f"seed{seed}")
+                    result = run_one(ws, variant, clients, seed, a, sites_file, test_list, val_list)
+                    rows.setdefault(f"{variant} {mode}", {}).setdefault(seed, []).append(result)
+                    logger.info("%s %s%s seed %d: test %s", variant, mode, suffix, seed, result["test"]["auroc"])
+    command = " ".join([PROG, *(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))])
+    logger.info("\n%s", write_report(rows, a.out_dir, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
