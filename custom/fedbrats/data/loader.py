@@ -159,7 +159,8 @@ def inference_steps(zoom: float, divisor: int = SPATIAL_DIVISOR) -> list[Transfo
     return steps
 
 
-def _preprocess(modalities: Sequence[str], convention: str, zoom: float) -> list:
+def preprocess_transforms(modalities: Sequence[str], convention: str, zoom: float) -> list:
+    """The built transforms of :func:`preprocessing_steps` (training, validation and anomaly maps share them)."""
     return [step.build() for step in preprocessing_steps(modalities, convention, zoom)]
 
 
@@ -200,7 +201,7 @@ def train_transforms(modalities: Sequence[str], convention: str, cfg: DataConfig
         labelled: False for a site without labels: images only, uniform random crops (no tumour-centred ones).
     """
     keys = ["image", "label"] if labelled else ["image"]
-    steps = _preprocess(modalities, convention, cfg.zoom)
+    steps = preprocess_transforms(modalities, convention, cfg.zoom)
     steps.append(SpatialPadd(keys, spatial_size=cfg.roi_size))
     if labelled and cfg.tumour_crop_fraction > 0:
         # Voxel indices of tumour and non-tumour are found once per case (deterministic: cached with the case).
@@ -242,7 +243,7 @@ def eval_transforms(
 ) -> Compose:
     """Validation / evaluation pipeline: whole (cropped, resampled) volumes, padded to a multiple of ``divisor``."""
     keys = ["image", "label"]
-    steps = _preprocess(modalities, convention, cfg.zoom)
+    steps = preprocess_transforms(modalities, convention, cfg.zoom)
     if cfg.max_eval_size:
         steps.append(CenterSpatialCropd(keys, roi_size=[cfg.max_eval_size] * 3, allow_missing_keys=True))
     steps += [

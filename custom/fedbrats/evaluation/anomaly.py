@@ -35,7 +35,7 @@ import torch
 from monai.transforms import Compose
 
 from fedbrats.constants import MODALITIES
-from fedbrats.data.loader import DataConfig, _preprocess, eval_transforms, make_dataset, read_datalist
+from fedbrats.data.loader import DataConfig, eval_transforms, make_dataset, preprocess_transforms, read_datalist
 from fedbrats.evaluation.detection import auprc, auroc, best_dice_on, choose_threshold, mean_dice_at
 from fedbrats.evaluation.evaluate import check_device, datalist_convention, load_model
 from fedbrats.federated.methods.mmccd import (
@@ -209,7 +209,7 @@ def anomaly_map_case(
     """The anomaly map of one patient's source sequence on the input's own voxel grid.
 
     The volume goes through the training pipeline's deterministic steps (foreground crop, resampling, z-score;
-    :func:`fedbrats.data.loader._preprocess`), every axial slice with brain is scored, and MONAI inverts the
+    :func:`fedbrats.data.loader.preprocess_transforms`), every axial slice with brain is scored, and MONAI inverts the
     recorded crop and resampling on the map.
 
     Args:
@@ -235,7 +235,7 @@ def anomaly_map_case(
     if not os.path.isfile(image_path):
         raise ValueError(f"--image {image_path!r} does not exist")
     case_id = os.path.basename(image_path).split(".nii")[0]
-    pipeline = Compose(_preprocess((model.source,), convention, zoom))
+    pipeline = Compose(preprocess_transforms((model.source,), convention, zoom))
     entry = {"image": [image_path if m == model.source else None for m in MODALITIES], "case_id": case_id}
     image = pipeline(entry)["image"]
     cs = case_slices(image.as_tensor(), None, model, brain_fraction=0.0)
