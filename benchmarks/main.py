@@ -24,6 +24,7 @@ from typing import Any
 from benchmarks import compute, federated
 from benchmarks.report import write_report
 from benchmarks.system import OtherWork, load_average, machine_info
+from fedbrats.federated.simulate import parse_overrides
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
 
 logger = logging.getLogger(f"fedbrats.{__name__}")
@@ -53,6 +54,9 @@ class BenchSettings:
         inference_repeats: timed runs of each inference configuration.
         sample_interval: seconds between memory readings.
         seed: data seed.
+        sites_file: an existing federation's ``sites.json`` (e.g. real cases) for the federated and throughput
+            sections instead of a generated synthetic one (None: generate).
+        training: further training-option overrides of every run (nested, as ``--set`` gives them).
     """
 
     mode: str
@@ -71,10 +75,13 @@ class BenchSettings:
     inference_repeats: int = 1
     sample_interval: float = 0.5
     seed: int = 0
+    sites_file: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)
 
     def overrides(self) -> dict[str, Any]:
-        """Training-option overrides of every run (only the epochs; everything else is the job's)."""
-        return {} if self.epochs_per_round is None else {"epochs_per_round": self.epochs_per_round}
+        """Training-option overrides of every run: the epochs (None: the job's own) and ``training``."""
+        out = {} if self.epochs_per_round is None else {"epochs_per_round": self.epochs_per_round}
+        return {**out, **self.training}
 
 
 _ALL = list(compute.MODALITIES)
@@ -199,13 +206,18 @@ def run_benchmarks(
         "section_other_work_cores": {},
     }
     overrides = settings.overrides()
-    main_fed = federated.make_federation(
-        os.path.join(work_dir, f"federation-{settings.sites}"),
-        settings.sites,
-        settings.cases_per_site,
-        settings.size,
-        settings.seed,
-    )
+    if settings.sites_file is not None:
+        if not os.path.isfile(settings.sites_file):
+            raise ValueError(f"--sites-file {settings.sites_file!r} does not exist")
+        main_fed = settings.sites_file
+    else:
+        main_fed = federated.make_federation(
+            os.path.join(work_dir, f"federation-{settings.sites}"),
+            settings.sites,
+            settings.cases_per_site,
+            settings.size,
+            settings.seed,
+        )
     results["federation"] = {"sites_file": main_fed, "cases": federated.site_case_counts(main_fed)}
     results["task_request_interval"] = TASK_REQUEST_INTERVAL
     results["job_settings"] = {
@@ -287,7 +299,8 @@ def run_benchmarks(
             runs: dict[int, Any] = {}
             for n in settings.scale_sites:
                 main = results.get("federated", {}).get(job, {}).get("federated")
-                if main is not None and n == settings.sites and settings.scale_rounds == settings.rounds:
+                reusable = main is not None and settings.sites_file is None and settings.scale_rounds == settings.rounds
+                if reusable and n == settings.sites:
                     runs[n] = main  # the main run is this point of the scale series
                     continue
                 fed_file = federated.make_federation(
@@ -304,7 +317,9 @@ def run_benchmarks(
                 run.pop("memory_series", None)
                 runs[n] = run
             summary = federated.scale_summary(runs)
-            summary["reused_main_run"] = settings.sites in runs and settings.scale_rounds == settings.rounds
+            summary["reused_main_run"] = (
+                settings.sites_file is None and settings.sites in runs and settings.scale_rounds == settings.rounds
+            )
             out[job] = summary
         results["scale"] = out
 
@@ -359,6 +374,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--jobs", default=None, help="comma-separated jobs (default: fedavg,fedkd)")
     p.add_argument(
+        "--sites-file",
+        default=None,
+        help="measure the federated and throughput sections on this federation's sites.json (e.g. prepared real "
+        "cases) instead of generating a synthetic one",
+    )
+    p.add_argument("--rounds", type=int, default=None, help="rounds of the main federated runs (default: the mode's)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training-option override of every run, as `fedbrats simulate --set` (e.g. data.zoom=0.5); repeatable",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="measure nothing: recompute derived figures of OUT_DIR/results.json and rewrite its report and plots",
@@ -379,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = dataclasses.replace(MODES["smoke" if args.smoke else args.mode])
     if args.jobs:
         settings.jobs = tuple(j.strip() for j in args.jobs.split(",") if j.strip())
+    if args.rounds is not None:
+        if args.rounds < 2:
+            raise SystemExit("--rounds must be at least 2 (the overhead is measured on the rounds after the first)")
+        settings.rounds = args.rounds
+    settings.sites_file = args.sites_file
+    settings.training = parse_overrides(args.overrides)
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     command = shlex.join(["python", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="fedbrats-bench-")

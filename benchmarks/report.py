@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -239,7 +240,12 @@ def _machine_section(results: Mapping[str, Any]) -> list[str]:
         [
             ["jobs", ", ".join(s["jobs"])],
             ["sites (main runs)", s["sites"]],
-            ["synthetic volumes", f"{s['size']}^3, {s['cases_per_site']} cases per site"],
+            (
+                ["federation", f"`{s['sites_file']}` (its own cases and sequences)"]
+                if s.get("sites_file")
+                else ["synthetic volumes", f"{s['size']}^3, {s['cases_per_site']} cases per site"]
+            ),
+            ["training overrides", f"`{json.dumps(s['training'])}`" if s.get("training") else "none"],
             ["rounds (main runs)", s["rounds"]],
             ["epochs per round", s["epochs_per_round"] or "the job's"],
             ["scale runs", f"{', '.join(map(str, s['scale_sites']))} sites, {s['scale_rounds']} rounds"],
@@ -258,7 +264,8 @@ def _machine_section(results: Mapping[str, Any]) -> list[str]:
         data = training.get("data", {})
         lines += [
             f"- `{job}`: method {training.get('method')}, {training.get('epochs_per_round')} epoch(s)/round, "
-            f"crop {data.get('roi_size')}, batch {data.get('batch_size')}, {training.get('num_threads')} torch "
+            f"crop {data.get('roi_size')}, zoom {data.get('zoom', 1.0)}, batch {data.get('batch_size')}, "
+            f"{training.get('num_threads')} torch "
             "thread per site"
         ]
     lines += [
