@@ -121,15 +121,117 @@ def report(results: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_runs_bytes(workspace: str, names: list[str], seeds: list[int]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Bytes per round of the finished runs of ``experiments/compare.py`` in ``workspace`` (``<name>/seed<k>``).
+
+    Returns:
+        name -> seed -> :func:`wire_bytes` plus ``sent_mean``/``received_mean`` (means over the training rounds,
+        the first included: with compression its download is the full model, first contact) and ``seconds``.
+    """
+    from fedbrats.federated.simulate import simulated_run_dir, simulator_workspace
+
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for name in names:
+        for seed in seeds:
+            run_ws = os.path.join(workspace, name, f"seed{seed}")
+            run_dir = simulated_run_dir(run_ws)
+            if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
+                logger.warning("%s seed %d: no finished run in %s; left out", name, seed, run_ws)
+                continue
+            with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
+                history = json.load(f)
+            sites = sorted(history[0]["sites"])
+            measured = wire_bytes(simulator_workspace(run_ws), run_dir, sites)
+            rounds = measured["rounds"].values()
+            measured["sent_mean"] = float(np.mean([r["sent"] for r in rounds]))
+            measured["received_mean"] = float(np.mean([r["received"] for r in rounds]))
+            out.setdefault(name, {})[seed] = measured
+    return out
+
+
+def curve_report(
+    measured: dict[str, dict[int, dict[str, Any]]], comparison: dict[str, Any], baseline: str, command: str
+) -> str:
+    """Bytes per round against the 15-combination test Dice of each configuration, and the paired difference to
+    ``baseline`` (from ``experiments/compare.py``'s ``comparison.json``)."""
+    dense = next(iter(measured[baseline].values()))["dense_model_bytes"] if baseline in measured else None
+    lines = [
+        "# Bytes on the wire against Dice",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Bytes: mean per site and training round (first round included), from the runs' payload audits; x: how many",
+        f"times fewer than the dense model ({dense} B) each way. Dice: mean over the 15 sequence combinations on the",
+        f"test cases, mean ± std over seeds; the difference to `{baseline}` is paired by seed over (test case x",
+        "combination), with its 95 % bootstrap interval.",
+        "",
+        "| configuration | seeds | site -> server | x | server -> site | x | Dice mean (15) | vs baseline | 95 % "
+        "interval |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for name, by_seed in measured.items():
+        sent = float(np.mean([m["sent_mean"] for m in by_seed.values()]))
+        received = float(np.mean([m["received_mean"] for m in by_seed.values()]))
+        dice = comparison["methods"].get(name, {}).get("mean_over_combinations", {}).get("mean_dice")
+        pair = comparison["paired"].get(f"{name} vs {baseline}")
+        cells = [
+            name,
+            str(len(by_seed)),
+            f"{sent:,.0f}",
+            f"{dense / sent:.1f}" if dense else "",
+            f"{received:,.0f}",
+            f"{dense / received:.1f}" if dense else "",
+            f"{dice['mean']:.3f} ± {dice['std']:.3f}" if dice else "n/a",
+            f"{pair['mean_difference']:+.3f}" if pair else "",
+            f"[{pair['ci95'][0]:+.3f}, {pair['ci95'][1]:+.3f}]" if pair else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def curve_main(args: argparse.Namespace, command: str) -> int:
+    """``--from-compare``: the bytes-against-Dice table of finished comparison runs."""
+    names = [n for n in args.configs.split(",") if n]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    comparison_file = os.path.join(args.compare_out, "comparison.json")
+    if not os.path.isfile(comparison_file):
+        raise SystemExit(f"--compare-out: {comparison_file} does not exist; run experiments/compare.py first")
+    with open(comparison_file, encoding="utf-8") as f:
+        comparison = json.load(f)
+    measured = compare_runs_bytes(args.from_compare, names, seeds)
+    if args.baseline not in measured:
+        raise SystemExit(f"--baseline {args.baseline!r}: no finished run in {args.from_compare}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({"command": command, "bytes": measured}, f, indent=2)
+    with open(os.path.join(args.out_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write(curve_report(measured, comparison, args.baseline, command))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", required=True, help="where results.json and report.md go")
+    parser.add_argument(
+        "--from-compare",
+        default=None,
+        metavar="WORKSPACE",
+        help="run nothing: read the bytes of experiments/compare.py's finished runs in WORKSPACE (--configs are "
+        "then experiment names) and put them beside their test Dice from --compare-out",
+    )
+    parser.add_argument("--compare-out", default=None, help="with --from-compare: compare.py's --out-dir")
+    parser.add_argument("--seeds", default="0,1,2", help="with --from-compare: the seeds")
+    parser.add_argument("--baseline", default="fedavg", help="with --from-compare: the uncompressed reference")
     parser.add_argument("--workspace", default=None, help="simulator workspaces (default: <out-dir>/workspace)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {sorted(CONFIGS)}")
     parser.add_argument("--sites-file", default=None, help="sites.json (default: the embedded synthetic data)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.from_compare:
+        if not args.compare_out:
+            parser.error("--from-compare needs --compare-out")
+        return curve_main(args, "python benchmarks/wire.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     names = [n for n in args.configs.split(",") if n]
     unknown = sorted(set(names) - set(CONFIGS))
     if unknown:

@@ -50,6 +50,15 @@ PRIVACY: dict[str, dict[str, Any]] = {
 }
 EXPERIMENTS["fedkd_dp_prototypes"] = ("fedkd", {}, {})
 EXPERIMENTS["fedavg_svt"] = ("fedavg", {}, {})
+#: FedAvg with SVD-compressed updates both ways (fedbrats.federated.compression) at fixed or rising energies: the
+#: bytes-against-Dice curve (``python -m benchmarks.wire_curve`` reads the bytes from these runs' payload audits).
+COMPRESSION: dict[str, dict[str, float]] = {
+    "fedavg_svd": {},  # the filters' defaults: energy 0.95 rising to 0.98 (FedKD's schedule)
+    "fedavg_svd_e90": {"energy_start": 0.90, "energy_end": 0.90},
+    "fedavg_svd_e80": {"energy_start": 0.80, "energy_end": 0.80},
+    "fedavg_svd_e50": {"energy_start": 0.50, "energy_end": 0.50},
+}
+EXPERIMENTS.update({name: ("fedavg", {}, {}) for name in COMPRESSION})
 
 
 def _average_results(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -123,6 +132,7 @@ def run_experiment(
             overrides=deep_merge(overrides, job_overrides),
             aggregation_args=agg_overrides,
             privacy=PRIVACY.get(name),
+            compression=COMPRESSION.get(name),
         )
     run = RunFolder(result.run_dir)
     spec = run.model_spec
@@ -165,6 +175,7 @@ def run_experiment(
         "overrides": deep_merge(overrides, job_overrides),
         "aggregation_overrides": agg_overrides,
         "privacy": PRIVACY.get(name),
+        "compression": COMPRESSION.get(name),
         "simulator_seconds": round(result.seconds, 1) if result.seconds == result.seconds else None,
         "final_val_mean_dice": (result.history[-1].get("aggregated") or {}).get(KEY_METRIC),
     }
@@ -190,6 +201,13 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("fedkd", "centralized"),
     ("mstkd", "centralized"),
     ("local_only", "centralized"),
+    ("fedmic", "fedavg"),
+    *((name, "fedavg") for name in COMPRESSION),
+    ("isofed", "isofed_labelled_only"),
+    ("isofed", "isofed_naive_ssl"),
+    ("isofed_no_im", "isofed"),
+    ("isofed_labelled_only", "fedavg"),
+    ("isofed", "fedavg"),
 )
 
 
