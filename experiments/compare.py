@@ -332,7 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--net", action="append", default=[], metavar="KEY=VALUE", help="network argument for all")
     p.add_argument("--max-cases", type=int, default=0)
     p.add_argument(
-        "--eval-roi", type=int, nargs=3, default=None, help="sliding window of the evaluation (default: training crop)"
+        "--eval-roi",
+        type=int,
+        nargs=3,
+        default=None,
+        help="sliding window of the evaluation (default, and recommended: the training crop; another size changes "
+        "what the networks' normalisation sees)",
     )
     p.add_argument("--eval-overlap", type=float, default=0.5, help="sliding-window overlap of the evaluation")
     p.add_argument(
@@ -369,7 +374,15 @@ def main(argv: list[str] | None = None) -> int:
     eval_data = deep_merge(BASE_TRAINING["data"], overrides.get("data", {}))
     eval_data = {k: v for k, v in eval_data.items() if k in ("roi_size", "zoom", "max_eval_size")}
     if a.eval_roi:
-        # The networks are fully convolutional: a window larger than the training crop needs far fewer passes.
+        if list(a.eval_roi) != list(eval_data["roi_size"]):
+            # Fully convolutional, but normalised over the window (GroupNorm/InstanceNorm): a window of another size
+            # than the training crop changes every layer's statistics (measured: docs/results.md, real data).
+            logger.warning(
+                "--eval-roi %s differs from the training crop %s: the models normalise over the window, so this "
+                "usually lowers their Dice",
+                list(a.eval_roi),
+                list(eval_data["roi_size"]),
+            )
         eval_data["roi_size"] = list(a.eval_roi)
     os.makedirs(a.out_dir, exist_ok=True)
     command = PROG + " " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))

@@ -120,6 +120,32 @@ def test_zero_fraction_gives_uniform_crops() -> None:
     assert RandSpatialCropd in kinds and RandCropByPosNegLabeld not in kinds
 
 
+def test_spatial_augmentation_rotates_crops_and_keeps_labels_and_absent_sequences(tiny_federation: str) -> None:
+    """With ``spatial_augment`` 1 every crop is rotated/scaled: labels stay integer regions, an absent sequence stays
+    exactly zero, and the crops differ from the unaugmented ones drawn with the same seed."""
+    import json
+    from pathlib import Path
+
+    from monai.utils import set_determinism
+
+    site = json.loads(Path(tiny_federation).read_text())["sites"]["site-2"]  # no T1ce
+    crops = {}
+    for p in (0.0, 1.0):
+        set_determinism(seed=7)
+        cfg = DataConfig(roi_size=(16, 16, 16), spatial_augment=p, augment=False, tumour_crop_fraction=1.0)
+        train, _ = make_loaders(site["datalist"], site["modalities"], "brats2018", cfg)
+        item = train.dataset[0]
+        crops[p] = item[0] if isinstance(item, list) else item  # the positive/negative crop returns a list
+    set_determinism(seed=None)
+    rotated = crops[1.0]
+    assert rotated["image"].shape == crops[0.0]["image"].shape
+    assert set(torch.unique(rotated["label"]).tolist()) <= {0.0, 1.0}
+    assert (rotated["image"][1] == 0).all(), "the absent T1ce channel must stay zero"
+    assert not torch.equal(rotated["image"], crops[0.0]["image"])
+    with pytest.raises(ValueError, match="spatial_augment"):
+        DataConfig(spatial_augment=1.5)
+
+
 # ---- precision ---------------------------------------------------------------------------------------------
 def test_precision_resolution() -> None:
     assert resolve_precision("fp32", CPU) == "fp32"

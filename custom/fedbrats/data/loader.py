@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from monai.transforms import (
     FgBgToIndicesd,
     Lambda,
     NormalizeIntensityd,
+    RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
     Randomizable,
@@ -54,6 +56,11 @@ logger = logging.getLogger(__name__)
 SPATIAL_DIVISOR = 8
 
 
+#: Largest random rotation (radians, about each axis) and relative scaling of ``DataConfig.spatial_augment``.
+SPATIAL_AUGMENT_ROTATION = math.radians(15.0)
+SPATIAL_AUGMENT_SCALE = 0.15
+
+
 @dataclass
 class DataConfig:
     """How a site turns its cases into tensors. The same for every site of a job (it lives in the job config).
@@ -71,6 +78,9 @@ class DataConfig:
         cache_rate: fraction of cases whose deterministic preprocessing is cached in memory.
         modality_dropout: probability of hiding some of a training case's present sequences.
         augment: random flips and intensity scale/shift during training.
+        spatial_augment: probability that a training crop is also rotated (up to 15 degrees about each axis) and
+            scaled (by up to 15 %), image bilinear, label nearest, zeros (background) outside; 0: never. Flips alone
+            leave a model of a few cases with few shapes to learn from; nnU-Net rotates and scales.
         num_workers: data-loading worker processes (0 keeps one process per simulated site).
         max_invalid_fraction: unreadable cases are skipped with a warning up to this share of a list; beyond
             it the site reports an error instead of training on almost nothing.
@@ -84,6 +94,7 @@ class DataConfig:
     cache_rate: float = 1.0
     modality_dropout: float = 0.0
     augment: bool = True
+    spatial_augment: float = 0.0
     num_workers: int = 0
     max_invalid_fraction: float = 0.5
 
@@ -99,6 +110,8 @@ class DataConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.cache_rate <= 1.0:
             raise ValueError(f"cache_rate must be in [0, 1], got {self.cache_rate}")
+        if not 0.0 <= self.spatial_augment <= 1.0:
+            raise ValueError(f"spatial_augment must be in [0, 1], got {self.spatial_augment}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> DataConfig:
@@ -222,6 +235,17 @@ def train_transforms(modalities: Sequence[str], convention: str, cfg: DataConfig
         ]
     else:
         steps.append(RandSpatialCropd(keys, roi_size=cfg.roi_size, random_size=False))
+    if cfg.spatial_augment > 0:
+        steps.append(
+            RandAffined(
+                keys,
+                prob=cfg.spatial_augment,
+                rotate_range=(SPATIAL_AUGMENT_ROTATION,) * 3,
+                scale_range=(SPATIAL_AUGMENT_SCALE,) * 3,
+                mode=("bilinear", "nearest")[: len(keys)],
+                padding_mode="zeros",
+            )
+        )
     if cfg.augment:
         steps += [
             RandFlipd(keys, prob=0.5, spatial_axis=0),

@@ -366,7 +366,9 @@ def preprocessing_options(
     """The sliding window and zoom to run ``model`` with: the options given, else the recorded ones.
 
     An explicit ``zoom`` other than the recorded one is used but warned about (the model would see its cases at
-    another scale than in training); without any record the :class:`DataConfig` defaults are used, with a warning.
+    another scale than in training), and so is a window other than the training crop (group or instance
+    normalisation computes its statistics over the window, so a larger window with more background changes what
+    every layer sees); without any record the :class:`DataConfig` defaults are used, with a warning.
 
     Args:
         model: checkpoint, run folder or exported model folder.
@@ -392,6 +394,16 @@ def preprocessing_options(
             what,
             zoom,
             recorded["zoom"],
+            recorded["source"],
+        )
+    if recorded and roi_size and tuple(int(s) for s in roi_size) != tuple(recorded["roi_size"]):
+        logger.warning(
+            "%s: --roi-size %s differs from the crop %s the model was trained on (%s); its normalisation layers "
+            "see other statistics in a window of another size, which can lower Dice a lot (a 96^3 window cost a "
+            "64^3-trained SegResNet 0.18 validation WT Dice in docs/results.md)",
+            what,
+            list(roi_size),
+            list(recorded["roi_size"]),
             recorded["source"],
         )
     chosen_zoom = zoom if zoom is not None else recorded.get("zoom", defaults.zoom)
