@@ -52,11 +52,14 @@ EXPERIMENTS["fedkd_dp_prototypes"] = ("fedkd", {}, {})
 EXPERIMENTS["fedavg_svt"] = ("fedavg", {}, {})
 #: FedAvg with SVD-compressed updates both ways (fedbrats.federated.compression) at fixed or rising energies: the
 #: bytes-against-Dice curve (``python -m benchmarks.wire_curve`` reads the bytes from these runs' payload audits).
-COMPRESSION: dict[str, dict[str, float]] = {
+COMPRESSION: dict[str, dict[str, Any]] = {
     "fedavg_svd": {},  # the filters' defaults: energy 0.95 rising to 0.98 (FedKD's schedule)
     "fedavg_svd_e90": {"energy_start": 0.90, "energy_end": 0.90},
     "fedavg_svd_e80": {"energy_start": 0.80, "energy_end": 0.80},
     "fedavg_svd_e50": {"energy_start": 0.50, "energy_end": 0.50},
+    # Error feedback on the uplink too: what a round's factors leave out stays at the site for the next round.
+    "fedavg_svd_e50_ef": {"energy_start": 0.50, "energy_end": 0.50, "error_feedback": True},
+    "fedavg_svd_e80_ef": {"energy_start": 0.80, "energy_end": 0.80, "error_feedback": True},
 }
 EXPERIMENTS.update({name: ("fedavg", {}, {}) for name in COMPRESSION})
 

@@ -194,6 +194,30 @@ def test_filter_pair_on_a_segresnet_payload() -> None:
         SVDDecompressor().process(late, _ctx())
 
 
+def test_update_error_feedback_sends_what_earlier_rounds_left_out() -> None:
+    """With error feedback, what the server rebuilt over the rounds plus the site's residual is exactly the sum of
+    the updates, and the total error is far below that of the same updates compressed without it."""
+    rng = np.random.default_rng(1)
+    updates = [{"w": rng.normal(size=(16, 40)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}]
+    updates += [{k: v.copy() for k, v in updates[0].items()} for _ in range(5)]  # the same direction each round
+    totals = {}
+    for feedback in (False, True):
+        site, server = SVDUpdateCompressor(0.5, 0.5, num_rounds=6, error_feedback=feedback), SVDDecompressor()
+        rebuilt = {k: np.zeros_like(v, dtype=np.float64) for k, v in updates[0].items()}
+        for r, update in enumerate(updates):
+            up = site.process(_shareable(DataKind.WEIGHT_DIFF, update, r), _ctx())
+            assert is_factors(from_shareable(up).data["w"]), "energy 0.5 sends factors"
+            for k, v in from_shareable(server.process(up, _ctx("site-1"))).data.items():
+                rebuilt[k] += v
+        wanted = {k: sum(u[k].astype(np.float64) for u in updates) for k in updates[0]}
+        totals[feedback] = np.sum((rebuilt["w"] - wanted["w"]) ** 2)
+        np.testing.assert_allclose(rebuilt["b"], wanted["b"], rtol=1e-5), "1-D weights go whole either way"
+        if feedback:
+            np.testing.assert_allclose(rebuilt["w"] + site._residual["w"], wanted["w"], rtol=1e-4, atol=1e-4)
+    assert totals[True] < 0.2 * totals[False]
+    assert not SVDUpdateCompressor().error_feedback, "off by default (FedKD's codec)"
+
+
 def test_broadcast_is_computed_once_for_sites_holding_the_same_weights() -> None:
     weights = {"w": _with_singular_values(16, 12, SINGULAR).astype(np.float32), "b": np.ones(3, dtype=np.float32)}
     server = SVDBroadcastCompressor(num_rounds=2)
@@ -350,6 +374,13 @@ def test_job_turns_compression_on_and_any_job_can() -> None:
         job_files("fedavg", compression={"energy_start": 0.0})
     with pytest.raises(ValueError, match="compression takes"):
         job_files("fedavg", compression={"rank": 3})
+    with pytest.raises(ValueError, match="error_feedback"):
+        job_files("fedavg", compression={"error_feedback": "yes"})
+    feedback = configs("fedavg", num_rounds=3, compression={"error_feedback": True})
+    site_chain = [f for chain in feedback["client"]["task_result_filters"] for f in chain["filters"]]
+    assert all(f["args"].get("error_feedback") is True for f in site_chain if f["path"].endswith("UpdateCompressor"))
+    server_chain = [f for chain in feedback["server"]["task_data_filters"] for f in chain["filters"]]
+    assert all("error_feedback" not in f["args"] for f in server_chain), "the downlink always feeds back"
 
 
 def test_compression_options_of_the_entry_points() -> None:

@@ -70,7 +70,13 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="SVD-compressed updates both ways (default: the job's; on in fedmic); energies with --svd",
     )
-    parser.add_argument("--svd", action="append", default=[], metavar="KEY=VALUE", help="energy_start or energy_end")
+    parser.add_argument(
+        "--svd",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="energy_start, energy_end or error_feedback (true: the uplink keeps what it left out for the next round)",
+    )
     parser.add_argument(
         "--tracking",
         choices=TRACKERS,

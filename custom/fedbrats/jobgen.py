@@ -94,7 +94,8 @@ def compression_args(
     """The SVD filters' arguments (None: no compression) from the job's default and the caller's choice.
 
     Raises:
-        ValueError: an option other than ``energy_start`` and ``energy_end``, or energies out of range.
+        ValueError: an option other than ``energy_start``, ``energy_end`` and ``error_feedback``, or energies out
+            of range.
     """
     if choice is None:
         choice = default if default is not None else False
@@ -104,11 +105,13 @@ def compression_args(
         choice = default or {}
     from fedbrats.federated.compression import DEFAULT_ENERGY_END, DEFAULT_ENERGY_START, check_energies
 
-    unknown = sorted(set(choice) - {"energy_start", "energy_end"})
+    unknown = sorted(set(choice) - {"energy_start", "energy_end", "error_feedback"})
     if unknown:
-        raise ValueError(f"compression takes energy_start and energy_end, got {unknown}")
-    args = {"energy_start": DEFAULT_ENERGY_START, "energy_end": DEFAULT_ENERGY_END, **choice}
+        raise ValueError(f"compression takes energy_start, energy_end and error_feedback, got {unknown}")
+    args = {"energy_start": DEFAULT_ENERGY_START, "energy_end": DEFAULT_ENERGY_END, "error_feedback": False, **choice}
     check_energies(args["energy_start"], args["energy_end"])
+    if not isinstance(args["error_feedback"], bool):
+        raise ValueError(f"compression error_feedback must be true or false, got {args['error_feedback']!r}")
     return {**args, "num_rounds": num_rounds}
 
 

@@ -183,9 +183,9 @@ class FedBratsRecipe(Recipe):
         job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
         if spec.compression is not None:
             for task in CLIENT_TASKS:
-                job.to_server(
-                    SVDBroadcastCompressor(**spec.compression), filter_type=FilterType.TASK_DATA, tasks=[task]
-                )
+                # The downlink always feeds its error back (the server's per-site views); the option is the uplink's.
+                broadcast = {k: v for k, v in spec.compression.items() if k != "error_feedback"}
+                job.to_server(SVDBroadcastCompressor(**broadcast), filter_type=FilterType.TASK_DATA, tasks=[task])
                 job.to_server(SVDDecompressor(), filter_type=FilterType.TASK_RESULT, tasks=[task])
 
     @staticmethod

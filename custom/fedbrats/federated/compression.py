@@ -275,10 +275,47 @@ class _ScheduledCompressor(DXOFilter):
 class SVDUpdateCompressor(_ScheduledCompressor):
     """Site task-result filter: the site's update (a ``WEIGHT_DIFF``) as SVD factors (see the module docstring).
 
-    Args: as :class:`_ScheduledCompressor` (``energy_start``, ``energy_end``, ``num_rounds``).
+    Args:
+        energy_start: as :class:`_ScheduledCompressor`.
+        energy_end: as :class:`_ScheduledCompressor`.
+        num_rounds: as :class:`_ScheduledCompressor`.
+        error_feedback: keep what the factors left out of each update (update minus its reconstruction) at the
+            site and add it to the next update before compressing (error feedback, as the downlink's views do;
+            not in FedKD's code). Low energies then delay the small directions of an update instead of dropping
+            them. The residual never leaves the site.
     """
 
     handled_kinds = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF)
+
+    def __init__(
+        self,
+        energy_start: float = DEFAULT_ENERGY_START,
+        energy_end: float = DEFAULT_ENERGY_END,
+        num_rounds: int = 1,
+        error_feedback: bool = False,
+    ) -> None:
+        super().__init__(energy_start, energy_end, num_rounds)
+        self.error_feedback = bool(error_feedback)
+        self._residual: dict[str, np.ndarray] = {}
+
+    def with_residual(self, update: Mapping[str, Any]) -> dict[str, Any]:
+        """``update`` plus the residual kept from the last compression (weights of another shape: none added)."""
+        out: dict[str, Any] = {}
+        for name, value in update.items():
+            arr = _to_numpy(value)
+            residual = self._residual.get(name)
+            if residual is not None and residual.shape == arr.shape and np.issubdtype(arr.dtype, np.floating):
+                arr = (arr + residual).astype(arr.dtype, copy=False)
+            out[name] = arr
+        return out
+
+    def keep_residual(self, update: Mapping[str, Any], sent: Mapping[str, Any]) -> None:
+        """Remember ``update`` minus what ``sent`` rebuilds (float weights only)."""
+        self._residual = {
+            name: arr - decompress_array(sent[name])
+            for name, arr in ((n, _to_numpy(v)) for n, v in update.items())
+            if np.issubdtype(arr.dtype, np.floating)
+        }
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
         """Compress a ``WEIGHT_DIFF``.
@@ -291,7 +328,10 @@ class SVDUpdateCompressor(_ScheduledCompressor):
                 "SVDUpdateCompressor compresses weight differences; set the executor's params_transfer_type to DIFF"
             )
         energy = self.energy(shareable)
-        data, stats = compress_params(dxo.data, energy)
+        update = self.with_residual(dxo.data) if self.error_feedback else dxo.data
+        data, stats = compress_params(update, energy)
+        if self.error_feedback:
+            self.keep_residual(update, data)
         meta = dict(dxo.meta or {})
         meta[SVD_META_KEY] = {"energy": energy}
         self.log_info(
