@@ -257,3 +257,16 @@ def test_own_cpu_seconds_count_reaped_children() -> None:
         [sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"]
     )
     assert _own_cpu_seconds() - before >= 0.45
+
+
+def test_prepared_federation_options(tmp_path: Path) -> None:
+    """--sites-file, --rounds and --set reach the settings; a missing federation or too few rounds are refused by
+    name before anything runs."""
+    from benchmarks.main import BenchSettings, main
+
+    settings = BenchSettings(mode="smoke", epochs_per_round=2, training={"data": {"zoom": 0.5}, "num_threads": 1})
+    assert settings.overrides() == {"epochs_per_round": 2, "data": {"zoom": 0.5}, "num_threads": 1}
+    with pytest.raises(ValueError, match="--sites-file"):
+        main(["--smoke", "--sections", "federated", "--out-dir", str(tmp_path), "--sites-file", str(tmp_path / "no")])
+    with pytest.raises(SystemExit, match="--rounds"):
+        main(["--smoke", "--out-dir", str(tmp_path), "--rounds", "1"])
