@@ -54,9 +54,61 @@ def _row(results: dict[str, Any]) -> dict[str, float]:
     return {**{r: row["dice"][r] for r in REGIONS}, "mean": row["mean_dice"]}
 
 
+def summarise(folders: list[str], out_dir: str, command: str) -> str:
+    """Mean ± std over seeds of each site's row in the ``personal.json`` of ``folders`` (one per seed), and per
+    site the mean difference of the personalised model to the others with the seeds where it is lower; returns the
+    markdown.
+
+    Raises:
+        ValueError: a folder without ``personal.json``.
+    """
+    runs = []
+    for folder in folders:
+        path = os.path.join(folder, "personal.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"--summarise: {path} does not exist; score that seed first")
+        with open(path, encoding="utf-8") as f:
+            runs.append(json.load(f)["sites"])
+    sites = sorted(set.intersection(*(set(r) for r in runs)))
+    names = [n for n in ("personalised", "shared (FedMIC global)", "baseline global") if n in runs[0][sites[0]]]
+    lines = [
+        f"Produced by `{command}`",
+        "",
+        f"Mean Dice on the test cases with each site's own sequences, mean ± std over {len(runs)} seeds.",
+        "",
+        "| site | sequences | " + " | ".join(names) + " |",
+        "|---|---|" + "--:|" * len(names),
+    ]
+    for site in sites:
+        cells = []
+        for n in names:
+            values = torch.tensor([r[site][n]["mean"] for r in runs], dtype=torch.float64)
+            cells.append(f"{values.mean():.3f} ± {values.std(unbiased=True) if len(runs) > 1 else 0.0:.3f}")
+        lines.append(f"| {site} | {runs[0][site]['sequences']} | " + " | ".join(cells) + " |")
+    lines += ["", "Personalised minus the other model (mean over seeds; seeds where the personalised is lower):", ""]
+    lines += ["| site | " + " | ".join(f"vs {n}" for n in names[1:]) + " |", "|---|" + "--:|" * (len(names) - 1)]
+    for site in sites:
+        cells = []
+        for n in names[1:]:
+            diffs = [r[site]["personalised"]["mean"] - r[site][n]["mean"] for r in runs]
+            cells.append(f"{sum(diffs) / len(diffs):+.3f} ({sum(d < 0 for d in diffs)} of {len(diffs)})")
+        lines.append(f"| {site} | " + " | ".join(cells) + " |")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--workspace", required=True, help="a finished `fedbrats simulate fedmic` workspace")
+    p.add_argument(
+        "--summarise",
+        nargs="+",
+        default=None,
+        metavar="SEED_OUT_DIR",
+        help="score nothing: summarise the --out-dir of several seeds' runs into OUT_DIR/summary.md",
+    )
+    p.add_argument("--workspace", default=None, help="a finished `fedbrats simulate fedmic` workspace")
     p.add_argument("--baseline", default=None, help="a finished workspace of another job (its global model)")
     p.add_argument("--sites", default=None, help="the federation's sites.json (default: the synthetic one)")
     p.add_argument("--out-dir", required=True)
@@ -64,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zoom", type=float, default=1.0)
     a = p.parse_args(argv)
     configure_logging("INFO")
+    command = " ".join([PROG, *(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))])
+    if a.summarise:
+        logger.info("\n%s", summarise(a.summarise, a.out_dir, command))
+        return 0
+    if not a.workspace:
+        p.error("--workspace is required (or --summarise)")
     sites_file = federation_sites_file(a.sites, "fedmic_personal")
     test = default_test_datalist(sites_file)
     data = {"roi_size": [a.roi] * 3, "zoom": a.zoom}
@@ -86,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
             row[name] = _row(evaluate_combinations(model, test, data=data, combinations=combo, model_name=name))
         table[site] = row
         logger.info("%s: %s", site, row)
-    command = " ".join([PROG, *(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))])
     candidates = ("personalised", "shared (FedMIC global)", "baseline global")
     names = [n for n in candidates if any(n in r for r in table.values())]
     caption = "Mean Dice on the test cases with each site's own sequences (WT / TC / ET)."
