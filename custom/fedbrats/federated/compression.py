@@ -20,7 +20,8 @@ filter                      where                         what
 Our choices (docs/fedmic.md):
 
 * Sites send differences (``params_transfer_type`` DIFF): the update is the trained weights minus the weights
-  the site received, computed by NVFlare's Client API, so the site-side filter needs no state. The server rebuilds
+  the site received, computed by NVFlare's Client API, so the site-side filter needs no state (unless its
+  optional uplink error feedback is on: then it keeps what the last factors left out, at the site). The server rebuilds
   the difference and the controller adds it to its own global model.
 * Downlink with error feedback: the server keeps, per site, the weights that site holds (its *view*), and sends
   the compressed ``global - view``; the view then moves by exactly what was sent. What compression leaves out of
