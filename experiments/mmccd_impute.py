@@ -23,7 +23,7 @@ import torch
 
 from fedbrats.constants import MODALITIES, REGIONS
 from fedbrats.data.loader import DataConfig, eval_transforms, make_dataset, read_datalist
-from fedbrats.evaluation.evaluate import datalist_convention, load_model
+from fedbrats.evaluation.evaluate import datalist_convention, load_model, preprocessing_options
 from fedbrats.evaluation.inference import predict_logits
 from fedbrats.evaluation.metrics import logits_to_regions, region_dice
 from fedbrats.federated.methods.mmccd import ModalityCycleNet, case_slices, impute_target, plane_offsets, unfit_in_plane
@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key", default="test")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--combinations", nargs="+", default=["t1+t1ce+flair", "flair"])
-    p.add_argument("--zoom", type=float, default=0.5)
-    p.add_argument("--roi", type=int, default=96, help="sliding-window side of the segmenter")
+    p.add_argument("--zoom", type=float, default=None, help="resampling factor (default: the segmenter's training one)")
+    p.add_argument(
+        "--roi", type=int, default=None, help="sliding-window side of the segmenter (default: its training crop)"
+    )
     p.add_argument("--masks", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--max-cases", type=int, default=0)
@@ -71,11 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(translator, ModalityCycleNet):
         raise ValueError(f"--translator must be a jobs/mmccd model, got {type(translator).__name__}")
     segmenter = load_model(a.segmenter).eval()
+    # The segmenter normalises over the window: its own training crop (and zoom) unless told otherwise.
+    roi, zoom = preprocessing_options(a.segmenter, [a.roi] * 3 if a.roi else None, a.zoom, "mmccd_impute")
     target = MODALITIES.index(translator.target)
     entries = read_datalist(a.datalist, a.key)[: a.max_cases or None]
     dataset = make_dataset(
         entries,
-        eval_transforms(MODALITIES, datalist_convention(a.datalist), DataConfig(zoom=a.zoom, cache_rate=0.0)),
+        eval_transforms(MODALITIES, datalist_convention(a.datalist), DataConfig(zoom=zoom, cache_rate=0.0)),
         0.0,
         0.0,
         a.datalist,
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 if condition != "zero-filled":
                     x[target] = synthetic if condition == "synthesised" else image[target]
                     mask[target] = 1.0
-                logits = predict_logits(segmenter, x[None], mask[None], (a.roi,) * 3, overlap=0.5, precision="auto")
+                logits = predict_logits(segmenter, x[None], mask[None], roi, overlap=0.5, precision="auto")
                 d = region_dice(logits_to_regions(logits.float()), label[None])[0]
                 dice["+".join(combo)][condition].append([float(v) for v in d])
         logger.info("case %d/%d done", i + 1, len(dataset))
