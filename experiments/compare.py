@@ -51,7 +51,7 @@ PRIVACY: dict[str, dict[str, Any]] = {
 EXPERIMENTS["fedkd_dp_prototypes"] = ("fedkd", {}, {})
 EXPERIMENTS["fedavg_svt"] = ("fedavg", {}, {})
 #: FedAvg with SVD-compressed updates both ways (fedbrats.federated.compression) at fixed or rising energies: the
-#: bytes-against-Dice curve (``python -m benchmarks.wire_curve`` reads the bytes from these runs' payload audits).
+#: bytes-against-Dice curve (``python benchmarks/wire.py --from-compare`` reads the bytes from their payload audits).
 COMPRESSION: dict[str, dict[str, Any]] = {
     "fedavg_svd": {},  # the filters' defaults: energy 0.95 rising to 0.98 (FedKD's schedule)
     "fedavg_svd_e90": {"energy_start": 0.90, "energy_end": 0.90},
