@@ -50,18 +50,27 @@ PRIVACY: dict[str, dict[str, Any]] = {
 }
 EXPERIMENTS["fedkd_dp_prototypes"] = ("fedkd", {}, {})
 EXPERIMENTS["fedavg_svt"] = ("fedavg", {}, {})
-#: FedAvg with SVD-compressed updates both ways (fedbrats.federated.compression) at fixed or rising energies: the
-#: bytes-against-Dice curve (``python benchmarks/wire.py --from-compare`` reads the bytes from their payload audits).
-COMPRESSION: dict[str, dict[str, Any]] = {
-    "fedavg_svd": {},  # the filters' defaults: energy 0.95 rising to 0.98 (FedKD's schedule)
-    "fedavg_svd_e90": {"energy_start": 0.90, "energy_end": 0.90},
-    "fedavg_svd_e80": {"energy_start": 0.80, "energy_end": 0.80},
-    "fedavg_svd_e50": {"energy_start": 0.50, "energy_end": 0.50},
+#: Methods with SVD-compressed updates both ways (fedbrats.federated.compression) at fixed or rising energies, as
+#: (job, filter arguments): the bytes-against-Dice curve (``python benchmarks/wire.py --from-compare`` reads the
+#: bytes from their payload audits). Each is paired with its job run without compression.
+COMPRESSION: dict[str, tuple[str, dict[str, Any]]] = {
+    "fedavg_svd": ("fedavg", {}),  # the filters' defaults: energy 0.95 rising to 0.98 (FedKD's schedule)
+    "fedavg_svd_e90": ("fedavg", {"energy_start": 0.90, "energy_end": 0.90}),
+    "fedavg_svd_e80": ("fedavg", {"energy_start": 0.80, "energy_end": 0.80}),
+    "fedavg_svd_e50": ("fedavg", {"energy_start": 0.50, "energy_end": 0.50}),
     # Error feedback on the uplink too: what a round's factors leave out stays at the site for the next round.
-    "fedavg_svd_e50_ef": {"energy_start": 0.50, "energy_end": 0.50, "error_feedback": True},
-    "fedavg_svd_e80_ef": {"energy_start": 0.80, "energy_end": 0.80, "error_feedback": True},
+    "fedavg_svd_e50_ef": ("fedavg", {"energy_start": 0.50, "energy_end": 0.50, "error_feedback": True}),
+    "fedavg_svd_e80_ef": ("fedavg", {"energy_start": 0.80, "energy_end": 0.80, "error_feedback": True}),
+    # The same filter pair on the distillation methods, at its defaults.
+    "fedkd_svd": ("fedkd", {}),
+    "mstkd_svd": ("mstkd", {}),
 }
-EXPERIMENTS.update({name: ("fedavg", {}, {}) for name in COMPRESSION})
+EXPERIMENTS.update({name: (job, {}, {}) for name, (job, _) in COMPRESSION.items()})
+
+
+def compression_of(name: str) -> dict[str, Any] | None:
+    """The compression filters' arguments of experiment ``name`` (None: it sends its updates uncompressed)."""
+    return COMPRESSION[name][1] if name in COMPRESSION else None
 
 
 def _average_results(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -135,7 +144,7 @@ def run_experiment(
             overrides=deep_merge(overrides, job_overrides),
             aggregation_args=agg_overrides,
             privacy=PRIVACY.get(name),
-            compression=COMPRESSION.get(name),
+            compression=compression_of(name),
         )
     run = RunFolder(result.run_dir)
     spec = run.model_spec
@@ -178,7 +187,7 @@ def run_experiment(
         "overrides": deep_merge(overrides, job_overrides),
         "aggregation_overrides": agg_overrides,
         "privacy": PRIVACY.get(name),
-        "compression": COMPRESSION.get(name),
+        "compression": compression_of(name),
         "simulator_seconds": round(result.seconds, 1) if result.seconds == result.seconds else None,
         "final_val_mean_dice": (result.history[-1].get("aggregated") or {}).get(KEY_METRIC),
     }
@@ -205,7 +214,7 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("mstkd", "centralized"),
     ("local_only", "centralized"),
     ("fedmic", "fedavg"),
-    *((name, "fedavg") for name in COMPRESSION),
+    *((name, job) for name, (job, _) in COMPRESSION.items()),
     ("isofed", "isofed_labelled_only"),
     ("isofed", "isofed_naive_ssl"),
     ("isofed_no_im", "isofed"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.compare import EXPERIMENTS, PRIVACY, _average_results
+from experiments.compare import COMPRESSION, EXPERIMENTS, PAIRS, PRIVACY, _average_results, compression_of
 from fedbrats.constants import REGIONS
 from fedbrats.jobgen import JOBS
 from fedbrats.utils import deep_merge
@@ -45,6 +45,17 @@ def test_local_only_results_are_the_mean_of_site_models() -> None:
 def test_every_experiment_names_a_real_job() -> None:
     assert {job for job, _, _ in EXPERIMENTS.values()} <= set(JOBS)
     assert set(PRIVACY) <= set(EXPERIMENTS)
+
+
+def test_compression_experiments_run_their_job_and_pair_with_it_uncompressed() -> None:
+    assert {"fedavg_svd", "fedkd_svd", "mstkd_svd"} <= set(COMPRESSION)
+    for name, (job, args) in COMPRESSION.items():
+        assert EXPERIMENTS[name][0] == job
+        assert compression_of(name) == args
+        # the uncompressed run of the same job is an experiment of its own, and the report pairs the two
+        assert job in EXPERIMENTS and (name, job) in PAIRS
+    assert EXPERIMENTS["fedkd_svd"][0] == "fedkd"
+    assert compression_of("fedkd") is None and compression_of("fedavg") is None
 
 
 # ---- replicated, paired comparison ---------------------------------------------------------------------------
