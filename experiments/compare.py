@@ -61,6 +61,12 @@ COMPRESSION: dict[str, tuple[str, dict[str, Any]]] = {
     # Error feedback on the uplink too: what a round's factors leave out stays at the site for the next round.
     "fedavg_svd_e50_ef": ("fedavg", {"energy_start": 0.50, "energy_end": 0.50, "error_feedback": True}),
     "fedavg_svd_e80_ef": ("fedavg", {"energy_start": 0.80, "energy_end": 0.80, "error_feedback": True}),
+    # 8-bit factors (and matrices that go whole): a quarter of the bytes of float factors. Energy 1.0 sends every
+    # weight whole, quantised only.
+    "fedavg_q8": ("fedavg", {"energy_start": 1.0, "energy_end": 1.0, "bits": 8}),
+    "fedavg_svd_q8": ("fedavg", {"bits": 8}),
+    "fedavg_svd_e90_q8": ("fedavg", {"energy_start": 0.90, "energy_end": 0.90, "bits": 8}),
+    "fedavg_svd_e80_q8": ("fedavg", {"energy_start": 0.80, "energy_end": 0.80, "bits": 8}),
     # The same filter pair on the distillation methods, at its defaults.
     "fedkd_svd": ("fedkd", {}),
     "mstkd_svd": ("mstkd", {}),

@@ -24,6 +24,8 @@ from fedbrats.federated.compression import (
     energy_rank,
     energy_threshold,
     is_factors,
+    is_quantized,
+    quantize_rows,
 )
 from fedbrats.federated.methods.fedmic import PERSONAL_STATE_FILE, FedMICMethod, logits_and_features
 from fedbrats.federated.protocol import BASE_META_KEYS, SVD_META_KEY
@@ -236,6 +238,88 @@ def test_compression_stats() -> None:
     _, stats = compress_params({"w": matrix, "b": np.ones(4, dtype=np.float32)}, 0.9)
     assert (stats.compressed, stats.whole) == (1, 1)
     assert stats.dense_bytes == matrix.nbytes + 16 and stats.sent_bytes == 2 * (16 + 12) * 4 + 16
+
+
+# ---- 8-bit factors (bits=8) ---------------------------------------------------------------------------------
+def test_quantize_rows_error_is_at_most_half_a_step() -> None:
+    rng = np.random.default_rng(2)
+    matrix = rng.normal(size=(5, 33)) * np.array([1e-4, 1.0, 10.0, 0.0, 3.0])[:, None]
+    q, scale = quantize_rows(matrix)
+    assert q.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (5,)
+    assert np.abs(q).max() == 127, "each non-zero row's largest magnitude maps to 127"
+    assert scale[3] == 0 and not q[3].any(), "an all-zero row stays zero"
+    restored = q * scale[:, None].astype(np.float64)
+    assert np.all(np.abs(restored - matrix) <= 0.5 * scale[:, None] * (1 + 1e-6) + 1e-12)
+
+
+def test_quantised_factors_are_a_quarter_of_the_bytes_and_close() -> None:
+    matrix = _with_singular_values(64, 96, SINGULAR).astype(np.float32)
+    plain, quant = compress_array(matrix, 0.95), compress_array(matrix, 0.95, quantize=True)
+    assert is_factors(quant) and quant["u"].dtype == np.int8 and quant["vt"].dtype == np.int8
+    assert quant["u"].shape == plain["u"].shape and quant["vt"].shape == plain["vt"].shape
+    _, plain_stats = compress_params({"w": matrix}, 0.95)
+    _, quant_stats = compress_params({"w": matrix}, 0.95, quantize=True)
+    k = plain["u"].shape[1]
+    assert quant_stats.sent_bytes == k * (64 + 96) + 2 * k * 4, "int8 factors plus a float32 scale per vector"
+    assert quant_stats.sent_bytes < 0.3 * plain_stats.sent_bytes
+    restored = decompress_array(quant)
+    assert restored.dtype == np.float32 and restored.shape == matrix.shape
+    # Rounding adds little to the truncation error (here < 1 % of the matrix's energy).
+    truncation = float(np.sum((decompress_array(plain) - matrix) ** 2))
+    assert float(np.sum((restored - matrix) ** 2)) < truncation + 0.01 * float(np.sum(SINGULAR**2))
+
+
+def test_quantised_whole_weights_and_what_stays_float() -> None:
+    kernel = np.random.default_rng(3).normal(size=(4, 2, 3, 3, 3)).astype(np.float32)
+    whole = compress_array(kernel, 1.0, quantize=True)
+    assert is_quantized(whole) and whole["q"].shape == (4, 54) and whole["shape"] == [4, 2, 3, 3, 3]
+    restored = decompress_array(whole)
+    assert restored.shape == kernel.shape
+    assert np.abs(restored - kernel).max() <= 0.5 * whole["scale"].max() + 1e-7
+    bias = np.arange(5, dtype=np.float32)
+    np.testing.assert_array_equal(compress_array(bias, 0.5, quantize=True), bias)  # 1-D: float, whole
+    with pytest.raises(ValueError, match="do not make"):
+        decompress_array({"q": np.zeros((3, 4), np.int8), "scale": np.ones(3, np.float32), "shape": [3, 5]})
+
+
+def test_bits_option_is_checked_and_reaches_both_filters() -> None:
+    from fedbrats.jobgen import compression_args
+
+    for bad in (16, 4, True, "8"):
+        with pytest.raises(ValueError, match="bits"):
+            SVDUpdateCompressor(bits=bad)
+        with pytest.raises(ValueError, match="bits"):
+            compression_args(None, {"bits": bad}, 3)
+    assert compression_args(None, True, 3) == {
+        "energy_start": 0.95,
+        "energy_end": 0.98,
+        "error_feedback": False,
+        "num_rounds": 3,
+    }, "a job names bits only when it quantises"
+    assert compression_args(None, {"bits": 8}, 3)["bits"] == 8
+    # The pair on a payload: the update travels as int8 factors and comes back within the rounding.
+    weights = {"w": _with_singular_values(32, 40, SINGULAR).astype(np.float32), "b": np.ones(3, np.float32)}
+    site, server = SVDUpdateCompressor(0.99, 0.99, bits=8), SVDDecompressor()
+    up = from_shareable(site.process(_shareable(DataKind.WEIGHT_DIFF, weights, 0), _ctx()))
+    assert up.data["w"]["u"].dtype == np.int8 and up.data["b"].dtype == np.float32
+    rebuilt = from_shareable(server.process(up.to_shareable(), _ctx("site-1"))).data
+    np.testing.assert_array_equal(rebuilt["b"], weights["b"])
+    assert float(np.sum((rebuilt["w"] - weights["w"]) ** 2)) < 0.02 * float(np.sum(SINGULAR**2))
+    # The downlink: the site rebuilds exactly the view the server keeps for it (the server's error feedback then
+    # also carries the rounding), and the second broadcast travels as int8 factors.
+    broadcast, site_in = SVDBroadcastCompressor(bits=8, num_rounds=2), SVDDecompressor()
+    assert broadcast.quantize and not SVDBroadcastCompressor().quantize
+    site_in.process(broadcast.process(_shareable(DataKind.WEIGHTS, weights, 0), _ctx("site-1")), _ctx())
+    moved = {
+        "w": weights["w"] + _with_singular_values(32, 40, SINGULAR[:2], seed=4).astype(np.float32),
+        "b": weights["b"],
+    }
+    down = broadcast.process(_shareable(DataKind.WEIGHTS, moved, 1), _ctx("site-1"))
+    assert from_shareable(down).data["w"]["vt"].dtype == np.int8
+    held = from_shareable(site_in.process(down, _ctx())).data
+    view = broadcast._views[broadcast._site_view["site-1"]]
+    np.testing.assert_array_equal(held["w"], view["w"])
+    assert float(np.sum((held["w"] - moved["w"]) ** 2)) < 0.02 * float(np.sum(SINGULAR[:2] ** 2))
 
 
 # ---- the distillation terms ----------------------------------------------------------------------------------

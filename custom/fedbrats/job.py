@@ -75,7 +75,8 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="energy_start, energy_end or error_feedback (true: the uplink keeps what it left out for the next round)",
+        help="energy_start, energy_end, error_feedback (true: the uplink keeps what it left out for the next round) or "
+        "bits (8: int8 factors)",
     )
     parser.add_argument(
         "--tracking",

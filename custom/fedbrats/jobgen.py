@@ -94,8 +94,8 @@ def compression_args(
     """The SVD filters' arguments (None: no compression) from the job's default and the caller's choice.
 
     Raises:
-        ValueError: an option other than ``energy_start``, ``energy_end`` and ``error_feedback``, or energies out
-            of range.
+        ValueError: an option other than ``energy_start``, ``energy_end``, ``error_feedback`` and ``bits``, or
+            values out of range.
     """
     if choice is None:
         choice = default if default is not None else False
@@ -103,13 +103,15 @@ def compression_args(
         return None
     if choice is True:
         choice = default or {}
-    from fedbrats.federated.compression import DEFAULT_ENERGY_END, DEFAULT_ENERGY_START, check_energies
+    from fedbrats.federated.compression import DEFAULT_ENERGY_END, DEFAULT_ENERGY_START, check_bits, check_energies
 
-    unknown = sorted(set(choice) - {"energy_start", "energy_end", "error_feedback"})
+    unknown = sorted(set(choice) - {"energy_start", "energy_end", "error_feedback", "bits"})
     if unknown:
-        raise ValueError(f"compression takes energy_start, energy_end and error_feedback, got {unknown}")
+        raise ValueError(f"compression takes energy_start, energy_end, error_feedback and bits, got {unknown}")
     args = {"energy_start": DEFAULT_ENERGY_START, "energy_end": DEFAULT_ENERGY_END, "error_feedback": False, **choice}
     check_energies(args["energy_start"], args["energy_end"])
+    if "bits" in args:  # float factors (32) unless asked: a job's configuration names it only when it quantises
+        check_bits(args["bits"])
     if not isinstance(args["error_feedback"], bool):
         raise ValueError(f"compression error_feedback must be true or false, got {args['error_feedback']!r}")
     return {**args, "num_rounds": num_rounds}

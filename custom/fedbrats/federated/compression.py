@@ -5,6 +5,11 @@ more dimensions (conv kernels reshaped to ``out x (in*k*k*k)``) is factorised by
 triplets whose energy (sum of squared singular values) reaches a fraction ``e`` of the total are sent; ``e`` rises
 linearly over the rounds (0.95 to 0.98). 1-D weights (biases, norms) and non-float arrays go whole.
 
+Optionally (``bits=8``, not in FedKD) what goes out is also quantised to 8-bit integers: each singular vector of the
+factors, and each row of a weight that goes whole as a matrix, as int8 with one float32 scale (symmetric, its
+largest magnitude maps to 127). This divides the bytes of the factors by four; the rounding error of a value is at
+most half its vector's scale. 1-D weights stay float.
+
 Where the filters sit (added by :class:`fedbrats.recipe.FedBratsRecipe` when compression is on, one chain per task):
 
 ==========================  ============================  ==============================================
@@ -59,6 +64,12 @@ DEFAULT_ENERGY_END = 0.98
 #: Keys of a compressed weight: ``u`` (left vectors scaled by the singular values), ``vt`` (right vectors) and the
 #: weight's ``shape``.
 FACTOR_KEYS = frozenset({"u", "vt", "shape"})
+#: Keys of quantised factors (``bits=8``): int8 ``u`` and ``vt`` with one scale per singular vector.
+QUANTIZED_FACTOR_KEYS = frozenset({"u", "vt", "u_scale", "vt_scale", "shape"})
+#: Keys of a quantised whole weight (``bits=8``): int8 rows ``q`` of the weight as a matrix, one scale per row.
+QUANTIZED_KEYS = frozenset({"q", "scale", "shape"})
+#: What the ``bits`` option takes: 32 (float factors, FedKD's codec) or 8 (int8 factors and matrices).
+SUPPORTED_BITS = (32, 8)
 
 
 def energy_threshold(
@@ -121,20 +132,66 @@ def energy_rank(singular_values: np.ndarray, energy: float) -> int:
 
 
 def is_factors(value: Any) -> bool:
-    """Whether a payload item is a compressed weight (a dict of :data:`FACTOR_KEYS`)."""
-    return isinstance(value, Mapping) and set(value) == FACTOR_KEYS
+    """Whether a payload item is a compressed weight (a dict of :data:`FACTOR_KEYS` or
+    :data:`QUANTIZED_FACTOR_KEYS`)."""
+    return isinstance(value, Mapping) and set(value) in (FACTOR_KEYS, QUANTIZED_FACTOR_KEYS)
 
 
-def compress_array(array: Any, energy: float) -> np.ndarray | dict[str, Any]:
+def is_quantized(value: Any) -> bool:
+    """Whether a payload item is a quantised whole weight (a dict of :data:`QUANTIZED_KEYS`)."""
+    return isinstance(value, Mapping) and set(value) == QUANTIZED_KEYS
+
+
+def check_bits(bits: int) -> None:
+    """Raise a ValueError naming ``bits`` when it is not one of :data:`SUPPORTED_BITS`."""
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {list(SUPPORTED_BITS)}, got {bits!r}")
+
+
+def quantize_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 quantisation of each row: ``q = round(row / scale)``, ``scale = max|row| / 127``.
+
+    Returns:
+        ``(q, scale)``: int8 of the matrix's shape and float32 of its number of rows (0 for an all-zero row).
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    peak = np.abs(m).max(axis=1) if m.shape[1] else np.zeros(m.shape[0])
+    scale = peak / 127.0
+    safe = np.where(scale > 0, scale, 1.0)
+    q = np.clip(np.rint(m / safe[:, None]), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def dequantize_rows(q: np.ndarray, scale: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """Inverse of :func:`quantize_rows` (to within half a scale step per value)."""
+    return (np.asarray(q, dtype=np.float64) * np.asarray(scale, dtype=np.float64)[:, None]).astype(dtype)
+
+
+def _whole(arr: np.ndarray, quantize: bool) -> np.ndarray | dict[str, Any]:
+    if not quantize:
+        return arr
+    q, scale = quantize_rows(arr.reshape(arr.shape[0], -1))
+    return {"q": q, "scale": scale, "shape": list(arr.shape)}
+
+
+def compress_array(array: Any, energy: float, quantize: bool = False) -> np.ndarray | dict[str, Any]:
     """A weight update as its top singular factors, or whole where that is not smaller.
 
     A float array with two or more dimensions is reshaped to ``shape[0] x prod(shape[1:])`` and factorised; the
     rank is :func:`energy_rank`. It goes whole when ``energy >= 1``, when it is 1-D or not floating point, or when
     the factors would not be smaller than the matrix.
 
+    Args:
+        array: the weight (update).
+        energy: the fraction of the squared singular values to keep.
+        quantize: send the factors (or the whole matrix) as int8 with a float32 scale per singular vector (per row);
+            1-D and non-float arrays stay as they are.
+
     Returns:
-        the array itself, or ``{"u": (m, k), "vt": (k, n), "shape": [...]}`` in the array's dtype, with ``u`` the left
-        singular vectors scaled by the singular values.
+        the array itself; ``{"u": (m, k), "vt": (k, n), "shape": [...]}`` in the array's dtype, with ``u`` the left
+        singular vectors scaled by the singular values; with ``quantize``, the same ``u`` and ``vt`` as int8 plus
+        ``u_scale`` and ``vt_scale`` (``k`` each), or a whole matrix as ``{"q": int8 (m, n), "scale": (m,),
+        "shape"}``.
 
     Raises:
         ValueError: ``energy`` <= 0.
@@ -142,31 +199,59 @@ def compress_array(array: Any, energy: float) -> np.ndarray | dict[str, Any]:
     if energy <= 0:
         raise ValueError(f"energy must be > 0, got {energy}")
     arr = _to_numpy(array)
-    if arr.ndim < 2 or energy >= 1.0 or not np.issubdtype(arr.dtype, np.floating) or arr.size == 0:
+    if arr.ndim < 2 or not np.issubdtype(arr.dtype, np.floating) or arr.size == 0:
         return arr
+    if energy >= 1.0:
+        return _whole(arr, quantize)
     rows = arr.shape[0]
     matrix = arr.reshape(rows, -1).astype(np.float64)
     cols = matrix.shape[1]
     u, s, vt = np.linalg.svd(matrix, full_matrices=False)
     k = energy_rank(s, energy)
     if k * (rows + cols) >= rows * cols:
-        return arr
-    return {"u": (u[:, :k] * s[:k]).astype(arr.dtype), "vt": vt[:k].astype(arr.dtype), "shape": list(arr.shape)}
+        return _whole(arr, quantize)
+    left, right = u[:, :k] * s[:k], vt[:k]
+    if not quantize:
+        return {"u": left.astype(arr.dtype), "vt": right.astype(arr.dtype), "shape": list(arr.shape)}
+    q_left, left_scale = quantize_rows(left.T)
+    q_right, right_scale = quantize_rows(right)
+    return {
+        "u": q_left.T.copy(),
+        "vt": q_right,
+        "u_scale": left_scale,
+        "vt_scale": right_scale,
+        "shape": list(arr.shape),
+    }
 
 
 def decompress_array(value: Any) -> np.ndarray:
-    """Inverse of :func:`compress_array` (an uncompressed array comes back as it is).
+    """Inverse of :func:`compress_array` (an uncompressed array comes back as it is; quantised values to within
+    their rounding).
 
     Raises:
         ValueError: factors whose shapes do not fit each other or the weight's shape.
     """
+    if is_quantized(value):
+        q, shape = _to_numpy(value["q"]), [int(n) for n in value["shape"]]
+        if q.shape != (shape[0], int(np.prod(shape[1:]))):
+            raise ValueError(f"quantised rows {q.shape} do not make a weight of shape {shape}")
+        return dequantize_rows(q, _to_numpy(value["scale"])).reshape(shape)
     if not is_factors(value):
         return _to_numpy(value)
     u, vt, shape = _to_numpy(value["u"]), _to_numpy(value["vt"]), [int(n) for n in value["shape"]]
     rows, cols = shape[0], int(np.prod(shape[1:]))
     if u.shape[0] != rows or vt.shape[-1] != cols or u.shape[1] != vt.shape[0]:
         raise ValueError(f"factors {u.shape} x {vt.shape} do not make a weight of shape {shape}")
+    if "u_scale" in value:
+        u = dequantize_rows(u.T, _to_numpy(value["u_scale"])).T
+        vt = dequantize_rows(vt, _to_numpy(value["vt_scale"]))
     return (u @ vt).reshape(shape).astype(u.dtype, copy=False)
+
+
+def _packed_bytes(packed: Any) -> int:
+    if isinstance(packed, Mapping):
+        return sum(_to_numpy(v).nbytes for k, v in packed.items() if k != "shape")
+    return _to_numpy(packed).nbytes
 
 
 @dataclass
@@ -193,20 +278,21 @@ class CompressionStats:
         return self.sent_bytes / max(self.dense_bytes, 1)
 
 
-def compress_params(params: Mapping[str, Any], energy: float) -> tuple[dict[str, Any], CompressionStats]:
+def compress_params(
+    params: Mapping[str, Any], energy: float, quantize: bool = False
+) -> tuple[dict[str, Any], CompressionStats]:
     """:func:`compress_array` of every weight, with the sizes before and after."""
     stats = CompressionStats(energy)
     out: dict[str, Any] = {}
     for name, value in params.items():
         arr = _to_numpy(value)
-        packed = compress_array(arr, energy)
+        packed = compress_array(arr, energy, quantize)
         stats.dense_bytes += arr.nbytes
         if is_factors(packed):
             stats.compressed += 1
-            stats.sent_bytes += packed["u"].nbytes + packed["vt"].nbytes
         else:
             stats.whole += 1
-            stats.sent_bytes += arr.nbytes
+        stats.sent_bytes += _packed_bytes(packed)
         out[name] = packed
     return out, stats
 
@@ -240,9 +326,11 @@ class _ScheduledCompressor(DXOFilter):
         energy_end: energy kept at the last round (and in the final validation); 1.0 everywhere sends every
             weight whole.
         num_rounds: the job's rounds (the schedule's length).
+        bits: 32 sends float factors (FedKD's codec); 8 sends them (and matrices that go whole) as int8 with a
+            float32 scale per vector (see the module docstring).
 
     Raises:
-        ValueError: thresholds outside (0, 1] or decreasing, or ``num_rounds`` < 1.
+        ValueError: thresholds outside (0, 1] or decreasing, ``num_rounds`` < 1, or ``bits`` not 32 or 8.
     """
 
     #: The DXO kinds the filter handles.
@@ -253,12 +341,15 @@ class _ScheduledCompressor(DXOFilter):
         energy_start: float = DEFAULT_ENERGY_START,
         energy_end: float = DEFAULT_ENERGY_END,
         num_rounds: int = 1,
+        bits: int = 32,
     ) -> None:
         kinds = list(self.handled_kinds)
         super().__init__(supported_data_kinds=kinds, data_kinds_to_filter=kinds)
         check_energies(energy_start, energy_end)
+        check_bits(bits)
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
+        self.quantize = bits == 8
         self.energy_start = energy_start
         self.energy_end = energy_end
         self.num_rounds = num_rounds
@@ -280,6 +371,7 @@ class SVDUpdateCompressor(_ScheduledCompressor):
         energy_start: as :class:`_ScheduledCompressor`.
         energy_end: as :class:`_ScheduledCompressor`.
         num_rounds: as :class:`_ScheduledCompressor`.
+        bits: as :class:`_ScheduledCompressor`.
         error_feedback: keep what the factors left out of each update (update minus its reconstruction) at the
             site and add it to the next update before compressing (error feedback, as the downlink's views do;
             not in FedKD's code). Low energies then delay the small directions of an update instead of dropping
@@ -293,9 +385,10 @@ class SVDUpdateCompressor(_ScheduledCompressor):
         energy_start: float = DEFAULT_ENERGY_START,
         energy_end: float = DEFAULT_ENERGY_END,
         num_rounds: int = 1,
+        bits: int = 32,
         error_feedback: bool = False,
     ) -> None:
-        super().__init__(energy_start, energy_end, num_rounds)
+        super().__init__(energy_start, energy_end, num_rounds, bits)
         self.error_feedback = bool(error_feedback)
         self._residual: dict[str, np.ndarray] = {}
 
@@ -330,7 +423,7 @@ class SVDUpdateCompressor(_ScheduledCompressor):
             )
         energy = self.energy(shareable)
         update = self.with_residual(dxo.data) if self.error_feedback else dxo.data
-        data, stats = compress_params(update, energy)
+        data, stats = compress_params(update, energy, self.quantize)
         if self.error_feedback:
             self.keep_residual(update, data)
         meta = dict(dxo.meta or {})
@@ -350,7 +443,7 @@ class SVDBroadcastCompressor(_ScheduledCompressor):
     model), so what one broadcast leaves out goes with the next (error feedback). Sites that hold the same view get
     the same factors, computed once.
 
-    Args: as :class:`_ScheduledCompressor` (``energy_start``, ``energy_end``, ``num_rounds``).
+    Args: as :class:`_ScheduledCompressor` (``energy_start``, ``energy_end``, ``num_rounds``, ``bits``).
     """
 
     handled_kinds = (DataKind.WEIGHTS,)
@@ -393,7 +486,7 @@ class SVDBroadcastCompressor(_ScheduledCompressor):
             else:
                 held = self._views[base]
                 diff = {k: v - held[k] for k, v in full.items()}
-                data, stats = compress_params(diff, energy)
+                data, stats = compress_params(diff, energy, self.quantize)
                 view = {k: held[k] + decompress_array(data[k]) for k in full}
                 logger.info(
                     "SVD broadcast: energy %.3f, %d weights as factors, %d whole, %d of %d bytes (%.1f%%)",
@@ -467,6 +560,7 @@ class SVDDecompressor(DXOFilter):
 __all__ = [
     "DEFAULT_ENERGY_END",
     "DEFAULT_ENERGY_START",
+    "SUPPORTED_BITS",
     "CompressionStats",
     "SVDBroadcastCompressor",
     "SVDDecompressor",
@@ -477,4 +571,6 @@ __all__ = [
     "decompress_params",
     "energy_rank",
     "energy_threshold",
+    "is_factors",
+    "is_quantized",
 ]
