@@ -153,6 +153,7 @@ def test_method_argument_errors() -> None:
         ({"ema_decay": 1.2}, "ema_decay"),
         ({"strong_dropout": -0.1}, "strong_dropout"),
         ({"consistency_weight": -1.0}, "consistency_weight"),
+        ({"unlabelled_lr_scale": 0.0}, "unlabelled_lr_scale"),
     ):
         with pytest.raises(ValueError, match=arg):
             IsoFedMethod(**kwargs)
@@ -265,6 +266,20 @@ def test_the_job_option_hides_labels_and_a_method_without_unlabelled_support_is_
     with pytest.raises(ValueError, match="unlabelled_sites"):
         TrainConfig.from_dict({"unlabelled_sites": "site-4"})
     assert build_method("isofed").supports_unlabelled
+
+
+def test_unlabelled_lr_scale_slows_only_the_unlabelled_sites(tiny_federation: str) -> None:
+    """The option scales the trainer's learning rate, its schedule included, at unlabelled sites only."""
+    site = load_site_config(tiny_federation, "site-4")
+    args = {"im_steps": 0, "unlabelled_lr_scale": 0.1}
+    lrs = {}
+    for hidden in ([], ["site-4"]):
+        config = TrainConfig.from_dict({**SMALL, "method": "isofed", "method_args": args, "unlabelled_sites": hidden})
+        trainer = SiteTrainer(site, config, BraTSSegResNet(init_filters=8))
+        trainer.train_round(0, 2)
+        lrs[bool(hidden)] = trainer.optimizer.param_groups[0]["lr"]
+    assert lrs[True] == pytest.approx(0.1 * lrs[False]) and lrs[False] > 0
+    assert IsoFedMethod().lr_scale == 1.0
 
 
 def test_prepare_marks_unlabelled_sites_and_needs_no_segmentation_there(tmp_path) -> None:

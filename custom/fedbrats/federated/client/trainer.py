@@ -165,7 +165,9 @@ class SiteTrainer:
         self.train_loader, self.val_loader = make_loaders(
             site.datalist, site.modalities, site.convention, config.data, divisor, labelled=site.labelled
         )
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.lr * self.method.lr_scale, weight_decay=config.weight_decay
+        )
         self.global_step = 0
         self.epochs_done = 0
 
@@ -218,7 +220,11 @@ class SiteTrainer:
                     break
                 if total_rounds:
                     within = (epoch + batch_idx / max(steps_per_epoch, 1)) / cfg.epochs_per_round
-                    lr = cfg.lr * lr_factor(cfg.lr_schedule, (current_round + within) / total_rounds)
+                    lr = (
+                        cfg.lr
+                        * self.method.lr_scale
+                        * lr_factor(cfg.lr_schedule, (current_round + within) / total_rounds)
+                    )
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                 batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -30,6 +30,11 @@ class ClientMethod:
     supports_unlabelled: ClassVar[bool] = False
     labelled: bool = True
 
+    @property
+    def lr_scale(self) -> float:
+        """Factor on the trainer's learning rate (its schedule included) at this site; 1 by default."""
+        return 1.0
+
     def setup(self, model: torch.nn.Module, modalities: tuple[str, ...], device: torch.device) -> None:
         """Called once, after the model is built, with the site's available sequences."""
         self.model = model
