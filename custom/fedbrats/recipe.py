@@ -20,7 +20,6 @@ from typing import Any
 
 from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE
 from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
-from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 from nvflare.app_common.widgets.streaming import AnalyticsReceiver
 from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
@@ -36,6 +35,7 @@ from fedbrats.federated.filters import PayloadAuditFilter, PrototypePrivacyFilte
 from fedbrats.federated.protocol import PAYLOAD_AUDIT_IN_FILE
 from fedbrats.federated.server.aggregation import STRATEGIES
 from fedbrats.federated.server.controller import FedBratsController
+from fedbrats.federated.server.selection import BestModelSelector
 from fedbrats.federated.tracking import MLFLOW_EXPERIMENT, check_tracking
 from fedbrats.jobgen import JOBS, TASK_REQUEST_INTERVAL, JobSpec, job_spec
 from fedbrats.utils import deep_merge
@@ -176,7 +176,7 @@ class FedBratsRecipe(Recipe):
         job.to_server(controller, id="controller")
         job.to_server(PTFileModelPersistor(model=spec.network), id=controller.persistor_id)
         job.to_server(built_component(spec.aggregation, STRATEGIES.build), id=controller.aggregation_id)
-        job.to_server(IntimeModelSelector(key_metric=spec.key_metric), id="model_selector")
+        job.to_server(BestModelSelector(key_metric=spec.key_metric), id="model_selector")
         job.to_server(PTFileModelLocator(pt_persistor_id=controller.persistor_id), id="model_locator")
         receiver_id = "tb_receiver" if spec.tracking == "tensorboard" else "mlflow_receiver"
         job.to_server(tracking_receiver(spec.tracking, spec.name, spec.tracking_uri), id=receiver_id)

@@ -181,7 +181,7 @@ class FedBratsController(ModelController):
             results = self._collect("train", self._outgoing(global_params, spec, current_round), targets, global_params)
             updates, record = self._accept(results, targets, current_round)
             self._collected("train", record)
-            self.event(AppEventType.BEFORE_AGGREGATION)  # lets IntimeModelSelector judge the model just scored
+            self.event(AppEventType.BEFORE_AGGREGATION)  # the model selector judges the model just scored
             if updates:
                 global_params = strategy.aggregate(global_params, updates, current_round)
                 self._set_global_model(global_params)
