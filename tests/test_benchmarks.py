@@ -270,3 +270,31 @@ def test_prepared_federation_options(tmp_path: Path) -> None:
         main(["--smoke", "--sections", "federated", "--out-dir", str(tmp_path), "--sites-file", str(tmp_path / "no")])
     with pytest.raises(SystemExit, match="--rounds"):
         main(["--smoke", "--out-dir", str(tmp_path), "--rounds", "1"])
+
+
+def test_wire_curve_pairs_each_configuration_with_its_reference() -> None:
+    from benchmarks.wire import curve_report, reference_pair
+
+    pair = {"mean_difference": -0.013, "ci95": [-0.02, -0.006]}
+    paired = {"fedavg_svd vs fedavg": {"mean_difference": 0.002, "ci95": [-0.004, 0.006]}, "fedkd_svd vs fedkd": pair}
+    assert reference_pair(paired, "fedavg_svd", "fedavg")[0] == "fedavg"
+    assert reference_pair(paired, "fedkd_svd", "fedavg") == ("fedkd", pair), "its own uncompressed run"
+    assert reference_pair(paired, "fedavg", "fedavg") == (None, None)
+    measured = {
+        name: {0: {"dense_model_bytes": 1000, "sent_mean": sent, "received_mean": 2 * sent}}
+        for name, sent in (("fedavg", 1000.0), ("fedkd_svd", 100.0))
+    }
+    dice = {"mean_over_combinations": {"mean_dice": {"mean": 0.7, "std": 0.01}}}
+    report = curve_report(measured, {"methods": {"fedkd_svd": dice}, "paired": paired}, "fedavg", "cmd")
+    row = next(line for line in report.splitlines() if line.startswith("| fedkd_svd"))
+    assert row.split(" | ")[1:] == [
+        "1",
+        "100",
+        "10.0",
+        "200",
+        "5.0",
+        "0.700 ± 0.010",
+        "fedkd",
+        "-0.013",
+        "[-0.020, -0.006] |",
+    ]
