@@ -322,6 +322,28 @@ def test_bits_option_is_checked_and_reaches_both_filters() -> None:
     assert float(np.sum((held["w"] - moved["w"]) ** 2)) < 0.02 * float(np.sum(SINGULAR[:2] ** 2))
 
 
+def test_every_compression_option_reaches_the_exported_job() -> None:
+    """NVFlare's Job API exports a component's arguments from its attributes: an option the filter does not keep
+    under its own name is silently dropped from the job (it once dropped ``bits``)."""
+    from fedbrats.recipe import job_files
+
+    asked = {"energy_start": 0.8, "energy_end": 0.9, "error_feedback": True, "bits": 8}
+    files = job_files("fedavg", num_rounds=3, compression=asked)
+    client = json.loads(files["app/config/config_fed_client.json"])
+    server = json.loads(files["app/config/config_fed_server.json"])
+
+    def filter_args(config: dict, chains: str, cls: str) -> list[dict]:
+        return [f["args"] for chain in config[chains] for f in chain["filters"] if f["path"].endswith(cls)]
+
+    uplink = filter_args(client, "task_result_filters", "SVDUpdateCompressor")
+    downlink = filter_args(server, "task_data_filters", "SVDBroadcastCompressor")
+    assert uplink and downlink
+    for args in uplink:
+        assert args == {**asked, "num_rounds": 3}
+    for args in downlink:
+        assert args == {k: v for k, v in {**asked, "num_rounds": 3}.items() if k != "error_feedback"}
+
+
 # ---- the distillation terms ----------------------------------------------------------------------------------
 def test_adaptive_scale_is_the_inverse_task_loss_sum_and_detached() -> None:
     a = torch.tensor(2.0, requires_grad=True)

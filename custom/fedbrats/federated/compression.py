@@ -349,6 +349,8 @@ class _ScheduledCompressor(DXOFilter):
         check_bits(bits)
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
+        # NVFlare's Job API exports a component's arguments from its attributes of the same names: keep each one.
+        self.bits = bits
         self.quantize = bits == 8
         self.energy_start = energy_start
         self.energy_end = energy_end
