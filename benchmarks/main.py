@@ -120,6 +120,9 @@ MODES: dict[str, BenchSettings] = {
             # The job's own crop as the window (what `fedbrats predict` uses for these models by default).
             {"job": "fedavg", "subset": _ALL, "roi_size": [32, 32, 32], "overlap": 0.5, "zoom": 0.5},
             {"subset": _ALL, "roi_size": [96, 96, 96], "overlap": 0.5, "zoom": 0.5, "precision": "bf16"},
+            # The real-data recipe's inference: its 64^3 training crop as the window (the networks normalise over
+            # the window, so this is the window evaluation and `fedbrats predict` use), bfloat16.
+            {"subset": _ALL, "roi_size": [64, 64, 64], "overlap": 0.5, "zoom": 0.5, "precision": "bf16"},
         ],
     ),
     "full": BenchSettings(
