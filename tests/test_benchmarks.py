@@ -281,7 +281,14 @@ def test_wire_curve_pairs_each_configuration_with_its_reference() -> None:
     assert reference_pair(paired, "fedkd_svd", "fedavg") == ("fedkd", pair), "its own uncompressed run"
     assert reference_pair(paired, "fedavg", "fedavg") == (None, None)
     measured = {
-        name: {0: {"dense_model_bytes": 1000, "sent_mean": sent, "received_mean": 2 * sent}}
+        name: {
+            0: {
+                "dense_model_bytes": 1000,
+                "sent_mean": sent,
+                "received_mean": 2 * sent,
+                "received_later_mean": sent / 2,
+            }
+        }
         for name, sent in (("fedavg", 1000.0), ("fedkd_svd", 100.0))
     }
     dice = {"mean_over_combinations": {"mean_dice": {"mean": 0.7, "std": 0.01}}}
@@ -293,6 +300,8 @@ def test_wire_curve_pairs_each_configuration_with_its_reference() -> None:
         "10.0",
         "200",
         "5.0",
+        "50",
+        "20.0",
         "0.700 ± 0.010",
         "fedkd",
         "-0.013",
