@@ -267,6 +267,8 @@ def test_quantised_factors_are_a_quarter_of_the_bytes_and_close() -> None:
     # Rounding adds little to the truncation error (here < 1 % of the matrix's energy).
     truncation = float(np.sum((decompress_array(plain) - matrix) ** 2))
     assert float(np.sum((restored - matrix) ** 2)) < truncation + 0.01 * float(np.sum(SINGULAR**2))
+    with pytest.raises(ValueError, match="singular vectors"):
+        decompress_array({**quant, "u_scale": quant["u_scale"][:-1]})
 
 
 def test_quantised_whole_weights_and_what_stays_float() -> None:

@@ -243,8 +243,11 @@ def decompress_array(value: Any) -> np.ndarray:
     if u.shape[0] != rows or vt.shape[-1] != cols or u.shape[1] != vt.shape[0]:
         raise ValueError(f"factors {u.shape} x {vt.shape} do not make a weight of shape {shape}")
     if "u_scale" in value:
-        u = dequantize_rows(u.T, _to_numpy(value["u_scale"])).T
-        vt = dequantize_rows(vt, _to_numpy(value["vt_scale"]))
+        u_scale, vt_scale = _to_numpy(value["u_scale"]), _to_numpy(value["vt_scale"])
+        if u_scale.shape != (u.shape[1],) or vt_scale.shape != (u.shape[1],):
+            raise ValueError(f"scales {u_scale.shape} and {vt_scale.shape} do not fit {u.shape[1]} singular vectors")
+        u = dequantize_rows(u.T, u_scale).T
+        vt = dequantize_rows(vt, vt_scale)
     return (u @ vt).reshape(shape).astype(u.dtype, copy=False)
 
 
