@@ -100,6 +100,25 @@ def test_what_goes_whole() -> None:
         decompress_array({"u": np.ones((3, 1)), "vt": np.ones((1, 4)), "shape": [3, 5]})
 
 
+def test_a_failing_svd_falls_back_and_never_loses_the_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    matrix = _with_singular_values(16, 12, SINGULAR).astype(np.float32)
+
+    def not_converged(*args, **kwargs):
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    monkeypatch.setattr(np.linalg, "svd", not_converged)
+    packed = compress_array(matrix, 0.95)  # the QR-based LAPACK driver instead
+    assert is_factors(packed) and packed["u"].shape == (16, 3)
+    import scipy.linalg
+
+    monkeypatch.setattr(scipy.linalg, "svd", not_converged)
+    np.testing.assert_array_equal(compress_array(matrix, 0.95), matrix)  # both fail: sent whole
+    assert is_quantized(compress_array(matrix, 0.95, quantize=True))
+    bad = matrix.copy()
+    bad[0, 0] = np.nan
+    assert compress_array(bad, 0.95) is not None and np.isnan(compress_array(bad, 0.95)[0, 0]), "sent as it is"
+
+
 def test_energy_schedule_rises_linearly() -> None:
     assert energy_threshold(0, 4) == pytest.approx(0.95)
     assert energy_threshold(1, 4) == pytest.approx(0.96)

@@ -174,6 +174,25 @@ def _whole(arr: np.ndarray, quantize: bool) -> np.ndarray | dict[str, Any]:
     return {"q": q, "scale": scale, "shape": list(arr.shape)}
 
 
+def _svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Thin SVD of a finite matrix, or None where LAPACK fails.
+
+    NumPy's driver (divide and conquer, ``gesdd``) now and then reports "SVD did not converge" on a finite matrix
+    (seen in a 2-round FedMIC test run); the QR-based ``gesvd`` is slower and more robust. Where both fail the
+    caller sends the weight whole: an update is never lost to the codec.
+    """
+    try:
+        return np.linalg.svd(matrix, full_matrices=False)
+    except np.linalg.LinAlgError:
+        import scipy.linalg
+
+        try:
+            return scipy.linalg.svd(matrix, full_matrices=False, lapack_driver="gesvd")
+        except (np.linalg.LinAlgError, ValueError):
+            logger.warning("SVD failed on a %s update; it is sent whole", matrix.shape)
+            return None
+
+
 def compress_array(array: Any, energy: float, quantize: bool = False) -> np.ndarray | dict[str, Any]:
     """A weight update as its top singular factors, or whole where that is not smaller.
 
@@ -205,8 +224,13 @@ def compress_array(array: Any, energy: float, quantize: bool = False) -> np.ndar
         return _whole(arr, quantize)
     rows = arr.shape[0]
     matrix = arr.reshape(rows, -1).astype(np.float64)
+    if not np.isfinite(matrix).all():
+        return arr  # whole and as it is: the receiver's update checks reject it and say why
     cols = matrix.shape[1]
-    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    factors = _svd(matrix)
+    if factors is None:
+        return _whole(arr, quantize)
+    u, s, vt = factors
     k = energy_rank(s, energy)
     if k * (rows + cols) >= rows * cols:
         return _whole(arr, quantize)
