@@ -378,11 +378,15 @@ class _ScheduledCompressor(DXOFilter):
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
         # NVFlare's Job API exports a component's arguments from its attributes of the same names: keep each one.
         self.bits = bits
-        self.quantize = bits == 8
         self.energy_start = energy_start
         self.energy_end = energy_end
         self.num_rounds = num_rounds
         self._init_state()
+
+    @property
+    def quantize(self) -> bool:
+        """Whether what the filter sends is rounded to 8 bits."""
+        return self.bits == 8
 
     def _init_state(self) -> None:
         """Set up the filter's own state (none by default)."""
