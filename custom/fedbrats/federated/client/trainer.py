@@ -171,13 +171,6 @@ class SiteTrainer:
         self.global_step = 0
         self.epochs_done = 0
 
-    def _gradients_finite(self) -> bool:
-        """Whether every gradient of the model is finite (one fused check, no per-tensor host sync)."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return True
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-
     @property
     def num_train_cases(self) -> int:
         return len(self.train_loader.dataset)
@@ -246,18 +239,6 @@ class SiteTrainer:
                         f"epoch {epoch}, batch {batch_idx} (terms {terms}); lower lr or check the data"
                     )
                 loss.backward()
-                if not self._gradients_finite():
-                    # A finite loss can still overflow in the backward pass (bfloat16 autocast, large distillation
-                    # terms); one such step would put NaN into every weight Adam touches. Skip it, as AMP does.
-                    logger.warning(
-                        "site %s: non-finite gradients at round %d, epoch %d, batch %d; step skipped",
-                        self.site.site_name,
-                        current_round,
-                        epoch,
-                        batch_idx,
-                    )
-                    self.optimizer.zero_grad(set_to_none=True)
-                    continue
                 self.optimizer.step()
                 value = float(loss.detach())
                 epoch_loss += value
