@@ -177,9 +177,9 @@ def _whole(arr: np.ndarray, quantize: bool) -> np.ndarray | dict[str, Any]:
 def _svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Thin SVD of a finite matrix, or None where LAPACK fails.
 
-    NumPy's driver (divide and conquer, ``gesdd``) now and then reports "SVD did not converge" on a finite matrix
-    (seen in a 2-round FedMIC test run); the QR-based ``gesvd`` is slower and more robust. Where both fail the
-    caller sends the weight whole: an update is never lost to the codec.
+    NumPy's driver (divide and conquer, ``gesdd``) can report "SVD did not converge" on ill-conditioned matrices;
+    the QR-based ``gesvd`` is slower and more robust. Where both fail the caller sends the weight whole: an
+    update is never lost to the codec. (Non-finite updates never get here: they go as they are.)
     """
     try:
         return np.linalg.svd(matrix, full_matrices=False)
