@@ -210,7 +210,7 @@ class SiteTrainer:
         steps_per_epoch = len(self.train_loader)
         if cfg.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-        lr = cfg.lr
+        lr = cfg.lr * self.method.lr_scale
         with autocast(self.precision, self.device):
             self.method.before_round(self.model, self.train_loader, current_round)
         for epoch in range(cfg.epochs_per_round):
