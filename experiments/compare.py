@@ -224,6 +224,7 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("isofed", "isofed_labelled_only"),
     ("isofed", "isofed_naive_ssl"),
     ("isofed_no_im", "isofed"),
+    ("isofed_slow_unlabelled", "isofed"),
     ("isofed_labelled_only", "fedavg"),
     ("isofed", "fedavg"),
 )
