@@ -174,6 +174,9 @@ class ProcessSampler:
     def __post_init__(self) -> None:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Every process once seen as a descendant, read until it ends: one whose parent exits is re-parented
+        # outside the tree and would otherwise drop out of the readings while it still works.
+        self._known: dict[int, psutil.Process] = {}
 
     @staticmethod
     def _cmdline(proc: psutil.Process) -> str:
@@ -187,9 +190,14 @@ class ProcessSampler:
             root = psutil.Process(self.root_pid)
             procs = root.children(recursive=True)
         except psutil.NoSuchProcess:
-            return
-        if self.include_root:
-            procs = [root, *procs]
+            procs = []
+        else:
+            if self.include_root:
+                procs = [root, *procs]
+        for proc in procs:
+            self._known.setdefault(proc.pid, proc)
+        # is_running() also compares the start time, so a reused pid is not mistaken for the old process.
+        procs = [proc for proc in self._known.values() if proc.is_running()]
         now = time.time()
         for proc in procs:
             try:
@@ -246,7 +254,7 @@ def simulator_roles(samples: list[Sample]) -> dict[int, str]:
     parents: dict[int, int] = {}
     cmdlines: dict[int, str] = {}
     for s in samples:
-        parents[s.pid] = s.ppid
+        parents.setdefault(s.pid, s.ppid)  # the parent it was started by (a re-parented process shows another later)
         # A client read between fork and exec shows its parent's command line; its worker line wins.
         if s.pid not in cmdlines or "simulator_worker" in s.cmdline:
             cmdlines[s.pid] = s.cmdline

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -307,3 +308,22 @@ def test_wire_curve_pairs_each_configuration_with_its_reference() -> None:
         "-0.013",
         "[-0.020, -0.006] |",
     ]
+
+
+def test_process_sampler_keeps_reading_a_process_whose_parent_exited() -> None:
+    """A grandchild whose parent exits is re-parented outside the tree; it is still read until it ends."""
+    import subprocess
+    import sys
+
+    from benchmarks.system import ProcessSampler
+
+    grandchild = "import time; time.sleep(4)"
+    child = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}]); time.sleep(1)"
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    with ProcessSampler(interval=0.1) as sampler:
+        proc.wait()
+        exited = time.time()
+        time.sleep(1.5)
+    pids = {s.pid for s in sampler.samples if s.ppid == proc.pid}
+    assert pids, "the grandchild was never seen in the tree"
+    assert any(s.pid in pids and s.t > exited + 0.5 for s in sampler.samples)
