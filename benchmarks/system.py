@@ -152,6 +152,29 @@ class Sample:
     cmdline: str
 
 
+def live_tree_members(
+    root_pid: int, known: dict[int, psutil.Process], include_root: bool = False
+) -> list[psutil.Process]:
+    """The processes of ``root_pid``'s tree still running: its current descendants (and itself with
+    ``include_root``) plus every process of ``known``, which this call extends with the descendants it sees.
+
+    A process once seen stays a member until it ends: one whose parent exits is re-parented outside the tree and
+    would otherwise drop out of the readings while it still works.
+    """
+    try:
+        root = psutil.Process(root_pid)
+        current = root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        current = []
+    else:
+        if include_root:
+            current = [root, *current]
+    for proc in current:
+        known.setdefault(proc.pid, proc)
+    # is_running() also compares the start time, so a reused pid is not mistaken for the old process.
+    return [proc for proc in known.values() if proc.is_running()]
+
+
 @dataclass
 class ProcessSampler:
     """Read the RSS of every descendant of ``root_pid`` every ``interval`` seconds, in a background thread.
@@ -174,9 +197,7 @@ class ProcessSampler:
     def __post_init__(self) -> None:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # Every process once seen as a descendant, read until it ends: one whose parent exits is re-parented
-        # outside the tree and would otherwise drop out of the readings while it still works.
-        self._known: dict[int, psutil.Process] = {}
+        self._known: dict[int, psutil.Process] = {}  # every process once seen (see live_tree_members)
 
     @staticmethod
     def _cmdline(proc: psutil.Process) -> str:
@@ -186,18 +207,7 @@ class ProcessSampler:
 
     def sample_once(self) -> None:
         """Take one reading of every process of the tree (processes that vanish meanwhile are skipped)."""
-        try:
-            root = psutil.Process(self.root_pid)
-            procs = root.children(recursive=True)
-        except psutil.NoSuchProcess:
-            procs = []
-        else:
-            if self.include_root:
-                procs = [root, *procs]
-        for proc in procs:
-            self._known.setdefault(proc.pid, proc)
-        # is_running() also compares the start time, so a reused pid is not mistaken for the old process.
-        procs = [proc for proc in self._known.values() if proc.is_running()]
+        procs = live_tree_members(self.root_pid, self._known, self.include_root)
         now = time.time()
         for proc in procs:
             try:

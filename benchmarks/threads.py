@@ -4,8 +4,8 @@ its training loop) against all its other threads (in NVFlare: polling, heartbeat
 The federated overhead (docs/results.md) is measured as wall time against the same work without NVFlare; this
 tool says how much CPU NVFlare's own threads take meanwhile, which on a machine whose cores are all busy training
 slows the training down. It samples ``/proc/<pid>/task/<tid>/stat`` (Linux) of the command and every descendant
-once per ``interval`` and keeps each thread's last cumulative CPU time, so a thread that ends between samples loses
-at most one interval.
+(:func:`benchmarks.system.live_tree_members`) once per ``interval`` and keeps each thread's last cumulative CPU
+time, so a thread that ends between samples loses at most one interval.
 
 Usage::
 
@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+
+from benchmarks.system import live_tree_members
 
 logger = logging.getLogger("benchmarks.threads")
 
@@ -71,14 +73,6 @@ class ProcessThreads:
         }
 
 
-def _tree(root: int) -> list[psutil.Process]:
-    try:
-        parent = psutil.Process(root)
-        return [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
 def sample_command(command: Sequence[str], interval: float = 1.0) -> dict[str, Any]:
     """Run ``command`` to its end, sampling its process tree's threads every ``interval`` seconds.
 
@@ -96,9 +90,10 @@ def sample_command(command: Sequence[str], interval: float = 1.0) -> dict[str, A
     started = time.monotonic()
     proc = subprocess.Popen(list(command))
     seen: dict[int, ProcessThreads] = {}
+    known: dict[int, psutil.Process] = {}
     while True:
         done = proc.poll() is not None
-        for member in _tree(proc.pid):
+        for member in live_tree_members(proc.pid, known, include_root=True):
             entry = seen.get(member.pid)
             if entry is None:
                 try:
