@@ -77,9 +77,9 @@ def needs_float32_conv3d(module: nn.Module, image: torch.Tensor) -> bool:
     torch 2.13's oneDNN bfloat16 kernels return NaN or Inf, now and then, in the *weight gradient* of a 3D convolution
     whose input is shallower than its kernel along the first spatial axis (e.g. a 3x3x3 convolution on a 2-voxel-deep
     feature map, as a 16^3 crop reaches after three down-samplings), while the forward pass and the input gradient
-    are finite. In our measurements (60-100 random trials per shape, AVX-512 BF16/AMX CPU) 2-20 % of such steps had
-    non-finite weight gradients, depending on the shape; no failure with depth >= kernel depth, in 2D or in
-    float32. One such step puts NaN into the weights; the site's update is then rejected.
+    are finite. Measured (``benchmarks/bf16_conv3d.py``, 100 random trials per shape, AVX-512 BF16/AMX CPU): 12-18 %
+    of such steps had non-finite weight gradients; none with depth >= kernel depth or with this guard. One such
+    step puts NaN into the weights; the site's update is then rejected.
     """
     if not isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)) or image.dim() != 5:
         return False
