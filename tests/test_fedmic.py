@@ -21,11 +21,14 @@ from fedbrats.federated.compression import (
     compress_array,
     compress_params,
     decompress_array,
+    dequantize_rows,
     energy_rank,
     energy_threshold,
     is_factors,
     is_quantized,
+    pack_nibbles,
     quantize_rows,
+    unpack_nibbles,
 )
 from fedbrats.federated.methods.fedmic import PERSONAL_STATE_FILE, FedMICMethod, logits_and_features
 from fedbrats.federated.protocol import BASE_META_KEYS, SVD_META_KEY
@@ -113,7 +116,7 @@ def test_a_failing_svd_falls_back_and_never_loses_the_update(monkeypatch: pytest
 
     monkeypatch.setattr(scipy.linalg, "svd", not_converged)
     np.testing.assert_array_equal(compress_array(matrix, 0.95), matrix)  # both fail: sent whole
-    assert is_quantized(compress_array(matrix, 0.95, quantize=True))
+    assert is_quantized(compress_array(matrix, 0.95, bits=8))
     bad = matrix.copy()
     bad[0, 0] = np.nan
     assert compress_array(bad, 0.95) is not None and np.isnan(compress_array(bad, 0.95)[0, 0]), "sent as it is"
@@ -273,11 +276,11 @@ def test_quantize_rows_error_is_at_most_half_a_step() -> None:
 
 def test_quantised_factors_are_a_quarter_of_the_bytes_and_close() -> None:
     matrix = _with_singular_values(64, 96, SINGULAR).astype(np.float32)
-    plain, quant = compress_array(matrix, 0.95), compress_array(matrix, 0.95, quantize=True)
+    plain, quant = compress_array(matrix, 0.95), compress_array(matrix, 0.95, bits=8)
     assert is_factors(quant) and quant["u"].dtype == np.int8 and quant["vt"].dtype == np.int8
     assert quant["u"].shape == plain["u"].shape and quant["vt"].shape == plain["vt"].shape
     _, plain_stats = compress_params({"w": matrix}, 0.95)
-    _, quant_stats = compress_params({"w": matrix}, 0.95, quantize=True)
+    _, quant_stats = compress_params({"w": matrix}, 0.95, bits=8)
     k = plain["u"].shape[1]
     assert quant_stats.sent_bytes == k * (64 + 96) + 2 * k * 4, "int8 factors plus a float32 scale per vector"
     assert quant_stats.sent_bytes < 0.3 * plain_stats.sent_bytes
@@ -292,21 +295,76 @@ def test_quantised_factors_are_a_quarter_of_the_bytes_and_close() -> None:
 
 def test_quantised_whole_weights_and_what_stays_float() -> None:
     kernel = np.random.default_rng(3).normal(size=(4, 2, 3, 3, 3)).astype(np.float32)
-    whole = compress_array(kernel, 1.0, quantize=True)
+    whole = compress_array(kernel, 1.0, bits=8)
     assert is_quantized(whole) and whole["q"].shape == (4, 54) and whole["shape"] == [4, 2, 3, 3, 3]
     restored = decompress_array(whole)
     assert restored.shape == kernel.shape
     assert np.abs(restored - kernel).max() <= 0.5 * whole["scale"].max() + 1e-7
     bias = np.arange(5, dtype=np.float32)
-    np.testing.assert_array_equal(compress_array(bias, 0.5, quantize=True), bias)  # 1-D: float, whole
+    np.testing.assert_array_equal(compress_array(bias, 0.5, bits=8), bias)  # 1-D: float, whole
     with pytest.raises(ValueError, match="do not make"):
         decompress_array({"q": np.zeros((3, 4), np.int8), "scale": np.ones(3, np.float32), "shape": [3, 5]})
 
 
-def test_bits_option_is_checked_and_reaches_both_filters() -> None:
+# ---- 4-bit factors (bits=4) ---------------------------------------------------------------------------------
+def test_nibbles_round_trip_with_odd_widths() -> None:
+    values = np.random.default_rng(4).integers(-8, 8, size=(3, 7)).astype(np.int8)
+    packed = pack_nibbles(values)
+    assert packed.dtype == np.uint8 and packed.shape == (3, 4)
+    np.testing.assert_array_equal(unpack_nibbles(packed, 7), values)
+    with pytest.raises(ValueError, match="does not hold"):
+        unpack_nibbles(packed, 9)
+
+
+def test_4bit_rows_error_is_at_most_half_a_step() -> None:
+    rng = np.random.default_rng(5)
+    matrix = rng.normal(size=(4, 21)) * np.array([1e-3, 1.0, 0.0, 5.0])[:, None]
+    q, scale = quantize_rows(matrix, bits=4)
+    assert q.dtype == np.uint8 and q.shape == (4, 11)
+    levels = unpack_nibbles(q, 21)
+    assert np.abs(levels).max() == 7 and not levels[2].any(), "peaks map to 7, a zero row stays zero"
+    restored = dequantize_rows(q, scale, dtype=np.float64, cols=21)
+    assert np.all(np.abs(restored - matrix) <= 0.5 * scale[:, None] * (1 + 1e-6) + 1e-12)
+    with pytest.raises(ValueError, match="cols"):
+        dequantize_rows(q, scale)
+
+
+def test_4bit_factors_are_half_the_bytes_of_8bit_and_close() -> None:
+    matrix = _with_singular_values(64, 95, SINGULAR).astype(np.float32)
+    plain, q4 = compress_array(matrix, 0.95), compress_array(matrix, 0.95, bits=4)
+    k = plain["u"].shape[1]
+    assert is_factors(q4) and q4["u"].shape == (k, 32) and q4["vt"].shape == (k, 48)
+    _, stats8 = compress_params({"w": matrix}, 0.95, bits=8)
+    _, stats4 = compress_params({"w": matrix}, 0.95, bits=4)
+    assert stats4.sent_bytes == k * (32 + 48) + 2 * k * 4, "two values a byte plus a float32 scale per vector"
+    assert stats4.sent_bytes < 0.6 * stats8.sent_bytes
+    restored = decompress_array(q4)
+    assert restored.dtype == np.float32 and restored.shape == matrix.shape
+    # 4-bit rounding adds more than 8-bit, but stays a few per cent of the matrix's energy.
+    truncation = float(np.sum((decompress_array(plain) - matrix) ** 2))
+    assert float(np.sum((restored - matrix) ** 2)) < truncation + 0.05 * float(np.sum(SINGULAR**2))
+    with pytest.raises(ValueError, match="packed factors"):
+        decompress_array({**q4, "vt": q4["vt"][:, :-1]})
+    with pytest.raises(ValueError, match="scales"):
+        decompress_array({"u": q4["u"], "vt": q4["vt"], "shape": q4["shape"]})
+
+
+def test_4bit_whole_weights() -> None:
+    kernel = np.random.default_rng(6).normal(size=(4, 1, 3, 3, 3)).astype(np.float32)  # 27 columns: odd
+    whole = compress_array(kernel, 1.0, bits=4)
+    assert is_quantized(whole) and whole["q"].dtype == np.uint8 and whole["q"].shape == (4, 14)
+    restored = decompress_array(whole)
+    assert restored.shape == kernel.shape
+    assert np.abs(restored - kernel).max() <= 0.5 * whole["scale"].max() + 1e-6
+    with pytest.raises(ValueError, match="do not make"):
+        decompress_array({**whole, "q": whole["q"][:, :-1]})
+
+
+@pytest.mark.parametrize(("bits", "dtype", "tolerance"), [(8, np.int8, 0.02), (4, np.uint8, 0.06)])
+def test_bits_option_is_checked_and_reaches_both_filters(bits: int, dtype: type, tolerance: float) -> None:
     from fedbrats.jobgen import compression_args
 
-    for bad in (16, 4, True, "8"):
+    for bad in (16, 2, True, "8"):
         with pytest.raises(ValueError, match="bits"):
             SVDUpdateCompressor(bits=bad)
         with pytest.raises(ValueError, match="bits"):
@@ -318,29 +376,29 @@ def test_bits_option_is_checked_and_reaches_both_filters() -> None:
         "num_rounds": 3,
     }, "a job names bits only when it quantises"
     assert compression_args(None, {"bits": 8}, 3)["bits"] == 8
-    # The pair on a payload: the update travels as int8 factors and comes back within the rounding.
+    assert compression_args(None, {"bits": 4}, 3)["bits"] == 4
+    # The pair on a payload: the update travels as quantised factors and comes back within the rounding.
     weights = {"w": _with_singular_values(32, 40, SINGULAR).astype(np.float32), "b": np.ones(3, np.float32)}
-    site, server = SVDUpdateCompressor(0.99, 0.99, bits=8), SVDDecompressor()
+    site, server = SVDUpdateCompressor(0.99, 0.99, bits=bits), SVDDecompressor()
     up = from_shareable(site.process(_shareable(DataKind.WEIGHT_DIFF, weights, 0), _ctx()))
-    assert up.data["w"]["u"].dtype == np.int8 and up.data["b"].dtype == np.float32
+    assert up.data["w"]["u"].dtype == dtype and up.data["b"].dtype == np.float32
     rebuilt = from_shareable(server.process(up.to_shareable(), _ctx("site-1"))).data
     np.testing.assert_array_equal(rebuilt["b"], weights["b"])
-    assert float(np.sum((rebuilt["w"] - weights["w"]) ** 2)) < 0.02 * float(np.sum(SINGULAR**2))
+    assert float(np.sum((rebuilt["w"] - weights["w"]) ** 2)) < tolerance * float(np.sum(SINGULAR**2))
     # The downlink: the site rebuilds exactly the view the server keeps for it (the server's error feedback then
-    # also carries the rounding), and the second broadcast travels as int8 factors.
-    broadcast, site_in = SVDBroadcastCompressor(bits=8, num_rounds=2), SVDDecompressor()
-    assert broadcast.quantize and not SVDBroadcastCompressor().quantize
+    # also carries the rounding), and the second broadcast travels as quantised factors.
+    broadcast, site_in = SVDBroadcastCompressor(bits=bits, num_rounds=2), SVDDecompressor()
     site_in.process(broadcast.process(_shareable(DataKind.WEIGHTS, weights, 0), _ctx("site-1")), _ctx())
     moved = {
         "w": weights["w"] + _with_singular_values(32, 40, SINGULAR[:2], seed=4).astype(np.float32),
         "b": weights["b"],
     }
     down = broadcast.process(_shareable(DataKind.WEIGHTS, moved, 1), _ctx("site-1"))
-    assert from_shareable(down).data["w"]["vt"].dtype == np.int8
+    assert from_shareable(down).data["w"]["vt"].dtype == dtype
     held = from_shareable(site_in.process(down, _ctx())).data
     view = broadcast._views[broadcast._site_view["site-1"]]
     np.testing.assert_array_equal(held["w"], view["w"])
-    assert float(np.sum((held["w"] - moved["w"]) ** 2)) < 0.02 * float(np.sum(SINGULAR[:2] ** 2))
+    assert float(np.sum((held["w"] - moved["w"]) ** 2)) < tolerance * float(np.sum(SINGULAR[:2] ** 2))
 
 
 def test_every_compression_option_reaches_the_exported_job() -> None:

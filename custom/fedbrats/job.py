@@ -76,7 +76,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="energy_start, energy_end, error_feedback (true: the uplink keeps what it left out for the next round) or "
-        "bits (8: int8 factors)",
+        "bits (8: int8 factors; 4: two 4-bit values a byte)",
     )
     parser.add_argument(
         "--tracking",

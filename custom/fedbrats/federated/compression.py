@@ -5,10 +5,11 @@ more dimensions (conv kernels reshaped to ``out x (in*k*k*k)``) is factorised by
 triplets whose energy (sum of squared singular values) reaches a fraction ``e`` of the total are sent; ``e`` rises
 linearly over the rounds (0.95 to 0.98). 1-D weights (biases, norms) and non-float arrays go whole.
 
-Optionally (``bits=8``, not in FedKD) what goes out is also quantised to 8-bit integers: each singular vector of the
-factors, and each row of a weight that goes whole as a matrix, as int8 with one float32 scale (symmetric, its
-largest magnitude maps to 127). This divides the bytes of the factors by four; the rounding error of a value is at
-most half its vector's scale. 1-D weights stay float.
+Optionally (``bits=8`` or ``bits=4``, not in FedKD) what goes out is also quantised to integers: each singular
+vector of the factors, and each row of a weight that goes whole as a matrix, with one float32 scale (symmetric, its
+largest magnitude maps to the largest level: 127 for int8; 7 for 4 bits, two values packed in each uint8 byte).
+This divides the bytes of the factors by four (eight); the rounding error of a value is at most half its vector's
+scale. 1-D weights stay float.
 
 Where the filters sit (added by :class:`fedbrats.recipe.FedBratsRecipe` when compression is on, one chain per task):
 
@@ -64,12 +65,15 @@ DEFAULT_ENERGY_END = 0.98
 #: Keys of a compressed weight: ``u`` (left vectors scaled by the singular values), ``vt`` (right vectors) and the
 #: weight's ``shape``.
 FACTOR_KEYS = frozenset({"u", "vt", "shape"})
-#: Keys of quantised factors (``bits=8``): int8 ``u`` and ``vt`` with one scale per singular vector.
+#: Keys of quantised factors (``bits`` 8 or 4): ``u`` and ``vt`` as integers with one scale per singular vector.
 QUANTIZED_FACTOR_KEYS = frozenset({"u", "vt", "u_scale", "vt_scale", "shape"})
-#: Keys of a quantised whole weight (``bits=8``): int8 rows ``q`` of the weight as a matrix, one scale per row.
+#: Keys of a quantised whole weight (``bits`` 8 or 4): integer rows ``q`` of the weight as a matrix, one scale per
+#: row.
 QUANTIZED_KEYS = frozenset({"q", "scale", "shape"})
-#: What the ``bits`` option takes: 32 (float factors, FedKD's codec) or 8 (int8 factors and matrices).
-SUPPORTED_BITS = (32, 8)
+#: What the ``bits`` option takes: 32 (float factors, FedKD's codec), 8 (int8) or 4 (two 4-bit values a byte).
+SUPPORTED_BITS = (32, 8, 4)
+#: The largest integer level of each quantised width (symmetric: levels ``-top .. top``).
+_TOP_LEVEL = {8: 127, 4: 7}
 
 
 def energy_threshold(
@@ -148,29 +152,84 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"bits must be one of {list(SUPPORTED_BITS)}, got {bits!r}")
 
 
-def quantize_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 quantisation of each row: ``q = round(row / scale)``, ``scale = max|row| / 127``.
+def quantize_rows(matrix: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric quantisation of each row: ``q = round(row / scale)``, ``scale = max|row| / top`` (``top`` 127 for
+    8 bits, 7 for 4 bits).
+
+    Args:
+        matrix: a 2-D float array.
+        bits: 8 (int8 values) or 4 (values ``-7 .. 7``, two a byte: see :func:`pack_nibbles`).
 
     Returns:
-        ``(q, scale)``: int8 of the matrix's shape and float32 of its number of rows (0 for an all-zero row).
+        ``(q, scale)``: int8 of the matrix's shape (8 bits) or uint8 of ``(rows, ceil(cols / 2))`` (4 bits), and
+        float32 of the matrix's number of rows (0 for an all-zero row).
+
+    Raises:
+        ValueError: ``bits`` not 8 or 4.
     """
+    if bits not in _TOP_LEVEL:
+        raise ValueError(f"bits must be one of {sorted(_TOP_LEVEL)} to quantise, got {bits!r}")
+    top = _TOP_LEVEL[bits]
     m = np.asarray(matrix, dtype=np.float64)
     peak = np.abs(m).max(axis=1) if m.shape[1] else np.zeros(m.shape[0])
-    scale = peak / 127.0
+    scale = peak / top
     safe = np.where(scale > 0, scale, 1.0)
-    q = np.clip(np.rint(m / safe[:, None]), -127, 127).astype(np.int8)
-    return q, scale.astype(np.float32)
+    q = np.clip(np.rint(m / safe[:, None]), -top, top).astype(np.int8)
+    return (pack_nibbles(q) if bits == 4 else q), scale.astype(np.float32)
 
 
-def dequantize_rows(q: np.ndarray, scale: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
-    """Inverse of :func:`quantize_rows` (to within half a scale step per value)."""
+def dequantize_rows(q: np.ndarray, scale: np.ndarray, dtype: Any = np.float32, cols: int | None = None) -> np.ndarray:
+    """Inverse of :func:`quantize_rows` (to within half a scale step per value).
+
+    Args:
+        q: int8 rows, or uint8 rows of packed 4-bit values.
+        scale: one scale per row.
+        dtype: the result's dtype.
+        cols: the number of values per row of packed rows (required for uint8 ``q``).
+
+    Raises:
+        ValueError: packed rows without ``cols``, or whose width does not fit ``cols``.
+    """
+    q = np.asarray(q)
+    if q.dtype == np.uint8:
+        if cols is None:
+            raise ValueError("packed 4-bit rows need their number of columns (cols)")
+        q = unpack_nibbles(q, cols)
     return (np.asarray(q, dtype=np.float64) * np.asarray(scale, dtype=np.float64)[:, None]).astype(dtype)
 
 
-def _whole(arr: np.ndarray, quantize: bool) -> np.ndarray | dict[str, Any]:
-    if not quantize:
+def pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """Pack integers in ``-8 .. 7`` two to a byte along the last axis (low nibble first, offset by 8; an odd
+    width is padded with a zero).
+
+    Returns:
+        uint8 of shape ``(..., ceil(n / 2))``.
+    """
+    v = np.asarray(values, dtype=np.int16) + 8
+    if v.shape[-1] % 2:
+        v = np.concatenate([v, np.full((*v.shape[:-1], 1), 8, dtype=v.dtype)], axis=-1)
+    return (v[..., 0::2] | (v[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(packed: np.ndarray, cols: int) -> np.ndarray:
+    """Inverse of :func:`pack_nibbles`: int8 of shape ``(..., cols)``.
+
+    Raises:
+        ValueError: ``packed``'s width is not ``ceil(cols / 2)``.
+    """
+    packed = np.asarray(packed, dtype=np.uint8)
+    if packed.shape[-1] != (cols + 1) // 2:
+        raise ValueError(f"packed width {packed.shape[-1]} does not hold {cols} 4-bit values")
+    out = np.empty((*packed.shape[:-1], 2 * packed.shape[-1]), dtype=np.int8)
+    out[..., 0::2] = (packed & 0x0F).astype(np.int8) - 8
+    out[..., 1::2] = (packed >> 4).astype(np.int8) - 8
+    return out[..., :cols]
+
+
+def _whole(arr: np.ndarray, bits: int) -> np.ndarray | dict[str, Any]:
+    if bits == 32:
         return arr
-    q, scale = quantize_rows(arr.reshape(arr.shape[0], -1))
+    q, scale = quantize_rows(arr.reshape(arr.shape[0], -1), bits)
     return {"q": q, "scale": scale, "shape": list(arr.shape)}
 
 
@@ -193,7 +252,7 @@ def _svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None
             return None
 
 
-def compress_array(array: Any, energy: float, quantize: bool = False) -> np.ndarray | dict[str, Any]:
+def compress_array(array: Any, energy: float, bits: int = 32) -> np.ndarray | dict[str, Any]:
     """A weight update as its top singular factors, or whole where that is not smaller.
 
     A float array with two or more dimensions is reshaped to ``shape[0] x prod(shape[1:])`` and factorised; the
@@ -203,25 +262,27 @@ def compress_array(array: Any, energy: float, quantize: bool = False) -> np.ndar
     Args:
         array: the weight (update).
         energy: the fraction of the squared singular values to keep.
-        quantize: send the factors (or the whole matrix) as int8 with a float32 scale per singular vector (per row);
-            1-D and non-float arrays stay as they are.
+        bits: 32 sends the factors (or the whole matrix) as they are; 8 or 4 quantises them with a float32 scale
+            per singular vector (per row) (see :func:`quantize_rows`); 1-D and non-float arrays stay as they are.
 
     Returns:
         the array itself; ``{"u": (m, k), "vt": (k, n), "shape": [...]}`` in the array's dtype, with ``u`` the left
-        singular vectors scaled by the singular values; with ``quantize``, the same ``u`` and ``vt`` as int8 plus
+        singular vectors scaled by the singular values; with 8 bits, the same ``u`` and ``vt`` as int8 plus
         ``u_scale`` and ``vt_scale`` (``k`` each), or a whole matrix as ``{"q": int8 (m, n), "scale": (m,),
-        "shape"}``.
+        "shape"}``; with 4 bits, ``u`` as packed uint8 rows of the left vectors, ``(k, ceil(m / 2))``, ``vt`` as
+        ``(k, ceil(n / 2))``, and a whole matrix's ``q`` as ``(m, ceil(n / 2))``.
 
     Raises:
-        ValueError: ``energy`` <= 0.
+        ValueError: ``energy`` <= 0, or ``bits`` not 32, 8 or 4.
     """
+    check_bits(bits)
     if energy <= 0:
         raise ValueError(f"energy must be > 0, got {energy}")
     arr = _to_numpy(array)
     if arr.ndim < 2 or not np.issubdtype(arr.dtype, np.floating) or arr.size == 0:
         return arr
     if energy >= 1.0:
-        return _whole(arr, quantize)
+        return _whole(arr, bits)
     rows = arr.shape[0]
     matrix = arr.reshape(rows, -1).astype(np.float64)
     if not np.isfinite(matrix).all():
@@ -229,18 +290,19 @@ def compress_array(array: Any, energy: float, quantize: bool = False) -> np.ndar
     cols = matrix.shape[1]
     factors = _svd(matrix)
     if factors is None:
-        return _whole(arr, quantize)
+        return _whole(arr, bits)
     u, s, vt = factors
     k = energy_rank(s, energy)
     if k * (rows + cols) >= rows * cols:
-        return _whole(arr, quantize)
+        return _whole(arr, bits)
     left, right = u[:, :k] * s[:k], vt[:k]
-    if not quantize:
+    if bits == 32:
         return {"u": left.astype(arr.dtype), "vt": right.astype(arr.dtype), "shape": list(arr.shape)}
-    q_left, left_scale = quantize_rows(left.T)
-    q_right, right_scale = quantize_rows(right)
+    q_left, left_scale = quantize_rows(left.T, bits)
+    q_right, right_scale = quantize_rows(right, bits)
     return {
-        "u": q_left.T.copy(),
+        # int8 left vectors go as columns (m x k), like the float factors; packed ones as rows (k x ceil(m / 2)).
+        "u": q_left.T.copy() if bits == 8 else q_left,
         "vt": q_right,
         "u_scale": left_scale,
         "vt_scale": right_scale,
@@ -253,25 +315,37 @@ def decompress_array(value: Any) -> np.ndarray:
     their rounding).
 
     Raises:
-        ValueError: factors whose shapes do not fit each other or the weight's shape.
+        ValueError: factors or quantised rows whose shapes do not fit each other or the weight's shape.
     """
     if is_quantized(value):
         q, shape = _to_numpy(value["q"]), [int(n) for n in value["shape"]]
-        if q.shape != (shape[0], int(np.prod(shape[1:]))):
+        rows, cols = shape[0], int(np.prod(shape[1:]))
+        width = (cols + 1) // 2 if q.dtype == np.uint8 else cols
+        if q.shape != (rows, width):
             raise ValueError(f"quantised rows {q.shape} do not make a weight of shape {shape}")
-        return dequantize_rows(q, _to_numpy(value["scale"])).reshape(shape)
+        return dequantize_rows(q, _to_numpy(value["scale"]), cols=cols).reshape(shape)
     if not is_factors(value):
         return _to_numpy(value)
     u, vt, shape = _to_numpy(value["u"]), _to_numpy(value["vt"]), [int(n) for n in value["shape"]]
     rows, cols = shape[0], int(np.prod(shape[1:]))
-    if u.shape[0] != rows or vt.shape[-1] != cols or u.shape[1] != vt.shape[0]:
+    if u.dtype == np.uint8:  # packed 4-bit vectors: u holds the k left vectors as rows
+        rank = u.shape[0]
+        if u.shape != (rank, (rows + 1) // 2) or vt.shape != (rank, (cols + 1) // 2):
+            raise ValueError(f"packed factors {u.shape} x {vt.shape} do not make a weight of shape {shape}")
+    elif u.shape[0] != rows or vt.shape[-1] != cols or u.shape[1] != vt.shape[0]:
         raise ValueError(f"factors {u.shape} x {vt.shape} do not make a weight of shape {shape}")
     if "u_scale" in value:
+        rank = vt.shape[0]
         u_scale, vt_scale = _to_numpy(value["u_scale"]), _to_numpy(value["vt_scale"])
-        if u_scale.shape != (u.shape[1],) or vt_scale.shape != (u.shape[1],):
-            raise ValueError(f"scales {u_scale.shape} and {vt_scale.shape} do not fit {u.shape[1]} singular vectors")
-        u = dequantize_rows(u.T, u_scale).T
-        vt = dequantize_rows(vt, vt_scale)
+        if u_scale.shape != (rank,) or vt_scale.shape != (rank,):
+            raise ValueError(f"scales {u_scale.shape} and {vt_scale.shape} do not fit {rank} singular vectors")
+        if u.dtype == np.uint8:
+            u = dequantize_rows(u, u_scale, cols=rows).T
+        else:
+            u = dequantize_rows(u.T, u_scale).T
+        vt = dequantize_rows(vt, vt_scale, cols=cols)
+    elif u.dtype == np.uint8:
+        raise ValueError("packed 4-bit factors need their scales (u_scale, vt_scale)")
     return (u @ vt).reshape(shape).astype(u.dtype, copy=False)
 
 
@@ -306,14 +380,14 @@ class CompressionStats:
 
 
 def compress_params(
-    params: Mapping[str, Any], energy: float, quantize: bool = False
+    params: Mapping[str, Any], energy: float, bits: int = 32
 ) -> tuple[dict[str, Any], CompressionStats]:
     """:func:`compress_array` of every weight, with the sizes before and after."""
     stats = CompressionStats(energy)
     out: dict[str, Any] = {}
     for name, value in params.items():
         arr = _to_numpy(value)
-        packed = compress_array(arr, energy, quantize)
+        packed = compress_array(arr, energy, bits)
         stats.dense_bytes += arr.nbytes
         if is_factors(packed):
             stats.compressed += 1
@@ -353,11 +427,11 @@ class _ScheduledCompressor(DXOFilter):
         energy_end: energy kept at the last round (and in the final validation); 1.0 everywhere sends every
             weight whole.
         num_rounds: the job's rounds (the schedule's length).
-        bits: 32 sends float factors (FedKD's codec); 8 sends them (and matrices that go whole) as int8 with a
-            float32 scale per vector (see the module docstring).
+        bits: 32 sends float factors (FedKD's codec); 8 (4) sends them, and matrices that go whole, as 8-bit
+            (4-bit) integers with a float32 scale per vector (see the module docstring).
 
     Raises:
-        ValueError: thresholds outside (0, 1] or decreasing, ``num_rounds`` < 1, or ``bits`` not 32 or 8.
+        ValueError: thresholds outside (0, 1] or decreasing, ``num_rounds`` < 1, or ``bits`` not 32, 8 or 4.
     """
 
     #: The DXO kinds the filter handles.
@@ -382,11 +456,6 @@ class _ScheduledCompressor(DXOFilter):
         self.energy_end = energy_end
         self.num_rounds = num_rounds
         self._init_state()
-
-    @property
-    def quantize(self) -> bool:
-        """Whether what the filter sends is rounded to 8 bits."""
-        return self.bits == 8
 
     def _init_state(self) -> None:
         """Set up the filter's own state (none by default)."""
@@ -456,7 +525,7 @@ class SVDUpdateCompressor(_ScheduledCompressor):
             )
         energy = self.energy(shareable)
         update = self.with_residual(dxo.data) if self.error_feedback else dxo.data
-        data, stats = compress_params(update, energy, self.quantize)
+        data, stats = compress_params(update, energy, self.bits)
         if self.error_feedback:
             self.keep_residual(update, data)
         meta = dict(dxo.meta or {})
@@ -519,7 +588,7 @@ class SVDBroadcastCompressor(_ScheduledCompressor):
             else:
                 held = self._views[base]
                 diff = {k: v - held[k] for k, v in full.items()}
-                data, stats = compress_params(diff, energy, self.quantize)
+                data, stats = compress_params(diff, energy, self.bits)
                 view = {k: held[k] + decompress_array(data[k]) for k in full}
                 logger.info(
                     "SVD broadcast: energy %.3f, %d weights as factors, %d whole, %d of %d bytes (%.1f%%)",
