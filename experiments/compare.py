@@ -73,6 +73,9 @@ COMPRESSION: dict[str, tuple[str, dict[str, Any]]] = {
     # The same filter pair on the distillation methods, at its defaults.
     "fedkd_svd": ("fedkd", {}),
     "mstkd_svd": ("mstkd", {}),
+    # FedKD's updates (smaller network, own sequences' encoders only) with quantised factors.
+    "fedkd_svd_q8": ("fedkd", {"bits": 8}),
+    "fedkd_svd_q4": ("fedkd", {"bits": 4}),
 }
 EXPERIMENTS.update({name: (job, {}, {}) for name, (job, _) in COMPRESSION.items()})
 
