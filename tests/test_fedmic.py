@@ -262,6 +262,15 @@ def test_compression_stats() -> None:
     assert stats.dense_bytes == matrix.nbytes + 16 and stats.sent_bytes == 2 * (16 + 12) * 4 + 16
 
 
+def _assert_rounding_adds_at_most(quantised: dict, plain: dict, matrix: np.ndarray, share: float) -> None:
+    """The quantised factors rebuild a float32 matrix whose error exceeds the float factors' truncation error by
+    less than ``share`` of the matrix's energy."""
+    restored = decompress_array(quantised)
+    assert restored.dtype == np.float32 and restored.shape == matrix.shape
+    truncation = float(np.sum((decompress_array(plain) - matrix) ** 2))
+    assert float(np.sum((restored - matrix) ** 2)) < truncation + share * float(np.sum(SINGULAR**2))
+
+
 # ---- 8-bit factors (bits=8) ---------------------------------------------------------------------------------
 def test_quantize_rows_error_is_at_most_half_a_step() -> None:
     rng = np.random.default_rng(2)
@@ -284,11 +293,7 @@ def test_quantised_factors_are_a_quarter_of_the_bytes_and_close() -> None:
     k = plain["u"].shape[1]
     assert quant_stats.sent_bytes == k * (64 + 96) + 2 * k * 4, "int8 factors plus a float32 scale per vector"
     assert quant_stats.sent_bytes < 0.3 * plain_stats.sent_bytes
-    restored = decompress_array(quant)
-    assert restored.dtype == np.float32 and restored.shape == matrix.shape
-    # Rounding adds little to the truncation error (here < 1 % of the matrix's energy).
-    truncation = float(np.sum((decompress_array(plain) - matrix) ** 2))
-    assert float(np.sum((restored - matrix) ** 2)) < truncation + 0.01 * float(np.sum(SINGULAR**2))
+    _assert_rounding_adds_at_most(quant, plain, matrix, 0.01)  # little: < 1 % of the matrix's energy
     with pytest.raises(ValueError, match="singular vectors"):
         decompress_array({**quant, "u_scale": quant["u_scale"][:-1]})
 
@@ -338,11 +343,7 @@ def test_4bit_factors_are_half_the_bytes_of_8bit_and_close() -> None:
     _, stats4 = compress_params({"w": matrix}, 0.95, bits=4)
     assert stats4.sent_bytes == k * (32 + 48) + 2 * k * 4, "two values a byte plus a float32 scale per vector"
     assert stats4.sent_bytes < 0.6 * stats8.sent_bytes
-    restored = decompress_array(q4)
-    assert restored.dtype == np.float32 and restored.shape == matrix.shape
-    # 4-bit rounding adds more than 8-bit, but stays a few per cent of the matrix's energy.
-    truncation = float(np.sum((decompress_array(plain) - matrix) ** 2))
-    assert float(np.sum((restored - matrix) ** 2)) < truncation + 0.05 * float(np.sum(SINGULAR**2))
+    _assert_rounding_adds_at_most(q4, plain, matrix, 0.05)  # more than 8 bits, still a few per cent
     with pytest.raises(ValueError, match="packed factors"):
         decompress_array({**q4, "vt": q4["vt"][:, :-1]})
     with pytest.raises(ValueError, match="scales"):
