@@ -68,7 +68,6 @@ COMPRESSION: dict[str, tuple[str, dict[str, Any]]] = {
     "fedavg_svd_e90_q8": ("fedavg", {"energy_start": 0.90, "energy_end": 0.90, "bits": 8}),
     "fedavg_svd_e80_q8": ("fedavg", {"energy_start": 0.80, "energy_end": 0.80, "bits": 8}),
     # 4-bit factors (two values a byte): an eighth of the bytes of float factors.
-    "fedavg_q4": ("fedavg", {"energy_start": 1.0, "energy_end": 1.0, "bits": 4}),
     "fedavg_svd_q4": ("fedavg", {"bits": 4}),
     # The same filter pair on the distillation methods, at its defaults.
     "fedkd_svd": ("fedkd", {}),

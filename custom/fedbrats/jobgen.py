@@ -41,7 +41,7 @@ JOBS: dict[str, dict[str, Any]] = METHOD_JOBS
 
 #: Rounds of every job unless overridden. 13, not 10: the main job (``jobs/fedkd`` on the synthetic default) ended at
 #: a final validation mean Dice of 0.684 / 0.710 / 0.710 with 10 rounds (seeds 0, 1, 2) and 0.743 / 0.749 / 0.744
-#: with 13, in about 2.5 minutes on 2 cores (docs/results.md, "Training recipe"). The comparisons on the results
+#: with 13, in 2 min 44 s on 2 idle cores (docs/results.md, "Training recipe"). The comparisons on the results
 #: page pass their rounds explicitly (``--rounds 10``).
 DEFAULT_ROUNDS = 13
 

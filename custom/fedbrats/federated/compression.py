@@ -70,10 +70,10 @@ QUANTIZED_FACTOR_KEYS = frozenset({"u", "vt", "u_scale", "vt_scale", "shape"})
 #: Keys of a quantised whole weight (``bits`` 8 or 4): integer rows ``q`` of the weight as a matrix, one scale per
 #: row.
 QUANTIZED_KEYS = frozenset({"q", "scale", "shape"})
-#: What the ``bits`` option takes: 32 (float factors, FedKD's codec), 8 (int8) or 4 (two 4-bit values a byte).
-SUPPORTED_BITS = (32, 8, 4)
 #: The largest integer level of each quantised width (symmetric: levels ``-top .. top``).
 _TOP_LEVEL = {8: 127, 4: 7}
+#: What the ``bits`` option takes: 32 (float factors, FedKD's codec), 8 (int8) or 4 (two 4-bit values a byte).
+SUPPORTED_BITS = (32, *_TOP_LEVEL)
 
 
 def energy_threshold(
