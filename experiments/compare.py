@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from fedbrats.constants import modality_combinations
+from fedbrats.data.federation import POOLED_SITE
+from fedbrats.data.prepare import FOLDS_MANIFEST, fold_dir_name
 from fedbrats.data.site_config import federation_sites_file
 from fedbrats.evaluation.evaluate import default_test_datalist, evaluate_combinations, load_model, mean_over_rows
 from fedbrats.evaluation.postprocess import read_postprocessing
@@ -27,7 +29,7 @@ from fedbrats.evaluation.report import readable_combination, write_reports
 from fedbrats.evaluation.statistics import paired_difference, seed_summary
 from fedbrats.federated.methods import EXPERIMENTS as METHOD_EXPERIMENTS
 from fedbrats.federated.protocol import KEY_METRIC, RunFolder
-from fedbrats.federated.simulate import SimulationResult, parse_overrides, simulate, simulated_run_dir
+from fedbrats.federated.simulate import SimulationResult, parse_overrides, simulate, simulated_run_dir, site_names
 from fedbrats.logging_setup import configure_logging
 from fedbrats.utils import deep_merge
 
@@ -50,6 +52,12 @@ PRIVACY: dict[str, dict[str, Any]] = {
 }
 EXPERIMENTS["fedkd_dp_prototypes"] = ("fedkd", {}, {})
 EXPERIMENTS["fedavg_svt"] = ("fedavg", {}, {})
+#: The centralized bound of FedKD's own network: FedKD's job (modality-aware network, sequence dropout) with the
+#: supervised loss alone (its ``fedkd_net_only`` ablation), trained on the pooled site. A federated method is
+#: compared with the centralized run of the network it trains (``centralized`` is SegResNet's).
+EXPERIMENTS["centralized_fedkd_net"] = ("fedkd", EXPERIMENTS["fedkd_net_only"][1], {})
+#: Experiments trained on the pooled site (``fedbrats pool-sites``, or ``fedbrats prepare --pool``), not the sites.
+POOLED: frozenset[str] = frozenset({"centralized", "centralized_fedkd_net"})
 #: Methods with SVD-compressed updates both ways (fedbrats.federated.compression) at fixed or rising energies, as
 #: (job, filter arguments): the bytes-against-Dice curve (``python benchmarks/wire.py --from-compare`` reads the
 #: bytes from their payload audits). Each is paired with its job run without compression.
@@ -105,6 +113,32 @@ def _average_results(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def replicate_key(seed: int, fold: int | None = None) -> int | str:
+    """How a run is named in the comparison: its seed, or ``fold<k>/seed<s>`` in a cross-validation."""
+    return seed if fold is None else f"fold{fold}/seed{seed}"
+
+
+def fold_sites_files(folds_dir: str) -> list[str]:
+    """The ``sites.json`` of every fold of a cross-validated preparation (``fedbrats prepare --folds K``).
+
+    Raises:
+        ValueError: ``folds_dir`` holds no ``folds.json``, or a fold's ``sites.json`` is missing.
+    """
+    manifest_path = os.path.join(folds_dir, FOLDS_MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise ValueError(
+            f"--folds {folds_dir!r} holds no {FOLDS_MANIFEST}; write the folds with `fedbrats prepare --folds K "
+            f"--out-dir {folds_dir} ...`"
+        )
+    with open(manifest_path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    files = [os.path.join(folds_dir, fold_dir_name(k), "sites.json") for k in range(int(manifest["folds"]))]
+    missing = [p for p in files if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"--folds {folds_dir!r}: fold manifest(s) {missing} are missing; prepare the folds again")
+    return files
+
+
 def _finished_run(workspace: str, num_rounds: int) -> SimulationResult | None:
     run_dir = simulated_run_dir(workspace)
     try:
@@ -132,15 +166,17 @@ def run_experiment(
     seed: int = 0,
     network_args: dict[str, Any] | None = None,
     device: str = "cpu",
+    fold: int | None = None,
 ) -> dict[str, Any]:
     """Simulate one method with one seed and evaluate its best global model (every site model for local-only).
 
     The "best" model is the one with the best validation Dice during training; the test cases are touched only
-    here, once per run. The run lives in ``workspace/<name>/seed<seed>``. With ``reuse``, a finished run there
-    (same rounds) is evaluated again instead of being retrained.
+    here, once per run. The run lives in ``workspace/<name>/seed<seed>`` (``workspace/<name>/fold<k>/seed<seed>``
+    in fold ``k`` of a cross-validation). With ``reuse``, a finished run there (same rounds) is evaluated again
+    instead of being retrained. The experiments of :data:`POOLED` train on the pooled site only.
     """
     job, job_overrides, agg_overrides = EXPERIMENTS[name]
-    run_workspace = run_folder(workspace, name, seed)
+    run_workspace = run_folder(workspace, name, seed, fold)
     result = _finished_run(run_workspace, num_rounds) if reuse else None
     if result is not None:
         logger.info("%s: reusing the finished run %s", name, result.run_dir)
@@ -156,6 +192,7 @@ def run_experiment(
             aggregation_args=agg_overrides,
             privacy=PRIVACY.get(name),
             compression=compression_of(name),
+            clients=[POOLED_SITE] if name in POOLED else None,
         )
     run = RunFolder(result.run_dir)
     spec = run.model_spec
@@ -193,6 +230,8 @@ def run_experiment(
     results["training"] = {
         "job": job,
         "seed": seed,
+        "fold": fold,
+        "sites": sites_file,
         "network_args": network_args or {},
         "rounds": num_rounds,
         "overrides": deep_merge(overrides, job_overrides),
@@ -205,9 +244,10 @@ def run_experiment(
     return results
 
 
-def run_folder(workspace: str, name: str, seed: int) -> str:
-    """Where experiment ``name`` with ``seed`` is trained and its full (per-case) results are kept."""
-    return os.path.join(workspace, name, f"seed{seed}")
+def run_folder(workspace: str, name: str, seed: int, fold: int | None = None) -> str:
+    """Where experiment ``name`` with ``seed`` (in fold ``fold``) is trained and its full (per-case) results are
+    kept."""
+    return os.path.join(workspace, name, *([] if fold is None else [fold_dir_name(fold)]), f"seed{seed}")
 
 
 #: Paired comparisons the report makes (A vs B), where both were run.
@@ -222,6 +262,9 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("fedkd", "local_only"),
     ("fedavg", "centralized"),
     ("fedkd", "centralized"),
+    ("fedkd", "centralized_fedkd_net"),
+    ("fedkd_net_only", "centralized_fedkd_net"),
+    ("centralized_fedkd_net", "centralized"),
     ("mstkd", "centralized"),
     ("local_only", "centralized"),
     ("fedmic", "fedavg"),
@@ -318,15 +361,19 @@ def write_comparison(
     return path
 
 
-def _saved_runs(workspace: str, names: list[str], seeds: list[int]) -> dict[str, dict[int, dict[str, Any]]]:
-    """Full results of finished evaluations in the workspace (``<name>/seed<k>/results.json``)."""
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
+def _saved_runs(
+    workspace: str, names: list[str], seeds: list[int], folds: list[int | None] | None = None
+) -> dict[str, dict[int | str, dict[str, Any]]]:
+    """Full results of finished evaluations in the workspace (``<name>[/fold<f>]/seed<k>/results.json``), by
+    :func:`replicate_key`."""
+    runs: dict[str, dict[int | str, dict[str, Any]]] = {}
     for name in names:
-        for seed in seeds:
-            path = os.path.join(run_folder(workspace, name, seed), "results.json")
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
-                    runs.setdefault(name, {})[seed] = json.load(f)
+        for fold in folds or [None]:
+            for seed in seeds:
+                path = os.path.join(run_folder(workspace, name, seed, fold), "results.json")
+                if os.path.isfile(path):
+                    with open(path, encoding="utf-8") as f:
+                        runs.setdefault(name, {})[replicate_key(seed, fold)] = json.load(f)
     return runs
 
 
@@ -347,10 +394,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sites", default=None, help="sites.json (default: $FEDBRATS_SITE_CONFIG, else the embedded federation)"
     )
+    p.add_argument(
+        "--folds",
+        default=None,
+        metavar="DIR",
+        help="a cross-validated preparation (`fedbrats prepare --folds K --pool --out-dir DIR`): every experiment "
+        "and seed runs on every fold, and the comparison pools the folds' test cases (a run is a fold and a seed)",
+    )
+    p.add_argument(
+        "--only-folds", default=None, help="with --folds: train and score these folds only (comma-separated)"
+    )
     p.add_argument("--workspace", required=True, help="where runs and their full (per-case) results are kept")
     p.add_argument("--out-dir", required=True, help="where the reports go")
     p.add_argument("--experiments", default="centralized,local_only,fedavg,fedkd", help=f"of {sorted(EXPERIMENTS)}")
-    p.add_argument("--seeds", default="0,1,2", help="seeds of the replicated runs (comma-separated; at least 3)")
+    p.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="seeds of the replicated runs (comma-separated; at least 3 runs in all, seeds x folds)",
+    )
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training override for all")
     p.add_argument("--net", action="append", default=[], metavar="KEY=VALUE", help="network argument for all")
@@ -388,10 +449,30 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--seeds must be comma-separated integers, got {a.seeds!r}") from None
-    if len(seeds) < 3:
-        logger.warning("only %d seed(s): a comparison needs at least 3 to tell methods apart", len(seeds))
-    sites_file = federation_sites_file(a.sites, "compare")
-    test_datalist = default_test_datalist(sites_file, "compare's test set")
+    if a.folds and a.sites:
+        raise ValueError("--folds and --sites exclude each other: each fold has its own sites.json")
+    if a.folds:
+        fold_files = fold_sites_files(a.folds)
+        folds: list[int | None] = list(range(len(fold_files)))
+        sites_of_fold: dict[int | None, str] = dict(zip(folds, fold_files))
+    else:
+        folds = [None]
+        sites_of_fold = {None: federation_sites_file(a.sites, "compare")}
+    if a.only_folds:
+        if not a.folds:
+            raise ValueError("--only-folds needs --folds")
+        wanted = {int(x) for x in a.only_folds.split(",") if x.strip()}
+        if not wanted <= set(folds):
+            raise ValueError(f"--only-folds {sorted(wanted)}: the preparation has folds {folds}")
+        train_folds = [f for f in folds if f in wanted]
+    else:
+        train_folds = folds
+    if len(seeds) * len(folds) < 3:
+        logger.warning("only %d run(s) per method: a comparison needs at least 3", len(seeds) * len(folds))
+    for sites_file in sites_of_fold.values():
+        default_test_datalist(sites_file, "compare's test set")  # a fold without a test set fails before any run
+        if POOLED & set(names):
+            site_names(sites_file, "centralized")  # and a federation without the pooled site
     overrides = parse_overrides(a.set)
     from fedbrats.jobgen import BASE_TRAINING
 
@@ -411,39 +492,44 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(a.out_dir, exist_ok=True)
     command = PROG + " " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     for name in [] if a.report_only else names:
-        for seed in seeds:
-            started = time.monotonic()
-            results = run_experiment(
-                name,
-                a.workspace,
-                sites_file,
-                a.rounds,
-                overrides,
-                eval_data,
-                test_datalist,
-                a.max_cases,
-                reuse=a.reuse,
-                overlap=a.eval_overlap,
-                seed=seed,
-                network_args=parse_overrides(a.net),
-                device=a.eval_device,
-            )
-            results["total_seconds"] = round(time.monotonic() - started, 1)
-            results["command"] = command
-            # Full results (per case) stay in the workspace; the report folder may get aggregates only.
-            write_reports(results, run_folder(a.workspace, name, seed), label=f"{name} seed {seed}")
-            shown = _without_per_case(results) if a.aggregate_only else results
-            write_reports(shown, os.path.join(a.out_dir, name, f"seed{seed}"), label=f"{name} seed {seed}")
-            logger.info(
-                "%s seed %d: mean Dice over %d combinations %.4f",
-                name,
-                seed,
-                len(modality_combinations()),
-                results["mean_over_combinations"]["mean_dice"],
-            )
-    runs = _saved_runs(a.workspace, names, seeds)
+        for fold in train_folds:
+            sites_file = sites_of_fold[fold]
+            for seed in seeds:
+                label = f"{name} " + ("" if fold is None else f"fold {fold} ") + f"seed {seed}"
+                started = time.monotonic()
+                results = run_experiment(
+                    name,
+                    a.workspace,
+                    sites_file,
+                    a.rounds,
+                    overrides,
+                    eval_data,
+                    default_test_datalist(sites_file, "compare's test set"),
+                    a.max_cases,
+                    reuse=a.reuse,
+                    overlap=a.eval_overlap,
+                    seed=seed,
+                    network_args=parse_overrides(a.net),
+                    device=a.eval_device,
+                    fold=fold,
+                )
+                results["total_seconds"] = round(time.monotonic() - started, 1)
+                results["command"] = command
+                # Full results (per case) stay in the workspace; the report folder may get aggregates only.
+                write_reports(results, run_folder(a.workspace, name, seed, fold), label=label)
+                shown = _without_per_case(results) if a.aggregate_only else results
+                out = os.path.join(a.out_dir, name, *([] if fold is None else [fold_dir_name(fold)]), f"seed{seed}")
+                write_reports(shown, out, label=label)
+                logger.info(
+                    "%s: mean Dice over %d combinations %.4f",
+                    label,
+                    len(modality_combinations()),
+                    results["mean_over_combinations"]["mean_dice"],
+                )
+    runs = _saved_runs(a.workspace, names, seeds, folds)
     commands = sorted({r.get("command", "") for by_seed in runs.values() for r in by_seed.values()} - {""})
-    path = write_comparison(a.out_dir, sites_file, runs, commands)
+    shown_sites = a.folds + f"/{FOLDS_MANIFEST}" if a.folds else sites_of_fold[None]
+    path = write_comparison(a.out_dir, shown_sites, runs, commands)
     logger.info("comparison written to %s", path)
     return 0
 

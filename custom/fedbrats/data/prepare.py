@@ -32,6 +32,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fedbrats.constants import MODALITIES
@@ -43,6 +44,7 @@ from fedbrats.data.conventions import (
     get_convention,
     institution_of,
 )
+from fedbrats.data.federation import add_pooled_site
 from fedbrats.data.nnunet import DATASET_JSON as NNUNET_DATASET_JSON
 from fedbrats.data.nnunet import NNUNET_LABEL_MODES, NnUNetCase, dataset_labels, write_nnunet_dataset
 from fedbrats.data.nnunet import OUTPUT_NAMES as NNUNET_OUTPUTS
@@ -57,6 +59,8 @@ SPLITS: tuple[str, ...] = ("institution", "random", "map", "fets-csv")
 
 #: Version of the ``sites.json`` layout.
 MANIFEST_VERSION: int = 1
+#: The manifest of a cross-validated preparation (``--folds``): the folds and their ``sites.json``.
+FOLDS_MANIFEST = "folds.json"
 
 #: File names the output folder reserves; a site may not be called after them.
 _RESERVED_SITE_NAMES = frozenset({"test", "sites"})
@@ -546,6 +550,39 @@ def split_site(
     return sorted(order[n_val:]), sorted(order[:n_val]), test
 
 
+def assign_folds(test_eligible: Mapping[str, Sequence[str]], folds: int, seed: int) -> dict[str, list[list[str]]]:
+    """Deal every site's test-eligible cases into ``folds`` test folds, stratified by site.
+
+    Each site's cases are shuffled with a generator seeded by ``seed`` and the site, then dealt round-robin, the deal
+    continuing from site to site (in name order). So every case is a test case in exactly one fold, each fold holds
+    ``floor`` or ``ceil`` of ``n / folds`` of every site's cases, and the folds' sizes differ by at most one case.
+
+    Args:
+        test_eligible: site -> the cases that may be test cases (all four sequences and a segmentation).
+        folds: number of folds (>= 2).
+        seed: random seed.
+
+    Returns:
+        site -> ``folds`` sorted lists of case ids.
+
+    Raises:
+        ValueError: ``folds`` is not an integer >= 2.
+    """
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
+    dealt_so_far = 0
+    out: dict[str, list[list[str]]] = {}
+    for site in sorted(test_eligible):
+        order = sorted(test_eligible[site])
+        random.Random(f"{seed}:{site}:folds").shuffle(order)
+        site_folds: list[list[str]] = [[] for _ in range(folds)]
+        for case in order:
+            site_folds[dealt_so_far % folds].append(case)
+            dealt_so_far += 1
+        out[site] = [sorted(fold) for fold in site_folds]
+    return out
+
+
 def _check_validation_cases(
     splits: Mapping[str, tuple[list[str], list[str], list[str]]], val_fraction: float, bad_by_site: Mapping[str, int]
 ) -> None:
@@ -709,7 +746,7 @@ def prepare(
     k: int | None = None,
     split_map: str | Mapping[str, Any] | None = None,
     site_modalities: str | Mapping[str, Sequence[str] | str] | None = None,
-    test_fraction: float = 0.2,
+    test_fraction: float | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
     convention: str | BraTSConvention | None = None,
@@ -719,6 +756,7 @@ def prepare(
     overwrite: bool = False,
     unlabelled_sites: str | Sequence[str] | None = None,
     nnunet: str = "regions",
+    folds: int = 0,
 ) -> dict[str, Any]:
     """Scan ``data_dir``, validate every case, split into sites and write the datalists and ``sites.json``.
 
@@ -733,7 +771,8 @@ def prepare(
         k: number of sites for ``split="random"``.
         split_map: JSON file path or mapping for ``split="map"``; the CSV's path for ``split="fets-csv"``.
         site_modalities: site -> available sequences (see :func:`parse_site_modalities`); default all four.
-        test_fraction: share of each site's cases held out for the global test set, in [0, 1).
+        test_fraction: share of each site's cases held out for the global test set, in [0, 1) (default 0.2);
+            not with ``folds``, where each fold's test share is ``1 / folds``.
         val_fraction: share of each site's remaining cases used for validation, in [0, 1).
         seed: random seed for the random split and the hold-outs.
         convention: ``"brats2018"``, ``"brats2023"`` or ``None`` to detect it per case.
@@ -748,15 +787,27 @@ def prepare(
         nnunet: also write the cases as an nnU-Net v2 dataset (``dataset.json``, ``nnunet_splits_final.json``,
             ``nnunet_cases.json``, see :mod:`fedbrats.data.nnunet`) with ``"regions"`` (region-based BraTS
             training) or ``"labels"``; ``"off"`` writes none of them (``--nnunet``).
+        folds: 0 for one federation; ``K >= 2`` for K-fold cross-validation (``--folds``): one complete federation
+            per fold in ``out_dir/fold<k>/`` (datalists, ``test.json``, ``sites.json``, nnU-Net files), each site's
+            test-eligible cases dealt into the K folds so that every such case is a test case in exactly one fold
+            and every site keeps training and validation cases in every fold, and ``out_dir/folds.json`` listing
+            them.
 
     Returns:
-        The manifest written to ``sites.json``.
+        The manifest written to ``sites.json`` (with ``folds``: the one written to ``folds.json``).
 
     Raises:
         InvalidCasesError: cases failed validation and ``skip_invalid`` is off (lists every bad case).
         ValueError: any bad argument, an empty or mostly invalid site, mixed conventions.
     """
-    test_fraction = _check_fraction("test_fraction", test_fraction)
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 0 or folds == 1:
+        raise ValueError(f"folds (--folds) must be 0 (no cross-validation) or an integer >= 2, got {folds!r}")
+    if folds and test_fraction is not None:
+        raise ValueError(
+            "test_fraction (--test-fraction) and folds (--folds) exclude each other: with K folds every fold holds "
+            "out 1/K of each site's cases"
+        )
+    test_fraction = _check_fraction("test_fraction", 0.2 if test_fraction is None else test_fraction)
     val_fraction = _check_fraction("val_fraction", val_fraction)
     if not out_dir:
         raise ValueError("out_dir: empty path")
@@ -784,7 +835,12 @@ def prepare(
     unlabelled = parse_unlabelled_sites(unlabelled_sites, list(sites))
     if not overwrite:
         outputs = [*(f"{site}.json" for site in sites), "test.json", "sites.json"]
-        _refuse_existing_outputs(out_dir, outputs + (list(NNUNET_OUTPUTS) if nnunet != "off" else []))
+        outputs += list(NNUNET_OUTPUTS) if nnunet != "off" else []
+        if folds:
+            outputs = [FOLDS_MANIFEST] + [
+                os.path.join(fold_dir_name(k), name) for k in range(folds) for name in outputs
+            ]
+        _refuse_existing_outputs(out_dir, outputs)
     site_of = {case: site for site, members in sites.items() for case in members}
 
     infos, errors = _validate_all(case_dirs, site_of, profile, conv, deep_validate, progress_every, unlabelled)
@@ -808,7 +864,7 @@ def prepare(
     conv = CONVENTIONS[conventions_found[0]]
 
     # Hold-outs first, all in memory: nothing is written until every site is known to be usable.
-    splits: dict[str, tuple[list[str], list[str], list[str]]] = {}
+    usable: dict[str, tuple[list[str], list[str]]] = {}
     for site, members in sites.items():
         valid = [c for c in members if c in infos]
         if not valid:
@@ -817,15 +873,130 @@ def prepare(
         eligible = [
             c for c in valid if all(infos[c].paths[m] is not None for m in MODALITIES) and infos[c].label is not None
         ]
+        usable[site] = (valid, eligible)
+    federation = _Federation(data_dir, conv, profile, infos, site_of, unlabelled, split, seed, nnunet, errors)
+    if folds:
+        return _write_folds(out_dir, federation, usable, folds, val_fraction, bad_by_site)
+    splits: dict[str, tuple[list[str], list[str], list[str]]] = {}
+    for site, (valid, eligible) in usable.items():
         train, val, test = split_site(site, valid, eligible, test_fraction, val_fraction, seed)
         if not train:
             raise ValueError(f"site {site!r} has no training case after the test/validation split")
         splits[site] = (train, val, test)
     _check_validation_cases(splits, val_fraction, bad_by_site)
-    test_cases = sorted(c for _, _, test in splits.values() for c in test)
-    if test_fraction > 0 and not test_cases:
+    if test_fraction > 0 and not any(test for _, _, test in splits.values()):
         logger.warning("no test case could be held out (too few cases, or none with all four sequences)")
+    manifest = _write_federation(
+        out_dir, federation, splits, {"test_fraction": test_fraction, "val_fraction": val_fraction}
+    )
+    _log_summary(splits, profile, out_dir)
+    return manifest
 
+
+@dataclass(frozen=True)
+class _Federation:
+    """What every datalist of one preparation is written from (the cases, their sites and sequences)."""
+
+    data_dir: str
+    convention: BraTSConvention
+    profile: dict[str, list[str]]
+    infos: dict[str, CaseInfo]
+    site_of: dict[str, str]
+    unlabelled: set[str]
+    split: str
+    seed: int
+    nnunet: str
+    errors: list[CaseValidationError]
+
+
+def _write_folds(
+    out_dir: str,
+    federation: _Federation,
+    usable: Mapping[str, tuple[list[str], list[str]]],
+    folds: int,
+    val_fraction: float,
+    bad_by_site: Mapping[str, int],
+) -> dict[str, Any]:
+    """Write one complete federation per cross-validation fold (``out_dir/fold<k>/``) and ``out_dir/folds.json``.
+
+    Every site's test-eligible cases are dealt into the folds (:func:`assign_folds`); in fold ``k`` they are the
+    test cases, and each site's other cases split into training and validation as without folds. Every fold is
+    checked before any is written.
+
+    Returns:
+        The folds manifest written to ``folds.json``.
+    """
+    dealt = assign_folds({site: eligible for site, (_, eligible) in usable.items()}, folds, federation.seed)
+    for site, (_, eligible) in usable.items():
+        if len(eligible) < folds:
+            logger.warning(
+                "site %s has %d test-eligible case(s) for %d folds: it has no test case in some folds",
+                site,
+                len(eligible),
+                folds,
+            )
+    fold_splits: list[dict[str, tuple[list[str], list[str], list[str]]]] = []
+    for k in range(folds):
+        splits = {}
+        for site, (valid, _) in usable.items():
+            test = dealt[site][k]
+            rest = [c for c in valid if c not in set(test)]
+            train, val, _ = split_site(site, rest, [], 0.0, val_fraction, federation.seed)
+            if not train:
+                raise ValueError(
+                    f"fold {k}: site {site!r} has no training case once its test cases are held out; use fewer "
+                    "--folds or merge the site into another (--split map)"
+                )
+            splits[site] = (train, val, test)
+        try:
+            _check_validation_cases(splits, val_fraction, bad_by_site)
+        except ValueError as exc:
+            raise ValueError(f"fold {k}: {exc}; or use fewer --folds") from None
+        fold_splits.append(splits)
+    fold_dirs = []
+    for k, splits in enumerate(fold_splits):
+        fold_dir = os.path.join(out_dir, fold_dir_name(k))
+        _write_federation(fold_dir, federation, splits, {"fold": k, "folds": folds, "val_fraction": val_fraction})
+        _log_summary(splits, federation.profile, fold_dir)
+        fold_dirs.append(fold_dir)
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "data_dir": federation.data_dir,
+        "folds": folds,
+        "split": federation.split,
+        "seed": federation.seed,
+        "val_fraction": val_fraction,
+        "fold_sites": [os.path.join(d, "sites.json") for d in fold_dirs],
+        "num_test": [sum(len(test) for _, _, test in splits.values()) for splits in fold_splits],
+    }
+    write_json_atomic(os.path.join(out_dir, FOLDS_MANIFEST), manifest)
+    return manifest
+
+
+def fold_dir_name(k: int) -> str:
+    """The folder of fold ``k`` in a cross-validated preparation (``fold0``, ``fold1``, ...)."""
+    return f"fold{k}"
+
+
+def _write_federation(
+    out_dir: str,
+    federation: _Federation,
+    splits: Mapping[str, tuple[list[str], list[str], list[str]]],
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Write the sites' datalists, ``test.json``, the nnU-Net files and (last) ``sites.json`` of one federation.
+
+    Returns:
+        The manifest written to ``sites.json``.
+    """
+    conv, infos, profile, unlabelled = (
+        federation.convention,
+        federation.infos,
+        federation.profile,
+        federation.unlabelled,
+    )
+    data_dir = federation.data_dir
+    test_cases = sorted(c for _, _, test in splits.values() for c in test)
     os.makedirs(out_dir, exist_ok=True)
     manifest_sites: dict[str, Any] = {}
     for site, (train, val, _) in splits.items():
@@ -855,7 +1026,8 @@ def prepare(
         }
         if site in unlabelled:
             manifest_sites[site]["labelled"] = False
-    if nnunet != "off":
+    if federation.nnunet != "off":
+        site_of = federation.site_of
         subsets = {c: subset for _, lists in splits.items() for subset, cs in zip(_SUBSETS, lists) for c in cs}
         write_nnunet_dataset(
             out_dir,
@@ -870,9 +1042,10 @@ def prepare(
                 for c in sorted(subsets)
             ],
             conv,
-            mode=nnunet,
+            mode=federation.nnunet,
             name=f"fedbrats-{os.path.basename(data_dir)}",
-            description=f"BraTS cases of {data_dir} as prepared by fedbrats ({split} split, seed {seed})",
+            description=f"BraTS cases of {data_dir} as prepared by fedbrats ({federation.split} split, "
+            f"seed {federation.seed})",
         )
     test_path = os.path.join(out_dir, "test.json")
     write_json_atomic(
@@ -889,19 +1062,17 @@ def prepare(
         "data_dir": data_dir,
         "convention": conv.name,
         "test_datalist": test_path,
-        "split": split,
-        "seed": seed,
-        "test_fraction": test_fraction,
-        "val_fraction": val_fraction,
+        "split": federation.split,
+        "seed": federation.seed,
+        **extra,
         "num_test": len(test_cases),
-        "skipped_cases": sorted(e.case_id for e in errors),
+        "skipped_cases": sorted(e.case_id for e in federation.errors),
         "sites": manifest_sites,
     }
-    if nnunet != "off":
-        manifest["nnunet"] = {"dataset_json": os.path.join(out_dir, NNUNET_DATASET_JSON), "labels": nnunet}
+    if federation.nnunet != "off":
+        manifest["nnunet"] = {"dataset_json": os.path.join(out_dir, NNUNET_DATASET_JSON), "labels": federation.nnunet}
     # sites.json last: once it exists, every datalist it points to is complete.
     write_json_atomic(os.path.join(out_dir, "sites.json"), manifest)
-    _log_summary(splits, profile, out_dir)
     return manifest
 
 
@@ -921,6 +1092,13 @@ def _log_summary(
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------
+
+
+def written_sites_files(out_dir: str, folds: int = 0) -> list[str]:
+    """The ``sites.json`` files a preparation into ``out_dir`` wrote (one per fold with ``folds``)."""
+    if not folds:
+        return [os.path.join(out_dir, "sites.json")]
+    return [os.path.join(out_dir, fold_dir_name(k), "sites.json") for k in range(folds)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -949,7 +1127,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated sites without labels: no segmentation required or read, marked labelled=false",
     )
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="share of each site held out for test")
+    parser.add_argument(
+        "--test-fraction", type=float, default=None, help="share of each site held out for test (default 0.2)"
+    )
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        help="K-fold cross-validation: one federation per fold in OUT/fold<k>/, each site's cases dealt into the K "
+        "test folds (3 is the RFNet/mmFormer convention for BraTS 2018); 0: one federation (default)",
+    )
+    parser.add_argument(
+        "--pool",
+        action="store_true",
+        help="also add the pooled 'central' site (the centralized baseline) to every sites.json written",
+    )
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each site's rest for validation")
     parser.add_argument("--seed", type=int, default=0, help="random seed (random split and hold-outs)")
     parser.add_argument("--convention", choices=sorted(CONVENTIONS), default=None, help="default: detect per case")
@@ -996,7 +1188,11 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             unlabelled_sites=args.unlabelled_sites,
             nnunet=args.nnunet,
+            folds=args.folds,
         )
+        if args.pool:
+            for sites_file in written_sites_files(args.out_dir, args.folds):
+                add_pooled_site(sites_file)
     except ValueError as exc:
         logger.error("%s", exc)
         return 1
