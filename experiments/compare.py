@@ -26,7 +26,13 @@ from fedbrats.data.site_config import federation_sites_file
 from fedbrats.evaluation.evaluate import default_test_datalist, evaluate_combinations, load_model, mean_over_rows
 from fedbrats.evaluation.postprocess import read_postprocessing
 from fedbrats.evaluation.report import readable_combination, write_reports
-from fedbrats.evaluation.statistics import paired_difference, seed_summary
+from fedbrats.evaluation.statistics import (
+    own_sequence_scores,
+    paired_difference,
+    pool_folds,
+    seed_summary,
+    split_run_name,
+)
 from fedbrats.federated.methods import EXPERIMENTS as METHOD_EXPERIMENTS
 from fedbrats.federated.protocol import KEY_METRIC, RunFolder
 from fedbrats.federated.simulate import SimulationResult, parse_overrides, simulate, simulated_run_dir, site_names
@@ -215,6 +221,8 @@ def run_experiment(
             )
         results = _average_results(per_site)
         results["per_site"] = {s: r["mean_over_combinations"] for s, r in per_site.items()}
+        # Each site's own model, for scoring every site on its own sequences (full results, per case).
+        results["site_results"] = per_site
     else:
         model = load_model(result.best_model, spec)
         results = evaluate_combinations(
@@ -278,15 +286,32 @@ PAIRS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _pm(stat: dict[str, float] | None, digits: int = 3) -> str:
+def _pm(stat: dict[str, float] | None, digits: int = 3, runs: int = 2) -> str:
     if not stat:
         return "n/a"
+    if runs < 2:
+        return f"{stat['mean']:.{digits}f}"
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
-def comparison_summary(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
-    """Per method the seed summary, and the paired differences of :data:`PAIRS` (where both were run)."""
-    summary = {name: seed_summary(by_seed) for name, by_seed in runs.items() if by_seed}
+def comparison_summary(
+    runs: dict[str, dict[Any, dict[str, Any]]], site_modalities: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
+    """Per method the summary over seeds of its results pooled over the folds (:func:`pool_folds`), with each
+    site's Dice on its own sequences where the test cases name their sites; and the paired differences of
+    :data:`PAIRS` (where both were run), over runs and cases."""
+    summary = {}
+    for name, by_run in runs.items():
+        if not by_run:
+            continue
+        pooled = pool_folds(by_run)
+        if site_modalities:
+            for results in pooled.values():
+                results["own_sequences"] = own_sequence_scores(results, site_modalities)
+        if not pooled:
+            continue
+        # "seeds": what the cells summarise (per seed, every fold pooled); "runs": every (fold, seed) run.
+        summary[name] = {**seed_summary(pooled), "seeds": sorted(pooled, key=str), "runs": sorted(by_run, key=str)}
     pairs = {}
     for a, b in PAIRS:
         if runs.get(a) and runs.get(b) and set(runs[a]) & set(runs[b]):
@@ -294,71 +319,151 @@ def comparison_summary(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, 
     return {"methods": summary, "paired": pairs}
 
 
+def _interval(bounds: list[float] | None) -> str:
+    return "n/a" if not bounds else f"[{bounds[0]:+.3f}, {bounds[1]:+.3f}]"
+
+
 def write_comparison(
-    out_dir: str, sites_file: str, runs: dict[str, dict[int, dict[str, Any]]], commands: list[str]
+    out_dir: str,
+    sites_file: str,
+    runs: dict[str, dict[Any, dict[str, Any]]],
+    commands: list[str],
+    site_modalities: dict[str, list[str]] | None = None,
 ) -> str:
-    """Write ``comparison.md`` and ``comparison.json`` (mean ± std over seeds, paired intervals); return the .md.
+    """Write ``comparison.md`` and ``comparison.json`` (summaries over seeds, paired intervals); return the .md.
 
     Args:
         out_dir: where the report goes.
         sites_file: the federation (named in the report).
-        runs: method -> seed -> full results (with per-case values).
+        runs: method -> run name (seed, or ``fold<k>/seed<s>``) -> full results (with per-case values).
         commands: the commands that produced the runs.
+        site_modalities: each site's sequences, for the per-site scores on their own sequences.
     """
     ordered = {name: runs[name] for name in EXPERIMENTS if runs.get(name)}
-    summary = comparison_summary(ordered)
+    summary = comparison_summary(ordered, site_modalities)
     with open(os.path.join(out_dir, "comparison.json"), "w", encoding="utf-8") as f:
         json.dump({"sites": sites_file, "commands": commands, **summary}, f, indent=2)
     methods = summary["methods"]
-    cases = sorted({int(r.get("num_cases", 0)) for by_seed in ordered.values() for r in by_seed.values()})
+    folds = sorted({fold for by_run in ordered.values() for n in by_run if (fold := split_run_name(n)[0])})
+    cases = sorted({_num_cases(ordered[name]) for name in methods})
     lines = ["Produced by:", "", *[f"- `{c}`" for c in commands], "", f"sites: `{sites_file}`", ""]
-    lines += [
-        f"Test cases: {', '.join(map(str, cases))}. Each cell: mean ± standard deviation over seeds (the runs' seeds",
-        "fix the initial model, data order, crops, augmentation and sequence dropout). Dice higher is better, HD95",
-        "(mm) lower.",
-        "",
-    ]
+    if folds:
+        lines += [
+            f"Cross-validation: {len(folds)} folds; test cases pooled over the folds: {', '.join(map(str, cases))}. "
+            "Each cell: per seed, the result over all folds' test cases (every case scored once, by the run of its "
+            "fold); mean ± standard deviation over seeds where a method has more than one. Dice higher is better, "
+            "HD95 (mm) lower.",
+            "",
+        ]
+    else:
+        lines += [
+            f"Test cases: {', '.join(map(str, cases))}. Each cell: mean ± standard deviation over seeds (the runs' "
+            "seeds fix the initial model, data order, crops, augmentation and sequence dropout). Dice higher is "
+            "better, HD95 (mm) lower.",
+            "",
+        ]
     for part, title in (
         ("mean_over_combinations", "Mean over the 15 sequence combinations"),
         ("full_modality", "All four sequences"),
     ):
-        lines += [f"### {title}", "", "| Method | seeds | Dice WT | Dice TC | Dice ET | Dice mean | HD95 mean |"]
+        lines += [f"### {title}", "", "| Method | runs | Dice WT | Dice TC | Dice ET | Dice mean | HD95 mean |"]
         lines.append("|---|--:|--:|--:|--:|--:|--:|")
         for name, m in methods.items():
             row = m.get(part)
             if not row:
                 continue
-            cells = [_pm(row["dice"][r]) for r in ("WT", "TC", "ET")]
-            cells += [_pm(row["mean_dice"]), _pm(row["mean_hd95"], 1)]
-            lines.append(f"| {name} | {len(m['seeds'])} | " + " | ".join(cells) + " |")
+            n = len(m["seeds"])
+            cells = [_pm(row["dice"][r], runs=n) for r in ("WT", "TC", "ET")]
+            cells += [_pm(row["mean_dice"], runs=n), _pm(row["mean_hd95"], 1, runs=n)]
+            lines.append(f"| {name} | {len(m['runs'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    own_sites = sorted({site for m in methods.values() for site in m.get("own_sequences", {})})
+    if own_sites:
+        first = next(m["own_sequences"] for m in methods.values() if m.get("own_sequences"))
+        headers = [
+            f"{site} ({'+'.join(first[site]['modalities'])}, {first[site]['num_cases']} cases)"
+            for site in own_sites
+            if site in first
+        ]
+        lines += [
+            "### Each site on its own sequences",
+            "",
+            "Mean Dice (WT/TC/ET) of each site's test cases with the sequences the site has (the client metric of "
+            "FedMEMA and FedMEPD).",
+            "",
+            "| Method | " + " | ".join(headers) + " |",
+            "|---|" + "|".join(["--:"] * len(headers)) + "|",
+        ]
+        for name, m in methods.items():
+            own = m.get("own_sequences") or {}
+            n = len(m["seeds"])
+            lines.append(
+                f"| {name} | " + " | ".join(_pm(own.get(s, {}).get("mean_dice"), runs=n) for s in own_sites) + " |"
+            )
         lines.append("")
     if summary["paired"]:
         lines += [
             "### Paired differences (A - B)",
             "",
-            "Mean Dice difference over (test case x combination), paired by seed; 95 % interval from 10,000 "
-            "bootstrap resamples of the test cases; ratio of the 15-combination mean Dice A / B.",
+            "Mean Dice difference over runs, test cases and the 15 combinations, runs paired by "
+            + ("fold and seed" if folds else "seed")
+            + ". 95 % interval: a two-level bootstrap (10,000 resamples of the runs, and of the test cases of each "
+            "test set, shared by its runs; a case with all its combinations); t-interval: over the per-run mean "
+            "differences (runs as replicates); per run: each pair's difference; ratio of the 15-combination mean "
+            "Dice A / B.",
             "",
-            "| A vs B | seeds | mean difference | 95 % interval | ratio A/B |",
-            "|---|--:|--:|--:|--:|",
+            "| A vs B | runs | cases | mean difference | 95 % interval | t-interval | per run | ratio A/B |",
+            "|---|--:|--:|--:|--:|--:|---|--:|",
         ]
+        notes = []
         for pair, d in summary["paired"].items():
+            per_run = " / ".join(f"{v:+.3f}" for v in d["per_run"].values())
             lines.append(
-                f"| {pair} | {len(d['seeds'])} | {d['mean_difference']:+.3f} | "
-                f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {d['ratio']:.2f} |"
+                f"| {pair} | {d['num_runs']} | {d['num_cases']} | {d['mean_difference']:+.3f} | "
+                f"{_interval(d['ci95'])} | {_interval(d['t_interval'])} | {per_run} | {d['ratio']:.2f} |"
             )
+            notes += [f"{pair}: {note}" for note in d.get("notes", [])]
         lines.append("")
+        if notes:
+            lines += ["Notes:", "", *[f"- {n}" for n in notes], ""]
     names = list(methods)
     lines += ["### Mean Dice per sequence combination", "", "| Sequences | " + " | ".join(names) + " |"]
     lines.append("|---|" + "|".join(["--:"] * len(names)) + "|")
     for combo in modality_combinations():
         key = "+".join(combo)
-        cells = [_pm(methods[n]["combinations"].get(key)) for n in names]
+        cells = [_pm(methods[n]["combinations"].get(key), runs=len(methods[n]["seeds"])) for n in names]
         lines.append(f"| {readable_combination(combo)} | " + " | ".join(cells) + " |")
     path = os.path.join(out_dir, "comparison.md")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def _name_case_sites(runs: dict[str, dict[Any, dict[str, Any]]], test_datalists: list[str]) -> None:
+    """Give results scored before test cases named their site (``case_sites``) the sites the test datalists name
+    now, where every case of the run is found there."""
+    site_of: dict[str, str] = {}
+    for path in test_datalists:
+        with open(path, encoding="utf-8") as f:
+            site_of.update({str(e.get("case_id")): e["site"] for e in json.load(f).get("test", []) if e.get("site")})
+    for by_run in runs.values():
+        for results in by_run.values():
+            cases = [str(c) for c in results.get("cases") or []]
+            if not results.get("case_sites") and cases and all(c in site_of for c in cases):
+                results["case_sites"] = [site_of[c] for c in cases]
+
+
+def _site_modalities(sites_file: str) -> dict[str, list[str]]:
+    """Each site's sequences (the pooled site left out), from a ``sites.json``."""
+    with open(sites_file, encoding="utf-8") as f:
+        sites = json.load(f)["sites"]
+    return {name: list(entry["modalities"]) for name, entry in sites.items() if name != POOLED_SITE}
+
+
+def _num_cases(by_run: dict[Any, dict[str, Any]]) -> int:
+    """Distinct test cases a method's runs were scored on (all folds together)."""
+    cases = {str(c) for r in by_run.values() for c in (r.get("cases") or [])}
+    return len(cases) or max(int(r.get("num_cases", 0)) for r in by_run.values())
 
 
 def _saved_runs(
@@ -386,6 +491,8 @@ def _without_per_case(results: dict[str, Any]) -> dict[str, Any]:
         if out.get(part):
             out[part] = {k: v for k, v in out[part].items() if k != "per_case"}
     out.pop("cases", None)
+    out.pop("case_sites", None)
+    out.pop("site_results", None)
     return out
 
 
@@ -527,9 +634,12 @@ def main(argv: list[str] | None = None) -> int:
                     results["mean_over_combinations"]["mean_dice"],
                 )
     runs = _saved_runs(a.workspace, names, seeds, folds)
+    _name_case_sites(runs, [default_test_datalist(f, "compare's test set") for f in sites_of_fold.values()])
     commands = sorted({r.get("command", "") for by_seed in runs.values() for r in by_seed.values()} - {""})
     shown_sites = a.folds + f"/{FOLDS_MANIFEST}" if a.folds else sites_of_fold[None]
-    path = write_comparison(a.out_dir, shown_sites, runs, commands)
+    path = write_comparison(
+        a.out_dir, shown_sites, runs, commands, _site_modalities(next(iter(sites_of_fold.values())))
+    )
     logger.info("comparison written to %s", path)
     return 0
 

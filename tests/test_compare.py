@@ -107,10 +107,10 @@ def test_paired_difference_recovers_a_known_shift() -> None:
     d = paired_difference(a, b)
     assert d["mean_difference"] == pytest.approx(0.1)
     assert d["ci95"][0] == pytest.approx(0.1) and d["ci95"][1] == pytest.approx(0.1)  # a constant shift: no spread
-    assert d["seeds"] == [0, 1, 2] and d["num_cases"] == 12 and d["num_combinations"] == 15
+    assert d["runs"] == [0, 1, 2] and d["num_cases"] == 12 and d["num_combinations"] == 15
     noisy = paired_difference({s: _results(0.55, cases, 0.2, seed=10 + s) for s in range(3)}, b)
     assert noisy["ci95"][0] < noisy["mean_difference"] < noisy["ci95"][1]
-    with pytest.raises(ValueError, match="seed in common"):
+    with pytest.raises(ValueError, match="no run in common"):
         paired_difference({5: b[0]}, b)
     with pytest.raises(ValueError, match="different test cases"):
         paired_difference({0: _results(0.5, cases[:-1])}, b)
@@ -134,3 +134,39 @@ def test_write_comparison_reports_mean_std_and_pairs(tmp_path) -> None:
     summary = json.loads((tmp_path / "comparison.json").read_text())
     assert summary["methods"]["fedavg"]["mean_over_combinations"]["mean_dice"]["std"] > 0
     assert summary["paired"]["fedkd vs centralized"]["mean_difference"] < 0
+
+
+def test_cross_validation_runs_are_named_by_fold_and_pooled_in_the_report(tmp_path) -> None:
+    import json
+
+    from experiments.compare import fold_sites_files, replicate_key, run_folder, write_comparison
+
+    assert replicate_key(1) == 1 and replicate_key(1, 2) == "fold2/seed1"
+    assert run_folder("W", "fedavg", 1, 2).endswith("fedavg/fold2/seed1") and run_folder("W", "x", 0).endswith(
+        "x/seed0"
+    )
+    with pytest.raises(ValueError, match="folds.json"):
+        fold_sites_files(str(tmp_path))
+    (tmp_path / "folds.json").write_text(json.dumps({"folds": 2}))
+    with pytest.raises(ValueError, match="missing"):
+        fold_sites_files(str(tmp_path))
+    runs = {
+        name: {
+            f"fold{k}/seed{s}": _results(level + 0.01 * s, [f"f{k}c{i}" for i in range(4)], 0.05, 10 * k + s)
+            for k in range(2)
+            for s in range(2)
+        }
+        for name, level in (("fedavg", 0.5), ("fedkd", 0.6))
+    }
+    path = write_comparison(str(tmp_path), "FOLDS/folds.json", runs, ["cmd"])
+    text = open(path, encoding="utf-8").read()
+    assert "Cross-validation: 2 folds" in text and "| fedkd vs fedavg | 4 | 8 |" in text
+    summary = json.loads((tmp_path / "comparison.json").read_text())
+    assert summary["methods"]["fedkd"]["seeds"] == ["seed0", "seed1"]
+    assert len(summary["methods"]["fedkd"]["runs"]) == 4
+    assert set(summary["paired"]["fedkd vs fedavg"]["per_run"]) == {
+        "fold0/seed0",
+        "fold0/seed1",
+        "fold1/seed0",
+        "fold1/seed1",
+    }

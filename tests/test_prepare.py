@@ -506,3 +506,75 @@ def test_uncompressed_nii_cases_are_named(make_dataset, tmp_path: Path) -> None:
         gz.unlink()
     with pytest.raises(ValueError, match=rf"uncompressed \.nii files.*{IDS_2018[0]}.*gzip"):
         scan_cases(str(data))
+
+
+# ---------------------------------------------------------------------------------------------- cross-validation
+
+
+def test_prepare_folds_tests_every_case_once_stratified_by_site(make_dataset, tmp_path: Path) -> None:
+    from fedbrats.data.prepare import FOLDS_MANIFEST, main
+
+    data = make_dataset()
+    out = tmp_path / "folds"
+    assert main(["--data-dir", str(data), "--out-dir", str(out), "--folds", "3", "--pool", "--nnunet", "off"]) == 0
+    manifest = _load(out / FOLDS_MANIFEST)
+    assert manifest["folds"] == 3 and manifest["fold_sites"] == [str(out / f"fold{k}" / "sites.json") for k in range(3)]
+    tested: list[str] = []
+    for k in range(3):
+        sites = _load(out / f"fold{k}" / "sites.json")
+        assert sites["fold"] == k and sites["folds"] == 3
+        test = _load(sites["test_datalist"])["test"]
+        test_ids = {e["case_id"] for e in test}
+        tested += test_ids
+        # every test case names its site, and its site is where its institution is
+        assert all(e["site"] == institution_of(e["case_id"]) for e in test)
+        for site in ("CBICA", "TCIA", "2013"):
+            entry = sites["sites"][site]
+            dl = _load(entry["datalist"])
+            assert entry["num_training"] >= 1 and entry["num_validation"] >= 1
+            own = {e["case_id"] for e in dl["training"] + dl["validation"]}
+            assert not own & test_ids
+            n_site = {"CBICA": 6, "TCIA": 4, "2013": 3}[site]
+            in_test = sum(institution_of(c) == site for c in test_ids)
+            assert in_test in (n_site // 3, -(-n_site // 3))  # floor or ceil of a third of the site
+            assert len(own) + in_test == n_site
+        assert "central" in sites["sites"]  # --pool
+        assert not {e["case_id"] for e in _load(sites["sites"]["central"]["datalist"])["training"]} & test_ids
+    assert sorted(tested) == sorted(IDS_2018)  # every case a test case exactly once
+    assert manifest["num_test"] == [len(_load(out / f"fold{k}" / "test.json")["test"]) for k in range(3)]
+    assert max(manifest["num_test"]) - min(manifest["num_test"]) <= 1
+    # the same seed gives the same folds; nothing is replaced without --overwrite
+    with pytest.raises(ValueError, match="--overwrite"):
+        prepare(str(data), str(out), folds=3, nnunet="off")
+    prepare(str(data), str(tmp_path / "again"), folds=3, nnunet="off")
+    for k in range(3):
+        assert (
+            _load(tmp_path / "again" / f"fold{k}" / "test.json")["test"]
+            == _load(out / f"fold{k}" / "test.json")["test"]
+        )
+
+
+def test_prepare_folds_refuses_bad_options_and_too_small_sites(make_dataset, tmp_path: Path) -> None:
+    data = make_dataset()
+    with pytest.raises(ValueError, match="exclude each other"):
+        prepare(str(data), str(tmp_path / "a"), folds=3, test_fraction=0.2)
+    with pytest.raises(ValueError, match="folds"):
+        prepare(str(data), str(tmp_path / "b"), folds=1)
+    # a site of two cases: once its test case is held out, one case is left, nothing to validate on
+    mapping = {"big": IDS_2018[:11], "small": IDS_2018[11:]}
+    with pytest.raises(ValueError, match=r"fold \d: .*small.*fewer --folds"):
+        prepare(str(data), str(tmp_path / "c"), split="map", split_map=mapping, folds=2, nnunet="off")
+    assert not (tmp_path / "c").exists()
+
+
+def test_assign_folds_balances_sites_and_folds() -> None:
+    from fedbrats.data.prepare import assign_folds
+
+    dealt = assign_folds({"a": [f"a{i}" for i in range(7)], "b": [f"b{i}" for i in range(3)]}, 3, seed=0)
+    sizes = [len(dealt["a"][k]) + len(dealt["b"][k]) for k in range(3)]
+    assert sorted(sizes) == [3, 3, 4]
+    assert sorted(len(f) for f in dealt["a"]) == [2, 2, 3] and all(len(f) == 1 for f in dealt["b"])
+    assert sorted(c for f in dealt["a"] for c in f) == sorted(f"a{i}" for i in range(7))
+    assert assign_folds({"a": ["x", "y"]}, 2, seed=1) == assign_folds({"a": ["y", "x"]}, 2, seed=1)
+    with pytest.raises(ValueError, match="folds"):
+        assign_folds({"a": ["x"]}, 1, seed=0)

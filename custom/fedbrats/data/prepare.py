@@ -1054,7 +1054,8 @@ def _write_federation(
             name="fedbrats-test",
             description=f"Held-out BraTS test cases ({len(test_cases)}) from {data_dir}, all four sequences",
             convention=conv,
-            sections={"test": [_entry(infos[c], MODALITIES) for c in test_cases]},
+            # Each test case names its site, so that a report can score every site on its own sequences.
+            sections={"test": [{**_entry(infos[c], MODALITIES), "site": federation.site_of[c]} for c in test_cases]},
         ),
     )
     manifest: dict[str, Any] = {

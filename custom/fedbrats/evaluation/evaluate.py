@@ -442,7 +442,7 @@ def datalist_convention(datalist: str) -> str:
     return str(content.get("convention") or "brats2018") if isinstance(content, dict) else "brats2018"
 
 
-def _row(
+def table_row(
     dice: torch.Tensor,
     hd95: torch.Tensor,
     modalities: Sequence[str] | None = None,
@@ -463,7 +463,7 @@ def _row(
     if modalities is not None:
         row = {"modalities": list(modalities), **row}
     if lesions is not None:
-        row["lesion_wise"] = _row(lesions["dice"], lesions["hd95"])
+        row["lesion_wise"] = table_row(lesions["dice"], lesions["hd95"])
         row["lesion_wise"]["lesions"] = {
             key: {r: int(lesions[key][:, i].sum()) for i, r in enumerate(REGIONS)} for key in ("tp", "fp", "fn")
         }
@@ -581,6 +581,9 @@ def evaluate_combinations(
     hds: dict[tuple[str, ...], list[torch.Tensor]] = {combo: [] for combo in combos}
     lesions: dict[tuple[str, ...], list[dict[str, torch.Tensor]]] = {combo: [] for combo in combos}
     case_ids: list[str] = []
+    # The site a test case comes from, where the datalist says (``fedbrats prepare`` writes it): lets a report score
+    # every site on its own sequences.
+    case_sites = [entry.get("site") for entry in entries]
     started = time.monotonic()
     logger.info(
         "evaluating %d case(s) of %s on %d combination(s), roi %s, zoom %.2f",
@@ -622,7 +625,7 @@ def evaluate_combinations(
             time.monotonic() - case_started,
         )
     rows = {
-        combination_name(c): _row(
+        combination_name(c): table_row(
             torch.cat(dices[c]),
             torch.cat(hds[c]),
             c,
@@ -637,6 +640,7 @@ def evaluate_combinations(
         "convention": convention,
         "num_cases": len(case_ids),
         "cases": case_ids,
+        **({"case_sites": case_sites} if any(case_sites) else {}),
         "data": {"roi_size": list(cfg.roi_size), "zoom": cfg.zoom, "max_eval_size": cfg.max_eval_size},
         "overlap": overlap,
         "precision": precision,
