@@ -348,3 +348,20 @@ def test_imputation_averages_the_samples_where_the_band_did_not_hide_the_source(
     assert torch.all(out[..., :8, :8] == BACKGROUND)
     with pytest.raises(ValueError, match="autoencoder"):
         mmccd.impute_target(ModalityCycleNet(variant="autoencoder", **TINY_NET), x1)
+
+
+def test_optimistic_dice_is_never_below_the_validation_thresholds() -> None:
+    """Both searches share one grid, and the validation threshold is among the optimistic search's candidates."""
+    rng = np.random.default_rng(4)
+    for _ in range(25):
+        y = rng.random(300) < rng.uniform(0.05, 0.4)
+        val = [(np.where(y, 0.7, 0.3) + rng.normal(0, 0.15, 300), y)]
+        test = [(np.where(y, rng.uniform(0.4, 0.8), 0.3) + rng.normal(0, 0.2, 300), y) for _ in range(3)]
+        threshold, _ = choose_threshold(val)
+        honest = mean_dice_at(test, threshold)
+        assert best_dice_on(test, also=(threshold,)) >= honest
+    # a coarse grid alone can miss the validation threshold's Dice; with it among the candidates it cannot
+    y = np.arange(100) >= 90
+    test = [(np.arange(100) / 100.0, y)]
+    assert best_dice_on(test, num=2) < mean_dice_at(test, 0.895) == 1.0
+    assert best_dice_on(test, num=2, also=(0.895,)) == 1.0

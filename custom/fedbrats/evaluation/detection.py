@@ -116,11 +116,19 @@ def choose_threshold(
     return best_t, best_d
 
 
-def best_dice_on(slices: Sequence[tuple[np.ndarray, np.ndarray]], num: int = DEFAULT_NUM_THRESHOLDS) -> float:
-    """The best mean Dice over ``num`` evenly spaced thresholds on [0, 1] of the scores min-max normalised over all
-    ``slices``: the public MMCCD code's reported Dice, chosen on the data it reports (optimistic)."""
-    pooled = np.concatenate([np.asarray(s, dtype=np.float64).ravel() for s, _ in slices])
-    lo, hi = float(pooled.min()), float(pooled.max())
-    scale = hi - lo if hi > lo else 1.0
-    normed = [((np.asarray(s, dtype=np.float64) - lo) / scale, y) for s, y in slices]
-    return max(mean_dice_at(normed, float(t)) for t in np.linspace(0.0, 1.0, num, endpoint=False))
+def best_dice_on(
+    slices: Sequence[tuple[np.ndarray, np.ndarray]],
+    num: int = DEFAULT_NUM_THRESHOLDS,
+    also: Sequence[float] = (),
+) -> float:
+    """The best mean Dice over ``slices`` among the thresholds :func:`choose_threshold` searches (the same grid,
+    here over these slices' scores) and ``also``: the Dice of a threshold chosen on the data it reports, as the
+    public MMCCD code reports it (optimistic).
+
+    Pass the threshold chosen on validation in ``also``: the optimistic number is then never below the honest one,
+    which a different grid could not promise.
+    """
+    if not slices:
+        raise ValueError("best_dice_on needs at least one slice")
+    thresholds = [float(t) for t in candidate_thresholds(slices, num)] + [float(t) for t in also]
+    return max(mean_dice_at(slices, t) for t in thresholds)
