@@ -28,14 +28,13 @@ from benchmarks.system import ProcessSampler, Sample, load_average, simulator_ro
 from fedbrats.data.federation import DEFAULT_SITE_MODALITIES, POOLED_SITE
 from fedbrats.federated.protocol import (
     NUM_STEPS_KEY,
-    PAYLOAD_AUDIT_FILE,
     SITE_NAME_KEY,
-    RunFolder,
     global_task_meta,
     site_update_meta,
     to_wire,
     update_weight,
 )
+from fedbrats.runs import PAYLOAD_AUDIT_FILE, RunFolder
 
 logger = logging.getLogger(f"fedbrats.{__name__}")
 
@@ -104,7 +103,7 @@ def job_definition(job: str, num_rounds: int, overrides: Mapping[str, Any] | Non
     """The training options, network and aggregation of ``job`` with ``overrides``, as the simulator gets them."""
     from fedbrats.jobgen import job_spec
 
-    spec = job_spec(job, num_rounds, training=dict(overrides or {}))
+    spec = job_spec(job, num_rounds=num_rounds, training=dict(overrides or {}))
     return {"training": spec.training, "network": spec.network, "aggregation": spec.aggregation}
 
 
@@ -152,7 +151,7 @@ def described_bytes(desc: Mapping[str, Any]) -> int:
 
 def model_bytes(run_dir: str) -> dict[str, int]:
     """Parameters and bytes of the saved global model of a run."""
-    from fedbrats.evaluation.evaluate import load_state_dict
+    from fedbrats.runs import load_state_dict
 
     state = load_state_dict(RunFolder(run_dir).global_model)
     return {
@@ -174,7 +173,7 @@ def communication(
     site sends for sequences it does not have (untrained there, and ignored by a modality-aware aggregation)
     are counted apart.
     """
-    from fedbrats.networks.modality_aware import parameter_modality
+    from fedbrats.federated.methods.fedkd.network import parameter_modality
 
     model = model_bytes(run_dir)
     with open(RunFolder(run_dir).model_spec, encoding="utf-8") as f:
@@ -342,7 +341,7 @@ def run_simulated(
         Round times (from ``metrics.json``), start-up, the round breakdown (from the controller's round events
         and the sites' events), per-process memory and the communication per site.
     """
-    from fedbrats.federated.simulate import SimulatedSiteLostError, simulate, simulator_workspace
+    from fedbrats.simulate import SimulatedSiteLostError, simulate, simulator_workspace
 
     sites = federation_sites(sites_file)
     load_before = load_average()
@@ -356,7 +355,7 @@ def run_simulated(
                     workspace,
                     sites_file=sites_file,
                     num_rounds=num_rounds,
-                    overrides=dict(overrides or {}),
+                    training=dict(overrides or {}),
                     clients=sites,
                     threads=len(sites),
                 )

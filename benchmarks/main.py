@@ -24,8 +24,8 @@ from typing import Any
 from benchmarks import compute, federated
 from benchmarks.report import write_report
 from benchmarks.system import OtherWork, load_average, machine_info
-from fedbrats.federated.simulate import parse_overrides
 from fedbrats.logging_setup import add_log_level_argument, configure_logging
+from fedbrats.simulate import parse_overrides
 
 logger = logging.getLogger(f"fedbrats.{__name__}")
 

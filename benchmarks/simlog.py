@@ -31,13 +31,13 @@ from fedbrats.federated.events import (
     SITE_WORK,
 )
 from fedbrats.federated.events import read_events as _read_events
-from fedbrats.federated.protocol import SITE_EVENTS_FILE
+from fedbrats.runs import SITE_EVENTS_FILE
 
 
 def site_events_files(workspace: str, sites: Iterable[str]) -> list[str]:
-    """The sites' ``site_events.jsonl`` of a job :func:`fedbrats.federated.simulate.simulate` ran in ``workspace``
+    """The sites' ``site_events.jsonl`` of a job :func:`fedbrats.simulate.simulate` ran in ``workspace``
     (a site that wrote none simply adds no spans)."""
-    from fedbrats.federated.simulate import simulated_site_run_dir  # NVFlare's import only when needed
+    from fedbrats.simulate import simulated_site_run_dir
 
     return [os.path.join(simulated_site_run_dir(workspace, site), SITE_EVENTS_FILE) for site in sites]
 
@@ -160,13 +160,13 @@ def overhead_summary(timeline: SimulatorTimeline) -> dict[str, float] | None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.simlog WORKSPACE...``: the round overhead of finished simulated runs, as JSON (one
-    object per workspace of :func:`fedbrats.federated.simulate.simulate`)."""
+    object per workspace of :func:`fedbrats.simulate.simulate`)."""
     import argparse
     import json
     import sys
 
-    from fedbrats.federated.protocol import RunFolder
-    from fedbrats.federated.simulate import simulated_run_dir, simulator_workspace
+    from fedbrats.runs import RunFolder
+    from fedbrats.simulate import simulated_run_dir, simulator_workspace
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.simlog", description=main.__doc__)
     p.add_argument("workspaces", nargs="+")

@@ -257,7 +257,7 @@ def simulator_roles(samples: list[Sample]) -> dict[int, str]:
 
     Clients are the ``simulator_worker`` processes (``--client NAME`` on their command line); the server is
     their parent (the forked ``run_process`` that hosts the server and the client-runner threads); the
-    launcher is the ``nvflare.cli simulator`` process started by :func:`fedbrats.federated.simulate.simulate`;
+    launcher is the ``nvflare.cli simulator`` process started by :func:`fedbrats.simulate.simulate`;
     any other forked copy of the launcher is multiprocessing's manager.
     """
     roles: dict[int, str] = {}

@@ -26,7 +26,8 @@ if __name__ == "__main__":  # run as a script: the repository root holds the ben
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from benchmarks.federated import described_bytes, model_bytes  # noqa: E402
-from fedbrats.federated.protocol import KEY_METRIC, NUM_STEPS_KEY, PAYLOAD_AUDIT_FILE, PAYLOAD_AUDIT_IN_FILE  # noqa: E402
+from fedbrats.federated.protocol import KEY_METRIC, NUM_STEPS_KEY
+from fedbrats.runs import PAYLOAD_AUDIT_FILE, PAYLOAD_AUDIT_IN_FILE
 
 logger = logging.getLogger(f"fedbrats.{__name__}")
 
@@ -82,7 +83,7 @@ def wire_bytes(sim_ws: str, run_dir: str, sites: list[str]) -> dict[str, Any]:
 
 def measure(name: str, job: str, compression: bool, workspace: str, rounds: int, sites_file: str | None) -> dict:
     """Run one configuration and return its bytes per round and its final validation."""
-    from fedbrats.federated.simulate import simulate, simulator_workspace
+    from fedbrats.simulate import simulate, simulator_workspace
 
     ws = os.path.join(workspace, name)
     started = time.monotonic()
@@ -129,7 +130,7 @@ def compare_runs_bytes(workspace: str, names: list[str], seeds: list[int]) -> di
         the first included: with compression its download is the full model, first contact),
         ``received_later_mean`` (rounds 1 on) and ``seconds``.
     """
-    from fedbrats.federated.simulate import simulated_run_dir, simulator_workspace
+    from fedbrats.simulate import simulated_run_dir, simulator_workspace
 
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for name in names:

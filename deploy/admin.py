@@ -13,7 +13,7 @@ from typing import Any
 from deploy.follow import ServerProgressFollower
 from deploy.kits import Kits, admin_endpoint
 from deploy.processes import DeploymentError
-from fedbrats.federated.protocol import GLOBAL_MODEL_FILE
+from fedbrats.runs import GLOBAL_MODEL_FILE
 
 logger = logging.getLogger(f"fedbrats.{__name__}")
 

@@ -14,7 +14,7 @@ from fedbrats.federated.events import (
     is_problem,
 )
 from fedbrats.federated.events import describe as describe_event
-from fedbrats.federated.protocol import RunFolder
+from fedbrats.runs import RunFolder
 from fedbrats.utils import FileTail
 
 logger = logging.getLogger(f"fedbrats.{__name__}")

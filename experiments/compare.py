@@ -24,7 +24,6 @@ from fedbrats.data.federation import POOLED_SITE
 from fedbrats.data.prepare import FOLDS_MANIFEST, fold_dir_name
 from fedbrats.data.site_config import federation_sites_file
 from fedbrats.evaluation.evaluate import default_test_datalist, evaluate_combinations, load_model, mean_over_rows
-from fedbrats.evaluation.postprocess import read_postprocessing
 from fedbrats.evaluation.report import readable_combination, write_reports
 from fedbrats.evaluation.statistics import (
     own_sequence_scores,
@@ -34,9 +33,11 @@ from fedbrats.evaluation.statistics import (
     split_run_name,
 )
 from fedbrats.federated.methods import EXPERIMENTS as METHOD_EXPERIMENTS
-from fedbrats.federated.protocol import KEY_METRIC, RunFolder
-from fedbrats.federated.simulate import SimulationResult, parse_overrides, simulate, simulated_run_dir, site_names
+from fedbrats.federated.protocol import KEY_METRIC
 from fedbrats.logging_setup import configure_logging
+from fedbrats.runs import RunFolder
+from fedbrats.scoring.postprocess import read_postprocessing
+from fedbrats.simulate import SimulationResult, parse_overrides, simulate, simulated_run_dir, site_names
 from fedbrats.utils import deep_merge
 
 logger = logging.getLogger(f"fedbrats.{__name__}")
@@ -194,7 +195,7 @@ def run_experiment(
             network_args=network_args,
             sites_file=sites_file,
             num_rounds=num_rounds,
-            overrides=deep_merge(overrides, job_overrides),
+            training=deep_merge(overrides, job_overrides),
             aggregation_args=agg_overrides,
             privacy=PRIVACY.get(name),
             compression=compression_of(name),

@@ -24,10 +24,10 @@ from fedbrats.constants import REGIONS
 from fedbrats.data.site_config import federation_sites_file, load_site_config
 from fedbrats.evaluation.evaluate import default_test_datalist, evaluate_combinations, load_model
 from fedbrats.federated.methods.fedmic import PERSONAL_STATE_FILE
-from fedbrats.federated.protocol import RunFolder
-from fedbrats.federated.simulate import simulated_run_dir, simulated_site_run_dir, simulator_workspace
 from fedbrats.logging_setup import configure_logging
 from fedbrats.networks import build_network
+from fedbrats.runs import RunFolder
+from fedbrats.simulate import simulated_run_dir, simulated_site_run_dir, simulator_workspace
 
 logger = logging.getLogger(f"fedbrats.{__name__}")
 PROG = "python experiments/fedmic_personal.py"

@@ -26,9 +26,9 @@ from fedbrats.data.site_config import federation_sites_file
 from fedbrats.evaluation.anomaly import evaluate_anomaly
 from fedbrats.evaluation.evaluate import load_model
 from fedbrats.federated.methods.mmccd import VARIANTS
-from fedbrats.federated.protocol import RunFolder
-from fedbrats.federated.simulate import parse_overrides, simulate
 from fedbrats.logging_setup import configure_logging
+from fedbrats.runs import RunFolder
+from fedbrats.simulate import parse_overrides, simulate
 
 logger = logging.getLogger(f"fedbrats.{__name__}")
 
@@ -70,7 +70,7 @@ def run_one(
         workspace,
         sites_file=sites_file,
         num_rounds=args.rounds,
-        overrides=parse_overrides(args.set),
+        training=parse_overrides(args.set),
         clients=clients,
         seed=seed,
         network_args=network_args,

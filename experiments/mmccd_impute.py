@@ -24,11 +24,11 @@ import torch
 from fedbrats.constants import MODALITIES, REGIONS
 from fedbrats.data.loader import DataConfig, eval_transforms, make_dataset, read_datalist
 from fedbrats.evaluation.evaluate import datalist_convention, load_model, preprocessing_options
-from fedbrats.evaluation.inference import predict_logits
-from fedbrats.evaluation.metrics import logits_to_regions, region_dice
 from fedbrats.federated.methods.mmccd import ModalityCycleNet, case_slices, impute_target, plane_offsets, unfit_in_plane
 from fedbrats.logging_setup import configure_logging
 from fedbrats.precision import autocast, resolve_precision
+from fedbrats.scoring.inference import predict_logits
+from fedbrats.scoring.metrics import logits_to_regions, region_dice
 
 logger = logging.getLogger(f"fedbrats.{__name__}")
 PROG = "python experiments/mmccd_impute.py"

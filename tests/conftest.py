@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+
+# Before anything imports torch: one OpenMP thread per test process.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from fedbrats.data.conventions import BRATS2018, BraTSConvention
+from tests.helpers import IDS_2018, write_case
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "brats2018"
@@ -47,11 +54,27 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.delenv("FEDBRATS_SITE_CONFIG", raising=False)
 
 
+@pytest.fixture
+def make_dataset(tmp_path: Path) -> Callable[..., Path]:
+    """Factory writing a data folder of small random cases; returns the folder."""
+
+    def _make(
+        ids: Sequence[str] = IDS_2018,
+        convention: BraTSConvention = BRATS2018,
+        missing: dict[str, Sequence[str]] | None = None,
+        name: str = "data",
+    ) -> Path:
+        root = tmp_path / name
+        root.mkdir()
+        for i, case_id in enumerate(ids):
+            write_case(root, case_id, convention, missing=(missing or {}).get(case_id, ()), seed=i)
+        return root
+
+    return _make
+
+
 def real_data_or_skip() -> Path:
     """The shared BraTS 2018 cases, or skip the test where they are absent (CI and users)."""
     if not REAL_DATA.is_dir() or not any(REAL_DATA.iterdir()):
         pytest.skip(f"real BraTS data not found at {REAL_DATA}")
     return REAL_DATA
-
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 
 from fedbrats.constants import MODALITIES
+from fedbrats.federated.methods.fedkd.network import ModalityAwareSegNet, parameter_modality
+from fedbrats.federated.methods.fedkd.strategy import ModalityAwareAggregation
 from fedbrats.federated.server.aggregation import (
     AggregationStrategy,
     LocalOnly,
-    ModalityAwareAggregation,
     SiteUpdate,
     WeightedAverage,
     weighted_average,
 )
 from fedbrats.federated.server.update_checks import update_problem
-from fedbrats.networks.modality_aware import ModalityAwareSegNet, parameter_modality
 
 KEYS = ("encoders.0.w", "encoders.1.w", "encoders.2.w", "encoders.3.w", "decoder.w")
 ALL = ("t1", "t1ce", "t2", "flair")

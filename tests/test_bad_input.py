@@ -15,7 +15,7 @@ import pytest
 def test_simulate_uses_the_exported_site_config(
     real_named_federation: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from fedbrats.federated import simulate as sim
+    from fedbrats import simulate as sim
 
     sites = real_named_federation
     monkeypatch.setenv("FEDBRATS_SITE_CONFIG", str(sites))
@@ -184,8 +184,8 @@ def test_cli_version_and_unknown_command(capsys: pytest.CaptureFixture[str]) -> 
 def test_simulate_rejects_unknown_options_before_starting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, argv: list[str], named: str
 ) -> None:
+    from fedbrats import simulate as sim
     from fedbrats.cli import main
-    from fedbrats.federated import simulate as sim
 
     monkeypatch.setattr(sim, "_run_simulator", lambda *a, **k: pytest.fail("the simulator was started"))
     assert main(["simulate", "fedkd", "--workspace", str(tmp_path), "--rounds", "1", *argv]) == 1
@@ -193,7 +193,7 @@ def test_simulate_rejects_unknown_options_before_starting(
 
 
 def test_committed_jobs_pass_the_option_checks() -> None:
-    from fedbrats.federated.simulate import check_job_options
+    from fedbrats.simulate import check_job_options
 
     jobs = Path(__file__).resolve().parents[1] / "jobs"
     for job in sorted(p for p in jobs.iterdir() if (p / "meta.json").is_file()):

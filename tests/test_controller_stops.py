@@ -99,7 +99,7 @@ def test_readme_simulator_command_with_real_site_names_fails_visibly(
 def test_simulate_error_repeats_why_the_job_stopped(tmp_path: Path) -> None:
     """`fedbrats simulate` prints the server's reason (each site's error) itself, not only "see simulator.log"."""
     from fedbrats.federated.events import RoundEventWriter
-    from fedbrats.federated.simulate import _failure_reason
+    from fedbrats.simulate import _failure_reason
 
     events = tmp_path / "round_events.jsonl"
     writer = RoundEventWriter(str(events))

@@ -14,15 +14,11 @@ from torch import nn
 
 from fedbrats.constants import HD95_MISS_VALUE, MODALITIES, REGIONS, combination_name, modality_combinations
 from fedbrats.data.federation import make_synthetic_federation
-from fedbrats.evaluation.evaluate import (
-    evaluate_combinations,
-    find_model_spec,
-    load_model,
-    main,
-    resolve_checkpoint,
-)
+from fedbrats.evaluation.evaluate import evaluate_combinations, load_model, main
 from fedbrats.evaluation.report import compare_table, format_table, readable_combination, write_reports
 from fedbrats.networks import build_network, model_spec
+from fedbrats.runs import find_model_spec, resolve_checkpoint
+from tests.helpers import run_dir
 
 ROI = {"roi_size": (16, 16, 16)}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -51,15 +47,6 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     with open(sites, encoding="utf-8") as f:
         test_datalist = json.load(f)["test_datalist"]
     return {"sites": sites, "test": test_datalist}
-
-
-def _run_dir(root: Path, model: nn.Module, best: bool = True) -> Path:
-    """A folder laid out like a federated run: model_spec.json at the top, checkpoints in app_server/."""
-    (root / "app_server").mkdir(parents=True)
-    (root / "model_spec.json").write_text(json.dumps(model_spec(model)))
-    name = "best_FL_global_model.pt" if best else "FL_global_model.pt"
-    torch.save({"model": model.state_dict()}, root / "app_server" / name)
-    return root
 
 
 def _check_ranges(results: dict) -> None:
@@ -186,14 +173,14 @@ def test_compare_table_lists_methods_and_combinations(federation: dict[str, str]
 def test_load_model_from_run_dir_and_checkpoints(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = build_network("segresnet", init_filters=8)
-    run = _run_dir(tmp_path / "run", net)
+    run = run_dir(tmp_path / "run", net)
     x = torch.randn(1, 4, 16, 16, 16)
     expected = net.eval()(x)
     for source in (run, run / "app_server" / "best_FL_global_model.pt"):
         loaded = load_model(str(source))
         assert torch.allclose(loaded(x), expected)
     # Fallback to the last global model, and a bare state dict in site_models/ (spec two folders up).
-    run2 = _run_dir(tmp_path / "run2", net, best=False)
+    run2 = run_dir(tmp_path / "run2", net, best=False)
     assert resolve_checkpoint(str(run2)).endswith("app_server/FL_global_model.pt")
     (run2 / "site_models").mkdir()
     torch.save(net.state_dict(), run2 / "site_models" / "site-1.pt")
@@ -227,7 +214,7 @@ def test_load_model_errors_name_the_file(tmp_path: Path) -> None:
 
 def test_cli_writes_reports(federation: dict[str, str], tmp_path: Path) -> None:
     torch.manual_seed(0)
-    run = _run_dir(tmp_path / "run", build_network("modality_aware", init_filters=8))
+    run = run_dir(tmp_path / "run", build_network("modality_aware", init_filters=8))
     out = tmp_path / "eval"
     argv = ["--model", str(run), "--sites", federation["sites"], "--roi-size", "16", "--max-cases", "1"]
     assert main([*argv, "--out-dir", str(out), "--label", "fedkd", "--device", "cpu"]) == 0

@@ -11,10 +11,10 @@ import torch
 from fedbrats.constants import MODALITIES
 from fedbrats.federated.methods import build_method
 from fedbrats.federated.methods.fedkd import FedKDMethod
+from fedbrats.federated.methods.fedkd.network import ModalityAwareSegNet
+from fedbrats.federated.methods.fedkd.rcl import region_prototypes
 from fedbrats.federated.methods.supervised import SupervisedMethod
-from fedbrats.losses import region_prototypes
 from fedbrats.networks import BraTSSegResNet
-from fedbrats.networks.modality_aware import ModalityAwareSegNet
 
 FILTERS = 8
 CONTENT = 4 * FILTERS  # content channels of ModalityAwareSegNet(init_filters=8)

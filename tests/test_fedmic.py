@@ -14,10 +14,8 @@ from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants
 
-from fedbrats.federated.compression import (
-    SVDBroadcastCompressor,
-    SVDDecompressor,
-    SVDUpdateCompressor,
+from fedbrats.federated.compression import SVDBroadcastCompressor, SVDDecompressor, SVDUpdateCompressor
+from fedbrats.federated.compression.codec import (
     compress_array,
     compress_params,
     decompress_array,
@@ -571,10 +569,14 @@ def test_job_turns_compression_on_and_any_job_can() -> None:
 
 def test_compression_options_of_the_entry_points() -> None:
     """`fedbrats simulate` and `python -m fedbrats.job` share --compression and --svd (fedbrats.job's options)."""
-    from fedbrats.job import _parser, recipe_options
+    from fedbrats.commands import command_parser
+    from fedbrats.job import add_simulate_arguments, job_options
+
+    parser = command_parser("simulate")
+    add_simulate_arguments(parser)
 
     def compression(*argv: str):
-        return recipe_options(_parser().parse_args(["fedavg", *argv]))["compression"]
+        return job_options(parser.parse_args(["fedavg", "--workspace", "w", *argv])).compression
 
     assert compression() is None, "the job's default"
     assert compression("--compression", "on") is True and compression("--compression", "off") is False
@@ -594,11 +596,11 @@ TINY = {"epochs_per_round": 1, "data": {"roi_size": [16, 16, 16], "batch_size": 
 def test_fedmic_two_rounds_and_payload_audit(tiny_federation: str, tmp_path) -> None:
     """jobs/fedmic runs 2 rounds; what crosses the wire is the shared model only (compressed from round 1 on),
     never the personalised model, which stays in each site's run folder."""
-    from fedbrats.federated.protocol import PAYLOAD_AUDIT_FILE, PAYLOAD_AUDIT_IN_FILE
-    from fedbrats.federated.simulate import simulate, simulator_workspace
     from fedbrats.networks import build_from_spec
+    from fedbrats.runs import PAYLOAD_AUDIT_FILE, PAYLOAD_AUDIT_IN_FILE
+    from fedbrats.simulate import simulate, simulator_workspace
 
-    result = simulate("fedmic", str(tmp_path), sites_file=tiny_federation, num_rounds=2, overrides=TINY)
+    result = simulate("fedmic", str(tmp_path), sites_file=tiny_federation, num_rounds=2, training=TINY)
     rounds = [r for r in result.history if not r.get("final_validation")]
     assert [r["round"] for r in rounds] == [0, 1]
     for r in rounds:

@@ -13,12 +13,11 @@ import pytest
 from fedbrats.constants import MODALITIES
 from fedbrats.data.conventions import BRATS2023
 from fedbrats.data.nnunet import dataset_labels, label_lookup
-from fedbrats.data.prepare import load_fets_partitions, main, prepare
-from tests import test_prepare
-from tests.test_prepare import IDS_2023
+from fedbrats.data.prepare import main, prepare
+from fedbrats.data.splits import load_fets_partitions
+from tests.helpers import IDS_2023
 
 #: The data-folder factory fixture of the prepare tests (tiny random cases), shared.
-make_dataset = test_prepare.make_dataset
 
 #: Nine FeTS 2022 subjects (FeTS names its files as BraTS 2018-2021 does: ``<id>_t1.nii.gz``, ET = 4).
 FETS_IDS = [f"FeTS2022_{i:05d}" for i in range(9)]
@@ -215,7 +214,7 @@ def test_brats2023_folders_end_to_end(tmp_path: Path) -> None:
     from fedbrats.data.synthetic import generate_case
     from fedbrats.evaluation.evaluate import main as evaluate_main
     from fedbrats.networks import build_network
-    from tests.test_evaluate import _run_dir
+    from tests.helpers import run_dir
 
     data = tmp_path / "BraTS2024-GLI"
     ids = [f"BraTS-GLI-{i:05d}-{t:03d}" for i, t in ((0, 0), (1, 0), (2, 0), (2, 1), (3, 0), (4, 0))]
@@ -242,7 +241,7 @@ def test_brats2023_folders_end_to_end(tmp_path: Path) -> None:
 
     # evaluate on the held-out cases, case-wise and lesion-wise, from the sites.json prepare wrote.
     torch.manual_seed(0)
-    run = _run_dir(tmp_path / "run", build_network("segresnet", init_filters=8))
+    run = run_dir(tmp_path / "run", build_network("segresnet", init_filters=8))
     report = tmp_path / "eval"
     argv = ["--model", str(run), "--sites", str(out / "sites.json"), "--roi-size", "16", "--device", "cpu"]
     assert evaluate_main([*argv, "--lesion-wise", "--out-dir", str(report)]) == 0

@@ -287,7 +287,7 @@ def test_prepare_marks_unlabelled_sites_and_needs_no_segmentation_there(tmp_path
     from fedbrats.data.conventions import BRATS2018
     from fedbrats.data.federation import add_pooled_site
     from fedbrats.data.prepare import main
-    from tests.test_prepare import IDS_2018, write_case
+    from tests.helpers import IDS_2018, write_case
 
     data = tmp_path / "data"
     for i, case_id in enumerate(IDS_2018):
@@ -314,15 +314,15 @@ def test_prepare_marks_unlabelled_sites_and_needs_no_segmentation_there(tmp_path
 @pytest.mark.integration
 def test_isofed_two_rounds(tiny_federation: str, tmp_path) -> None:
     """jobs/isofed on the 4-site federation with site-2 and site-4 unlabelled (the job's default)."""
-    from fedbrats.federated.simulate import simulate
-    from tests.test_privacy import NVFLARE_ITEMS, _audit_records
+    from fedbrats.simulate import simulate
+    from tests.helpers import NVFLARE_ITEMS, audit_records
 
     overrides = {
         "epochs_per_round": 2,
         "method_args": {"im_steps": 2},
         "data": {"roi_size": [16, 16, 16], "batch_size": 1, "cache_rate": 1.0},
     }
-    result = simulate("isofed", str(tmp_path), sites_file=tiny_federation, num_rounds=2, overrides=overrides)
+    result = simulate("isofed", str(tmp_path), sites_file=tiny_federation, num_rounds=2, training=overrides)
     for name in ("FL_global_model.pt", "best_FL_global_model.pt"):
         state = torch.load(os.path.join(result.run_dir, "app_server", name), weights_only=True)["model"]
         assert state and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
@@ -349,7 +349,7 @@ def test_isofed_two_rounds(tiny_federation: str, tmp_path) -> None:
     assert "starting from the hand-off model" in log
     allowed = BASE_META_KEYS | IsoFedMethod.payload_keys | NVFLARE_ITEMS | {"site_name"}
     for site in ("site-2", "site-4"):
-        for record in _audit_records(str(tmp_path), site):
+        for record in audit_records(str(tmp_path), site):
             assert set(record["meta"]) <= allowed, f"{site} sent undeclared items"
             metrics = record["meta"].get("initial_metrics", {}).get("items", {})
             assert set(metrics) <= LABEL_FREE_METRICS, f"{site} sent label-derived metrics {sorted(metrics)}"

@@ -13,12 +13,20 @@ from nvflare.apis.filter import Filter
 from nvflare.recipe import PocEnv, ProdEnv, SimEnv
 from nvflare.recipe.spec import Recipe
 
+from fedbrats.commands import command_parser
 from fedbrats.data.site_config import SITE_CONFIG_ENV
-from fedbrats.job import _parser, byoc, make_env, recipe_options
+from fedbrats.job import add_arguments, byoc, job_options, make_env
 from fedbrats.recipe import FedBratsRecipe, built_component, job_files
 
 REPO = Path(__file__).resolve().parents[1]
 SVT = "nvflare.app_common.filters.svt_privacy.SVTPrivacy"
+
+
+def _job_parser():
+    """The parser of ``python -m fedbrats.job``."""
+    parser = command_parser("job", prog="python -m fedbrats.job")
+    add_arguments(parser)
+    return parser
 
 
 def test_a_job_is_an_nvflare_recipe_of_one_app_for_every_site() -> None:
@@ -43,13 +51,13 @@ def test_a_job_is_an_nvflare_recipe_of_one_app_for_every_site() -> None:
 def test_production_jobs_go_without_byoc_by_default() -> None:
     """Without app/custom NVFlare checks the sites' class allow-lists; the simulator and PoC need the folder."""
     assert "app/custom/README.md" not in job_files("fedkd", byoc=False)
-    parse = _parser().parse_args
+    parse = _job_parser().parse_args
     assert not byoc(parse(["fedkd", "--env", "prod", "--startup-kit", "kit"])), "production default: no BYOC"
     assert byoc(parse(["fedkd", "--env", "prod", "--startup-kit", "kit", "--byoc", "on"]))
     assert byoc(parse(["fedkd"])) and byoc(parse(["fedkd", "--env", "poc"])), "NVFlare's simulator and PoC need it"
-    options = recipe_options(parse(["fedkd", "--tracking", "mlflow", "--tracking-uri", "http://mlflow:5000"]))
-    assert (options["tracking"], options["tracking_uri"]) == ("mlflow", "http://mlflow:5000")
-    assert recipe_options(parse(["fedkd"]))["tracking"] == "tensorboard"
+    options = job_options(parse(["fedkd", "--tracking", "mlflow", "--tracking-uri", "http://mlflow:5000"]))
+    assert (options.tracking, options.tracking_uri) == ("mlflow", "http://mlflow:5000")
+    assert job_options(parse(["fedkd"])).tracking == "tensorboard"
 
 
 def test_privacy_filters_keep_their_arguments_in_the_export() -> None:
@@ -61,10 +69,10 @@ def test_privacy_filters_keep_their_arguments_in_the_export() -> None:
     assert client["executors"][0]["executor"]["args"]["params_transfer_type"] == "DIFF"
     chains = client["task_result_filters"]
     assert [c["tasks"] for c in chains] == [["train"], ["validate"], ["submit_model"]], "NVFlare matches exact names"
-    ours = "fedbrats.federated.filters."
+    privacy_filter = "fedbrats.federated.methods.fedkd.privacy.PrototypePrivacyFilter"
     for chain in chains:
         paths = [f["path"] for f in chain["filters"]]
-        assert paths == [SVT, ours + "PrototypePrivacyFilter", ours + "PayloadAuditFilter"], "the audit comes last"
+        assert paths == [SVT, privacy_filter, "fedbrats.federated.filters.PayloadAuditFilter"], "the audit comes last"
         assert chain["filters"][0]["args"]["fraction"] == 0.5
         assert chain["filters"][1]["args"] == {"clip_norm": 2.0, "noise_multiplier": 0.5, "seed": 3}
 
@@ -89,7 +97,7 @@ def test_the_entry_point_builds_each_environment(
 ) -> None:
     monkeypatch.delenv(SITE_CONFIG_ENV, raising=False)
     monkeypatch.delenv("NVFLARE_POC_WORKSPACE", raising=False)
-    parse = _parser().parse_args
+    parse = _job_parser().parse_args
     sim = make_env(parse(["fedavg", "--sites", tiny_federation, "--workspace", str(tmp_path / "ws")]))
     assert isinstance(sim, SimEnv) and sim.clients == ["site-1", "site-2", "site-3", "site-4"]
     assert sim.workspace_root == str(tmp_path / "ws")

@@ -12,12 +12,12 @@ import torch
 
 from fedbrats.federated.client.executor import FedBratsExecutor, decode_config, encode_config
 from fedbrats.federated.client.trainer import TrainConfig
+from fedbrats.federated.methods.fedkd.network import ModalityAwareSegNet
 from fedbrats.federated.server.aggregation import AggregationStrategy
-from fedbrats.federated.simulate import parse_overrides
 from fedbrats.jobgen import JOBS
 from fedbrats.networks import BraTSSegResNet, build_from_spec, model_spec
-from fedbrats.networks.modality_aware import ModalityAwareSegNet
 from fedbrats.recipe import job_files, write_job
+from fedbrats.simulate import parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS_DIR = REPO / "jobs"

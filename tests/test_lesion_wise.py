@@ -1,4 +1,4 @@
-"""BraTS 2023 lesion-wise Dice and HD95 (fedbrats.evaluation.metrics.lesion_wise) on hand-made label maps."""
+"""BraTS 2023 lesion-wise Dice and HD95 (fedbrats.scoring.metrics.lesion_wise) on hand-made label maps."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedbrats.evaluation.evaluate import lesion_wise_params
-from fedbrats.evaluation.metrics import (
+from fedbrats.scoring.metrics import (
     BRATS_LESION_PARAMS,
     LESION_HD95_MISS_VALUE,
     LesionWiseParams,

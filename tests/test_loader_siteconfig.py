@@ -129,7 +129,7 @@ def test_train_loader_missing_sequences_stay_zero(fed2018: str) -> None:
     binary 3-channel label, image of the roi size."""
     site = _manifest(fed2018)["sites"]["site-3"]
     assert site["modalities"] == ["t2", "flair"]
-    cfg = DataConfig(roi_size=ROI, batch_size=1, augment=True)
+    cfg = DataConfig(roi_size=ROI, batch_size=1, augment=True, modality_dropout=0.0)
     train, _ = make_loaders(site["datalist"], ("t2", "flair"), "brats2018", cfg)
     torch.manual_seed(0)
     seen = 0

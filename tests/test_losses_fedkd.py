@@ -7,22 +7,22 @@ import math
 import pytest
 import torch
 
-from fedbrats.losses import (
-    RCL_REGIONS,
+from fedbrats.federated.methods.fedkd.distillation import prototype_kd_loss, self_distillation_loss
+from fedbrats.federated.methods.fedkd.drl import (
     DRLLoss,
-    RegionContrastiveLoss,
     content_consistency_loss,
     content_style_independence_loss,
-    feature_kd_loss,
-    logit_kd_loss,
-    prototype_kd_loss,
+    style_separation_loss,
+)
+from fedbrats.federated.methods.fedkd.network import ModalityAwareSegNet, parameter_modality
+from fedbrats.federated.methods.fedkd.rcl import (
+    RCL_REGIONS,
+    RegionContrastiveLoss,
     region_prototypes,
     region_weights,
-    self_distillation_loss,
-    style_separation_loss,
     three_branch_rcl_loss,
 )
-from fedbrats.networks.modality_aware import ModalityAwareSegNet, parameter_modality
+from fedbrats.losses.distillation import logit_kd_loss
 
 NAN = float("nan")
 
@@ -381,15 +381,6 @@ def test_prototype_kd_by_hand() -> None:
     loss.backward()
     with pytest.raises(ValueError, match="global_protos"):
         prototype_kd_loss(local, torch.ones(1, 2), torch.zeros(3, 2))
-
-
-def test_feature_kd_by_hand() -> None:
-    a = torch.tensor([[1.0, 0.0]]).view(1, 2, 1, 1, 1)
-    b = torch.tensor([[0.0, 5.0]]).view(1, 2, 1, 1, 1)
-    assert feature_kd_loss(a, b).item() == pytest.approx(2.0)
-    assert feature_kd_loss(a, 3.0 * a).item() == pytest.approx(0.0, abs=1e-7)
-    with pytest.raises(ValueError, match="same|share"):
-        feature_kd_loss(a, torch.zeros(1, 3, 1, 1, 1))
 
 
 # ------------------------------------------------------------------------------------ with the network

@@ -70,24 +70,26 @@ def test_jobs_are_built_from_the_method_declarations() -> None:
     assert isinstance(build_method("fedavg"), ClientMethod)
 
 
-def test_a_registry_loads_the_method_modules_own_classes_once_on_a_miss(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_moved_class_paths_still_build_and_import() -> None:
+    """Jobs and exported bundles written before the architecture step name the old paths."""
     import importlib
 
-    from fedbrats.registry import Registry
+    import fedbrats.federated.methods  # noqa: F401 - registers the methods' networks and strategies
+    from fedbrats._moved import MOVED_MODULES, MOVED_NAMES
+    from fedbrats.federated.methods.fedkd import ModalityAwareAggregation, ModalityAwareSegNet
+    from fedbrats.federated.server.aggregation import STRATEGIES
+    from fedbrats.networks import NETWORKS
 
-    registry: Registry[object] = Registry("thing", object, {}, more_from="a_method_package")
-    real_import = importlib.import_module
-    imported = []
-
-    def fake_import(name: str, *args: object) -> object:
-        if name == "a_method_package":
-            imported.append(name)
-            registry.register("own", "collections.OrderedDict")  # what a method module's declaration does
-            return types.ModuleType(name)
-        return real_import(name, *args)
-
-    monkeypatch.setattr(importlib, "import_module", fake_import)
-    assert registry.path("own") == "collections.OrderedDict"
-    with pytest.raises(ValueError, match="not a registered thing"):
-        registry.path("other")
-    assert imported == ["a_method_package"]  # once, not again on the second miss
+    net = NETWORKS.build("fedbrats.networks.modality_aware.ModalityAwareSegNet", {"init_filters": 4})
+    assert isinstance(net, ModalityAwareSegNet)
+    assert STRATEGIES.resolve("fedbrats.federated.server.aggregation.ModalityAwareAggregation") is (
+        ModalityAwareAggregation
+    )
+    for old, new in MOVED_MODULES.items():
+        assert importlib.import_module(old) is importlib.import_module(new)
+    for old, new in MOVED_NAMES.items():
+        module, name = old.rsplit(".", 1)
+        new_module, new_name = new.rsplit(".", 1)
+        assert getattr(importlib.import_module(module), name) is getattr(importlib.import_module(new_module), new_name)
+    with pytest.raises(ValueError, match="not a registered network"):
+        NETWORKS.path("fedbrats.networks.not_there.Net")

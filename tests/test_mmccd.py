@@ -13,14 +13,6 @@ import torch
 
 import fedbrats.federated.methods.mmccd as mmccd
 from fedbrats.data.site_config import load_site_config
-from fedbrats.evaluation.detection import (
-    auprc,
-    auroc,
-    best_dice_on,
-    choose_threshold,
-    dice_at,
-    mean_dice_at,
-)
 from fedbrats.federated.client.trainer import SiteTrainer, TrainConfig
 from fedbrats.federated.methods.mmccd import (
     BACKGROUND,
@@ -35,6 +27,7 @@ from fedbrats.federated.methods.mmccd import (
     unfit_in_plane,
     window_intensities,
 )
+from fedbrats.scoring.detection import auprc, auroc, best_dice_on, choose_threshold, dice_at, mean_dice_at
 
 #: Networks and data small enough for a test: 16^3 synthetic volumes, 32 x 32 slices, 8-px bands.
 TINY_NET = {"image_size": 32, "band": 8, "init_filters": 8, "attention": False, "num_train_timesteps": 50}
@@ -248,14 +241,14 @@ def test_baselines_train_and_score(variant: str) -> None:
 
 # ---- the job --------------------------------------------------------------------------------------------------
 def test_mmccd_job_runs_two_rounds_in_the_simulator(tiny_federation: str, tmp_path) -> None:
-    from fedbrats.federated.simulate import simulate
+    from fedbrats.simulate import simulate
 
     result = simulate(
         "mmccd",
         str(tmp_path),
         sites_file=tiny_federation,
         num_rounds=2,
-        overrides=TINY_TRAINING,
+        training=TINY_TRAINING,
         network_args=TINY_NET,
     )
     history = json.loads(open(f"{result.run_dir}/metrics.json", encoding="utf-8").read())

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fedbrats.constants import MODALITIES
-from fedbrats.losses import DRLLoss
-from fedbrats.networks.modality_aware import (
+from fedbrats.federated.methods.fedkd.drl import DRLLoss
+from fedbrats.federated.methods.fedkd.network import (
     ModalityAwareSegNet,
     modality_parameter_prefixes,
     parameter_modality,

@@ -11,21 +11,19 @@ import torch
 from fedbrats.constants import modality_combinations
 from fedbrats.federated.methods import build_method
 from fedbrats.federated.methods.mstkd import MSTKDMethod, random_subset_masks
-from fedbrats.losses.mstkd import (
+from fedbrats.federated.methods.mstkd.losses import (
     adversarial_loss,
     attention_kd_loss,
-    consistency_rampup_weight,
     discriminator_loss,
     gram_matrix,
     gram_style_loss,
     hidden_state_kd_loss,
-    output_consistency_loss,
-    sigmoid_rampup,
     standardized_logit_kd_loss,
     zscore_logits,
 )
+from fedbrats.federated.methods.mstkd.network import MSTKDNet, StyleDiscriminator
+from fedbrats.losses.consistency import consistency_rampup_weight, output_consistency_loss, sigmoid_rampup
 from fedbrats.networks import build_from_spec, build_network, model_spec
-from fedbrats.networks.mstkd import MSTKDNet, StyleDiscriminator
 from fedbrats.networks.segresnet import BraTSSegResNet
 
 SIZE = 16
@@ -336,7 +334,7 @@ def test_method_argument_errors() -> None:
 @pytest.mark.integration
 def test_mstkd_two_rounds(tiny_federation: str, tmp_path) -> None:
     """jobs/mstkd: models saved, finite losses, distillation terms at the full site-1, student-only elsewhere."""
-    from fedbrats.federated.simulate import simulate
+    from fedbrats.simulate import simulate
 
     overrides = {
         "epochs_per_round": 2,
@@ -344,7 +342,7 @@ def test_mstkd_two_rounds(tiny_federation: str, tmp_path) -> None:
         # No sequence dropout: the full site must see complete batches for the teacher and KD terms to appear.
         "data": {"roi_size": [16, 16, 16], "batch_size": 1, "cache_rate": 1.0, "modality_dropout": 0.0},
     }
-    result = simulate("mstkd", str(tmp_path), sites_file=tiny_federation, num_rounds=2, overrides=overrides)
+    result = simulate("mstkd", str(tmp_path), sites_file=tiny_federation, num_rounds=2, training=overrides)
     for name in ("FL_global_model.pt", "best_FL_global_model.pt"):
         path = os.path.join(result.run_dir, "app_server", name)
         assert os.path.isfile(path), f"{name} was not saved"

@@ -10,18 +10,16 @@ import pytest
 import torch
 
 from deploy.poc import POC_PROJECT_NAME, PocDeployment
-from deploy.processes import DeploymentError, find_processes, nvflare_cli, port_is_free
+from deploy.processes import find_processes, port_is_free
 from fedbrats.recipe import write_job
+from tests.helpers import nvflare_available
 
 TINY_TRAINING = {"epochs_per_round": 1, "data": {"roi_size": [16, 16, 16], "batch_size": 1}}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _nvflare_available() -> None:
-    try:
-        nvflare_cli()
-    except DeploymentError as e:
-        pytest.skip(f"nvflare CLI unavailable: {e}")
+def _needs_nvflare() -> None:
+    nvflare_available()
 
 
 @pytest.fixture

@@ -30,8 +30,8 @@ from deploy.kits import stage_job
 from deploy.poc import PocDeployment, kill_kit, kit_processes
 from deploy.processes import DeploymentError, find_processes, kill_processes, nvflare_cli, port_is_free
 from fedbrats.federated.events import ROUND_START, read_events
-from fedbrats.federated.protocol import RunFolder
 from fedbrats.recipe import write_job
+from fedbrats.runs import RunFolder
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedbrats.federated.simulate import simulate
+from fedbrats.simulate import simulate
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ def test_poisoned_updates_are_rejected(tiny_federation: str, tmp_path, monkeypat
         "epochs_per_round": 1,
         "data": {"roi_size": [16, 16, 16], "batch_size": 1},
     }
-    result = simulate("fedavg", str(tmp_path / "run"), sites_file=tiny_federation, num_rounds=2, overrides=overrides)
+    result = simulate("fedavg", str(tmp_path / "run"), sites_file=tiny_federation, num_rounds=2, training=overrides)
     for r in [r for r in result.history if not r.get("final_validation")]:
         assert sorted(r["sites"]) == ["site-1", "site-4"]
         assert "NaN or Inf" in r["rejected"]["site-2"]

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbrats.evaluation.postprocess import (
+from fedbrats.runs import POSTPROCESSING_FILE
+from fedbrats.scoring.postprocess import (
     choose_min_component_voxels,
     read_postprocessing,
     remove_small_components,
     write_postprocessing,
 )
-from fedbrats.federated.protocol import POSTPROCESSING_FILE
 
 
 def _regions() -> torch.Tensor:

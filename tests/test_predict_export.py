@@ -20,10 +20,11 @@ from fedbrats.data.federation import make_synthetic_federation
 from fedbrats.evaluation import export as export_cli
 from fedbrats.evaluation import predict as predict_cli
 from fedbrats.evaluation.bundle import SCHEMA_URL, check_config_targets
-from fedbrats.evaluation.evaluate import evaluate_combinations, load_model, load_state_dict, recorded_preprocessing
+from fedbrats.evaluation.evaluate import evaluate_combinations, load_model, recorded_preprocessing
 from fedbrats.evaluation.export import export_model, training_data_from_sites
 from fedbrats.evaluation.predict import predict_case, regions_to_labels, write_segmentation
 from fedbrats.networks import build_network, model_spec
+from fedbrats.runs import load_state_dict
 
 ROI = (16, 16, 16)
 #: MONAI's bundle metadata schema (SCHEMA_URL), kept here because verifying would download it (see tests/data/).

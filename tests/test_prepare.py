@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -13,70 +12,10 @@ import numpy as np
 import pytest
 
 from fedbrats.constants import MODALITIES
-from fedbrats.data.conventions import BRATS2018, BRATS2023, BraTSConvention, institution_of
-from fedbrats.data.prepare import (
-    InvalidCasesError,
-    main,
-    parse_site_modalities,
-    prepare,
-    scan_cases,
-    split_by_institution,
-    split_from_map,
-    split_random,
-    split_site,
-)
-
-SHAPE = (16, 16, 16)
-
-#: 13 BraTS-2018-style cases: CBICA 6, TCIA (two sub-centres) 4, 2013 3.
-IDS_2018 = (
-    [f"Brats18_CBICA_A{c}_1" for c in "ABCDEF"]
-    + ["Brats18_TCIA01_101_1", "Brats18_TCIA01_102_1", "Brats18_TCIA10_201_1", "Brats18_TCIA10_202_1"]
-    + ["Brats18_2013_1_1", "Brats18_2013_2_1", "Brats18_2013_3_1"]
-)
-IDS_2023 = [f"BraTS-GLI-{i:05d}-000" for i in range(5)] + [f"BraTS-MEN-{i:05d}-000" for i in range(3)]
-
-
-def write_case(
-    root: Path,
-    case_id: str,
-    convention: BraTSConvention = BRATS2018,
-    missing: Sequence[str] = (),
-    label_values: Sequence[int] | None = None,
-    seed: int = 0,
-) -> Path:
-    """Write a small random BraTS case (four sequences and a segmentation, 16^3) under ``root``."""
-    rng = np.random.default_rng(seed)
-    case_dir = root / case_id
-    case_dir.mkdir(parents=True, exist_ok=True)
-    for key in (*MODALITIES, "seg"):
-        if key in missing:
-            continue
-        if key == "seg":
-            data = rng.choice(np.asarray(label_values or convention.labels), size=SHAPE).astype(np.uint8)
-        else:
-            data = rng.normal(100, 20, size=SHAPE).astype(np.int16)
-        nib.save(nib.Nifti1Image(data, np.eye(4)), str(case_dir / convention.filename(case_id, key)))
-    return case_dir
-
-
-@pytest.fixture
-def make_dataset(tmp_path: Path) -> Callable[..., Path]:
-    """Factory writing a data folder of small random cases; returns the folder."""
-
-    def _make(
-        ids: Sequence[str] = IDS_2018,
-        convention: BraTSConvention = BRATS2018,
-        missing: dict[str, Sequence[str]] | None = None,
-        name: str = "data",
-    ) -> Path:
-        root = tmp_path / name
-        root.mkdir()
-        for i, case_id in enumerate(ids):
-            write_case(root, case_id, convention, missing=(missing or {}).get(case_id, ()), seed=i)
-        return root
-
-    return _make
+from fedbrats.data.conventions import BRATS2023, institution_of
+from fedbrats.data.prepare import InvalidCasesError, main, parse_site_modalities, prepare, scan_cases
+from fedbrats.data.splits import split_by_institution, split_from_map, split_random, split_site
+from tests.helpers import CASE_SHAPE, IDS_2018, IDS_2023, write_case
 
 
 def _load(path: Path | str) -> dict:
@@ -382,7 +321,7 @@ def test_prepare_aborts_on_bad_label_shape_affine(make_dataset, tmp_path: Path) 
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), np.int16), np.eye(4)), str(data / b / f"{b}_t2.nii.gz"))
     shifted = np.eye(4)
     shifted[2, 3] = 2.0
-    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), shifted), str(data / c / f"{c}_flair.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros(CASE_SHAPE, np.int16), shifted), str(data / c / f"{c}_flair.nii.gz"))
     with pytest.raises(InvalidCasesError) as err:
         prepare(str(data), str(tmp_path / "out"))
     problems = {e.case_id: e.problem for e in err.value.errors}
@@ -568,7 +507,7 @@ def test_prepare_folds_refuses_bad_options_and_too_small_sites(make_dataset, tmp
 
 
 def test_assign_folds_balances_sites_and_folds() -> None:
-    from fedbrats.data.prepare import assign_folds
+    from fedbrats.data.splits import assign_folds
 
     dealt = assign_folds({"a": [f"a{i}" for i in range(7)], "b": [f"b{i}" for i in range(3)]}, 3, seed=0)
     sizes = [len(dealt["a"][k]) + len(dealt["b"][k]) for k in range(3)]

@@ -8,14 +8,15 @@ import os
 import numpy as np
 import pytest
 
-from fedbrats.federated.filters import describe, privatize_prototypes
+from fedbrats.federated.filters import describe
 from fedbrats.federated.methods.fedkd import FedKDMethod
+from fedbrats.federated.methods.fedkd.network import parameter_modality
+from fedbrats.federated.methods.fedkd.privacy import privatize_prototypes
 from fedbrats.federated.protocol import BASE_META_KEYS
-from fedbrats.networks.modality_aware import parameter_modality
+from tests.helpers import NVFLARE_ITEMS, audit_records
 
 TINY = {"epochs_per_round": 1, "data": {"roi_size": [16, 16, 16], "batch_size": 1}}
 #: Items NVFlare's Client API adds to a result on its own (the validation metrics travel as initial_metrics).
-NVFLARE_ITEMS = {"initial_metrics", "CURRENT_ROUND", "TOTAL_ROUNDS", "JOB_ID", "SITE_NAME", "current_round"}
 
 
 def test_clipping_and_noise_of_prototypes() -> None:
@@ -39,13 +40,6 @@ def test_describe_never_includes_array_values() -> None:
     assert desc["items"]["n"] == {"type": "int", "value": 3}
 
 
-def _audit_records(run_ws: str, site: str) -> list[dict]:
-    path = os.path.join(run_ws, "sim", site, "simulate_job", "payload_audit.jsonl")
-    assert os.path.isfile(path), f"no payload audit at {path}"
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
 def _sizes(desc: dict) -> list[int]:
     """Element counts of every array inside a described item."""
     if "items" in desc:
@@ -57,12 +51,12 @@ def _sizes(desc: dict) -> list[int]:
 def test_payload_audit_holds_only_declared_items(tiny_federation: str, tmp_path) -> None:
     """Capture everything each FedKD site sends in a round: weights, declared extras, metrics, flags; nothing
     per case or per voxel."""
-    from fedbrats.federated.simulate import simulate
+    from fedbrats.simulate import simulate
 
     overrides = {**TINY, "method_args": {"min_prototype_cases": 1}}
     privacy = {"prototypes": {"clip_norm": 1.0, "noise_multiplier": 0.5, "seed": 0}}
     result = simulate(
-        "fedkd", str(tmp_path), sites_file=tiny_federation, num_rounds=1, overrides=overrides, privacy=privacy
+        "fedkd", str(tmp_path), sites_file=tiny_federation, num_rounds=1, training=overrides, privacy=privacy
     )
     with open(os.path.join(result.run_dir, "model_spec.json"), encoding="utf-8") as f:
         spec = json.load(f)
@@ -73,7 +67,7 @@ def test_payload_audit_holds_only_declared_items(tiny_federation: str, tmp_path)
         site_modalities = {name: tuple(entry["modalities"]) for name, entry in json.load(f)["sites"].items()}
     allowed_meta = BASE_META_KEYS | FedKDMethod.payload_keys | NVFLARE_ITEMS | {"site_name"}
     for site in ("site-1", "site-2", "site-3", "site-4"):
-        records = _audit_records(str(tmp_path), site)
+        records = audit_records(str(tmp_path), site)
         train = [r for r in records if r["round"] == 0 and r["kind"] == "WEIGHTS" and "prototypes" in r["meta"]]
         assert train, f"{site}: no training result audited"
         # Training updates leave out the encoders of sequences the site lacks (partial updates).
@@ -94,13 +88,11 @@ def test_payload_audit_holds_only_declared_items(tiny_federation: str, tmp_path)
 @pytest.mark.integration
 def test_svt_on_weight_differences(tiny_federation: str, tmp_path) -> None:
     """NVFlare's SVT filter on weight differences: sites send differences, the server rebuilds full weights."""
-    from fedbrats.federated.simulate import simulate
+    from fedbrats.simulate import simulate
 
     privacy = {"weights": {"path": "nvflare.app_common.filters.svt_privacy.SVTPrivacy", "args": {"fraction": 0.5}}}
-    result = simulate(
-        "fedavg", str(tmp_path), sites_file=tiny_federation, num_rounds=1, overrides=TINY, privacy=privacy
-    )
+    result = simulate("fedavg", str(tmp_path), sites_file=tiny_federation, num_rounds=1, training=TINY, privacy=privacy)
     rounds = [r for r in result.history if not r.get("final_validation")]
     assert len(rounds[0]["sites"]) == 4 and not rounds[0]["rejected"]
-    kinds = {r["kind"] for r in _audit_records(str(tmp_path), "site-1") if r["round"] == 0}
+    kinds = {r["kind"] for r in audit_records(str(tmp_path), "site-1") if r["round"] == 0}
     assert "WEIGHT_DIFF" in kinds

@@ -8,18 +8,17 @@ import pytest
 
 from fedbrats.federated.protocol import (
     BASE_META_KEYS,
-    GLOBAL_MODEL_FILE,
     KEEP_LOCAL_WEIGHTS_KEY,
     MODEL_SPEC_KEY,
     SITE_ERROR_KEY,
     SITE_ERROR_MAX_CHARS,
-    RunFolder,
     global_task_meta,
     site_error_meta,
     site_update_meta,
     undeclared_meta_keys,
     update_weight,
 )
+from fedbrats.runs import GLOBAL_MODEL_FILE, RunFolder
 
 
 def test_run_folder_places_every_file(tmp_path) -> None:

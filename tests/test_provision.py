@@ -27,7 +27,6 @@ from deploy.processes import (
     ensure_stopped,
     find_free_port,
     find_processes,
-    nvflare_cli,
     port_is_free,
     request_kit_stop,
     start_kit,
@@ -45,17 +44,15 @@ from deploy.project import (
 )
 from deploy.provision import ProvisionedDeployment
 from fedbrats.recipe import write_job
+from tests.helpers import nvflare_available
 
 TINY_TRAINING = {"epochs_per_round": 1, "data": {"roi_size": [16, 16, 16], "batch_size": 1}}
 CERT_ERRORS = ("CERTIFICATE_VERIFY_FAILED", "SSLCertVerificationError", "certificate verify failed")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _nvflare_available() -> None:
-    try:
-        nvflare_cli()
-    except DeploymentError as e:
-        pytest.skip(f"nvflare CLI unavailable: {e}")
+def _needs_nvflare() -> None:
+    nvflare_available()
 
 
 def _json(path: str | Path) -> dict:

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from fedbrats.federated.simulate import simulate
+from fedbrats.simulate import simulate
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,7 @@ def test_kill_and_resume(tiny_federation: str, tmp_path) -> None:
         str(tmp_path / "second"),
         sites_file=tiny_federation,
         num_rounds=4,
-        overrides={
+        training={
             "epochs_per_round": 1,
             "data": {"roi_size": [16, 16, 16], "batch_size": 1},
             "method_args": {"min_prototype_cases": 1},

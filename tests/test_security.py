@@ -144,7 +144,8 @@ def test_replaced_model_is_refused(exported_model: Path, tmp_path: Path, caplog:
 
 
 def test_intact_export_loads(exported_model: Path) -> None:
-    from fedbrats.evaluation.evaluate import load_model, verify_exported_model
+    from fedbrats.evaluation.evaluate import load_model
+    from fedbrats.runs import verify_exported_model
 
     assert verify_exported_model(str(exported_model / "models" / "model.pt")) is True
     assert isinstance(load_model(str(exported_model)), torch.nn.Module)
@@ -157,7 +158,7 @@ class _Pickled:
 
 @pytest.mark.parametrize("content", ["object", "garbage"])
 def test_failed_load_never_advises_weights_only_false(tmp_path: Path, content: str) -> None:
-    from fedbrats.evaluation.evaluate import load_state_dict
+    from fedbrats.runs import load_state_dict
 
     path = tmp_path / "model.pt"
     if content == "object":

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from fedbrats.federated.simulate import SimulatedSiteLostError, _run_simulator
+from fedbrats.simulate import SimulatedSiteLostError, _run_simulator
 
 LOST_LINE = "2026-11-22 08:59:18,063 - ERROR - Communication error with client site-12: [Errno 104] Connection reset"
 
@@ -33,7 +33,7 @@ def test_lost_site_stops_a_run_that_needs_every_site(tmp_path) -> None:
 
 def test_lost_site_is_only_a_warning_when_the_others_suffice(tmp_path, caplog) -> None:
     log = tmp_path / "simulator.log"
-    with caplog.at_level(logging.WARNING, logger="fedbrats.federated.simulate"):
+    with caplog.at_level(logging.WARNING, logger="fedbrats.simulate"):
         code = _run_simulator(_fake_simulator(tmp_path, 0.5), {}, str(log), str(tmp_path), stop_on_lost_site=False)
     assert code == 0
     assert "lost site site-12" in caplog.text

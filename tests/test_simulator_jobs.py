@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedbrats.federated.simulate import simulate
+from fedbrats.simulate import simulate
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def _check_models(run_dir: str) -> None:
 
 def test_fedavg_two_rounds(tiny_federation: str, tmp_path) -> None:
     """FedAvg over 4 sites with missing sequences: models saved, finite decreasing loss, per-round metrics."""
-    result = simulate("fedavg", str(tmp_path), sites_file=tiny_federation, num_rounds=2, overrides=TINY)
+    result = simulate("fedavg", str(tmp_path), sites_file=tiny_federation, num_rounds=2, training=TINY)
     _check_models(result.run_dir)
     rounds = _train_rounds(result.history)
     assert [r["round"] for r in rounds] == [0, 1]
@@ -101,7 +101,7 @@ def test_a_failing_site_does_not_stop_the_federation(tiny_federation, tmp_path) 
     sites_file.write_text(json.dumps(sites))
 
     result = simulate(
-        "fedavg", str(tmp_path / "run"), sites_file=str(sites_file), num_rounds=2, overrides=TINY, min_clients=3
+        "fedavg", str(tmp_path / "run"), sites_file=str(sites_file), num_rounds=2, training=TINY, min_clients=3
     )
     rounds = _train_rounds(result.history)
     assert len(rounds) == 2

@@ -12,8 +12,8 @@ import pytest
 from benchmarks.simlog import read_round_timeline, site_events_files
 from fedbrats.federated.client.train_script import site_events_writer
 from fedbrats.federated.events import RoundEventWriter
-from fedbrats.federated.protocol import SITE_EVENTS_FILE
-from fedbrats.federated.simulate import simulated_site_run_dir
+from fedbrats.runs import SITE_EVENTS_FILE
+from fedbrats.simulate import simulated_site_run_dir
 
 
 def test_site_work_events_are_written_and_read_back_as_site_spans(tmp_path: Path) -> None:

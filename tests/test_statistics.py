@@ -16,7 +16,6 @@ import torch
 
 from fedbrats.constants import HD95_MISS_VALUE, REGIONS, combination_name, modality_combinations
 from fedbrats.evaluation.evaluate import mean_over_rows, table_row
-from fedbrats.evaluation.metrics import region_dice, region_hd95
 from fedbrats.evaluation.statistics import (
     hierarchical_bootstrap,
     own_sequence_scores,
@@ -25,6 +24,7 @@ from fedbrats.evaluation.statistics import (
     seed_summary,
     t_interval,
 )
+from fedbrats.scoring.metrics import region_dice, region_hd95
 
 COMBOS = [combination_name(c) for c in modality_combinations()]
 TRUE_DIFFERENCE = 0.03

@@ -114,7 +114,7 @@ def test_mlflow_receives_every_loss_term_and_the_global_model_per_round(
     pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
     from mlflow.tracking import MlflowClient
 
-    from fedbrats.federated.simulate import simulate
+    from fedbrats.simulate import simulate
 
     # A file store keeps the test fast (an SQLite store spends ~15 s creating its tables); MLflow 3 asks for this
     # opt-in to a file store. The simulator's processes inherit it.
@@ -126,7 +126,7 @@ def test_mlflow_receives_every_loss_term_and_the_global_model_per_round(
         str(tmp_path / "ws"),
         sites_file=tiny_federation,
         num_rounds=2,
-        overrides=TINY,
+        training=TINY,
         clients=sites,
         tracking="mlflow",
         tracking_uri=store,

@@ -12,9 +12,10 @@ The job is :class:`fedbrats.recipe.FedBratsRecipe` with the options below (the s
 defaults are those of :mod:`fedbrats.jobgen`, so ``--export`` with no option writes the committed ``jobs/<name>``.
 ``--export`` and ``--export-dir`` are NVFlare's own recipe flags (``Recipe.execute``).
 
-- ``sim``: NVFlare's ``SimEnv`` with the federation's sites (``--sites``, else ``FEDBRATS_SITE_CONFIG``, else the
-  embedded synthetic federation); results under ``<workspace>/<job>/server/simulate_job``. ``fedbrats simulate``
-  runs the same recipe in the simulator with more checks (a lost site, a run that aggregated nothing).
+- ``sim``: NVFlare's simulator with the federation's sites (``--sites``, else ``FEDBRATS_SITE_CONFIG``, else the
+  embedded synthetic federation), run by :func:`fedbrats.simulate.simulate` with its checks (an option at fault named
+  before the start, a lost site, a run that aggregated nothing); the job in ``<workspace>/jobs``, the server's run
+  folder ``<workspace>/sim/server/simulate_job``. ``fedbrats simulate`` is this same path.
 - ``poc``: NVFlare's ``PocEnv`` (``nvflare poc`` prepare and start, submit, wait, stop). The sites read
   ``FEDBRATS_SITE_CONFIG`` (exported here from ``--sites``). PoC listens on port 8002 and keeps its settings in
   ``~/.nvflare`` unless ``--project-conf`` and ``--poc-workspace`` say otherwise; ``python -m deploy.poc`` from a
@@ -34,16 +35,15 @@ import sys
 from typing import Any
 
 from nvflare.recipe import PocEnv, ProdEnv, SimEnv
-from nvflare.recipe.spec import ExecEnv
+from nvflare.recipe.spec import ExecEnv, _peek_recipe_args
 
+from fedbrats.commands import run_command
 from fedbrats.data.site_config import SITE_CONFIG_ENV, federation_sites_file
 from fedbrats.federated.memory import with_allocator_defaults
-from fedbrats.federated.protocol import RunFolder
-from fedbrats.federated.simulate import keep_resume_source, parse_overrides, site_names
 from fedbrats.federated.tracking import DEFAULT_TRACKING, TRACKERS
-from fedbrats.jobgen import JOBS
-from fedbrats.logging_setup import add_log_level_argument, configure_logging
+from fedbrats.jobgen import JOBS, JobOptions
 from fedbrats.recipe import FedBratsRecipe
+from fedbrats.simulate import parse_overrides, simulate, site_names
 
 logger = logging.getLogger(__name__)
 
@@ -90,45 +90,51 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def recipe_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments of :class:`~fedbrats.recipe.FedBratsRecipe` from :func:`add_job_arguments`'s options
-    (``num_rounds`` only where ``--rounds`` is given).
+def job_options(args: argparse.Namespace) -> JobOptions:
+    """The run's :class:`~fedbrats.jobgen.JobOptions` from :func:`add_job_arguments`'s options, built once.
 
     Raises:
-        ValueError: ``--svd`` with ``--compression off``.
+        ValueError: ``--svd`` with ``--compression off``, or a bad option (named).
     """
     compression: dict[str, Any] | bool | None = None if args.compression is None else args.compression == "on"
     if args.svd:
         if args.compression == "off":
             raise ValueError("--svd sets the energies of compression; it cannot go with --compression off")
         compression = parse_overrides(args.svd)
-    options: dict[str, Any] = {
-        "training": parse_overrides(args.set),
-        "aggregation_args": parse_overrides(args.agg),
-        "network_args": parse_overrides(args.net),
-        "seed": args.seed,
-        "controller_args": {"resume_from": os.path.abspath(args.resume_from)} if args.resume_from else None,
-        "compression": compression,
-        "tracking": args.tracking,
-        "tracking_uri": args.tracking_uri,
-    }
-    if args.rounds is not None:
-        options["num_rounds"] = args.rounds
-    return options
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m fedbrats.job",
-        description="Run a fedbrats job recipe in NVFlare's simulator (sim), a PoC federation (poc) or a production "
-        "federation (prod); NVFlare's --export [--export-dir DIR] writes the job folder instead.",
+    fields = dict(
+        num_rounds=args.rounds,
+        training=parse_overrides(args.set),
+        aggregation_args=parse_overrides(args.agg),
+        network_args=parse_overrides(args.net),
+        seed=args.seed,
+        controller_args={"resume_from": os.path.abspath(args.resume_from)} if args.resume_from else {},
+        compression=compression,
+        tracking=args.tracking,
+        tracking_uri=args.tracking_uri,
     )
+    return JobOptions(args.job, **{k: v for k, v in fields.items() if v is not None})
+
+
+#: What ``python -m fedbrats.job`` does (its ``--help``).
+JOB_DESCRIPTION = (
+    "Run a fedbrats job recipe in NVFlare's simulator (sim), a PoC federation (poc) or a production federation "
+    "(prod); NVFlare's --export [--export-dir DIR] writes the job folder instead."
+)
+#: What ``fedbrats simulate`` does (its ``--help``).
+SIMULATE_DESCRIPTION = "Run a job in NVFlare's simulator with overrides (python -m fedbrats.job JOB --env sim)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m fedbrats.job``."""
     add_job_arguments(parser)
     parser.add_argument("--env", choices=ENVS, default="sim", help="where to run (default: sim)")
     parser.add_argument("--clients", default=None, help="sim/poc: comma-separated site names (default: --sites')")
     parser.add_argument("--threads", type=int, default=None, help="sim: sites run in parallel (default: all)")
     parser.add_argument(
-        "--workspace", default="workspace/recipes", help="sim: the simulator's workspace root (default: %(default)s)"
+        "--workspace",
+        default="workspace/recipes",
+        help="sim: the run's workspace (the job in WORKSPACE/jobs, the simulator's in WORKSPACE/sim; default: "
+        "%(default)s)",
     )
     parser.add_argument("--poc-workspace", default=None, help="poc: NVFLARE_POC_WORKSPACE (default: NVFlare's)")
     parser.add_argument("--project-conf", default="", help="poc: project.yml for `nvflare poc prepare` (e.g. a port)")
@@ -145,8 +151,16 @@ def _parser() -> argparse.ArgumentParser:
         help="give the job its app/custom folder, so that NVFlare treats it as bring-your-own-code (default: off "
         "for prod, where sites allow fedbrats. classes instead; on otherwise: NVFlare's simulator and PoC need it)",
     )
-    add_log_level_argument(parser)
-    return parser
+
+
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``fedbrats simulate``: a job's, ``--workspace`` (required) and ``--threads``."""
+    add_job_arguments(parser)
+    parser.add_argument(
+        "--workspace", required=True, help="the job in WORKSPACE/jobs, the simulator's in WORKSPACE/sim"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="sites run in parallel (default: all)")
+    parser.add_argument("--clients", default=None, help="comma-separated site names (default: --sites')")
 
 
 def _clients(args: argparse.Namespace) -> list[str]:
@@ -190,39 +204,41 @@ def make_env(args: argparse.Namespace) -> ExecEnv:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m fedbrats.job``: run (or, with NVFlare's ``--export``, export) a job's recipe; 0 on success."""
-    args = _parser().parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        return _run(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        logger.error("%s", e)
-        return 1
+def run_in_simulator(args: argparse.Namespace, options: JobOptions) -> int:
+    """Run the job in the simulator through :func:`fedbrats.simulate.simulate` (its checks included)."""
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()] if args.clients else None
+    result = simulate(options, args.workspace, sites_file=args.sites, clients=clients, threads=args.threads)
+    logger.info("%s finished in %.1fs; server run dir %s", options.job, result.seconds, result.run_dir)
+    return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    options = recipe_options(args)
-    if args.env == "sim" and options["controller_args"]:
-        # The simulator wipes its workspace, which may hold the run to resume.
-        resume = keep_resume_source(options["controller_args"]["resume_from"], args.workspace)
-        options["controller_args"] = {"resume_from": resume}
+def run_simulate(args: argparse.Namespace) -> int:
+    """Run ``fedbrats simulate``: the same as ``python -m fedbrats.job JOB --env sim``."""
+    return run_in_simulator(args, job_options(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run (or, with NVFlare's ``--export``, export) a job's recipe where ``--env`` says."""
+    options = job_options(args)
+    exporting, _ = _peek_recipe_args()
+    if args.env == "sim" and not exporting:
+        return run_in_simulator(args, options)
     env = make_env(args)
-    if isinstance(env, PocEnv):
-        # NVFlare's PoC submits a few seconds after starting the sites: wait for all of them, not the first.
-        options["deploy_min_clients"] = env.num_clients
-    recipe = FedBratsRecipe(args.job, byoc=byoc(args), **options)
+    deploy_min_clients = env.num_clients if isinstance(env, PocEnv) else None
+    # NVFlare's PoC submits a few seconds after starting the sites: wait for all of them, not the first.
+    recipe = FedBratsRecipe(options, byoc=byoc(args), deploy_min_clients=deploy_min_clients)
     run = recipe.execute(env)  # exits here after an --export
     logger.info("job %s deployed as %s (%s)", args.job, run.get_job_id(), args.env)
     # clean_up=False: a PoC workspace (and the result downloaded into it) stays; the PoC itself is stopped.
     result = run.get_result(timeout=args.timeout, clean_up=False)
-    if args.env == "sim":
-        run_dir = os.path.join(result, "server", "simulate_job")
-        logger.info("%s finished; server run dir %s", args.job, run_dir)
-        return 0 if os.path.isfile(RunFolder(run_dir).metrics) else 1
     status = run.get_status()
     logger.info("%s ended with status %s; result %s", args.job, status, result)
     return 0 if status == COMPLETED and result else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedbrats.job``: run (or, with NVFlare's ``--export``, export) a job's recipe; 0 on success."""
+    return run_command("job", add_arguments, run, argv, JOB_DESCRIPTION, prog="python -m fedbrats.job")
 
 
 if __name__ == "__main__":

@@ -8,42 +8,53 @@ installed package.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedbrats.federated.client.trainer import TrainConfig
 from fedbrats.federated.methods import JOBS as METHOD_JOBS
 from fedbrats.federated.protocol import KEY_METRIC
+from fedbrats.federated.server.controller import DEFAULT_ROUNDS
 from fedbrats.federated.tracking import DEFAULT_TRACKING, check_tracking
 from fedbrats.networks import network_class_path
 from fedbrats.utils import deep_merge
 
-#: Options every job shares unless it overrides them.
-#: The recipe (docs/results.md, "Training recipe", has the runs behind each choice): Dice + BCE (the methods'
-#: default), poly learning rate over the whole run from 3e-3, bfloat16 where the CPU/GPU runs it natively,
-#: tumour-centred crops, and sequence dropout at every site so that each model is trained for the subsets of
-#: its sequences it will be asked about (the pooled centralized site thus sees all 15 combinations).
-BASE_TRAINING: dict[str, Any] = {
-    "method": "fedavg",
-    "method_args": {},
-    "epochs_per_round": 10,
-    "lr": 3e-3,
-    "lr_schedule": "poly",
-    "weight_decay": 1e-5,
-    "num_threads": 1,
-    "precision": "auto",
-    "data": {"roi_size": [32, 32, 32], "batch_size": 2, "modality_dropout": 0.5},
-}
+#: The training options every exported job lists (the rest take their defaults at the sites).
+RECIPE_OPTIONS: tuple[str, ...] = (
+    "method",
+    "method_args",
+    "epochs_per_round",
+    "lr",
+    "lr_schedule",
+    "weight_decay",
+    "num_threads",
+    "precision",
+)
+RECIPE_DATA_OPTIONS: tuple[str, ...] = ("roi_size", "batch_size", "modality_dropout")
+
+
+def _recipe() -> dict[str, Any]:
+    """The options every job shares unless it overrides them: the training config classes' defaults
+    (:class:`~fedbrats.federated.client.trainer.TrainConfig`, :class:`~fedbrats.data.loader.DataConfig`), where the
+    recipe and the runs behind it are documented."""
+    config = TrainConfig()
+    training = {name: copy.deepcopy(getattr(config, name)) for name in RECIPE_OPTIONS}
+    training["data"] = {name: getattr(config.data, name) for name in RECIPE_DATA_OPTIONS}
+    training["data"]["roi_size"] = list(training["data"]["roi_size"])
+    return training
+
+
+#: Options every job shares unless it overrides them (from the config classes' defaults).
+BASE_TRAINING: dict[str, Any] = _recipe()
 BASE_NETWORK: dict[str, Any] = {"name": "segresnet", "args": {"init_filters": 8}}
 
 #: Every job, from the method modules (each declares its jobs' network, aggregation and training defaults; see
 #: :mod:`fedbrats.federated.methods`).
 JOBS: dict[str, dict[str, Any]] = METHOD_JOBS
 
-#: Rounds of every job unless overridden. 13, not 10: the main job (``jobs/fedkd`` on the synthetic default) ended at
-#: a final validation mean Dice of 0.684 / 0.710 / 0.710 with 10 rounds (seeds 0, 1, 2) and 0.743 / 0.749 / 0.744
-#: with 13, in 2 min 44 s on 2 idle cores (docs/results.md, "Training recipe"). The comparisons on the results
-#: page pass their rounds explicitly (``--rounds 10``).
-DEFAULT_ROUNDS = 13
 
 #: Seconds a client waits after sending a result before asking the server for its next task (NVFlare's default
 #: is 2 s). Every round waits for it: the next round's task is ready well before a site asks again, so a shorter
@@ -107,7 +118,12 @@ def compression_args(
         return None
     if choice is True:
         choice = default or {}
-    from fedbrats.federated.compression import DEFAULT_ENERGY_END, DEFAULT_ENERGY_START, check_bits, check_energies
+    from fedbrats.federated.compression.codec import (
+        DEFAULT_ENERGY_END,
+        DEFAULT_ENERGY_START,
+        check_bits,
+        check_energies,
+    )
 
     unknown = sorted(set(choice) - {"energy_start", "energy_end", "error_feedback", "bits"})
     if unknown:
@@ -121,36 +137,26 @@ def compression_args(
     return {**args, "num_rounds": num_rounds}
 
 
-def job_spec(
-    name: str,
-    num_rounds: int = DEFAULT_ROUNDS,
-    aggregation_args: dict[str, Any] | None = None,
-    min_clients: int | None = None,
-    controller_args: dict[str, Any] | None = None,
-    privacy: dict[str, Any] | None = None,
-    seed: int = 0,
-    network_args: dict[str, Any] | None = None,
-    training: dict[str, Any] | None = None,
-    compression: dict[str, Any] | bool | None = None,
-    tracking: str = DEFAULT_TRACKING,
-    tracking_uri: str = "",
-) -> JobSpec:
-    """Job ``name`` with the defaults of this module and its method, and the given overrides.
+@dataclass(frozen=True)
+class JobOptions:
+    """Everything that makes one run of a job, built once (from the command line or a driver) and passed whole to
+    the recipe (:class:`fedbrats.recipe.FedBratsRecipe`), the simulator runner (:func:`fedbrats.simulate.simulate`)
+    and the experiment drivers; :meth:`spec` resolves it against the job's defaults.
 
-    Args:
-        name: a key of :data:`JOBS`.
+    Attributes:
+        job: a key of :data:`JOBS`.
         num_rounds: federated rounds.
+        training: training options that replace the defaults (nested dicts are merged), e.g.
+            ``{"epochs_per_round": 1}`` (``--set``).
         aggregation_args: override arguments of the aggregation strategy (e.g. ``{"modality_aware": False}``).
-        min_clients: usable updates a round needs (default: the job's; 0 means every site).
-        controller_args: further controller arguments (e.g. ``{"resume_from": run_dir, "train_timeout": 600}``).
-        privacy: site-side privacy filters: ``{"prototypes": {"clip_norm": 1.0, "noise_multiplier": 1.0}}`` (our
-            filter on FedKD's prototypes) and/or ``{"weights": {"path": "nvflare.app_common.filters.svt_privacy.
-            SVTPrivacy", "args": {...}}}`` (an NVFlare filter on weight differences; sites then send differences).
+        network_args: override arguments of the job's network (e.g. ``{"init_filters": 16}``).
         seed: seed of the run: the server's initial model and each site's data order, crops, augmentation and
             sequence dropout (offset per site). The one place a job's seed is set.
-        network_args: override arguments of the job's network (e.g. ``{"init_filters": 16}``).
-        training: training options that replace the defaults (nested dicts are merged), e.g.
-            ``{"epochs_per_round": 1}``.
+        min_clients: usable updates a round needs (default: the job's; 0 means every site).
+        controller_args: further controller arguments (e.g. ``{"resume_from": run_dir, "train_timeout": 600}``).
+        privacy: site-side privacy filters: ``{"prototypes": {"clip_norm": 1.0, "noise_multiplier": 1.0}}`` (FedKD's
+            filter on its prototypes) and/or ``{"weights": {"path": "nvflare.app_common.filters.svt_privacy.
+            SVTPrivacy", "args": {...}}}`` (an NVFlare filter on weight differences; sites then send differences).
         compression: SVD-compressed updates both ways (:mod:`fedbrats.federated.compression`): ``True`` or a dict
             of energies (``{"energy_start": 0.95, "energy_end": 0.98}``) turns it on, ``False`` off, None keeps
             the job's default. Sites then send weight differences.
@@ -160,30 +166,70 @@ def job_spec(
             the server's job result folder).
 
     Raises:
-        ValueError: ``name`` is not a job, bad ``compression`` options, an unknown ``tracking``, or a
-            ``tracking_uri`` without ``mlflow``.
+        ValueError: ``job`` is not a job, or ``num_rounds`` is not an integer >= 1.
     """
-    if name not in JOBS:
-        raise ValueError(f"job must be one of {sorted(JOBS)}, got {name!r}")
+
+    job: str
+    num_rounds: int = DEFAULT_ROUNDS
+    training: Mapping[str, Any] = field(default_factory=dict)
+    aggregation_args: Mapping[str, Any] = field(default_factory=dict)
+    network_args: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    min_clients: int | None = None
+    controller_args: Mapping[str, Any] = field(default_factory=dict)
+    privacy: Mapping[str, Any] = field(default_factory=dict)
+    compression: Mapping[str, Any] | bool | None = None
+    tracking: str = DEFAULT_TRACKING
+    tracking_uri: str = ""
+
+    def __post_init__(self) -> None:
+        if self.job not in JOBS:
+            raise ValueError(f"job must be one of {sorted(JOBS)}, got {self.job!r}")
+        if isinstance(self.num_rounds, bool) or not isinstance(self.num_rounds, int) or self.num_rounds < 1:
+            raise ValueError(f"num_rounds must be an integer >= 1, got {self.num_rounds!r}")
+
+    def replace(self, **changes: Any) -> JobOptions:
+        """A copy with ``changes`` (field names)."""
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def spec(self) -> JobSpec:
+        """The job with every default resolved."""
+        return job_spec(self)
+
+
+def job_spec(options: JobOptions | str, **changes: Any) -> JobSpec:
+    """A job with the defaults of this module and its method, and the options' overrides.
+
+    Args:
+        options: the run's :class:`JobOptions`, or a job's name (its defaults).
+        changes: fields of :class:`JobOptions` to change (e.g. ``num_rounds=2``; None values are left out).
+
+    Raises:
+        ValueError: an unknown job, bad ``compression`` options, an unknown ``tracking``, or a ``tracking_uri``
+            without ``mlflow``.
+    """
+    changes = {k: v for k, v in changes.items() if v is not None}
+    options = JobOptions(options, **changes) if isinstance(options, str) else options.replace(**changes)
+    name, tracking, tracking_uri = options.job, options.tracking, options.tracking_uri
     check_tracking(tracking)
     if tracking_uri and tracking != "mlflow":
         raise ValueError(f"tracking_uri is an MLflow store; it needs tracking='mlflow', got tracking={tracking!r}")
     spec = JOBS[name]
-    merged_training = deep_merge(deep_merge(BASE_TRAINING, spec.get("training", {})), training or {})
-    merged_training["seed"] = seed
-    network = deep_merge(deep_merge(BASE_NETWORK, spec.get("network", {})), {"args": network_args or {}})
+    merged_training = deep_merge(deep_merge(BASE_TRAINING, spec.get("training", {})), dict(options.training))
+    merged_training["seed"] = options.seed
+    network = deep_merge(deep_merge(BASE_NETWORK, spec.get("network", {})), {"args": dict(options.network_args)})
     return JobSpec(
         name=name,
         description=spec["description"],
-        num_rounds=num_rounds,
-        min_clients=spec["min_clients"] if min_clients is None else min_clients,
-        seed=seed,
+        num_rounds=options.num_rounds,
+        min_clients=spec["min_clients"] if options.min_clients is None else options.min_clients,
+        seed=options.seed,
         training=merged_training,
         network={"path": network_class_path(network["name"]), "args": network["args"]},
-        aggregation=deep_merge(spec["aggregation"], {"args": aggregation_args or {}}),
-        controller_args=dict(controller_args or {}),
-        privacy=dict(privacy or {}),
-        compression=compression_args(spec.get("compression"), compression, num_rounds),
+        aggregation=deep_merge(spec["aggregation"], {"args": dict(options.aggregation_args)}),
+        controller_args=dict(options.controller_args),
+        privacy=dict(options.privacy),
+        compression=compression_args(spec.get("compression"), options.compression, options.num_rounds),
         key_metric=spec.get("key_metric", KEY_METRIC),
         tracking=tracking,
         tracking_uri=tracking_uri,

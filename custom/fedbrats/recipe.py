@@ -12,7 +12,10 @@ arguments equal to their default), so the components added here keep their argum
 
 from __future__ import annotations
 
-import inspect
+import argparse
+import dataclasses
+import json
+import logging
 import os
 import tempfile
 from collections.abc import Mapping
@@ -29,16 +32,20 @@ from nvflare.job_config.api import FedJob
 from nvflare.job_config.defs import FilterType
 from nvflare.recipe.spec import Recipe
 
+import fedbrats.federated.methods  # noqa: F401 - registers the methods' own networks and strategies
 from fedbrats.federated.client.executor import FedBratsExecutor
 from fedbrats.federated.compression import SVDBroadcastCompressor, SVDDecompressor, SVDUpdateCompressor
-from fedbrats.federated.filters import PayloadAuditFilter, PrototypePrivacyFilter
-from fedbrats.federated.protocol import PAYLOAD_AUDIT_IN_FILE
+from fedbrats.federated.filters import PayloadAuditFilter
+from fedbrats.federated.methods.fedkd.privacy import PrototypePrivacyFilter
 from fedbrats.federated.server.aggregation import STRATEGIES
 from fedbrats.federated.server.controller import FedBratsController
 from fedbrats.federated.server.selection import BestModelSelector
 from fedbrats.federated.tracking import MLFLOW_EXPERIMENT, check_tracking
-from fedbrats.jobgen import JOBS, TASK_REQUEST_INTERVAL, JobSpec, job_spec
+from fedbrats.jobgen import JOBS, TASK_REQUEST_INTERVAL, JobOptions, JobSpec, job_spec
+from fedbrats.runs import PAYLOAD_AUDIT_IN_FILE
 from fedbrats.utils import deep_merge
+
+logger = logging.getLogger(__name__)
 
 #: The package whose classes the jobs name: installed at every site, so never copied into a job's ``app/custom``.
 PACKAGE = "fedbrats"
@@ -134,7 +141,8 @@ class FedBratsRecipe(Recipe):
     rounds share one view per site and the final validation, another task, gets the full model.
 
     Args:
-        name: a key of :data:`fedbrats.jobgen.JOBS` (the method's job).
+        options: the run's :class:`~fedbrats.jobgen.JobOptions`, or a job's name (a key of
+            :data:`fedbrats.jobgen.JOBS`) for its defaults.
         deploy_min_clients: sites that must be connected before the job is deployed (``meta.json``'s
             ``min_clients``; default the job's ``min_clients``, at least 1). A job that needs every site
             (``min_clients`` 0) cannot know how many there are: a PoC, which submits while its sites still connect,
@@ -145,15 +153,20 @@ class FedBratsRecipe(Recipe):
             list, which lacks ``fedbrats.``, so the committed jobs keep it. ``False``: the production default, for
             sites that list ``fedbrats.`` in their ``class_allow_list`` and grant no BYOC right
             (docs/deployment.md).
-        options: the job's options, keyword arguments of :func:`fedbrats.jobgen.job_spec` (``num_rounds``,
-            ``aggregation_args``, ``min_clients``, ``controller_args``, ``privacy``, ``seed``, ``network_args``,
-            ``training``, ``compression``, ``tracking``, ``tracking_uri``).
+        changes: fields of :class:`~fedbrats.jobgen.JobOptions` to change (``num_rounds``, ``training``, ...).
     """
 
-    def __init__(self, name: str, *, deploy_min_clients: int | None = None, byoc: bool = True, **options: Any) -> None:
-        self.spec: JobSpec = job_spec(name, **options)
+    def __init__(
+        self,
+        options: JobOptions | str,
+        *,
+        deploy_min_clients: int | None = None,
+        byoc: bool = True,
+        **changes: Any,
+    ) -> None:
+        self.spec: JobSpec = job_spec(options, **changes)
         job = FedJob(
-            name=name,
+            name=self.spec.name,
             min_clients=deploy_min_clients or max(1, self.spec.min_clients),
             meta_props={"description": self.spec.description},
         )
@@ -224,23 +237,33 @@ class FedBratsRecipe(Recipe):
                 job.to_clients(result_filter, filter_type=FilterType.TASK_RESULT, tasks=[task])
 
 
-def write_job(name: str, out_dir: str, **options: Any) -> str:
-    """Export job ``name`` into ``out_dir/name`` and return that folder.
+def write_job(
+    name: str | JobOptions,
+    out_dir: str,
+    *,
+    deploy_min_clients: int | None = None,
+    byoc: bool = True,
+    **options: Any,
+) -> str:
+    """Export a job into ``out_dir/<job>`` and return that folder.
 
     Args:
-        name: the job.
+        name: the job's :class:`~fedbrats.jobgen.JobOptions`, or its name.
         out_dir: where the job folder goes.
-        options: keyword arguments of :class:`FedBratsRecipe` (``num_rounds``, ``privacy``, ``deploy_min_clients``,
-            ``byoc``, ``tracking``, ...); any other is a training-option override (nested dicts are merged), e.g.
-            ``epochs_per_round=1``.
+        deploy_min_clients: see :class:`FedBratsRecipe`.
+        byoc: see :class:`FedBratsRecipe`.
+        options: fields of :class:`~fedbrats.jobgen.JobOptions` (``num_rounds``, ``privacy``, ``tracking``, ...); any
+            other is a training-option override (nested dicts are merged), e.g. ``epochs_per_round=1``.
     """
-    recipe_args = (set(inspect.signature(job_spec).parameters) - {"name"}) | {"deploy_min_clients", "byoc"}
-    kwargs = {key: value for key, value in options.items() if key in recipe_args}
-    training = {key: value for key, value in options.items() if key not in recipe_args}
+    job_options = JobOptions(name) if isinstance(name, str) else name
+    fields = {f.name for f in dataclasses.fields(JobOptions)} - {"job"}
+    changes = {key: value for key, value in options.items() if key in fields}
+    training = {key: value for key, value in options.items() if key not in fields}
     if training:
-        kwargs["training"] = deep_merge(kwargs.get("training") or {}, training)
-    FedBratsRecipe(name, **kwargs).export(out_dir)
-    return os.path.join(out_dir, name)
+        changes["training"] = deep_merge(dict(changes.get("training") or job_options.training), training)
+    recipe = FedBratsRecipe(job_options, deploy_min_clients=deploy_min_clients, byoc=byoc, **changes)
+    recipe.export(out_dir)
+    return os.path.join(out_dir, recipe.spec.name)
 
 
 def write_all_jobs(out_dir: str) -> list[str]:
@@ -259,3 +282,49 @@ def job_files(name: str, **kwargs: Any) -> dict[str, bytes]:
                 with open(path, "rb") as f:
                     files[os.path.relpath(path, job_dir)] = f.read()
         return files
+
+
+# ---- the make-jobs command --------------------------------------------------------------------------------------
+#: What ``fedbrats make-jobs`` does (its ``--help``).
+MAKE_JOBS_DESCRIPTION = "(Re)write the job folders: the export of each job's recipe."
+
+
+def edited_job_files(out_dir: str) -> list[str]:
+    """Files under ``out_dir`` that ``make-jobs`` would change: hand edits it would silently revert."""
+    changed = []
+    for name in sorted(JOBS):
+        for rel, content in job_files(name).items():
+            path = os.path.join(out_dir, name, rel)
+            if not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                text = f.read()
+            try:
+                same = text == content or json.loads(text) == json.loads(content)
+            except json.JSONDecodeError:
+                same = False
+            if not same:
+                changed.append(path)
+    return changed
+
+
+def add_make_jobs_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``fedbrats make-jobs`` options."""
+    parser.add_argument("--out-dir", default="jobs")
+    parser.add_argument(
+        "--force", action="store_true", help="rewrite job files that differ from the recipes' export (hand edits)"
+    )
+
+
+def run_make_jobs(args: argparse.Namespace) -> int:
+    """Run ``fedbrats make-jobs``: refuse to revert hand edits unless ``--force``."""
+    edited = [] if args.force else edited_job_files(args.out_dir)
+    if edited:
+        raise ValueError(
+            f"make-jobs would revert {len(edited)} edited job file(s): {edited}. Put the change in "
+            "custom/fedbrats/jobgen.py (the defaults) or custom/fedbrats/recipe.py (the components), or pass --force "
+            "to discard the edits"
+        )
+    for path in write_all_jobs(args.out_dir):
+        logger.info("wrote %s", path)
+    return 0

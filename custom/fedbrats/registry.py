@@ -15,6 +15,8 @@ import inspect
 from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
 
+from fedbrats._moved import current_path
+
 T = TypeVar("T")
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -55,26 +57,18 @@ class Registry(Generic[T]):
     Args:
         kind: what the registry holds, for messages (``"network"``, ``"method"``).
         base: every registered class must subclass it (checked when it is built).
-        entries: name -> ``"module.Class"`` registered from the start.
-        more_from: a module of this package whose import registers more entries (the method modules declare their
-            own networks and strategies); imported once, the first time a name or path is not found.
+        entries: name -> ``"module.Class"`` registered from the start (the method modules add their own networks
+            and strategies when :mod:`fedbrats.federated.methods` is imported).
+
+    A path that moved (:mod:`fedbrats._moved`) is looked up under the path its class has now.
     """
 
-    def __init__(self, kind: str, base: type, entries: Mapping[str, str], more_from: str | None = None) -> None:
+    def __init__(self, kind: str, base: type, entries: Mapping[str, str]) -> None:
         self.kind = kind
         self.base = base
         self._paths: dict[str, str] = {}
-        self._more_from = more_from
         for name, path in entries.items():
             self.register(name, path)
-
-    def _load_more(self) -> bool:
-        """Import ``more_from`` once; whether that was done now."""
-        if not self._more_from:
-            return False
-        module, self._more_from = self._more_from, None
-        importlib.import_module(module)
-        return True
 
     def register(self, name: str, class_path: str) -> None:
         """Allow ``class_path`` to be built, under ``name`` and under its own path.
@@ -102,10 +96,9 @@ class Registry(Generic[T]):
         if isinstance(name_or_path, str):
             if name_or_path in self._paths:
                 return self._paths[name_or_path]
-            if name_or_path in self._paths.values():
-                return name_or_path
-            if self._load_more():
-                return self.path(name_or_path)
+            path = current_path(name_or_path)
+            if path in self._paths.values():
+                return path
         raise ValueError(
             f"{self.kind} {name_or_path!r} is not a registered {self.kind}: only {self.names} (or their class "
             f"paths {sorted(set(self._paths.values()))}) can be built; refusing to import anything else"

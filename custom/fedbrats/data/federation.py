@@ -6,6 +6,7 @@ different scanners and different sequences, as in the project's reference scenar
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import json
@@ -204,3 +205,54 @@ def _write_json(path: str, content: dict) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(content, f, indent=2)
     os.replace(tmp, path)
+
+
+# ---- commands ---------------------------------------------------------------------------------------------------
+#: What ``fedbrats synth-federation`` does (its ``--help``).
+SYNTH_FEDERATION_DESCRIPTION = "Generate a synthetic federation: cases, per-site datalists and sites.json."
+#: What ``fedbrats pool-sites`` does (its ``--help``).
+POOL_SITES_DESCRIPTION = "Add the pooled 'central' site (the centralized baseline) to a sites.json."
+
+
+def add_synth_federation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``fedbrats synth-federation`` options."""
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--cases-per-site", type=int, default=10)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--convention", default="brats2018", choices=["brats2018", "brats2023"])
+    parser.add_argument(
+        "--site-modalities",
+        default=None,
+        help=f"JSON mapping site -> sequences (default {json.dumps(DEFAULT_SITE_MODALITIES)})",
+    )
+
+
+def run_synth_federation(args: argparse.Namespace) -> int:
+    """Run ``fedbrats synth-federation``."""
+    try:
+        profiles = json.loads(args.site_modalities) if args.site_modalities else None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--site-modalities is not valid JSON: {exc}") from None
+    path = make_synthetic_federation(
+        args.out_dir,
+        cases_per_site=args.cases_per_site,
+        size=args.size,
+        seed=args.seed,
+        site_modalities=profiles,
+        convention=args.convention,
+    )
+    logger.info("federation written: %s", path)
+    return 0
+
+
+def add_pool_sites_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``fedbrats pool-sites`` options."""
+    parser.add_argument("sites_file")
+    parser.add_argument("--force", action="store_true", help="replace an existing site of that name that is not a pool")
+
+
+def run_pool_sites(args: argparse.Namespace) -> int:
+    """Run ``fedbrats pool-sites``."""
+    add_pooled_site(args.sites_file, force=args.force)
+    return 0

@@ -86,13 +86,17 @@ class DataConfig:
             it the site reports an error instead of training on almost nothing.
     """
 
+    # The training recipe's values (docs/results.md, "Training recipe", has the runs behind each choice): every job
+    # lists them from here (fedbrats.jobgen), so a default lives in one place.
     roi_size: Sequence[int] = (32, 32, 32)
     tumour_crop_fraction: float = 0.67
     zoom: float = 1.0
     max_eval_size: int = 0
-    batch_size: int = 1
+    batch_size: int = 2
     cache_rate: float = 1.0
-    modality_dropout: float = 0.0
+    # Every site hides sequences at random, so that each model is trained for the subsets of its sequences it will
+    # be asked about (the pooled centralized site thus sees all 15 combinations).
+    modality_dropout: float = 0.5
     augment: bool = True
     spatial_augment: float = 0.0
     num_workers: int = 0

@@ -640,18 +640,12 @@ def _parse_size(text: str) -> int | tuple[int, int, int]:
     raise ValueError(f"--size must be an int or three comma-separated ints, got {text!r}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: write a synthetic data set.
+#: What ``fedbrats synth`` does (its ``--help``).
+SYNTH_DESCRIPTION = "Write a synthetic BraTS-like data set."
 
-    Returns:
-        0 on success.
 
-    Raises:
-        ValueError: naming the offending argument, before anything is written.
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m fedbrats.data.synthetic", description="Write a synthetic BraTS-like data set."
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``fedbrats synth`` options."""
     parser.add_argument("--out-dir", required=True, help="parent folder of the case folders")
     parser.add_argument("--n-cases", type=int, default=12, help="number of cases (>= 1)")
     parser.add_argument("--size", default="32", help=f"volume side, or three comma-separated sides (>= {MIN_SIZE})")
@@ -659,10 +653,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--convention", default="brats2018", help=f"one of {sorted(CONVENTIONS)}")
     parser.add_argument("--institutions", default="INSTA", help="comma-separated site names, e.g. INSTA,INSTB")
     parser.add_argument("--first-index", type=int, default=0, help="index of the first case")
-    args = parser.parse_args(argv)
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+def run(args: argparse.Namespace) -> int:
+    """Write a synthetic data set (``fedbrats synth``).
+
+    Raises:
+        ValueError: naming the offending argument, before anything is written.
+    """
     size = _parse_size(args.size)
     institutions = [name.strip() for name in args.institutions.split(",") if name.strip()]
     if not institutions:
@@ -677,6 +675,13 @@ def main(argv: list[str] | None = None) -> int:
         first_index=args.first_index,
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fedbrats synth`` (also ``python -m fedbrats.data.synthetic``): 0 on success, 1 on a bad option."""
+    from fedbrats.commands import run_command
+
+    return run_command("synth", add_arguments, run, argv, SYNTH_DESCRIPTION)
 
 
 if __name__ == "__main__":

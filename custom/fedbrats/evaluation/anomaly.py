@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
+from fedbrats.commands import run_command
 from fedbrats.constants import MODALITIES
 from fedbrats.data.loader import DataConfig, eval_transforms, make_dataset, preprocess_transforms, read_datalist
-from fedbrats.evaluation.detection import auprc, auroc, best_dice_on, choose_threshold, mean_dice_at
 from fedbrats.evaluation.evaluate import check_device, datalist_convention, load_model
 from fedbrats.federated.methods.mmccd import (
     TRAINING,
@@ -47,8 +47,8 @@ from fedbrats.federated.methods.mmccd import (
     plane_offsets,
     unfit_in_plane,
 )
-from fedbrats.logging_setup import add_log_level_argument, configure_logging
 from fedbrats.precision import PRECISIONS, autocast, resolve_precision
+from fedbrats.scoring.detection import auprc, auroc, best_dice_on, choose_threshold, mean_dice_at
 
 logger = logging.getLogger(__name__)
 
@@ -261,12 +261,12 @@ def anomaly_map_case(
     return np.asarray(restored, dtype=np.float32), reference.affine, reference.header.copy()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``anomaly-eval`` command-line parser."""
-    p = argparse.ArgumentParser(
-        prog="fedbrats anomaly-eval",
-        description="Score an anomaly model (jobs/mmccd) on the largest-tumour slice of each test case.",
-    )
+#: What ``fedbrats anomaly-eval`` does (its ``--help``).
+ANOMALY_EVAL_DESCRIPTION = "Score an anomaly model (jobs/mmccd) on the largest-tumour slice of each test case."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``fedbrats anomaly-eval`` options."""
     p.add_argument("--model", required=True, help="checkpoint (.pt) or federated run folder of jobs/mmccd")
     p.add_argument("--datalist", required=True, help="datalist with the test cases")
     p.add_argument("--key", default="test", help="its list of test cases (default: test)")
@@ -281,62 +281,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--out", default=None, help="write the results as JSON here (refuses to overwrite a file)")
-    add_log_level_argument(p)
-    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fedbrats anomaly-eval`` with parsed options (errors: :func:`fedbrats.commands.run_command`)."""
+    check_device(args.device)
+    if args.out and os.path.exists(args.out):
+        raise ValueError(f"--out {args.out!r} exists; choose another path or remove it")
+    model = load_model(args.model)
+    results = evaluate_anomaly(
+        model,
+        args.datalist,
+        args.val_datalist,
+        test_key=args.key,
+        val_key=args.val_key,
+        zoom=args.zoom,
+        brain_fraction=args.brain_fraction,
+        num_masks=args.masks,
+        steps=args.steps,
+        erode=args.erode,
+        max_cases=args.max_cases,
+        device=args.device,
+        precision=args.precision,
+    )
+    test = results["test"]
+    logger.info(
+        "%s on %d test slice(s): AUROC %.3f, AUPRC %.3f, Dice %.3f at the validation threshold %.4g "
+        "(best threshold on the test slices, optimistic: %.3f)",
+        results["model"]["variant"],
+        test["num_slices"],
+        test["auroc"],
+        test["auprc"],
+        test["dice"],
+        results["threshold"],
+        test["dice_best_threshold_on_these_slices_optimistic"],
+    )
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``fedbrats anomaly-eval``; 0 on success, 1 with the reason logged."""
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        check_device(args.device)
-        if args.out and os.path.exists(args.out):
-            raise ValueError(f"--out {args.out!r} exists; choose another path or remove it")
-        model = load_model(args.model)
-        results = evaluate_anomaly(
-            model,
-            args.datalist,
-            args.val_datalist,
-            test_key=args.key,
-            val_key=args.val_key,
-            zoom=args.zoom,
-            brain_fraction=args.brain_fraction,
-            num_masks=args.masks,
-            steps=args.steps,
-            erode=args.erode,
-            max_cases=args.max_cases,
-            device=args.device,
-            precision=args.precision,
-        )
-        test = results["test"]
-        logger.info(
-            "%s on %d test slice(s): AUROC %.3f, AUPRC %.3f, Dice %.3f at the validation threshold %.4g "
-            "(best threshold on the test slices, optimistic: %.3f)",
-            results["model"]["variant"],
-            test["num_slices"],
-            test["auroc"],
-            test["auprc"],
-            test["dice"],
-            results["threshold"],
-            test["dice_best_threshold_on_these_slices_optimistic"],
-        )
-        if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w", encoding="utf-8") as f:
-                json.dump(results, f, indent=2)
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return 1
-    return 0
+    return run_command("anomaly-eval", add_arguments, run, argv, ANOMALY_EVAL_DESCRIPTION)
 
 
-def build_map_parser() -> argparse.ArgumentParser:
-    """The ``anomaly`` command-line parser."""
-    p = argparse.ArgumentParser(
-        prog="fedbrats anomaly",
-        description="Write the anomaly map of a new patient's source sequence (FLAIR for the default jobs/mmccd).",
-    )
+#: What ``fedbrats anomaly`` does (its ``--help``).
+ANOMALY_DESCRIPTION = "Write the anomaly map of a new patient's source sequence (FLAIR for the default jobs/mmccd)."
+
+
+def add_map_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``fedbrats anomaly`` options."""
     p.add_argument("--model", required=True, help="checkpoint (.pt) or federated run folder of jobs/mmccd")
     p.add_argument("--image", required=True, help="NIfTI file of the model's source sequence (e.g. the FLAIR)")
     p.add_argument("--out", required=True, help="where the map goes (.nii.gz); never overwritten without --overwrite")
@@ -348,40 +345,37 @@ def build_map_parser() -> argparse.ArgumentParser:
     p.add_argument("--erode", type=int, default=2, help="erosion of the brain mask in pixels")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
-    add_log_level_argument(p)
-    return p
+
+
+def run_map(args: argparse.Namespace) -> int:
+    """Run ``fedbrats anomaly`` with parsed options (errors: :func:`fedbrats.commands.run_command`)."""
+    check_device(args.device)
+    if os.path.exists(args.out) and not args.overwrite:
+        raise ValueError(f"--out {args.out!r} exists; pass --overwrite to replace it")
+    if os.path.abspath(args.out) == os.path.abspath(args.image):
+        raise ValueError("--out must not be the input --image")
+    model = load_model(args.model)
+    scores, affine, header = anomaly_map_case(
+        model,
+        args.image,
+        zoom=args.zoom,
+        convention=args.convention,
+        num_masks=args.masks,
+        steps=args.steps,
+        erode=args.erode,
+        device=args.device,
+        precision=args.precision,
+    )
+    header.set_data_dtype(np.float32)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    nib.save(nib.Nifti1Image(scores, affine, header), args.out)
+    logger.info("wrote %s (max score %.4g)", args.out, float(scores.max()))
+    return 0
 
 
 def map_main(argv: list[str] | None = None) -> int:
     """Run ``fedbrats anomaly``; 0 on success, 1 with the reason logged."""
-    args = build_map_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        check_device(args.device)
-        if os.path.exists(args.out) and not args.overwrite:
-            raise ValueError(f"--out {args.out!r} exists; pass --overwrite to replace it")
-        if os.path.abspath(args.out) == os.path.abspath(args.image):
-            raise ValueError("--out must not be the input --image")
-        model = load_model(args.model)
-        scores, affine, header = anomaly_map_case(
-            model,
-            args.image,
-            zoom=args.zoom,
-            convention=args.convention,
-            num_masks=args.masks,
-            steps=args.steps,
-            erode=args.erode,
-            device=args.device,
-            precision=args.precision,
-        )
-        header.set_data_dtype(np.float32)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        nib.save(nib.Nifti1Image(scores, affine, header), args.out)
-        logger.info("wrote %s (max score %.4g)", args.out, float(scores.max()))
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return 1
-    return 0
+    return run_command("anomaly", add_map_arguments, run_map, argv, ANOMALY_DESCRIPTION)
 
 
 if __name__ == "__main__":

@@ -25,15 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
+import fedbrats.federated.methods  # noqa: F401 - registers the methods' own networks and strategies
 from fedbrats.constants import MODALITIES, REGIONS
 from fedbrats.data.conventions import CONVENTIONS
 from fedbrats.data.loader import SPATIAL_DIVISOR, inference_steps
 from fedbrats.data.transforms import MASK_KEY, Ref
 from fedbrats.evaluation.predict import PREPROCESSING_REF, inferer_step, postprocessing_steps
-from fedbrats.federated.protocol import BUNDLE_MODELS_DIR, EXPORTED_MODEL_FILE
+from fedbrats.federated.methods.fedkd.network import ModalityAwareSegNet
 from fedbrats.networks import NETWORKS
-from fedbrats.networks.modality_aware import ModalityAwareSegNet
 from fedbrats.registry import Registry
+from fedbrats.runs import BUNDLE_MODELS_DIR, EXPORTED_MODEL_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ BUNDLE_COMPONENTS: Registry[Any] = Registry(
     object,
     {
         "LoadBraTSCased": "fedbrats.data.transforms.LoadBraTSCased",
-        "MaskedSlidingWindowInferer": "fedbrats.evaluation.inference.MaskedSlidingWindowInferer",
-        "RemoveSmallComponentsd": "fedbrats.evaluation.postprocess.RemoveSmallComponentsd",
+        "MaskedSlidingWindowInferer": "fedbrats.scoring.inference.MaskedSlidingWindowInferer",
+        "RemoveSmallComponentsd": "fedbrats.scoring.postprocess.RemoveSmallComponentsd",
         "RegionsToLabelsd": "fedbrats.evaluation.predict.RegionsToLabelsd",
     },
 )

@@ -18,9 +18,11 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fedbrats.commands import run_command
 from fedbrats.constants import REGIONS
-from fedbrats.federated.protocol import KEY_METRIC, METRIC_PREFIX, TRAIN_LOSS_KEY, RunFolder
+from fedbrats.federated.protocol import KEY_METRIC, METRIC_PREFIX, TRAIN_LOSS_KEY
 from fedbrats.federated.tracking import LOSS_TERM_PREFIX, global_scalars, site_scalars
+from fedbrats.runs import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -125,16 +127,26 @@ def plot_run(run_dir: str, out: str, title: str | None = None) -> str:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``fedbrats plot-run``: a run's curves to PNG; 0 on success."""
-    parser = argparse.ArgumentParser(
-        prog="fedbrats plot-run",
-        description="Plot a run's curves (global model validation, per-site validation, training loss and every "
-        "loss term, by round) from its metrics.json to a PNG.",
-    )
+#: What ``fedbrats plot-run`` does (its ``--help``).
+PLOT_RUN_DESCRIPTION = (
+    "Plot a run's curves (global model validation, per-site validation, training loss and every loss term, by "
+    "round) from its metrics.json to a PNG."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``fedbrats plot-run`` options."""
     parser.add_argument("run_dir", help="the server's run folder (holds metrics.json)")
     parser.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/curves.png)")
     parser.add_argument("--title", default=None, help="figure title (default: the run folder)")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fedbrats plot-run`` with parsed options."""
     plot_run(args.run_dir, args.out or os.path.join(args.run_dir, "curves.png"), args.title)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fedbrats plot-run``: a run's curves to PNG; 0 on success."""
+    return run_command("plot-run", add_arguments, run, argv, PLOT_RUN_DESCRIPTION)

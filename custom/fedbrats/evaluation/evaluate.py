@@ -13,9 +13,6 @@ Also here: turning a checkpoint, a federated run folder or an exported model fol
 from __future__ import annotations
 
 import argparse
-import glob
-import hashlib
-import json
 import logging
 import os
 import sys
@@ -26,27 +23,29 @@ from typing import Any
 import numpy as np
 import torch
 
+import fedbrats.federated.methods  # noqa: F401 - registers the methods' own networks and strategies
+from fedbrats.commands import run_command
 from fedbrats.constants import MODALITIES, REGIONS, combination_name, modality_combinations, modality_mask
 from fedbrats.data.loader import DataConfig, eval_transforms, read_datalist, voxel_spacing
 from fedbrats.data.transforms import apply_modality_mask
-from fedbrats.evaluation import metrics
-from fedbrats.evaluation.inference import predict_logits
-from fedbrats.evaluation.metrics import logits_to_regions, region_dice, region_hd95
-from fedbrats.evaluation.postprocess import read_postprocessing, remove_small_components
-from fedbrats.federated.protocol import (
-    EXPORTED_METADATA_FILE,
-    EXPORTED_MODEL_FILE,
-    EXPORTED_PREPROCESSING_KEY,
-    MODEL_SPEC_FILE,
-    MODEL_SPEC_KEY,
-    RUN_CHECKPOINTS,
-    SERVER_APP_DIR,
-    ModelFolder,
-    RunFolder,
-)
-from fedbrats.logging_setup import add_log_level_argument, configure_logging
 from fedbrats.networks import build_from_spec
 from fedbrats.precision import PRECISIONS
+from fedbrats.runs import (
+    EXPORTED_PREPROCESSING_KEY,
+    ModelFolder,
+    RunFolder,
+    find_model_spec,
+    load_state_dict,
+    read_json,
+    read_model_metadata,
+    resolve_checkpoint,
+    spec_from_json,
+    verify_exported_model,
+)
+from fedbrats.scoring import metrics
+from fedbrats.scoring.inference import predict_logits
+from fedbrats.scoring.metrics import logits_to_regions, region_dice, region_hd95
+from fedbrats.scoring.postprocess import read_postprocessing, remove_small_components
 
 logger = logging.getLogger(__name__)
 
@@ -54,180 +53,6 @@ FULL_COMBINATION = combination_name(MODALITIES)
 
 
 # ---- models -----------------------------------------------------------------------------------------------
-def resolve_checkpoint(path: str) -> str:
-    """The weights file behind a checkpoint path, an exported model folder or a federated run folder.
-
-    A folder resolves to ``models/model.pt`` (exported bundle; ``model.pt`` of an earlier export), else
-    ``app_server/best_FL_global_model.pt`` falling back to ``app_server/FL_global_model.pt`` (run folder), else the
-    same files directly inside it; a simulator workspace holding exactly one run (``.../app_server/...`` up to three
-    levels down) works too.
-
-    Raises:
-        ValueError: the path does not exist, or a folder holds no (or more than one) candidate checkpoint.
-    """
-    if os.path.isfile(path):
-        return path
-    if not os.path.isdir(path):
-        raise ValueError(f"model {path!r} does not exist (expected a checkpoint, a run folder or an exported model)")
-    candidates = [ModelFolder(path).model, ModelFolder(path).flat_files[0]]
-    candidates += list(RunFolder(path).checkpoints)
-    candidates += [os.path.join(path, name) for name in RUN_CHECKPOINTS]
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            return candidate
-    # A simulator workspace nests the run folder (e.g. <workspace>/server/simulate_job/app_server).
-    for name in RUN_CHECKPOINTS:
-        found = sorted(
-            {p for depth in range(1, 4) for p in glob.glob(os.path.join(path, *["*"] * depth, SERVER_APP_DIR, name))}
-        )
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            raise ValueError(f"folder {path!r} holds several runs {found}; pass one run folder or checkpoint")
-    raise ValueError(
-        f"folder {path!r} holds no model: expected models/{EXPORTED_MODEL_FILE} (exported model) or "
-        f"{SERVER_APP_DIR}/{RUN_CHECKPOINTS[0]} / {SERVER_APP_DIR}/{RUN_CHECKPOINTS[1]} (federated run)"
-    )
-
-
-def read_json(path: str, what: str) -> Any:
-    """Parsed JSON file; ``what`` names the file's role in the error message.
-
-    Raises:
-        ValueError: the file cannot be read or is not valid JSON.
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as exc:
-        raise ValueError(f"{what} {path!r} cannot be read: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{what} {path!r} is not valid JSON: {exc}") from exc
-
-
-def spec_from_json(path: str) -> dict[str, Any]:
-    """The network spec in ``model_spec.json`` or in an exported model's ``metadata.json``.
-
-    Raises:
-        ValueError: the file is unreadable or holds no spec.
-    """
-    content = read_json(path, "model spec")
-    # An exported model's metadata.json holds the spec under "model_spec"; model_spec.json is the spec itself.
-    spec = content.get(MODEL_SPEC_KEY, content) if isinstance(content, dict) else None
-    if not isinstance(spec, dict) or "path" not in spec:
-        raise ValueError(f"{path!r} holds no model spec (a JSON object with 'path' and 'args')")
-    return spec
-
-
-def find_model_spec(checkpoint: str) -> str:
-    """Path of the ``model_spec.json`` (or exported ``metadata.json``) that describes ``checkpoint``.
-
-    An exported ``model.pt`` is described by its bundle's ``configs/metadata.json``; otherwise the spec is looked
-    for in the checkpoint's folder and up to two parent folders: a run folder has the spec at its top and the
-    checkpoints in ``app_server/`` (or local models in ``site_models/``).
-
-    Raises:
-        ValueError: no spec file was found.
-    """
-    exported = ModelFolder.metadata_of(checkpoint)
-    if exported is not None:
-        return exported
-    folder = os.path.dirname(os.path.abspath(checkpoint))
-    searched = []
-    for _ in range(3):
-        searched.append(folder)
-        spec_path = RunFolder(folder).model_spec
-        if os.path.isfile(spec_path):
-            return spec_path
-        meta_path = os.path.join(folder, EXPORTED_METADATA_FILE)
-        if os.path.isfile(meta_path):
-            return meta_path
-        folder = os.path.dirname(folder)
-    raise ValueError(
-        f"no {MODEL_SPEC_FILE} or {EXPORTED_METADATA_FILE} found for checkpoint {checkpoint!r} (searched {searched}); "
-        "pass the network description with --spec / spec="
-    )
-
-
-def _load_failure(exc: BaseException) -> str:
-    """The reason of a failed ``torch.load(weights_only=True)``, without torch's advice to retry unsafely.
-
-    torch's message suggests re-running with ``weights_only=False``, which executes whatever the file holds:
-    advice that must never reach a user holding a file of unknown origin, so only the unpickler's reason is kept.
-    """
-    text = str(exc).replace("\x1b[1m", "").replace("\x1b[0m", "")
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        text = text.split(marker, 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reason = next((line for line in lines if "weights_only" not in line), type(exc).__name__)
-    return reason.split(" Please use", 1)[0].rstrip(".")
-
-
-def load_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
-    """Weights of a checkpoint saved as ``{"model": state_dict}`` or as a bare state dict.
-
-    Only ``torch.load(weights_only=True)`` is used, so a checkpoint cannot run code when it is opened.
-
-    Raises:
-        ValueError: the file is missing, cannot be loaded or holds no state dict.
-    """
-    if not os.path.isfile(checkpoint):
-        raise ValueError(f"checkpoint {checkpoint!r} does not exist")
-    try:
-        content = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError...) for bad files
-        raise ValueError(
-            f"checkpoint {checkpoint!r} is not a plain weights file and was refused ({_load_failure(exc)}); "
-            "opening it otherwise could run code stored in it. Use a checkpoint or exported model.pt saved by "
-            "fedbrats or NVFlare from a source you trust"
-        ) from None
-    state = content.get("model", content) if isinstance(content, Mapping) else None
-    if not isinstance(state, Mapping) or not state or not all(isinstance(k, str) for k in state):
-        raise ValueError(f"checkpoint {checkpoint!r} holds no state dict (expected {{'model': state_dict}} or one)")
-    try:
-        return {k: torch.as_tensor(v) for k, v in state.items()}
-    except (TypeError, RuntimeError, ValueError) as exc:
-        raise ValueError(f"checkpoint {checkpoint!r}: not every entry is a tensor ({exc})") from exc
-
-
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_exported_model(path: str) -> bool:
-    """Check an exported ``model.pt`` against the ``model_sha256`` its ``metadata.json`` recorded.
-
-    A replaced, truncated or zeroed ``model.pt`` would otherwise load (or fail late) and predict nonsense with
-    exit 0. Files outside an exported folder (checkpoints of a run) have no recorded checksum and are not checked.
-
-    Returns:
-        True when a checksum was recorded and matches, False when there is none to check.
-
-    Raises:
-        ValueError: the recorded checksum does not match (the file and the way out are named).
-    """
-    meta_path = ModelFolder.metadata_of(path)
-    metadata = read_model_metadata(path)
-    expected = metadata.get("model_sha256")
-    recorded_file = os.path.basename(str(metadata.get("model_file", EXPORTED_MODEL_FILE)))
-    if not expected or os.path.basename(path) != recorded_file:
-        return False
-    actual = file_sha256(path)
-    if actual != expected:
-        raise ValueError(
-            f"model file {path!r} does not match the model_sha256 recorded in {meta_path} (sha256 {actual[:12]}... "
-            f"instead of {str(expected)[:12]}...): it was replaced or damaged after export. Export the model "
-            "again, or pass --skip-integrity-check only if you know where this file comes from"
-        )
-    return True
-
-
 def load_model(
     checkpoint: str, spec: dict[str, Any] | str | None = None, *, verify_integrity: bool = True
 ) -> torch.nn.Module:
@@ -278,20 +103,6 @@ def load_model(
     model.eval()
     logger.info("loaded %s from %s", spec.get("path"), path)
     return model
-
-
-def read_model_metadata(model: str) -> dict[str, Any]:
-    """The ``metadata.json`` of an exported model (given as its folder or its ``model.pt``), else ``{}``."""
-    if os.path.isdir(model):
-        folder = ModelFolder(model)
-        candidates = [folder.metadata, folder.flat_files[1]]
-        path = next((c for c in candidates if os.path.isfile(c)), None)
-    else:
-        path = ModelFolder.metadata_of(model)
-    if path is None:
-        return {}
-    content = read_json(path, "model metadata")
-    return content if isinstance(content, dict) else {}
 
 
 def run_data_options(checkpoint: str) -> tuple[DataConfig, str] | None:
@@ -533,9 +344,9 @@ def evaluate_combinations(
         model_name: how the model is named in the results (default: its class name).
         precision: inference precision (``fp32``, the reference, ``bf16`` or ``auto``).
         min_component_voxels: post-processing chosen on validation data (0: none), see
-            :mod:`fedbrats.evaluation.postprocess`.
+            :mod:`fedbrats.scoring.postprocess`.
         lesion_wise: also score BraTS 2023's lesion-wise Dice and HD95 (see
-            :func:`~fedbrats.evaluation.metrics.lesion_wise`) with these parameters, or those of a BraTS challenge
+            :func:`~fedbrats.scoring.metrics.lesion_wise`) with these parameters, or those of a BraTS challenge
             by name (``"GLI"``, ``"MET"``...); ``None``: not.
 
     Returns:
@@ -718,12 +529,12 @@ def roi_option(values: Sequence[int] | None) -> tuple[int, ...] | None:
     return tuple(values)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``evaluate`` command-line parser."""
-    parser = argparse.ArgumentParser(
-        prog="fedbrats-evaluate",
-        description="Score a model on the test cases with each of the 15 combinations of MRI sequences.",
-    )
+#: What ``fedbrats evaluate`` does (its ``--help``).
+EVALUATE_DESCRIPTION = "Score a model on the test cases with each of the 15 combinations of MRI sequences."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``fedbrats evaluate`` options."""
     parser.add_argument("--model", required=True, help="checkpoint (.pt), federated run folder or exported model")
     parser.add_argument("--spec", default=None, help="model_spec.json (default: found next to the model)")
     parser.add_argument("--datalist", default=None, help="datalist with the test cases (default: --sites' test set)")
@@ -766,8 +577,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", default=None, help="where results.json/.md and heatmaps go (default: none)")
     parser.add_argument("--label", default=None, help="name of the model in the report (default: the model path)")
     parser.add_argument("--max-cases", type=int, default=0, help="use only the first N cases (0: all)")
-    add_log_level_argument(parser)
-    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fedbrats evaluate`` with parsed options (errors: :func:`fedbrats.commands.run_command`)."""
+    check_device(args.device)
+    model = load_model(args.model, args.spec, verify_integrity=not args.skip_integrity_check)
+    # The model's folder (exported metadata or run configuration) records the window and resampling it was
+    # trained with; the options override them.
+    roi, zoom = preprocessing_options(args.model, roi_option(args.roi_size), args.zoom, "evaluate")
+    data: dict[str, Any] = {"max_eval_size": args.max_eval_size, "roi_size": roi, "zoom": zoom}
+    datalist = args.datalist or default_test_datalist(args.sites)
+    label = args.label or os.path.basename(os.path.normpath(args.model))
+    results = evaluate_combinations(
+        model,
+        datalist,
+        key=args.key,
+        data=data,
+        overlap=args.overlap,
+        device=args.device,
+        max_cases=args.max_cases,
+        model_name=label,
+        precision=args.precision,
+        min_component_voxels=read_postprocessing(resolve_checkpoint(args.model), args.min_component_voxels),
+        lesion_wise=args.lesion_wise,
+    )
+    from fedbrats.evaluation.report import format_table, write_reports
+
+    logger.info("results of %s on %d case(s):\n%s", label, results["num_cases"], format_table(results))
+    if args.lesion_wise:
+        logger.info("lesion-wise (BraTS 2023, %s):\n%s", args.lesion_wise, format_table(results, "lesion_wise"))
+    if args.out_dir:
+        paths = write_reports(results, args.out_dir, label=label)
+        logger.info("wrote %s", ", ".join(paths.values()))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -776,42 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 on success, 1 when the model, the data or the options are wrong (the reason is logged).
     """
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        check_device(args.device)
-        model = load_model(args.model, args.spec, verify_integrity=not args.skip_integrity_check)
-        # The model's folder (exported metadata or run configuration) records the window and resampling it was
-        # trained with; the options override them.
-        roi, zoom = preprocessing_options(args.model, roi_option(args.roi_size), args.zoom, "evaluate")
-        data: dict[str, Any] = {"max_eval_size": args.max_eval_size, "roi_size": roi, "zoom": zoom}
-        datalist = args.datalist or default_test_datalist(args.sites)
-        label = args.label or os.path.basename(os.path.normpath(args.model))
-        results = evaluate_combinations(
-            model,
-            datalist,
-            key=args.key,
-            data=data,
-            overlap=args.overlap,
-            device=args.device,
-            max_cases=args.max_cases,
-            model_name=label,
-            precision=args.precision,
-            min_component_voxels=read_postprocessing(resolve_checkpoint(args.model), args.min_component_voxels),
-            lesion_wise=args.lesion_wise,
-        )
-        from fedbrats.evaluation.report import format_table, write_reports
-
-        logger.info("results of %s on %d case(s):\n%s", label, results["num_cases"], format_table(results))
-        if args.lesion_wise:
-            logger.info("lesion-wise (BraTS 2023, %s):\n%s", args.lesion_wise, format_table(results, "lesion_wise"))
-        if args.out_dir:
-            paths = write_reports(results, args.out_dir, label=label)
-            logger.info("wrote %s", ", ".join(paths.values()))
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return 1
-    return 0
+    return run_command("evaluate", add_arguments, run, argv, EVALUATE_DESCRIPTION)
 
 
 if __name__ == "__main__":

@@ -30,29 +30,25 @@ from typing import Any
 import torch
 
 import fedbrats
+from fedbrats.commands import run_command
 from fedbrats.constants import HD95_MISS_VALUE, MODALITIES
 from fedbrats.data.conventions import CONVENTIONS
 from fedbrats.data.loader import SPATIAL_DIVISOR, DataConfig
 from fedbrats.evaluation.bundle import check_config_targets, export_torchscript, inference_config, monai_metadata
-from fedbrats.evaluation.evaluate import (
-    file_sha256,
-    find_model_spec,
-    load_model,
-    load_state_dict,
-    read_json,
-    recorded_preprocessing,
-    resolve_checkpoint,
-    roi_option,
-    spec_from_json,
-)
-from fedbrats.evaluation.postprocess import read_postprocessing
-from fedbrats.federated.protocol import (
+from fedbrats.evaluation.evaluate import load_model, recorded_preprocessing, roi_option
+from fedbrats.federated.protocol import MODEL_SPEC_KEY
+from fedbrats.runs import (
     EXPORTED_POSTPROCESSING_KEY,
     EXPORTED_PREPROCESSING_KEY,
-    MODEL_SPEC_KEY,
     ModelFolder,
+    file_sha256,
+    find_model_spec,
+    load_state_dict,
+    read_json,
+    resolve_checkpoint,
+    spec_from_json,
 )
-from fedbrats.logging_setup import add_log_level_argument, configure_logging
+from fedbrats.scoring.postprocess import read_postprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -371,13 +367,15 @@ def _eval_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
     return out or {k: v for k, v in summary.items() if isinstance(v, (int, float))}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``export`` command-line parser."""
-    parser = argparse.ArgumentParser(
-        prog="fedbrats-export",
-        description="Package a trained model as a MONAI bundle (configs/metadata.json, configs/inference.json, "
-        "models/model.pt, models/model.ts).",
-    )
+#: What ``fedbrats export`` does (its ``--help``).
+EXPORT_DESCRIPTION = (
+    "Package a trained model as a MONAI bundle (configs/metadata.json, configs/inference.json, "
+    "models/model.pt, models/model.ts)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``fedbrats export`` options."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run-dir", default=None, help="federated run folder (its best global model is exported)")
     source.add_argument("--checkpoint", default=None, help="a checkpoint file (.pt)")
@@ -405,8 +403,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--site", action="append", default=None, help="a site that trained the model (repeatable)")
     parser.add_argument("--no-torchscript", action="store_true", help="do not write models/model.ts")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already exported in --out-dir")
-    add_log_level_argument(parser)
-    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fedbrats export`` with parsed options (errors: :func:`fedbrats.commands.run_command`)."""
+    if args.site and not args.sites:
+        raise ValueError("--site needs --sites (the sites.json that lists the sites)")
+    training = training_data_from_sites(args.sites, args.site) if args.sites else None
+    metrics = read_json(args.results, "results file") if args.results else None
+    out = export_model(
+        args.run_dir or args.checkpoint,
+        args.out_dir,
+        spec=args.spec,
+        name=args.name,
+        description=args.description,
+        training_data=training,
+        roi_size=roi_option(args.roi_size),
+        zoom=args.zoom,
+        metrics=metrics,
+        overwrite=args.overwrite,
+        authors=args.authors,
+        copyright_=args.copyright,
+        torchscript=not args.no_torchscript,
+    )
+    logger.info("exported model in %s", out)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,33 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 on success, 1 when the model or the options are wrong (the reason is logged).
     """
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        if args.site and not args.sites:
-            raise ValueError("--site needs --sites (the sites.json that lists the sites)")
-        training = training_data_from_sites(args.sites, args.site) if args.sites else None
-        metrics = read_json(args.results, "results file") if args.results else None
-        out = export_model(
-            args.run_dir or args.checkpoint,
-            args.out_dir,
-            spec=args.spec,
-            name=args.name,
-            description=args.description,
-            training_data=training,
-            roi_size=roi_option(args.roi_size),
-            zoom=args.zoom,
-            metrics=metrics,
-            overwrite=args.overwrite,
-            authors=args.authors,
-            copyright_=args.copyright,
-            torchscript=not args.no_torchscript,
-        )
-        logger.info("exported model in %s", out)
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return 1
-    return 0
+    return run_command("export", add_arguments, run, argv, EXPORT_DESCRIPTION)
 
 
 if __name__ == "__main__":

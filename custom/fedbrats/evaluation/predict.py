@@ -28,21 +28,16 @@ from monai.config import KeysCollection
 from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, MapTransform
 from monai.utils import convert_to_dst_type
 
+from fedbrats.commands import run_command
 from fedbrats.constants import MODALITIES
 from fedbrats.data.conventions import CONVENTIONS, get_convention
 from fedbrats.data.loader import DataConfig, inference_steps
 from fedbrats.data.transforms import MASK_KEY, Ref, TransformStep
-from fedbrats.evaluation.evaluate import (
-    check_device,
-    load_model,
-    preprocessing_options,
-    resolve_checkpoint,
-    roi_option,
-)
-from fedbrats.evaluation.inference import MaskedSlidingWindowInferer
-from fedbrats.evaluation.postprocess import RemoveSmallComponentsd, read_postprocessing
-from fedbrats.logging_setup import add_log_level_argument, configure_logging
+from fedbrats.evaluation.evaluate import check_device, load_model, preprocessing_options, roi_option
 from fedbrats.precision import PRECISIONS
+from fedbrats.runs import resolve_checkpoint
+from fedbrats.scoring.inference import MaskedSlidingWindowInferer
+from fedbrats.scoring.postprocess import RemoveSmallComponentsd, read_postprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +204,7 @@ def postprocessing_steps(
 
     Args:
         convention: the label values (a :class:`Ref` lets a bundle user choose at run time).
-        min_component_voxels: the minimum component size (see :mod:`fedbrats.evaluation.postprocess`).
+        min_component_voxels: the minimum component size (see :mod:`fedbrats.scoring.postprocess`).
         threshold: sigmoid threshold of each region.
     """
     return [
@@ -263,7 +258,7 @@ def predict_case(
         sw_batch_size: windows per forward pass.
         precision: ``auto`` (bfloat16 where the hardware runs it natively), ``fp32`` or ``bf16``.
         min_component_voxels: remove connected components of each region smaller than this (voxels at the
-            model's resolution; the size chosen on validation, see :mod:`fedbrats.evaluation.postprocess`).
+            model's resolution; the size chosen on validation, see :mod:`fedbrats.scoring.postprocess`).
 
     Returns:
         ``(label_map, affine, header)``: a uint8 label map with the shape of the input volumes, their affine and
@@ -335,12 +330,12 @@ def write_segmentation(label_map: np.ndarray, affine: np.ndarray, header: Any, o
     return out_path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``predict`` command-line parser."""
-    parser = argparse.ArgumentParser(
-        prog="fedbrats-predict",
-        description="Segment a brain tumour from any non-empty subset of T1, T1ce, T2 and FLAIR.",
-    )
+#: What ``fedbrats predict`` does (its ``--help``).
+PREDICT_DESCRIPTION = "Segment a brain tumour from any non-empty subset of T1, T1ce, T2 and FLAIR."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``fedbrats predict`` options."""
     parser.add_argument("--model", required=True, help="exported model folder, federated run folder or checkpoint")
     parser.add_argument("--spec", default=None, help="model_spec.json (default: found next to the model)")
     for modality in MODALITIES:
@@ -378,8 +373,45 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load an exported model.pt even if it does not match the model_sha256 of its metadata.json",
     )
-    add_log_level_argument(parser)
-    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fedbrats predict`` with parsed options (errors: :func:`fedbrats.commands.run_command`)."""
+    image_paths = {m: getattr(args, m) for m in MODALITIES if getattr(args, m)}
+    # Check the inputs and the output before the (slower) model loading, so a typo fails at once and nothing
+    # is overwritten by accident.
+    image_paths = check_image_paths(image_paths)
+    check_output_path(args.out, image_paths, overwrite=args.overwrite)
+    check_not_label_maps(image_paths)
+    check_device(args.device)
+    convention = args.convention
+    if convention is None:
+        inferred = infer_convention(image_paths)
+        convention = inferred or "brats2018"
+        source = "inferred from the input file names" if inferred else "the default; the names do not tell"
+        logger.info(
+            "label convention %s (ET=%d), %s; pass --convention to choose",
+            convention,
+            get_convention(convention).et_label,
+            source,
+        )
+    model = load_model(args.model, args.spec, verify_integrity=not args.skip_integrity_check)
+    # The window and resampling the model was trained with, from its folder; the options override them.
+    roi, zoom = preprocessing_options(args.model, roi_option(args.roi_size), args.zoom, "predict")
+    labels, affine, header = predict_case(
+        model,
+        image_paths,
+        roi_size=roi,
+        overlap=args.overlap,
+        device=args.device,
+        zoom=zoom,
+        convention=convention,
+        precision=args.precision,
+        min_component_voxels=read_postprocessing(resolve_checkpoint(args.model), args.min_component_voxels),
+    )
+    write_segmentation(labels, affine, header, args.out)
+    logger.info("wrote %s (labels %s)", args.out, sorted(int(v) for v in np.unique(labels)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,47 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 on success, 1 when the model, the images or the options are wrong (the reason is logged).
     """
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        image_paths = {m: getattr(args, m) for m in MODALITIES if getattr(args, m)}
-        # Check the inputs and the output before the (slower) model loading, so a typo fails at once and nothing
-        # is overwritten by accident.
-        image_paths = check_image_paths(image_paths)
-        check_output_path(args.out, image_paths, overwrite=args.overwrite)
-        check_not_label_maps(image_paths)
-        check_device(args.device)
-        convention = args.convention
-        if convention is None:
-            inferred = infer_convention(image_paths)
-            convention = inferred or "brats2018"
-            source = "inferred from the input file names" if inferred else "the default; the names do not tell"
-            logger.info(
-                "label convention %s (ET=%d), %s; pass --convention to choose",
-                convention,
-                get_convention(convention).et_label,
-                source,
-            )
-        model = load_model(args.model, args.spec, verify_integrity=not args.skip_integrity_check)
-        # The window and resampling the model was trained with, from its folder; the options override them.
-        roi, zoom = preprocessing_options(args.model, roi_option(args.roi_size), args.zoom, "predict")
-        labels, affine, header = predict_case(
-            model,
-            image_paths,
-            roi_size=roi,
-            overlap=args.overlap,
-            device=args.device,
-            zoom=zoom,
-            convention=convention,
-            precision=args.precision,
-            min_component_voxels=read_postprocessing(resolve_checkpoint(args.model), args.min_component_voxels),
-        )
-        write_segmentation(labels, affine, header, args.out)
-        logger.info("wrote %s (labels %s)", args.out, sorted(int(v) for v in np.unique(labels)))
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return 1
-    return 0
+    return run_command("predict", add_arguments, run, argv, PREDICT_DESCRIPTION)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,7 @@
-"""Knowledge-distillation losses of the ``fedkd`` method.
+"""Logit distillation shared by the distillation methods (FedKD, MST-KD, FedMIC).
 
-* :func:`logit_kd_loss`: per-voxel, per-region binary KL between tempered sigmoids (the outputs are
-  multi-label WT/TC/ET, so a softmax KL over channels would be wrong);
-* :func:`self_distillation_loss`: the same, from the full-input prediction (teacher, detached) to the
-  prediction with sequences dropped (student);
-* :func:`prototype_kd_loss`: local region embeddings towards the server's global region prototypes;
-* :func:`feature_kd_loss`: feature maps towards a teacher's, on L2-normalised channel vectors.
+:func:`logit_kd_loss`: per-voxel, per-region binary KL between tempered sigmoids (the outputs are multi-label
+WT/TC/ET, so a softmax KL over channels would be wrong). A method's own distillation terms live in its folder.
 """
 
 from __future__ import annotations
@@ -14,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedbrats.losses.drl import attached_zero
+from fedbrats.losses.common import attached_zero
 
 
 def logit_kd_loss(
@@ -68,101 +64,4 @@ def logit_kd_loss(
     return (kl * weights).sum() / total * temperature**2
 
 
-def self_distillation_loss(
-    full_logits: Tensor,
-    dropped_logits: Tensor,
-    temperature: float = 2.0,
-    mask: Tensor | None = None,
-) -> Tensor:
-    """Distil the prediction from all available sequences into the prediction with some sequences dropped.
-
-    The full-input prediction is the teacher and is detached here (only the dropped-input path learns).
-
-    Args:
-        full_logits: (B, K, ...) logits with every available sequence.
-        dropped_logits: logits of the same inputs with some sequences masked out.
-        temperature: ``T`` of :func:`logit_kd_loss`.
-        mask: optional voxel weights, see :func:`logit_kd_loss`.
-
-    Returns:
-        Scalar loss.
-
-    Raises:
-        ValueError: as :func:`logit_kd_loss`.
-    """
-    return logit_kd_loss(dropped_logits, full_logits.detach(), temperature=temperature, mask=mask)
-
-
-def prototype_kd_loss(
-    local_protos: Tensor,
-    counts: Tensor,
-    global_protos: Tensor,
-    global_valid: Tensor | None = None,
-    eps: float = 1e-6,
-) -> Tensor:
-    """Pull each present local region embedding towards the global prototype of its region.
-
-    Loss = mean over pairs ``(b, r)`` with ``counts[b, r] > eps`` and ``global_valid[r]`` of
-    ``1 - cos(local_protos[b, r], global_protos[r])``.
-
-    Args:
-        local_protos: (B, R, C) region embeddings (from ``region_prototypes``).
-        counts: (B, R) region sizes; ``<= eps`` marks an absent region.
-        global_protos: (R, C) global prototypes (constants from the server).
-        global_valid: (R,) bool, which global prototypes exist; all when ``None``.
-        eps: presence threshold and normalisation guard.
-
-    Returns:
-        Scalar loss in [0, 2]; 0 (attached to the graph) when no pair qualifies.
-
-    Raises:
-        ValueError: on inconsistent shapes.
-    """
-    if local_protos.ndim != 3 or tuple(counts.shape) != tuple(local_protos.shape[:2]):
-        raise ValueError(
-            f"local_protos must be (B, R, C) and counts (B, R), got {tuple(local_protos.shape)} and "
-            f"{tuple(counts.shape)}"
-        )
-    n_reg, channels = local_protos.shape[1:]
-    if tuple(global_protos.shape) != (n_reg, channels):
-        raise ValueError(f"global_protos must have shape ({n_reg}, {channels}), got {tuple(global_protos.shape)}")
-    if global_valid is None:
-        gvalid = torch.ones(n_reg, dtype=torch.bool, device=local_protos.device)
-    else:
-        if tuple(global_valid.shape) != (n_reg,):
-            raise ValueError(f"global_valid must have shape ({n_reg},), got {tuple(global_valid.shape)}")
-        gvalid = global_valid.to(local_protos.device).bool()
-    use = (counts > eps) & gvalid.unsqueeze(0)  # (B, R)
-    if not bool(use.any()):
-        return attached_zero(local_protos)
-    target = global_protos.to(local_protos).unsqueeze(0).expand_as(local_protos)
-    cos = F.cosine_similarity(local_protos[use], target[use], dim=1, eps=eps)
-    return (1.0 - cos).mean()
-
-
-def feature_kd_loss(student_feat: Tensor, teacher_feat: Tensor, eps: float = 1e-6) -> Tensor:
-    """Distance between feature maps on L2-normalised channel vectors.
-
-    Both maps are L2-normalised along channels (dim 1) at every position; the loss is the squared Euclidean
-    distance between the normalised vectors, ``2 - 2 cos``, averaged over the batch and positions (so in
-    [0, 4]; orthogonal vectors give 2). The teacher is used as given: detach it if it should not be trained.
-
-    Args:
-        student_feat: (B, C, ...) features.
-        teacher_feat: features of the same shape.
-        eps: normalisation guard.
-
-    Returns:
-        Scalar loss.
-
-    Raises:
-        ValueError: on mismatched shapes or fewer than 2 dims.
-    """
-    if student_feat.ndim < 2 or student_feat.shape != teacher_feat.shape:
-        raise ValueError(
-            f"student_feat and teacher_feat must share one (B, C, ...) shape, got {tuple(student_feat.shape)} and "
-            f"{tuple(teacher_feat.shape)}"
-        )
-    s = F.normalize(student_feat, dim=1, eps=eps)
-    t = F.normalize(teacher_feat, dim=1, eps=eps)
-    return ((s - t) ** 2).sum(dim=1).mean()
+__all__ = ["logit_kd_loss"]

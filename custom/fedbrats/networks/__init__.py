@@ -1,4 +1,8 @@
-"""Segmentation networks. :func:`build_network` builds one from a config name, as jobs and CLIs do."""
+"""Segmentation networks shared by the methods, and the registry every network is built from.
+
+:func:`build_network` builds one from a config name, as jobs and CLIs do. A method's own network lives in its folder
+and is registered when :mod:`fedbrats.federated.methods` is imported (which every builder of a job's model does).
+"""
 
 from __future__ import annotations
 
@@ -14,12 +18,8 @@ from fedbrats.registry import Registry
 NETWORKS: Registry[torch.nn.Module] = Registry(
     "network",
     torch.nn.Module,
-    {
-        "segresnet": "fedbrats.networks.segresnet.BraTSSegResNet",
-        "modality_aware": "fedbrats.networks.modality_aware.ModalityAwareSegNet",
-        "mstkd": "fedbrats.networks.mstkd.MSTKDNet",
-    },
-    more_from="fedbrats.federated.methods",  # a method module may declare its own network
+    # The shared network; each method's own network is registered from its folder by fedbrats.federated.methods.
+    {"segresnet": "fedbrats.networks.segresnet.BraTSSegResNet"},
 )
 
 

@@ -21,6 +21,7 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.client.tracking import SummaryWriter
 from nvflare.fuel.utils.memory_utils import try_malloc_trim
 
+import fedbrats.federated.methods  # noqa: F401 - registers the methods' own networks and strategies
 from fedbrats.constants import REGIONS
 from fedbrats.data.site_config import resolve_site_config
 from fedbrats.federated.client.executor import decode_config
@@ -33,7 +34,6 @@ from fedbrats.federated.protocol import (
     MODEL_SPEC_KEY,
     NUM_STEPS_KEY,
     NVFLARE_NUM_STEPS_KEY,
-    SITE_EVENTS_FILE,
     SITE_NAME_KEY,
     TRAIN_LOSS_KEY,
     site_error_meta,
@@ -42,6 +42,7 @@ from fedbrats.federated.protocol import (
 )
 from fedbrats.federated.tracking import site_scalars
 from fedbrats.networks import build_from_spec
+from fedbrats.runs import SITE_EVENTS_FILE
 
 logger = logging.getLogger("fedbrats.client")
 

@@ -15,13 +15,13 @@ import torch
 
 from fedbrats.data.loader import DataConfig, make_loaders, voxel_spacing
 from fedbrats.data.site_config import SiteConfig
-from fedbrats.evaluation.inference import predict_logits
-from fedbrats.evaluation.metrics import logits_to_regions, region_dice, region_hd95, summarize
-from fedbrats.evaluation.postprocess import CANDIDATE_METRIC, DEFAULT_CANDIDATES, remove_small_components
 from fedbrats.federated.methods import ClientMethod, build_method
 from fedbrats.federated.protocol import LOSS_TERMS_KEY, LR_KEY, METRIC_PREFIX, NUM_STEPS_KEY, TRAIN_LOSS_KEY
 from fedbrats.losses.unsupervised import information_maximisation_terms
 from fedbrats.precision import autocast, resolve_precision
+from fedbrats.scoring.inference import predict_logits
+from fedbrats.scoring.metrics import logits_to_regions, region_dice, region_hd95, summarize
+from fedbrats.scoring.postprocess import CANDIDATE_METRIC, DEFAULT_CANDIDATES, remove_small_components
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class TrainConfig:
             volumes.
         postprocess_candidates: minimum connected-component sizes (voxels at the training resolution) each site
             scores in the final validation; the server keeps the best (see
-            :mod:`fedbrats.evaluation.postprocess`). ``[]`` turns the choice off.
+            :mod:`fedbrats.scoring.postprocess`). ``[]`` turns the choice off.
         precision: ``auto`` (bfloat16 autocast where the hardware runs it natively, else float32), ``fp32`` or
             ``bf16``; weights and optimiser state stay float32 (see :mod:`fedbrats.precision`).
         num_threads: torch CPU threads of this site (1 per simulated site keeps a small machine usable).
@@ -62,10 +62,13 @@ class TrainConfig:
             ``"labelled": false`` is unlabelled whatever this lists.
     """
 
+    # The training recipe's values (docs/results.md, "Training recipe", has the runs behind each choice): Dice + BCE
+    # (the methods' default loss), a poly learning rate over the whole run from 3e-3, 10 local epochs a round,
+    # bfloat16 where the CPU/GPU runs it natively. Every job lists them from here (fedbrats.jobgen).
     method: str = "fedavg"
     method_args: dict[str, Any] = field(default_factory=dict)
-    epochs_per_round: int = 1
-    lr: float = 1e-3
+    epochs_per_round: int = 10
+    lr: float = 3e-3
     lr_schedule: str = "poly"
     weight_decay: float = 1e-5
     max_steps_per_epoch: int = 0
@@ -285,7 +288,7 @@ class SiteTrainer:
             model: the network to score (default: the site's).
             postprocess_candidates: minimum connected-component sizes (voxels) to score as well: each adds
                 ``val_mean_dice_min<N>``, the mean Dice after removing smaller components
-                (:mod:`fedbrats.evaluation.postprocess`).
+                (:mod:`fedbrats.scoring.postprocess`).
         """
         model = model or self.model
         model.eval()

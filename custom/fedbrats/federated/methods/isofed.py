@@ -35,7 +35,7 @@ from fedbrats.federated.methods.base import Job, Method, check_non_negative
 from fedbrats.federated.methods.supervised import SupervisedMethod, segmentation_logits
 from fedbrats.federated.protocol import HANDOFF_PARAMS_KEY, LABELLED_KEY
 from fedbrats.federated.server.aggregation import SiteUpdate, WeightedAverage
-from fedbrats.losses.mstkd import consistency_rampup_weight, output_consistency_loss
+from fedbrats.losses.consistency import consistency_rampup_weight, output_consistency_loss
 from fedbrats.losses.unsupervised import information_maximisation_loss
 
 logger = logging.getLogger(__name__)

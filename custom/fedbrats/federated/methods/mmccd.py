@@ -41,10 +41,10 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from scipy import ndimage
 
 from fedbrats.constants import MODALITIES
-from fedbrats.evaluation.detection import auprc, auroc
 from fedbrats.federated.methods.base import ClientMethod, Job, Method
 from fedbrats.federated.protocol import METRIC_PREFIX
 from fedbrats.precision import autocast, resolve_precision
+from fedbrats.scoring.detection import auprc, auroc
 
 logger = logging.getLogger(__name__)
 

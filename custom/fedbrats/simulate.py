@@ -21,14 +21,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import fedbrats.federated.methods  # noqa: F401 - registers the methods' own networks and strategies
 from fedbrats.data.federation import POOLED_SITE
 from fedbrats.data.site_config import SITE_CONFIG_ENV, federation_sites_file
 from fedbrats.federated.events import JOB_STOP, RESULT_RECEIVED, read_events
 from fedbrats.federated.memory import with_allocator_defaults
-from fedbrats.federated.protocol import RunFolder
-from fedbrats.federated.tracking import DEFAULT_TRACKING
-from fedbrats.jobgen import DEFAULT_ROUNDS, JOBS
+from fedbrats.jobgen import JOBS, JobOptions
 from fedbrats.recipe import write_job
+from fedbrats.runs import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -229,78 +229,48 @@ def site_names(sites_file: str, job: str) -> list[str]:
 
 
 def simulate(
-    job: str,
+    options: JobOptions | str,
     workspace: str,
     *,
     sites_file: str | None = None,
-    num_rounds: int | None = None,
-    overrides: dict[str, Any] | None = None,
-    aggregation_args: dict[str, Any] | None = None,
-    min_clients: int | None = None,
-    controller_args: dict[str, Any] | None = None,
-    privacy: dict[str, Any] | None = None,
     clients: list[str] | None = None,
     threads: int | None = None,
     log_file: str | None = None,
-    seed: int = 0,
-    network_args: dict[str, Any] | None = None,
-    compression: dict[str, Any] | bool | None = None,
-    tracking: str = DEFAULT_TRACKING,
-    tracking_uri: str = "",
+    **changes: Any,
 ) -> SimulationResult:
-    """Generate ``job`` with ``overrides`` into ``workspace/job`` and run it in the simulator.
+    """Export a job into ``workspace/jobs`` and run it in NVFlare's simulator, with the checks NVFlare lacks.
+
+    This is the one way a job runs in the simulator here: ``fedbrats simulate``, ``python -m fedbrats.job JOB --env
+    sim``, the experiment drivers and the benchmarks all call it. It names the option at fault before the simulator
+    starts (:func:`check_job_options`), stops a run whose lost site the job waits for, and fails a run that
+    aggregated no site update.
 
     Args:
-        job: a job name of :data:`fedbrats.jobgen.JOBS`.
+        options: the run's :class:`~fedbrats.jobgen.JobOptions`, or a job's name (its defaults).
         workspace: folder for the generated job and the simulator workspace (``workspace/sim``).
         sites_file: the federation's ``sites.json`` (default: ``FEDBRATS_SITE_CONFIG``, else the embedded synthetic
             federation; see :func:`fedbrats.data.site_config.federation_sites_file`).
-        num_rounds: rounds (default: the job's).
-        overrides: training-option overrides (nested dict, merged into the job's).
-        aggregation_args: arguments of the job's aggregation strategy (merged into the job's).
-        min_clients: usable updates a round needs (default: the job's).
-        controller_args: further controller arguments, e.g. ``{"resume_from": previous_run_dir}``.
-        privacy: site-side privacy filters, see :func:`fedbrats.jobgen.job_spec`.
-        clients: client names (default: from ``sites_file``).
+        clients: client names (default: from ``sites_file``: the pooled site for the centralized job).
         threads: clients run in parallel (default: all).
         log_file: where the simulator's output goes (default ``workspace/simulator.log``).
-        seed: the run's seed (initial model, data order, augmentation), see :func:`fedbrats.jobgen.job_spec`.
-        network_args: override arguments of the job's network (e.g. ``{"init_filters": 16}``).
-        compression: SVD-compressed updates on (True or energies) or off (False); None keeps the job's default
-            (see :func:`fedbrats.jobgen.job_spec`).
-        tracking: where the curves go, ``tensorboard`` (``tb_events/`` in the run folder) or ``mlflow``
-            (see :mod:`fedbrats.federated.tracking`).
-        tracking_uri: the MLflow store (default: ``mlflow.db`` in the server's job result folder).
+        changes: fields of :class:`~fedbrats.jobgen.JobOptions` to change (``num_rounds``, ``training``, ``seed``, ...).
 
     Raises:
         SimulatedSiteLostError: the simulator lost a site's process while the job needs every site (it would
             otherwise wait for that site forever).
         RuntimeError: the simulator failed, or no round aggregated a single site update.
+        ValueError: a bad option (named).
     """
-    if job not in JOBS:
-        raise ValueError(f"job must be one of {sorted(JOBS)}, got {job!r}")
+    changes = {k: v for k, v in changes.items() if v is not None}
+    options = JobOptions(options, **changes) if isinstance(options, str) else options.replace(**changes)
+    job = options.job
     sites_file = federation_sites_file(sites_file, f"simulate {job}")
-    if controller_args and controller_args.get("resume_from"):
-        controller_args = dict(
-            controller_args, resume_from=keep_resume_source(controller_args["resume_from"], workspace)
-        )
+    if options.controller_args.get("resume_from"):
+        resume = keep_resume_source(options.controller_args["resume_from"], workspace)
+        options = options.replace(controller_args={**options.controller_args, "resume_from": resume})
     clients = clients or site_names(sites_file, job)
     os.makedirs(workspace, exist_ok=True)
-    job_dir = write_job(
-        job,
-        os.path.join(workspace, "jobs"),
-        num_rounds=num_rounds or DEFAULT_ROUNDS,
-        aggregation_args=aggregation_args,
-        min_clients=min_clients,
-        controller_args=controller_args,
-        privacy=privacy,
-        seed=seed,
-        network_args=network_args,
-        compression=compression,
-        tracking=tracking,
-        tracking_uri=tracking_uri,
-        **(overrides or {}),
-    )
+    job_dir = write_job(options, os.path.join(workspace, "jobs"))
     check_job_options(job_dir)
     sim_ws = simulator_workspace(workspace)
     log_file = log_file or os.path.join(workspace, "simulator.log")
@@ -309,7 +279,7 @@ def simulate(
     env = dict(os.environ, **{SITE_CONFIG_ENV: sites_file})
     with_allocator_defaults(env)
     logger.info("simulating %s with %s (log: %s)", job, ",".join(clients), log_file)
-    needed = min_clients if min_clients is not None else JOBS[job]["min_clients"]
+    needed = options.min_clients if options.min_clients is not None else JOBS[job]["min_clients"]
     started = time.monotonic()
     every_site_needed = needed == 0 or needed >= len(clients)
     returncode = _run_simulator(cmd, env, log_file, sim_ws, stop_on_lost_site=every_site_needed)

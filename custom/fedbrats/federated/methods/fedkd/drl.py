@@ -19,28 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedbrats.losses.common import attached_zero
+
 
 def _bool_mask(mask: Tensor, batch: int, n_mod: int, arg: str = "mask") -> Tensor:
     """Check a (B, M) modality mask and return it as bool."""
     if mask.ndim != 2 or tuple(mask.shape) != (batch, n_mod):
         raise ValueError(f"{arg} must have shape ({batch}, {n_mod}), got {tuple(mask.shape)}")
     return mask if mask.dtype == torch.bool else mask > 0.5
-
-
-def attached_zero(*tensors: Tensor) -> Tensor:
-    """A scalar 0 that is part of the graph of ``tensors``, so that ``backward()`` works on an empty loss.
-
-    Args:
-        tensors: at least one tensor; the result has their dtype/device and zero gradient towards them.
-
-    Returns:
-        Scalar tensor 0.
-    """
-    zero = tensors[0].new_zeros(())
-    for t in tensors:
-        # where(): a plain t.sum() * 0 would turn a NaN in an ignored entry into a NaN loss.
-        zero = zero + torch.where(torch.zeros_like(t, dtype=torch.bool), t, torch.zeros_like(t)).sum()
-    return zero
 
 
 def content_consistency_loss(content: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:

@@ -23,11 +23,11 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
 from scipy import ndimage
 
-from fedbrats.federated.protocol import (
+from fedbrats.federated.protocol import KEY_METRIC
+from fedbrats.runs import (
     BUNDLE_CONFIGS_DIR,
     EXPORTED_METADATA_FILE,
     EXPORTED_POSTPROCESSING_KEY,
-    KEY_METRIC,
     POSTPROCESSING_FILE,
     RunFolder,
 )

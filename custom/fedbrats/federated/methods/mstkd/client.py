@@ -31,20 +31,19 @@ import torch
 
 from fedbrats.constants import MODALITIES, modality_combinations, modality_mask
 from fedbrats.data.transforms import apply_modality_mask
-from fedbrats.federated.methods.base import ClientMethod, Job, Method, check_non_negative
-from fedbrats.losses.mstkd import (
+from fedbrats.federated.methods.base import ClientMethod, check_non_negative
+from fedbrats.federated.methods.mstkd.losses import (
     GAN_MODES,
     adversarial_loss,
     attention_kd_loss,
-    consistency_rampup_weight,
     discriminator_loss,
     gram_style_loss,
     hidden_state_kd_loss,
-    output_consistency_loss,
     standardized_logit_kd_loss,
 )
+from fedbrats.federated.methods.mstkd.network import StyleDiscriminator
+from fedbrats.losses.consistency import consistency_rampup_weight, output_consistency_loss
 from fedbrats.losses.segmentation import DiceBCELoss
-from fedbrats.networks.mstkd import StyleDiscriminator
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +75,8 @@ class MSTKDMethod(ClientMethod):
         teacher_dice_weight: the teacher's soft Dice on the full input (its own optimiser).
         hidden_kd_weight: MSE of transformer hidden states at the network's ``kd_layers`` (paper: 0.2).
         attn_kd_weight: extreme-value attention distillation (token-scaled, see
-            :func:`fedbrats.losses.mstkd.attention_kd_loss`; docs/mstkd.md derives 1.0 from the paper's 1e8).
+            :func:`fedbrats.federated.methods.mstkd.losses.attention_kd_loss`; docs/mstkd.md derives 1.0 from the
+            paper's 1e8).
         logit_kd_weight: logit-standardised binary KL.
         kd_temperature: its temperature ``T`` (paper: 7).
         consistency_weight: final weight of the output-consistency MSE (paper: 10).
@@ -282,25 +282,3 @@ class MSTKDMethod(ClientMethod):
 
 
 __all__ = ["SUBSET_MASKS", "MSTKDMethod", "random_subset_masks"]
-
-
-#: MST-KD: the MST-KDNet student/teacher network, its distillation losses, FedAvg of the student; its ablations.
-METHOD = Method(
-    clients={"mstkd": MSTKDMethod},
-    jobs=(
-        Job(
-            "mstkd",
-            "MST-KDNet distillation: a site-local full-sequence teacher distils into the federated "
-            "student (transformer, logit and style KD); FedAvg of the student only.",
-            aggregation="fedbrats.federated.server.aggregation.WeightedAverage",
-            network={"name": "mstkd", "args": {"init_filters": 8}},
-            training={"method": "mstkd"},
-        ),
-    ),
-    experiments={
-        "mstkd": ("mstkd", {}, {}),
-        "mstkd_no_transformer_kd": ("mstkd", {"method_args": {"hidden_kd_weight": 0.0, "attn_kd_weight": 0.0}}, {}),
-        "mstkd_no_logit_kd": ("mstkd", {"method_args": {"logit_kd_weight": 0.0, "consistency_weight": 0.0}}, {}),
-        "mstkd_no_style": ("mstkd", {"method_args": {"gram_weight": 0.0, "adv_weight": 0.0}}, {}),
-    },
-)

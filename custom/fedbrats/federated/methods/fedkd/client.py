@@ -23,18 +23,14 @@ import numpy as np
 import torch
 
 from fedbrats.data.transforms import apply_modality_mask
-from fedbrats.federated.methods.base import ClientMethod, Job, Method, check_non_negative
+from fedbrats.federated.methods.base import ClientMethod, check_non_negative
+from fedbrats.federated.methods.fedkd.distillation import prototype_kd_loss, self_distillation_loss
+from fedbrats.federated.methods.fedkd.drl import DRLLoss
+from fedbrats.federated.methods.fedkd.network import parameter_modality
+from fedbrats.federated.methods.fedkd.rcl import RegionContrastiveLoss, region_prototypes
 from fedbrats.federated.protocol import GLOBAL_PROTOTYPE_VALID_KEY, GLOBAL_PROTOTYPES_KEY
-from fedbrats.losses import (
-    DRLLoss,
-    RegionContrastiveLoss,
-    logit_kd_loss,
-    prototype_kd_loss,
-    region_prototypes,
-    self_distillation_loss,
-)
+from fedbrats.losses.distillation import logit_kd_loss
 from fedbrats.losses.segmentation import DiceBCELoss
-from fedbrats.networks.modality_aware import parameter_modality
 
 
 class FedKDMethod(ClientMethod):
@@ -224,49 +220,3 @@ def _random_subset_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["FedKDMethod"]
-
-
-#: FedKD: the modality-aware network, its client losses and the modality-aware aggregation; and its ablations.
-METHOD = Method(
-    clients={"fedkd": FedKDMethod},
-    jobs=(
-        Job(
-            "fedkd",
-            "FedKD: modality-aware network with DRL and RCL, distillation from the global model and "
-            "global region prototypes, modality-aware aggregation.",
-            aggregation="fedbrats.federated.server.aggregation.ModalityAwareAggregation",
-            network={"name": "modality_aware", "args": {"init_filters": 8}},
-            training={"method": "fedkd"},
-        ),
-    ),
-    experiments={
-        "fedkd": ("fedkd", {}, {}),
-        "fedkd_no_drl": ("fedkd", {"method_args": {"drl_weight": 0.0}}, {}),
-        "fedkd_no_rcl": ("fedkd", {"method_args": {"rcl_weight": 0.0}}, {}),
-        "fedkd_no_kd": (
-            "fedkd",
-            {"method_args": {"kd_weight": 0.0, "proto_kd_weight": 0.0, "self_distill_weight": 0.0}},
-            {},
-        ),
-        # The modality-aware network and aggregation with the supervised loss alone: what FedKD's losses add.
-        "fedkd_net_only": (
-            "fedkd",
-            {
-                "method_args": {
-                    "drl_weight": 0.0,
-                    "rcl_weight": 0.0,
-                    "kd_weight": 0.0,
-                    "proto_kd_weight": 0.0,
-                    "self_distill_weight": 0.0,
-                }
-            },
-            {},
-        ),
-        # Plain FedAvg needs every weight from every site, so sites send the encoders of absent sequences too.
-        "fedkd_no_modality_aware_agg": (
-            "fedkd",
-            {"method_args": {"partial_updates": False}},
-            {"modality_aware": False},
-        ),
-    },
-)

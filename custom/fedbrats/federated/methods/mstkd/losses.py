@@ -6,10 +6,11 @@ Three families, each between a teacher that sees all four sequences and a studen
   (attention maps weighted by their element-wise max, min and mean over layers, the paper's "extreme value"
   distillation);
 * dual-mode logit distillation: :func:`standardized_logit_kd_loss` (binary KL at temperature ``T`` on z-scored
-  logits) and :func:`output_consistency_loss` (MSE of probabilities), whose weight
-  :func:`consistency_rampup_weight` ramps up over the first epochs;
+  logits) and the mean-teacher output consistency (:mod:`fedbrats.losses.consistency`), whose weight ramps up
+  over the first epochs;
 * global style matching: :func:`gram_style_loss` (Gram matrices of shallow feature maps) and an adversarial
-  game with :class:`fedbrats.networks.mstkd.StyleDiscriminator` (:func:`discriminator_loss`, :func:`adversarial_loss`).
+  game with :class:`fedbrats.federated.methods.mstkd.network.StyleDiscriminator` (:func:`discriminator_loss`,
+  :func:`adversarial_loss`).
 
 Every distillation loss detaches the teacher itself: in this project the teacher learns only from its own
 Dice loss, never from the student. Exact formulas, and which parts are our interpretation, are in
@@ -18,7 +19,6 @@ docs/mstkd.md.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -159,45 +159,6 @@ def standardized_logit_kd_loss(student_logits: Tensor, teacher_logits: Tensor, t
     return logit_kd_loss(zscore_logits(student_logits), zscore_logits(teacher_logits.detach()), temperature)
 
 
-def output_consistency_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """MSE between the student's and the teacher's sigmoid probabilities, averaged over every element.
-
-    Args:
-        student_logits: (B, K, ...) logits.
-        teacher_logits: the teacher's, same shape (detached here).
-
-    Raises:
-        ValueError: mismatched shapes.
-    """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student_logits and teacher_logits must have the same shape, got {tuple(student_logits.shape)} "
-            f"and {tuple(teacher_logits.shape)}"
-        )
-    return F.mse_loss(torch.sigmoid(student_logits), torch.sigmoid(teacher_logits.detach()))
-
-
-def sigmoid_rampup(epoch: float, rampup_epochs: float) -> float:
-    """``exp(−5 (1 − t)²)`` with ``t = clip(epoch / rampup_epochs, 0, 1)``; 1 when ``rampup_epochs`` is 0.
-
-    The ramp of Laine and Aila (2017), used by the paper for its consistency weight.
-
-    Raises:
-        ValueError: negative ``rampup_epochs``.
-    """
-    if rampup_epochs < 0:
-        raise ValueError(f"rampup_epochs must be >= 0, got {rampup_epochs}")
-    if rampup_epochs == 0:
-        return 1.0
-    t = min(max(float(epoch), 0.0), float(rampup_epochs)) / float(rampup_epochs)
-    return math.exp(-5.0 * (1.0 - t) ** 2)
-
-
-def consistency_rampup_weight(epoch: float, consistency_weight: float = 10.0, rampup_epochs: float = 20.0) -> float:
-    """Weight of the output-consistency term at ``epoch``: ``consistency_weight * sigmoid_rampup(...)``."""
-    return consistency_weight * sigmoid_rampup(epoch, rampup_epochs)
-
-
 # ---- global style matching --------------------------------------------------------------------------------
 
 
@@ -300,13 +261,10 @@ __all__ = [
     "GAN_MODES",
     "adversarial_loss",
     "attention_kd_loss",
-    "consistency_rampup_weight",
     "discriminator_loss",
     "gram_matrix",
     "gram_style_loss",
     "hidden_state_kd_loss",
-    "output_consistency_loss",
-    "sigmoid_rampup",
     "standardized_logit_kd_loss",
     "zscore_logits",
 ]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedbrats.constants import REGIONS
-from fedbrats.losses.drl import attached_zero
+from fedbrats.losses.common import attached_zero
 
 #: Region order of every prototype tensor in this module: background first, then :data:`REGIONS`.
 RCL_REGIONS: tuple[str, ...] = ("background", *REGIONS)
