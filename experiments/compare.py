@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fedbrats.constants import modality_combinations
-from fedbrats.data.federation import POOLED_SITE
+from fedbrats.data.federation import CACHE_ENV, POOLED_SITE, default_cache_dir
 from fedbrats.data.prepare import FOLDS_MANIFEST, fold_dir_name
 from fedbrats.data.site_config import federation_sites_file
 from fedbrats.evaluation.evaluate import default_test_datalist, evaluate_combinations, load_model, mean_over_rows
@@ -117,6 +117,28 @@ def _average_results(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
         mean_over_combinations=mean_over_rows(list(combos.values())),
         full_modality=combos.get("t1+t1ce+t2+flair"),
     )
+    return out
+
+
+def portable_path(path: str, placeholders: dict[str, str]) -> str:
+    """``path`` as a report shows it: a folder of ``placeholders`` (this machine's) replaced by its name (``DATA``,
+    ``FOLDS``, ``$FEDBRATS_CACHE_DIR``), the home folder by ``~``; paths of this machine never enter a report."""
+    full = os.path.abspath(path)
+    for folder, name in sorted(placeholders.items(), key=lambda item: -len(item[0])):
+        folder = os.path.abspath(folder)
+        if full == folder or full.startswith(folder + os.sep):
+            return name + full[len(folder) :]
+    home = os.path.expanduser("~")
+    return "~" + full[len(home) :] if full.startswith(home + os.sep) else os.path.basename(full)
+
+
+def report_placeholders(folds: str | None, sites: str | None) -> dict[str, str]:
+    """The folders a report names by placeholder: the folds' (``FOLDS``), the sites file's (``DATA``), the cache's."""
+    out = {default_cache_dir(): f"${CACHE_ENV}"}
+    if folds:
+        out[folds] = "FOLDS"
+    if sites:
+        out[os.path.dirname(os.path.abspath(sites))] = "DATA"
     return out
 
 
@@ -598,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         eval_data["roi_size"] = list(a.eval_roi)
     os.makedirs(a.out_dir, exist_ok=True)
+    placeholders = report_placeholders(a.folds, a.sites)
     command = PROG + " " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     for name in [] if a.report_only else names:
         for fold in train_folds:
@@ -623,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 results["total_seconds"] = round(time.monotonic() - started, 1)
                 results["command"] = command
+                results["datalist"] = portable_path(results["datalist"], placeholders)
+                results["training"]["sites"] = portable_path(results["training"]["sites"], placeholders)
                 # Full results (per case) stay in the workspace; the report folder may get aggregates only.
                 write_reports(results, run_folder(a.workspace, name, seed, fold), label=label)
                 shown = _without_per_case(results) if a.aggregate_only else results
@@ -637,7 +662,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = _saved_runs(a.workspace, names, seeds, folds)
     _name_case_sites(runs, [default_test_datalist(f, "compare's test set") for f in sites_of_fold.values()])
     commands = sorted({r.get("command", "") for by_seed in runs.values() for r in by_seed.values()} - {""})
-    shown_sites = a.folds + f"/{FOLDS_MANIFEST}" if a.folds else sites_of_fold[None]
+    if a.report_only:
+        commands.append(f"{command} (this report, from the runs' saved results)")
+    shown_sites = portable_path(os.path.join(a.folds, FOLDS_MANIFEST) if a.folds else sites_of_fold[None], placeholders)
     path = write_comparison(
         a.out_dir, shown_sites, runs, commands, _site_modalities(next(iter(sites_of_fold.values())))
     )
