@@ -17,6 +17,7 @@ from deploy.kits import (
     Kits,
     allow_fedbrats_classes,
     make_demo_federation,
+    private_stores,
     stage_job,
     write_site_configs,
 )
@@ -168,6 +169,8 @@ class Deployment(abc.ABC):
             os.path.join(self.workspace, "data"), kits.clients, self.cases_per_site, self.size
         )
         write_site_configs(sites_json, kits.client_dirs)
+        stores = private_stores(kits.dir(kits.server))
+        logger.info("%s: job store %s, snapshots %s (mode 0700)", kits.server, stores["jobs"], stores["snapshots"])
         if not self.byoc:
             for participant in kits.services:
                 path = allow_fedbrats_classes(kits.dir(participant))

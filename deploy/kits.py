@@ -21,7 +21,7 @@ from typing import Any
 
 from deploy.processes import DeploymentError, deployment_env, nvflare_cli
 from deploy.project import client_names, load_project, project_admin, server_name
-from deploy.secrets import restrict_secrets
+from deploy.secrets import make_private_dir, restrict_secrets
 from fedbrats.data.site_config import LOCAL_CONFIG_NAME, load_site_config
 
 logger = logging.getLogger(f"fedbrats.{__name__}")
@@ -216,6 +216,44 @@ def allow_fedbrats_classes(kit_dir: str, prefixes: Sequence[str] = FEDBRATS_CLAS
         json.dump(resources, f, indent=2)
         f.write("\n")
     return target
+
+
+#: Where a server kit keeps submitted jobs and their results, and its snapshots, inside its own folder (NVFlare's
+#: default is /tmp/nvflare/jobs-storage and /tmp/nvflare/snapshot-storage: shared, pre-creatable by another user and
+#: wiped at reboot).
+JOB_STORE_DIR = "jobs-storage"
+SNAPSHOT_STORE_DIR = "snapshot-storage"
+
+
+def private_stores(kit_dir: str) -> dict[str, str]:
+    """Point a server kit's job store and snapshot store at folders inside the kit, readable by its user only.
+
+    Writes ``local/resources.json`` (from the kit's ``resources.json.default`` where there is none yet) and creates
+    both folders mode 0700. Returns the two paths. A kit moved to another machine keeps them relative to nothing:
+    run this again there, or edit ``uri_root`` and ``root_dir`` (docs/deployment.md).
+
+    Raises:
+        DeploymentError: the kit's resources name no job manager or snapshot persistor to point.
+    """
+    local = os.path.join(kit_dir, "local")
+    target = os.path.join(local, "resources.json")
+    source = target if os.path.isfile(target) else os.path.join(local, "resources.json.default")
+    with open(source, encoding="utf-8") as f:
+        resources = json.load(f)
+    stores = {
+        "jobs": make_private_dir(os.path.join(kit_dir, JOB_STORE_DIR)),
+        "snapshots": make_private_dir(os.path.join(kit_dir, SNAPSHOT_STORE_DIR)),
+    }
+    try:
+        resources["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"] = stores["snapshots"]
+        managers = [c for c in resources["components"] if c.get("id") == "job_manager"]
+        managers[0]["args"]["uri_root"] = stores["jobs"]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise DeploymentError(f"{source}: no job manager or snapshot persistor to point at the kit ({exc})") from None
+    with open(target, "w", encoding="utf-8") as f:
+        json.dump(resources, f, indent=2)
+        f.write("\n")
+    return stores
 
 
 def stage_job(job_dir: str, staging_root: str, *, num_rounds: int | None = None, byoc: bool = True) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -142,6 +143,25 @@ def report_placeholders(folds: str | None, sites: str | None) -> dict[str, str]:
     return out
 
 
+#: The poisoning site's code (a sitecustomize module the simulator's processes import when it is on their path).
+POISON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "poison")
+
+
+def enable_poisoning(workspace: str, site: str, scale: float) -> str:
+    """Make ``site`` poison its updates in every simulator started from now on; return the runs' workspace.
+
+    Raises:
+        ValueError: a scale of 1 (an honest update) or not finite.
+    """
+    if not math.isfinite(scale) or scale == 1.0:
+        raise ValueError(f"--poison-scale must be a finite factor other than 1, got {scale}")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (POISON_DIR, os.environ.get("PYTHONPATH", "")) if p)
+    os.environ["FEDBRATS_POISON_SITE"] = site
+    os.environ["FEDBRATS_POISON_SCALE"] = str(scale)
+    logger.warning("site %s sends poisoned updates (factor %g) in every run", site, scale)
+    return os.path.join(workspace, f"poisoned-{site}")
+
+
 def replicate_key(seed: int, fold: int | None = None) -> int | str:
     """How a run is named in the comparison: its seed, or ``fold<k>/seed<s>`` in a cross-validation."""
     return seed if fold is None else f"fold{fold}/seed{seed}"
@@ -269,6 +289,9 @@ def run_experiment(
         "aggregation_overrides": agg_overrides,
         "privacy": PRIVACY.get(name),
         "compression": compression_of(name),
+        "poison": {"site": os.environ["FEDBRATS_POISON_SITE"], "scale": float(os.environ["FEDBRATS_POISON_SCALE"])}
+        if os.environ.get("FEDBRATS_POISON_SITE")
+        else None,
         "simulator_seconds": round(result.seconds, 1) if result.seconds == result.seconds else None,
         "final_val_mean_dice": (result.history[-1].get("aggregated") or {}).get(KEY_METRIC),
     }
@@ -290,6 +313,9 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("fedkd_net_only", "fedavg"),
     ("mstkd", "fedavg"),
     ("fedavg", "local_only"),
+    ("fedavg_median", "fedavg"),
+    ("fedavg_trimmed_mean", "fedavg"),
+    ("fedavg_clipped", "fedavg"),
     ("fedkd", "local_only"),
     ("fedavg", "centralized"),
     ("fedkd", "centralized"),
@@ -562,6 +588,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--reuse", action="store_true", help="evaluate finished runs in the workspace again, no retraining")
     p.add_argument(
+        "--poison",
+        default=None,
+        metavar="SITE",
+        help="SITE sends a poisoned update every round (experiments/poison: its update reversed and boosted, every "
+        "other item honest); the runs go to WORKSPACE/poisoned-SITE",
+    )
+    p.add_argument("--poison-scale", type=float, default=-10.0, help="the poisoned update's factor (default -10)")
+    p.add_argument(
         "--report-only", action="store_true", help="only rewrite the comparison from the results in the workspace"
     )
     p.add_argument(
@@ -621,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
         eval_data["roi_size"] = list(a.eval_roi)
     os.makedirs(a.out_dir, exist_ok=True)
     placeholders = report_placeholders(a.folds, a.sites)
+    if a.poison:
+        a.workspace = enable_poisoning(a.workspace, a.poison, a.poison_scale)
     command = PROG + " " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     for name in [] if a.report_only else names:
         for fold in train_folds:

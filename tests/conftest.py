@@ -73,6 +73,25 @@ def make_dataset(tmp_path: Path) -> Callable[..., Path]:
     return _make
 
 
+@pytest.fixture(scope="session")
+def exported_segresnet(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An exported model folder (a MONAI bundle) of an untrained 8-filter SegResNet, 16³ window, 1 mm."""
+    import json
+
+    import torch
+
+    from fedbrats.evaluation.export import export_model
+    from fedbrats.networks import build_network, model_spec
+
+    root = tmp_path_factory.mktemp("exported_segresnet")
+    run = root / "run"
+    (run / "app_server").mkdir(parents=True)
+    net = build_network("segresnet", init_filters=8)
+    (run / "model_spec.json").write_text(json.dumps(model_spec(net)))
+    torch.save({"model": net.state_dict()}, run / "app_server" / "best_FL_global_model.pt")
+    return export_model(str(run), str(root / "exported"), roi_size=(16, 16, 16), zoom=1.0)
+
+
 def real_data_or_skip() -> Path:
     """The shared BraTS 2018 cases, or skip the test where they are absent (CI and users)."""
     if not REAL_DATA.is_dir() or not any(REAL_DATA.iterdir()):

@@ -69,19 +69,8 @@ def test_missing_exported_site_config_is_named(tmp_path: Path, monkeypatch: pyte
 
 # ---- items 6-8: predict's output, a label map as input, the label convention of 2023 names ------------------
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    import torch
-
-    from fedbrats.evaluation.export import export_model
-    from fedbrats.networks import build_network, model_spec
-
-    root = tmp_path_factory.mktemp("predict_model")
-    run = root / "run"
-    (run / "app_server").mkdir(parents=True)
-    net = build_network("segresnet", init_filters=8)
-    (run / "model_spec.json").write_text(json.dumps(model_spec(net)))
-    torch.save({"model": net.state_dict()}, run / "app_server" / "best_FL_global_model.pt")
-    return export_model(str(run), str(root / "exported"), roi_size=(16, 16, 16), zoom=1.0)
+def model_dir(exported_segresnet: str) -> str:
+    return exported_segresnet
 
 
 def _volume(path: Path, labels: bool = False) -> str:

@@ -184,7 +184,8 @@ def test_collect_records_each_result_as_it_arrives(tmp_path: Path) -> None:
     good = {"w": np.ones(2, dtype=np.float32)}
 
     def send_model(task_name: str, data: FLModel, targets: list[str], callback, **_kwargs: object) -> None:
-        callback(FLModel(params=good, meta={"site_name": "site-1", "num_steps": 2}))
+        honest = {"site_name": "site-1", "num_steps": 2, "num_train_cases": 2, "modalities": ["t1"], "train_loss": 0.5}
+        callback(FLModel(params=good, meta=honest))
         callback(FLModel(params={"w": np.full(2, np.nan, dtype=np.float32)}, meta={"site_name": "site-2"}))
 
     ctrl.send_model = send_model  # type: ignore[method-assign]

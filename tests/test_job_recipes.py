@@ -41,7 +41,9 @@ def test_a_job_is_an_nvflare_recipe_of_one_app_for_every_site() -> None:
     }
     assert json.loads(files["meta.json"])["deploy_map"] == {"app": ["@ALL"]}
     server = json.loads(files["app/config/config_fed_server.json"])
-    assert server["workflows"][0]["args"] == {"num_rounds": 3, "min_clients": 0, "seed": 0}, "always written"
+    bounds = {"epochs_per_round": 10, "batch_size": 2, "max_steps_per_epoch": 0, "voxels_per_item": 32**3}
+    expected = {"num_rounds": 3, "min_clients": 0, "seed": 0, "update_bounds": bounds}
+    assert server["workflows"][0]["args"] == expected, "always written"
     assert server["server"] == {"task_request_interval": 0.5}
     assert b"import" not in files["app/custom/README.md"], "app/custom holds no code: the package is installed"
     meta = json.loads(job_files("fedkd", deploy_min_clients=4)["meta.json"])

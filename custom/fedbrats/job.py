@@ -136,7 +136,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sim: the run's workspace (the job in WORKSPACE/jobs, the simulator's in WORKSPACE/sim; default: "
         "%(default)s)",
     )
-    parser.add_argument("--poc-workspace", default=None, help="poc: NVFLARE_POC_WORKSPACE (default: NVFlare's)")
+    parser.add_argument(
+        "--poc-workspace", default=None, help="poc: a new folder for the PoC (required; created mode 0700)"
+    )
     parser.add_argument("--project-conf", default="", help="poc: project.yml for `nvflare poc prepare` (e.g. a port)")
     parser.add_argument("--startup-kit", default=None, help="prod: the admin's startup kit folder")
     parser.add_argument("--username", default=None, help="poc/prod: the admin user (default: NVFlare's)")
@@ -179,6 +181,34 @@ def byoc(args: argparse.Namespace) -> bool:
     return args.byoc == "on" if args.byoc else args.env != "prod"
 
 
+def private_poc_workspace(path: str | None) -> str:
+    """The PoC's workspace: a new (or empty) folder readable by this user only.
+
+    NVFlare's PoC keeps the federation's root CA key and every site's private key in its workspace, readable by
+    anyone in a shared default folder (/tmp/nvflare/poc), and stops and deletes a PoC it finds already running there.
+    So ``--env poc`` runs only in a workspace of its own: created here mode 0700, refused when it holds anything.
+    (``python -m deploy.poc`` from a checkout also binds the server to loopback and restricts every key file.)
+
+    Raises:
+        ValueError: no ``--poc-workspace``, a path that is not a folder, or a folder that is not empty.
+    """
+    if not path:
+        raise ValueError(
+            "--env poc needs --poc-workspace DIR, a new folder of its own: NVFlare's default /tmp/nvflare/poc is "
+            "shared and would hold the federation's keys readable by others (or use python -m deploy.poc from a "
+            "checkout)"
+        )
+    path = os.path.abspath(path)
+    if os.path.lexists(path) and (os.path.islink(path) or not os.path.isdir(path) or os.listdir(path)):
+        raise ValueError(
+            f"--poc-workspace {path!r} exists and is not an empty folder; NVFlare's PoC would stop and delete what "
+            "runs there. Choose a new folder"
+        )
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
 def make_env(args: argparse.Namespace) -> ExecEnv:
     """The NVFlare execution environment ``--env`` names, with its options.
 
@@ -196,8 +226,7 @@ def make_env(args: argparse.Namespace) -> ExecEnv:
     clients = _clients(args)
     if args.env == "sim":
         return SimEnv(clients=clients, num_threads=args.threads, workspace_root=os.path.abspath(args.workspace))
-    if args.poc_workspace:
-        os.environ["NVFLARE_POC_WORKSPACE"] = os.path.abspath(args.poc_workspace)
+    os.environ["NVFLARE_POC_WORKSPACE"] = private_poc_workspace(args.poc_workspace)
     # With --project-conf, NVFlare takes the sites from that file instead.
     return PocEnv(
         num_clients=len(clients), clients=clients, project_conf_path=args.project_conf, **_admin_options(args)

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ from nvflare.recipe.spec import Recipe
 
 import fedbrats.federated.methods  # noqa: F401 - registers the methods' own networks and strategies
 from fedbrats.federated.client.executor import FedBratsExecutor
+from fedbrats.federated.client.trainer import TrainConfig
 from fedbrats.federated.compression import SVDBroadcastCompressor, SVDDecompressor, SVDUpdateCompressor
 from fedbrats.federated.filters import PayloadAuditFilter
 from fedbrats.federated.methods.fedkd.privacy import PrototypePrivacyFilter
@@ -122,6 +124,18 @@ def built_component(spec: Mapping[str, Any], build: Any = instantiate_class) -> 
     return obj
 
 
+def update_bounds(training: Mapping[str, Any]) -> dict[str, int]:
+    """What an honest site can report in a round of a job with these training options (the server's checks of
+    every update, :class:`fedbrats.federated.server.update_checks.UpdateBounds`)."""
+    config = TrainConfig.from_dict(dict(training))
+    return {
+        "epochs_per_round": config.epochs_per_round,
+        "batch_size": config.data.batch_size,
+        "max_steps_per_epoch": config.max_steps_per_epoch,
+        "voxels_per_item": int(math.prod(config.data.roi_size)),
+    }
+
+
 class FedBratsRecipe(Recipe):
     """One fedbrats job (any method of :data:`fedbrats.jobgen.JOBS`) as an NVFlare job recipe.
 
@@ -184,6 +198,7 @@ class FedBratsRecipe(Recipe):
             min_clients=spec.min_clients,
             seed=spec.seed,
             key_metric=spec.key_metric,
+            update_bounds=update_bounds(spec.training),
             **spec.controller_args,
         )
         job.to_server(controller, id="controller")

@@ -344,6 +344,29 @@ def _load_failure(exc: BaseException) -> str:
     return reason.split(" Please use", 1)[0].rstrip(".")
 
 
+def load_weights_file(path: str, what: str = "checkpoint") -> Any:
+    """What a weights file holds, opened with ``torch.load(weights_only=True)`` only, so that it cannot run code.
+
+    Args:
+        path: the file.
+        what: what the file is, for the messages (``"checkpoint"``, ``"FedMIC personal model"``).
+
+    Raises:
+        ValueError: the file is missing, or cannot be loaded as plain weights (the file is named; torch's advice
+            to load it unsafely is left out).
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError...) for bad files
+        raise ValueError(
+            f"{what} {path!r} is not a plain weights file and was refused ({_load_failure(exc)}); "
+            "opening it otherwise could run code stored in it. Use a file saved by fedbrats or NVFlare from a source "
+            "you trust"
+        ) from None
+
+
 def load_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
     """Weights of a checkpoint saved as ``{"model": state_dict}`` or as a bare state dict.
 
@@ -352,16 +375,7 @@ def load_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
     Raises:
         ValueError: the file is missing, cannot be loaded or holds no state dict.
     """
-    if not os.path.isfile(checkpoint):
-        raise ValueError(f"checkpoint {checkpoint!r} does not exist")
-    try:
-        content = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError...) for bad files
-        raise ValueError(
-            f"checkpoint {checkpoint!r} is not a plain weights file and was refused ({_load_failure(exc)}); "
-            "opening it otherwise could run code stored in it. Use a checkpoint or exported model.pt saved by "
-            "fedbrats or NVFlare from a source you trust"
-        ) from None
+    content = load_weights_file(checkpoint)
     state = content.get("model", content) if isinstance(content, Mapping) else None
     if not isinstance(state, Mapping) or not state or not all(isinstance(k, str) for k in state):
         raise ValueError(f"checkpoint {checkpoint!r} holds no state dict (expected {{'model': state_dict}} or one)")

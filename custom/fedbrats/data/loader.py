@@ -309,6 +309,13 @@ def read_datalist(path: str, key: str) -> list[dict[str, Any]]:
         e["image"] = [os.path.join(base, p) if p and not os.path.isabs(p) else p for p in e["image"]]
         if e.get("label") and not os.path.isabs(e["label"]):
             e["label"] = os.path.join(base, e["label"])
+        if not e.get("case_id"):
+            # A plain Decathlon list names no case: its first image file is the patient's stable identity, so that a
+            # case seen in several epochs counts once towards a method's privacy floor (FedKD's prototypes).
+            first = next((p for p in e["image"] if p), None)
+            if first is None:
+                raise ValueError(f"datalist {path!r}: an entry of {key!r} names no image: {entry!r}")
+            e["case_id"] = os.path.normpath(first)
         out.append(e)
     return out
 

@@ -64,7 +64,9 @@ MANIFEST_VERSION: int = 1
 FOLDS_MANIFEST = "folds.json"
 
 #: File names the output folder reserves; a site may not be called after them.
-_RESERVED_SITE_NAMES = frozenset({"test", "sites"})
+_RESERVED_SITE_NAMES = frozenset(
+    {"test", "sites", os.path.splitext(FOLDS_MANIFEST)[0]} | {os.path.splitext(name)[0] for name in NNUNET_OUTPUTS}
+)
 #: Site names become file names and NVFlare client names: keep them plain.
 _SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -342,6 +344,34 @@ def _refuse_existing_outputs(out_dir: str, names: Sequence[str]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _check_file_identity(infos: Mapping[str, CaseInfo], data_dir: str) -> None:
+    """Refuse case files that are links to files outside ``data_dir``, and one file serving two cases.
+
+    A case folder of links into another data set would be prepared (and trained, and tested) as if it were this
+    one's; two links to one image would put one patient into training and test at once.
+
+    Raises:
+        ValueError: every such file, named.
+    """
+    root = os.path.realpath(data_dir)
+    owner: dict[str, str] = {}
+    problems = []
+    for case_id, info in sorted(infos.items()):
+        for path in [*(p for p in info.paths.values() if p), *([info.label] if info.label else [])]:
+            real = os.path.realpath(path)
+            if os.path.commonpath([root, real]) != root:
+                problems.append(f"{path} is a link to {real}, outside --data-dir")
+            elif real in owner and owner[real] != case_id:
+                problems.append(f"{path} is the same file as one of case {owner[real]} ({real})")
+            owner.setdefault(real, case_id)
+    if problems:
+        raise ValueError(
+            f"{len(problems)} case file(s) cannot be trusted to belong to their case:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + "\nCopy the files into --data-dir, or remove the links"
+        )
+
+
 def _validate_all(
     case_dirs: dict[str, str],
     site_of: dict[str, str],
@@ -480,6 +510,7 @@ def prepare(
     site_of = {case: site for site, members in sites.items() for case in members}
 
     infos, errors = _validate_all(case_dirs, site_of, profile, conv, deep_validate, progress_every, unlabelled)
+    _check_file_identity(infos, data_dir)
     if errors and not skip_invalid:
         raise InvalidCasesError(errors, len(case_dirs))
     bad_by_site: dict[str, int] = {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -39,6 +40,7 @@ from fedbrats.commands import run_command
 from fedbrats.constants import MODALITIES
 from fedbrats.data.loader import DataConfig, eval_transforms, make_dataset, preprocess_transforms, read_datalist
 from fedbrats.evaluation.evaluate import check_device, datalist_convention, load_model
+from fedbrats.evaluation.predict import check_volume
 from fedbrats.federated.methods.mmccd import (
     TRAINING,
     ModalityCycleNet,
@@ -49,6 +51,7 @@ from fedbrats.federated.methods.mmccd import (
 )
 from fedbrats.precision import PRECISIONS, autocast, resolve_precision
 from fedbrats.scoring.detection import auprc, auroc, best_dice_on, choose_threshold, mean_dice_at
+from fedbrats.utils import check_output_file, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -347,13 +350,33 @@ def add_map_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
 
 
+#: Largest erosion of the brain mask (pixels) ``fedbrats anomaly`` accepts: beyond it nothing of a slice is left.
+MAX_ERODE = 32
+
+
+def check_map_options(args: argparse.Namespace) -> None:
+    """Refuse options of ``fedbrats anomaly`` that cannot work, naming them.
+
+    Raises:
+        ValueError: a zoom outside (0, 1] (or not a number), an erosion outside [0, MAX_ERODE], fewer than one mask
+            or step.
+    """
+    if not (isinstance(args.zoom, float) and math.isfinite(args.zoom) and 0.05 <= args.zoom <= 1.0):
+        raise ValueError(f"--zoom must be a number in [0.05, 1] (the job's data.zoom), got {args.zoom!r}")
+    if not 0 <= args.erode <= MAX_ERODE:
+        raise ValueError(f"--erode must be 0 to {MAX_ERODE} pixels, got {args.erode}")
+    if args.masks < 1 or args.steps < 1:
+        raise ValueError(f"--masks and --steps must be >= 1, got {args.masks} and {args.steps}")
+
+
 def run_map(args: argparse.Namespace) -> int:
     """Run ``fedbrats anomaly`` with parsed options (errors: :func:`fedbrats.commands.run_command`)."""
     check_device(args.device)
-    if os.path.exists(args.out) and not args.overwrite:
-        raise ValueError(f"--out {args.out!r} exists; pass --overwrite to replace it")
-    if os.path.abspath(args.out) == os.path.abspath(args.image):
-        raise ValueError("--out must not be the input --image")
+    check_map_options(args)
+    if not args.out.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"--out {args.out!r} must end with .nii.gz or .nii")
+    check_output_file(args.out, {"--image": args.image}, overwrite=args.overwrite)
+    check_volume(args.image, "--image")
     model = load_model(args.model)
     scores, affine, header = anomaly_map_case(
         model,
@@ -368,7 +391,10 @@ def run_map(args: argparse.Namespace) -> int:
     )
     header.set_data_dtype(np.float32)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    nib.save(nib.Nifti1Image(scores, affine, header), args.out)
+    # A new file under the name (never written through a link onto the input), readable by its owner only.
+    suffix = ".nii.gz" if args.out.endswith(".nii.gz") else ".nii"
+    image = nib.Nifti1Image(scores, affine, header)
+    write_atomic(args.out, lambda tmp: nib.save(image, tmp), suffix=suffix, private=True)
     logger.info("wrote %s (max score %.4g)", args.out, float(scores.max()))
     return 0
 

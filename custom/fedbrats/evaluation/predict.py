@@ -38,6 +38,7 @@ from fedbrats.precision import PRECISIONS
 from fedbrats.runs import resolve_checkpoint
 from fedbrats.scoring.inference import MaskedSlidingWindowInferer
 from fedbrats.scoring.postprocess import RemoveSmallComponentsd, read_postprocessing
+from fedbrats.utils import check_output_file, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -84,19 +85,48 @@ def label_like_values(path: str) -> list[int] | None:
     return [int(v) for v in values]
 
 
-def check_not_label_maps(image_paths: Mapping[str, str]) -> None:
-    """Refuse a segmentation given as a sequence (``--flair x_seg.nii.gz``): it would be segmented without a word.
+def check_volume(path: str, what: str) -> None:
+    """Refuse, naming the file, what cannot be an MRI sequence of one patient: not a readable NIfTI volume, not
+    3-D, not plain numbers (RGB), an affine that is not finite, an empty or non-finite volume, or a label map.
 
     Raises:
-        ValueError: a given file holds few integer values (it and its values are named).
+        ValueError: the file and what is wrong with it.
+    """
+    try:
+        image = nib.load(path)
+        data = np.asanyarray(image.dataobj)
+    except Exception as exc:  # nibabel raises many types for files that are not NIfTI
+        raise ValueError(f"{what} file {path!r} is not a readable NIfTI volume ({type(exc).__name__}: {exc})") from None
+    if data.dtype.names is not None or data.dtype.kind not in "biuf":
+        raise ValueError(f"{what} file {path!r} holds {data.dtype} values (RGB?), not the intensities of a sequence")
+    shape = data.shape[:3] if data.ndim == 4 and data.shape[3] == 1 else data.shape
+    if len(shape) != 3:
+        raise ValueError(f"{what} file {path!r} has shape {data.shape}; a sequence is one 3-D volume")
+    if data.size == 0:
+        raise ValueError(f"{what} file {path!r} is empty (shape {data.shape})")
+    if not np.isfinite(np.asarray(image.affine, dtype=np.float64)).all():
+        raise ValueError(f"{what} file {path!r} has an affine that is not finite: its voxel grid is undefined")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise ValueError(f"{what} file {path!r} holds NaN or Inf intensities")
+    if not np.any(data):
+        raise ValueError(f"{what} file {path!r} holds only zeros")
+    values = label_like_values(path)
+    if values is not None:
+        raise ValueError(
+            f"{what} file {path!r} holds only the values {values}: it looks like a segmentation (label map), "
+            f"not an MRI sequence; pass the patient's {what} image"
+        )
+
+
+def check_volumes(image_paths: Mapping[str, str]) -> None:
+    """:func:`check_volume` of every given sequence (a segmentation given as a sequence, ``--flair x_seg.nii.gz``,
+    would otherwise be segmented without a word).
+
+    Raises:
+        ValueError: the first file that is not a usable sequence, and why.
     """
     for modality, path in image_paths.items():
-        values = label_like_values(path)
-        if values is not None:
-            raise ValueError(
-                f"{modality} file {path!r} holds only the values {values}: it looks like a segmentation (label map), "
-                f"not an MRI sequence; pass the patient's {modality} image"
-            )
+        check_volume(path, modality)
 
 
 def infer_convention(image_paths: Mapping[str, str]) -> str | None:
@@ -121,18 +151,7 @@ def check_output_path(out_path: str, image_paths: Mapping[str, str], overwrite: 
     """
     if not out_path.endswith((".nii", ".nii.gz")):
         raise ValueError(f"--out {out_path!r} must end with .nii.gz or .nii")
-    real_out = os.path.realpath(out_path)
-    for modality, path in image_paths.items():
-        if real_out == os.path.realpath(path):
-            raise ValueError(
-                f"--out {out_path!r} is the {modality} input: writing it would destroy the patient's image"
-            )
-    if os.path.isdir(out_path):
-        raise ValueError(f"--out {out_path!r} is a folder; give a file name ending with .nii.gz")
-    if os.path.lexists(out_path) and not overwrite:
-        raise ValueError(
-            f"--out {out_path!r} already exists (a ground truth?); choose another name or pass --overwrite"
-        )
+    check_output_file(out_path, image_paths, overwrite)
     folder = os.path.dirname(os.path.abspath(out_path))
     existing = folder
     while not os.path.isdir(existing):
@@ -326,7 +345,9 @@ def write_segmentation(label_map: np.ndarray, affine: np.ndarray, header: Any, o
     img.header["descrip"] = b"fedbrats segmentation"
     folder = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(folder, exist_ok=True)
-    nib.save(img, out_path)
+    # A new file under the name (never written through a link onto another file), readable by its owner only.
+    suffix = ".nii.gz" if out_path.endswith(".nii.gz") else ".nii"
+    write_atomic(out_path, lambda tmp: nib.save(img, tmp), suffix=suffix, private=True)
     return out_path
 
 
@@ -382,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
     # is overwritten by accident.
     image_paths = check_image_paths(image_paths)
     check_output_path(args.out, image_paths, overwrite=args.overwrite)
-    check_not_label_maps(image_paths)
+    check_volumes(image_paths)
     check_device(args.device)
     convention = args.convention
     if convention is None:

@@ -48,6 +48,9 @@ SITE_ERROR_MAX_CHARS = 500
 #: Meta key of an SVD-compressed payload, both ways (see :mod:`fedbrats.federated.compression`): the energy kept
 #: and, from the server, which weights a site must hold to rebuild the global model. The receiving filter removes it.
 SVD_META_KEY = "svd_compression"
+#: Meta key a server-side filter sets on a result it found malformed before the controller saw it (a compressed
+#: payload that does not decode): the controller rejects that result with this reason.
+UPDATE_PROBLEM_KEY = "update_problem"
 #: Whether the site trained with labels (a flag of the site's configuration, like its sequences), for methods
 #: whose server keeps labelled and unlabelled sites apart (IsoFed).
 LABELLED_KEY = "labelled"
@@ -70,7 +73,12 @@ BASE_META_KEYS: frozenset[str] = frozenset(
         "svt_privacy_accountant",
         # Added by the SVD compression filter on the way out (and removed by its pair on the server).
         SVD_META_KEY,
+        UPDATE_PROBLEM_KEY,
     }
+)
+#: The base items a site fills itself (:func:`site_update_meta`): a method's extras may not shadow them.
+SITE_FILLED_KEYS: frozenset[str] = frozenset(
+    {SITE_NAME_KEY, MODALITIES_KEY, NUM_STEPS_KEY, NUM_TRAIN_CASES_KEY, TRAIN_LOSS_KEY, LOSS_TERMS_KEY, LR_KEY}
 )
 
 #: Metric keys (aggregate over the site's validation cases) start with this.
@@ -101,7 +109,16 @@ def site_update_meta(
         num_train_cases: its training cases (the weight of its metrics on the server).
         summary: the round's summary from the trainer (steps, loss, loss terms, learning rate).
         extras: the method's declared payload, already converted by :func:`to_wire`.
+
+    Raises:
+        ValueError: the method's extras name a base item (they would overwrite what the site reports of itself).
     """
+    shadowing = sorted(set(extras) & (BASE_META_KEYS | SITE_FILLED_KEYS))
+    if shadowing:
+        raise ValueError(
+            f"the method's extras {shadowing} would overwrite the update's base items; a method sends its own items "
+            "only (rename them and declare them in its payload_keys)"
+        )
     return {
         SITE_NAME_KEY: site_name,
         MODALITIES_KEY: list(modalities),

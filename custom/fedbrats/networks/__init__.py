@@ -23,6 +23,11 @@ NETWORKS: Registry[torch.nn.Module] = Registry(
 )
 
 
+#: Largest network a model spec may describe (parameters). The package's networks have 0.5-20 M; a spec comes from
+#: files and from the server, so one asking for far more is refused before anything is allocated.
+MAX_PARAMETERS = 200_000_000
+
+
 def register_network(name: str, class_path: str) -> None:
     """Make a network class (a ``torch.nn.Module`` subclass) buildable by name and by its path."""
     NETWORKS.register(name, class_path)
@@ -73,10 +78,20 @@ def build_from_spec(spec: Any) -> torch.nn.Module:
     """
     if not isinstance(spec, dict):
         raise ValueError(f"a model spec must be a JSON object with 'path' and 'args', got {type(spec).__name__}")
-    return NETWORKS.build(spec.get("path"), spec.get("args", {}))
+    path, args = spec.get("path"), spec.get("args", {})
+    # Sized first without memory (PyTorch's meta device): a spec may ask for a network too large to build.
+    with torch.device("meta"):
+        size = sum(p.numel() for p in NETWORKS.build(path, args).parameters())
+    if size > MAX_PARAMETERS:
+        raise ValueError(
+            f"model spec {path!r} with {args} describes a network of {size:,} parameters, over {MAX_PARAMETERS:,}; "
+            "refusing to build it"
+        )
+    return NETWORKS.build(path, args)
 
 
 __all__ = [
+    "MAX_PARAMETERS",
     "NETWORKS",
     "BraTSSegResNet",
     "build_from_spec",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -276,33 +277,94 @@ def compress_array(array: Any, energy: float, bits: int = 32) -> np.ndarray | di
     }
 
 
+#: Most values one decoded weight may hold (a payload states its weight's shape: a few bytes must not make the
+#: receiver allocate gigabytes). 2^26 float32 values are 256 MiB, far beyond any weight of the package's networks.
+MAX_DECODED_ELEMENTS = 2**26
+#: Most values all decoded weights of one payload may hold together (1 GiB of float32).
+MAX_PAYLOAD_ELEMENTS = 2**28
+#: Dtypes of what a payload may carry: float factors and whole arrays, quantised values, their scales.
+FLOAT_KINDS = "f"
+QUANTIZED_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8))
+
+
+def _declared_shape(value: Mapping[str, Any]) -> list[int]:
+    """The weight shape a compressed item states, checked: a short list of non-negative integers whose product is
+    at most :data:`MAX_DECODED_ELEMENTS`."""
+    shape = value.get("shape")
+    if (
+        not isinstance(shape, (list, tuple))
+        or not 1 <= len(shape) <= 8
+        or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise ValueError(f"a compressed weight's shape must be a list of 1 to 8 integers >= 0, got {shape!r}")
+    shape = [int(n) for n in shape]
+    if math.prod(shape) > MAX_DECODED_ELEMENTS:
+        raise ValueError(f"a compressed weight states shape {shape}, over {MAX_DECODED_ELEMENTS} values")
+    return shape
+
+
+def _array(value: Mapping[str, Any], key: str, allowed: str | tuple[np.dtype, ...]) -> np.ndarray:
+    """Item ``key`` of a compressed weight as a 1-D or 2-D array of an accepted dtype."""
+    arr = to_numpy(value[key])
+    ok = arr.dtype.kind in allowed if isinstance(allowed, str) else arr.dtype in allowed
+    if not ok or arr.ndim not in (1, 2):
+        raise ValueError(f"a compressed weight's {key!r} must be a 1-D or 2-D array of {allowed}, got {arr.dtype}")
+    return arr
+
+
 def decompress_array(value: Any) -> np.ndarray:
     """Inverse of :func:`compress_array` (an uncompressed array comes back as it is; quantised values to within
     their rounding).
 
+    What arrives comes from another party, so it is checked before anything is allocated: the stated shape (at
+    most :data:`MAX_DECODED_ELEMENTS` values), the dtypes (float factors; int8 or packed uint8 quantised values;
+    float scales) and every part's shape against the stated one.
+
     Raises:
-        ValueError: factors or quantised rows whose shapes do not fit each other or the weight's shape.
+        ValueError: a malformed item (named), or factors or quantised rows that do not make the stated shape.
     """
+    if isinstance(value, Mapping) and not (is_quantized(value) or is_factors(value)):
+        raise ValueError(f"a compressed weight holds {sorted(map(str, value))}, not a known layout")
     if is_quantized(value):
-        q, shape = to_numpy(value["q"]), [int(n) for n in value["shape"]]
-        rows, cols = shape[0], int(np.prod(shape[1:]))
+        shape = _declared_shape(value)
+        q = _array(value, "q", QUANTIZED_DTYPES)
+        scale = _array(value, "scale", FLOAT_KINDS)
+        rows, cols = (shape[0], math.prod(shape[1:])) if shape else (0, 0)
         width = (cols + 1) // 2 if q.dtype == np.uint8 else cols
         if q.shape != (rows, width):
             raise ValueError(f"quantised rows {q.shape} do not make a weight of shape {shape}")
-        return dequantize_rows(q, to_numpy(value["scale"]), cols=cols).reshape(shape)
+        if scale.shape != (rows,):
+            raise ValueError(f"quantised rows need one scale a row ({rows}), got {scale.shape}")
+        return dequantize_rows(q, scale, cols=cols).reshape(shape)
     if not is_factors(value):
-        return to_numpy(value)
-    u, vt, shape = to_numpy(value["u"]), to_numpy(value["vt"]), [int(n) for n in value["shape"]]
-    rows, cols = shape[0], int(np.prod(shape[1:]))
+        arr = to_numpy(value)
+        if arr.dtype == object or arr.size > MAX_DECODED_ELEMENTS:
+            raise ValueError(f"an item must be an array of numbers of at most {MAX_DECODED_ELEMENTS} values")
+        return arr
+    shape = _declared_shape(value)
+    if len(shape) < 2:
+        raise ValueError(f"factors make a weight of 2 or more dimensions, the item states {shape}")
+    quantized = "u_scale" in value
+    if not quantized and to_numpy(value["u"]).dtype in QUANTIZED_DTYPES:
+        raise ValueError("quantised factors need their scales (u_scale, vt_scale)")
+    u = _array(value, "u", QUANTIZED_DTYPES if quantized else FLOAT_KINDS)
+    vt = _array(value, "vt", QUANTIZED_DTYPES if quantized else FLOAT_KINDS)
+    if u.ndim != 2 or vt.ndim != 2 or (quantized and u.dtype != vt.dtype):
+        raise ValueError(
+            f"factors must be two 2-D arrays of one kind, got {u.shape} {u.dtype} and {vt.shape} {vt.dtype}"
+        )
+    rows, cols = shape[0], math.prod(shape[1:])
     if u.dtype == np.uint8:  # packed 4-bit vectors: u holds the k left vectors as rows
         rank = u.shape[0]
         if u.shape != (rank, (rows + 1) // 2) or vt.shape != (rank, (cols + 1) // 2):
             raise ValueError(f"packed factors {u.shape} x {vt.shape} do not make a weight of shape {shape}")
     elif u.shape[0] != rows or vt.shape[-1] != cols or u.shape[1] != vt.shape[0]:
         raise ValueError(f"factors {u.shape} x {vt.shape} do not make a weight of shape {shape}")
-    if "u_scale" in value:
-        rank = vt.shape[0]
-        u_scale, vt_scale = to_numpy(value["u_scale"]), to_numpy(value["vt_scale"])
+    rank = vt.shape[0]
+    if rank > min(rows, cols):
+        raise ValueError(f"factors of rank {rank} for a weight of shape {shape} (at most {min(rows, cols)})")
+    if quantized:
+        u_scale, vt_scale = _array(value, "u_scale", FLOAT_KINDS), _array(value, "vt_scale", FLOAT_KINDS)
         if u_scale.shape != (rank,) or vt_scale.shape != (rank,):
             raise ValueError(f"scales {u_scale.shape} and {vt_scale.shape} do not fit {rank} singular vectors")
         if u.dtype == np.uint8:
@@ -310,8 +372,6 @@ def decompress_array(value: Any) -> np.ndarray:
         else:
             u = dequantize_rows(u.T, u_scale).T
         vt = dequantize_rows(vt, vt_scale, cols=cols)
-    elif u.dtype == np.uint8:
-        raise ValueError("packed 4-bit factors need their scales (u_scale, vt_scale)")
     return (u @ vt).reshape(shape).astype(u.dtype, copy=False)
 
 
@@ -365,8 +425,23 @@ def compress_params(
 
 
 def decompress_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """:func:`decompress_array` of every item."""
-    return {name: decompress_array(value) for name, value in params.items()}
+    """:func:`decompress_array` of every item, together at most :data:`MAX_PAYLOAD_ELEMENTS` values.
+
+    Raises:
+        ValueError: a malformed item (its name is said), or a payload over the total.
+    """
+    if not isinstance(params, Mapping):
+        raise ValueError(f"a payload must map weight names to items, got {type(params).__name__}")
+    out, total = {}, 0
+    for name, value in params.items():
+        try:
+            out[name] = decompress_array(value)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"weight {name!r}: {exc}") from None
+        total += out[name].size
+        if total > MAX_PAYLOAD_ELEMENTS:
+            raise ValueError(f"the payload decodes to more than {MAX_PAYLOAD_ELEMENTS} values")
+    return out
 
 
 def to_numpy(value: Any) -> np.ndarray:

@@ -54,7 +54,7 @@ from fedbrats.federated.compression.codec import (
     fingerprint,
     to_numpy,
 )
-from fedbrats.federated.protocol import SVD_META_KEY
+from fedbrats.federated.protocol import SVD_META_KEY, UPDATE_PROBLEM_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,13 @@ class SVDDecompressor(DXOFilter):
         if info is None:
             return None
         if "version" not in info:  # a site's update: the controller adds it to the global model
-            return DXO(dxo.data_kind, data=decompress_params(dxo.data), meta=meta)
+            try:
+                return DXO(dxo.data_kind, data=decompress_params(dxo.data), meta=meta)
+            except ValueError as exc:
+                # Rejected with its reason by the controller (the round goes on); raising here would only leave the
+                # site out without one.
+                logger.warning("a compressed update does not decode: %s", exc)
+                return DXO(dxo.data_kind, data={}, meta={**meta, UPDATE_PROBLEM_KEY: f"the compressed update: {exc}"})
         return DXO(DataKind.WEIGHTS, data=self.receive(dxo.data, info), meta=meta)
 
     def receive(self, data: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str, np.ndarray]:

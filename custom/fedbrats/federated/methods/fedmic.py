@@ -35,6 +35,8 @@ from fedbrats.losses.distillation import logit_kd_loss
 from fedbrats.losses.mutual import FeatureProjection, adaptive_kd_scale, feature_mse
 from fedbrats.losses.segmentation import DiceBCELoss
 from fedbrats.networks import build_network
+from fedbrats.runs import load_weights_file
+from fedbrats.utils import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -182,34 +184,37 @@ class FedMICMethod(ClientMethod):
             self.save_state(self.state_path, current_round)
 
     def save_state(self, path: str, current_round: int) -> None:
-        """Write the personalised model, projection and optimiser state to ``path`` (atomically)."""
+        """Write the personalised model, projection and optimiser state to ``path`` (atomically; a site-only model,
+        so readable by its owner only)."""
         assert self.personal is not None and self.projection is not None and self.optimizer is not None
-        tmp = path + ".tmp"
-        torch.save(
-            {
-                "round": current_round,
-                "network": self.personal_network,
-                "model": self.personal.state_dict(),
-                "projection": self.projection.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-            },
-            tmp,
-        )
-        os.replace(tmp, path)
+        state = {
+            "round": current_round,
+            "network": self.personal_network,
+            "model": self.personal.state_dict(),
+            "projection": self.projection.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        write_atomic(path, lambda tmp: torch.save(state, tmp), private=True)
 
     def load_state(self, path: str) -> None:
         """Restore what :meth:`save_state` wrote.
 
         Raises:
-            ValueError: the file holds another personalised network than this job's.
+            ValueError: the file (named) cannot be opened as plain weights, holds another personalised network than
+                this job's, or weights that do not fit it.
         """
         assert self.personal is not None and self.projection is not None and self.optimizer is not None
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = load_weights_file(path, "FedMIC personal model file")
+        if not isinstance(state, dict) or not {"network", "model", "projection", "optimizer"} <= set(state):
+            raise ValueError(f"FedMIC personal model file {path!r} is not one this method wrote; move it away")
         if state.get("network") != self.personal_network:
             raise ValueError(f"{path} holds personal_network {state.get('network')}, not {self.personal_network}")
-        self.personal.load_state_dict(state["model"])
-        self.projection.load_state_dict(state["projection"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.personal.load_state_dict(state["model"])
+            self.projection.load_state_dict(state["projection"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"FedMIC personal model file {path!r} does not fit this job's model: {exc}") from None
 
     # ---- the loss of a batch ------------------------------------------------------------------------------
     def training_loss(

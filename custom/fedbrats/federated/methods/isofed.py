@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -35,6 +36,7 @@ from fedbrats.federated.methods.base import Job, Method, check_non_negative
 from fedbrats.federated.methods.supervised import SupervisedMethod, segmentation_logits
 from fedbrats.federated.protocol import HANDOFF_PARAMS_KEY, LABELLED_KEY
 from fedbrats.federated.server.aggregation import SiteUpdate, WeightedAverage
+from fedbrats.federated.server.update_checks import UpdateBounds
 from fedbrats.losses.consistency import consistency_rampup_weight, output_consistency_loss
 from fedbrats.losses.unsupervised import information_maximisation_loss
 
@@ -283,6 +285,8 @@ class IsoFedAggregation(WeightedAverage):
     Args:
         mode: one of :data:`MODES`.
         weight_by_steps: weight sites by their training steps (True) or equally, within each group.
+        rule, trim_fraction, clip_factor: how each weight's values are combined, robustly if asked (see
+            :class:`~fedbrats.federated.server.aggregation.WeightedAverage`).
 
     Raises:
         ValueError: an unknown ``mode``.
@@ -291,14 +295,27 @@ class IsoFedAggregation(WeightedAverage):
     name = "isofed"
     accepted_meta_keys = frozenset({LABELLED_KEY})
 
-    def __init__(self, mode: str = "isolated", weight_by_steps: bool = True) -> None:
-        super().__init__(weight_by_steps)
+    def __init__(
+        self,
+        mode: str = "isolated",
+        weight_by_steps: bool = True,
+        rule: str = "mean",
+        trim_fraction: float = 0.2,
+        clip_factor: float = 0.0,
+    ) -> None:
+        super().__init__(weight_by_steps, rule, trim_fraction, clip_factor)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
         self.unlabelled_params: dict[str, np.ndarray] | None = None
         self.labelled_sites: set[str] = set()
         self.unlabelled_sites: set[str] = set()
+
+    def extras_problem(self, meta: Mapping[str, Any], bounds: UpdateBounds) -> str | None:
+        """``labelled`` is one boolean (a site's group), not an array."""
+        if LABELLED_KEY in meta and not isinstance(meta[LABELLED_KEY], (bool, np.bool_)):
+            return f"{LABELLED_KEY} must be true or false, got {type(meta[LABELLED_KEY]).__name__}"
+        return super().extras_problem(meta, bounds)
 
     @staticmethod
     def is_labelled(update: SiteUpdate) -> bool:

@@ -64,5 +64,11 @@ METHOD = Method(
         "centralized": ("centralized", {}, {}),
         "local_only": ("local_only", {}, {}),
         "fedavg": ("fedavg", {}, {}),
+        # FedAvg with an aggregation one site cannot drag alone (fedbrats.federated.server.aggregation): the
+        # coordinate-wise median, the mean without each coordinate's largest and smallest quarter, and the mean of
+        # updates clipped to twice the round's median update norm.
+        "fedavg_median": ("fedavg", {}, {"rule": "median"}),
+        "fedavg_trimmed_mean": ("fedavg", {}, {"rule": "trimmed_mean", "trim_fraction": 0.25}),
+        "fedavg_clipped": ("fedavg", {}, {"clip_factor": 2.0}),
     },
 )

@@ -7,6 +7,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +44,20 @@ from fedbrats.federated.protocol import (
     NUM_STEPS_KEY,
     NUM_TRAIN_CASES_KEY,
     SITE_ERROR_KEY,
+    SITE_ERROR_MAX_CHARS,
     SITE_NAME_KEY,
     TRAIN_LOSS_KEY,
+    UPDATE_PROBLEM_KEY,
     global_task_meta,
     update_weight,
 )
 from fedbrats.federated.server.aggregation import AggregationStrategy, SiteUpdate
-from fedbrats.federated.server.update_checks import update_problem
+from fedbrats.federated.server.update_checks import (
+    UpdateBounds,
+    base_items_problem,
+    metrics_problem,
+    update_problem,
+)
 from fedbrats.federated.tracking import global_scalars
 from fedbrats.networks import build_from_spec, model_spec
 from fedbrats.runs import RunFolder
@@ -89,7 +97,7 @@ class FedBratsController(ModelController):
 
     #: Written into an exported job even where equal to the default (NVFlare's Job API otherwise leaves defaults
     #: out): the settings a reader of the job, or a tool that edits it (``deploy``'s ``num_rounds``), looks for.
-    _always_serialize_args = ("num_rounds", "min_clients", "seed")
+    _always_serialize_args = ("num_rounds", "min_clients", "seed", "update_bounds")
 
     def __init__(
         self,
@@ -105,6 +113,7 @@ class FedBratsController(ModelController):
         seed: int | None = None,
         max_empty_rounds: int = 3,
         key_metric: str = KEY_METRIC,
+        update_bounds: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(persistor_id=persistor_id, ignore_result_error=True)
         if num_rounds < 1:
@@ -127,6 +136,8 @@ class FedBratsController(ModelController):
         self.memory_gc_rounds = memory_gc_rounds
         self.seed = seed
         self.key_metric = key_metric
+        self.update_bounds = dict(update_bounds or {})
+        self.bounds = UpdateBounds.from_dict(self.update_bounds)
         self.strategy: AggregationStrategy | None = None
         self.history: list[dict[str, Any]] = []
         self._events: RoundEventWriter | None = None
@@ -378,25 +389,50 @@ class FedBratsController(ModelController):
         )
 
     def _check(self, result: FLModel, global_params: dict[str, np.ndarray] | None) -> _Checked:
-        """A site's result as full weights, its declared extras and metrics, and why it is unusable (or None)."""
+        """A site's result as full weights, its declared extras and metrics, and why it is unusable (or None).
+
+        Nothing a site sends can raise here: whatever is malformed in a way no check names is rejected too, with
+        the error as the reason, and the round goes on.
+        """
+        try:
+            return self._checked(result, global_params)
+        except Exception as exc:  # a malformed result must reject that result, never stop the job
+            name = _site_name(result)
+            return _Checked(name, {}, {}, {}, f"malformed result ({type(exc).__name__}: {str(exc)[:200]})")
+
+    def _checked(self, result: FLModel, global_params: dict[str, np.ndarray] | None) -> _Checked:
         assert self.strategy is not None
+        strategy = self.strategy
+        name = _site_name(result)
         meta = _site_meta(result.meta)
-        metrics = {k: float(v) for k, v in (result.metrics or {}).items() if _is_number(v)}
         if meta.get(SITE_ERROR_KEY):
             # The site could not do the task and said why (see train_script): its reason goes into the record.
-            return _Checked(_site_name(result), {}, {}, {}, f"the site failed: {meta[SITE_ERROR_KEY]}")
+            return _Checked(name, {}, {}, {}, f"the site failed: {str(meta[SITE_ERROR_KEY])[:SITE_ERROR_MAX_CHARS]}")
+        if meta.get(UPDATE_PROBLEM_KEY):
+            # A server-side filter found the payload malformed before the controller saw it (e.g. its compression).
+            return _Checked(name, {}, {}, {}, str(meta[UPDATE_PROBLEM_KEY])[:SITE_ERROR_MAX_CHARS])
+        metrics = dict(result.metrics or {})
+        problem = metrics_problem(metrics)
+        if problem:
+            return _Checked(name, {}, {}, {}, problem)
+        metrics = {k: float(v) for k, v in metrics.items()}
         if global_params is None:
-            return _Checked(_site_name(result), {}, meta, metrics, None)
-        params = _full_params(result, global_params)
-        modalities = tuple(meta.get(MODALITIES_KEY) or ())
-        problem = update_problem(
+            return _Checked(name, {}, meta, metrics, None)
+        problem = base_items_problem(meta, self.bounds)
+        if problem:
+            return _Checked(name, {}, meta, metrics, problem)
+        modalities = tuple(meta[MODALITIES_KEY])
+        params, problem = _full_params(result, global_params)
+        problem = problem or update_problem(
             global_params,
             params,
             meta,
-            set(self.strategy.accepted_meta_keys),
-            may_omit=lambda name: self.strategy.may_omit(name, modalities),
+            set(strategy.accepted_meta_keys),
+            may_omit=lambda key: strategy.may_omit(key, modalities),
+            bounds=self.bounds,
+            extras_problem=strategy.extras_problem,
         )
-        return _Checked(_site_name(result), params, meta, metrics, problem)
+        return _Checked(name, params, meta, metrics, problem)
 
     def _accept(
         self, results: list[_Checked], targets: list[str], current_round: int
@@ -559,13 +595,22 @@ class _Checked:
     problem: str | None
 
 
-def _full_params(result: FLModel, global_params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A site's weights as full weights: sites that send differences (for NVFlare's privacy filters on weight
-    differences) have them added to the global model they started from."""
-    params = {k: _to_numpy(v) for k, v in (result.params or {}).items()}
-    if str(getattr(result.params_type, "value", result.params_type)) == "DIFF":
-        return {k: global_params[k] + v if k in global_params else v for k, v in params.items()}
-    return params
+def _full_params(result: FLModel, global_params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str | None]:
+    """A site's weights as full weights, and why they cannot be (or None): sites that send differences (for
+    NVFlare's privacy filters on weight differences) have them added to the global model they started from, each
+    only after its shape is found to be the global weight's (a broadcast could allocate without bound)."""
+    raw = result.params or {}
+    if not isinstance(raw, Mapping):
+        return {}, f"the weights must be a mapping of names to arrays, got {type(raw).__name__}"
+    params = {k: _to_numpy(v) for k, v in raw.items()}
+    if str(getattr(result.params_type, "value", result.params_type)) != "DIFF":
+        return params, None
+    for key, value in params.items():
+        if key in global_params and value.shape != global_params[key].shape:
+            return params, f"weight difference {key!r} has shape {value.shape}, expected {global_params[key].shape}"
+        if value.dtype.kind != "f":
+            return params, f"weight difference {key!r} must hold floating-point numbers, got {value.dtype}"
+    return {k: global_params[k] + v if k in global_params else v for k, v in params.items()}, None
 
 
 def _site_name(result: FLModel) -> str:

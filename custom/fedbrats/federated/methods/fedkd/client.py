@@ -199,7 +199,10 @@ class FedKDMethod(ClientMethod):
         self._proto_sum += weighted
         self._count_sum += counts.sum(0).cpu()
         # Distinct cases, not visits: a case seen in every epoch still counts once towards the privacy floor.
-        ids = list(case_ids) if case_ids is not None else [f"batch{id(protos)}_{i}" for i in range(len(counts))]
+        if case_ids is None or len(case_ids) != len(counts):
+            # Without a patient's identity a case seen in every epoch would count as several: no floor then.
+            raise ValueError("FedKD's prototypes need every training case's case_id (the loaders give each case one)")
+        ids = list(case_ids)
         for b, case in enumerate(ids):
             for r in torch.nonzero(counts[b] > 1e-6).flatten().tolist():
                 self._case_ids[r].add(str(case))

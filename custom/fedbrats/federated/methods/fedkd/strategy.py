@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from fedbrats.federated.methods.fedkd.network import parameter_modality
-from fedbrats.federated.protocol import GLOBAL_PROTOTYPE_VALID_KEY, GLOBAL_PROTOTYPES_KEY
-from fedbrats.federated.server.aggregation import SiteUpdate, WeightedAverage, weighted_average
+from fedbrats.federated.methods.fedkd.rcl import RCL_REGIONS
+from fedbrats.federated.protocol import (
+    GLOBAL_PROTOTYPE_VALID_KEY,
+    GLOBAL_PROTOTYPES_KEY,
+    NUM_STEPS_KEY,
+    NUM_TRAIN_CASES_KEY,
+)
+from fedbrats.federated.server.aggregation import SiteUpdate, WeightedAverage, clip_updates
+from fedbrats.federated.server.update_checks import UpdateBounds
 
 logger = logging.getLogger(__name__)
+
+#: What a FedKD site sends beyond the base items: its region prototypes, their voxel counts and case counts.
+PROTOTYPE_KEYS: tuple[str, ...] = ("prototypes", "prototype_counts", "prototype_cases")
+#: Widest region embedding accepted (the modality-aware network's content width is far below it).
+MAX_PROTOTYPE_WIDTH = 4096
 
 
 class ModalityAwareAggregation(WeightedAverage):
@@ -31,10 +44,12 @@ class ModalityAwareAggregation(WeightedAverage):
         weight_by_steps: weight sites by training steps (True) or equally.
         completeness_power: exponent of the modality-completeness factor of the prototype weights (0: counts only).
         prototype_momentum: share of the previous global prototype kept each round (0: replaced).
+        rule, trim_fraction, clip_factor: how each weight's values are combined, robustly if asked (see
+            :class:`~fedbrats.federated.server.aggregation.WeightedAverage`).
     """
 
     name = "fedkd"
-    accepted_meta_keys = frozenset({"prototypes", "prototype_counts", "prototype_cases"})
+    accepted_meta_keys = frozenset(PROTOTYPE_KEYS)
 
     def __init__(
         self,
@@ -42,8 +57,11 @@ class ModalityAwareAggregation(WeightedAverage):
         weight_by_steps: bool = True,
         completeness_power: float = 1.0,
         prototype_momentum: float = 0.0,
+        rule: str = "mean",
+        trim_fraction: float = 0.2,
+        clip_factor: float = 0.0,
     ) -> None:
-        super().__init__(weight_by_steps)
+        super().__init__(weight_by_steps, rule, trim_fraction, clip_factor)
         if not 0.0 <= prototype_momentum < 1.0:
             raise ValueError(f"prototype_momentum must be in [0, 1), got {prototype_momentum}")
         self.modality_aware = modality_aware
@@ -52,6 +70,32 @@ class ModalityAwareAggregation(WeightedAverage):
         self.prototypes: np.ndarray | None = None
         self.prototype_valid: np.ndarray | None = None
 
+    def extras_problem(self, meta: Mapping[str, Any], bounds: UpdateBounds) -> str | None:
+        """The prototypes come with their counts, one row per region, finite; voxel counts within what the site's
+        steps can have seen, case counts within its declared cases; the embedding width that of the global
+        prototypes once there are any."""
+        problem = super().extras_problem(meta, bounds)
+        present = [key for key in PROTOTYPE_KEYS if key in meta]
+        if problem or not present:
+            return problem
+        if len(present) != len(PROTOTYPE_KEYS):
+            return f"prototypes come with {list(PROTOTYPE_KEYS)}; the update holds only {present}"
+        protos, counts, cases = (np.asarray(meta[key]) for key in PROTOTYPE_KEYS)
+        regions = len(RCL_REGIONS)
+        if protos.ndim != 2 or protos.shape[0] != regions or not 1 <= protos.shape[1] <= MAX_PROTOTYPE_WIDTH:
+            return f"prototypes must be ({regions}, C) with 1 <= C <= {MAX_PROTOTYPE_WIDTH}, got {protos.shape}"
+        if self.prototypes is not None and protos.shape != self.prototypes.shape:
+            return f"prototypes have shape {protos.shape}, the global ones {self.prototypes.shape}"
+        if counts.shape != (regions,) or cases.shape != (regions,):
+            return f"prototype_counts and prototype_cases must be ({regions},), got {counts.shape} and {cases.shape}"
+        most_voxels = bounds.max_voxels(int(meta[NUM_STEPS_KEY]))
+        if (counts < 0).any() or (counts > most_voxels).any():
+            return f"prototype_counts must be voxel counts in [0, {most_voxels}], got {counts.tolist()}"
+        most_cases = int(meta[NUM_TRAIN_CASES_KEY])
+        if (cases < 0).any() or (cases > most_cases).any() or not np.array_equal(cases, np.round(cases)):
+            return f"prototype_cases must be case counts in [0, {most_cases}], got {cases.tolist()}"
+        return None
+
     def may_omit(self, name: str, modalities: tuple[str, ...]) -> bool:
         """A site may leave out the encoders of sequences it lacks (they are averaged without it anyway)."""
         return self.modality_aware and parameter_modality(name) not in (None, *modalities)
@@ -59,16 +103,17 @@ class ModalityAwareAggregation(WeightedAverage):
     def aggregate(
         self, global_params: dict[str, np.ndarray], updates: list[SiteUpdate], current_round: int
     ) -> dict[str, np.ndarray]:
+        updates = clip_updates(global_params, updates, self.clip_factor)
         weights = self._weights(updates)
         out = dict(global_params)
         for key in global_params:
             modality = parameter_modality(key) if self.modality_aware else None
             if modality is None:
-                out[key] = weighted_average([u.params[key] for u in updates], weights)
+                out[key] = self._combine([u.params[key] for u in updates], weights)
                 continue
             having = [(u, w) for u, w in zip(updates, weights) if modality in u.modalities]
             if having:
-                out[key] = weighted_average([u.params[key] for u, _ in having], [w for _, w in having])
+                out[key] = self._combine([u.params[key] for u, _ in having], [w for _, w in having])
         self._aggregate_prototypes(updates)
         return out
 
