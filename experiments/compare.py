@@ -312,6 +312,7 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("fedkd_no_kd", "fedkd"),
     ("fedkd_net_only", "fedavg"),
     ("mstkd", "fedavg"),
+    ("mstkd", "mstkd_net_only"),
     ("fedavg", "local_only"),
     ("fedavg_median", "fedavg"),
     ("fedavg_trimmed_mean", "fedavg"),

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedbrats.constants import MODALITIES
+from fedbrats.data.transforms import apply_modality_mask
 from fedbrats.federated.methods import build_method
 from fedbrats.federated.methods.fedkd import FedKDMethod
 from fedbrats.federated.methods.fedkd.network import ModalityAwareSegNet
@@ -68,17 +69,43 @@ def _global_meta() -> dict:
 
 def _weighted_sum(method: FedKDMethod, terms: dict[str, float]) -> float:
     weight = {k.removesuffix("_weight"): v for k, v in method.weights.items()}
-    return sum(weight[k] * v for k, v in terms.items())
+    return sum(weight[k] * v for k, v in terms.items() if not k.startswith("acted_"))
+
+
+def _two_views(student: list[list[float]], available: list[list[float]]) -> dict:
+    """A batch with the loader's two views: the student's (``student`` mask, its image zero-filled accordingly) and
+    the teacher's (``available``: every sequence the site has)."""
+    batch = _batch(available)
+    batch["available_image"], batch["available_modality_mask"] = batch["image"], batch["modality_mask"]
+    batch["modality_mask"] = torch.tensor(student)
+    batch["image"] = apply_modality_mask(batch["image"], batch["modality_mask"])
+    return batch
+
+
+class _RecordingTeacher(torch.nn.Module):
+    """Wraps a teacher and keeps the sequence masks it was given."""
+
+    def __init__(self, teacher: torch.nn.Module) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.masks: list[torch.Tensor] = []
+        self.images: list[torch.Tensor] = []
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> dict:
+        self.masks.append(mask.clone())
+        self.images.append(image.clone())
+        return self.teacher(image, mask)
 
 
 # ------------------------------------------------------------------------------------------------ loss terms
 
 
 def test_terms_before_any_global_model(model: ModalityAwareSegNet) -> None:
-    """Right after setup (no global model yet) the loss is dice + DRL + RCL, finite, and their weighted sum."""
+    """Right after setup (no global model yet) the loss is dice + DRL + RCL + self-distillation, finite, and their
+    weighted sum."""
     method = _method(model)
     loss, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
-    assert set(terms) == {"dice", "bce", "drl", "rcl"}
+    assert set(terms) == {"dice", "bce", "drl", "rcl", "self_distill", "acted_self_distill"}
     assert loss.ndim == 0 and math.isfinite(loss.item()) and loss.requires_grad
     assert all(math.isfinite(v) for v in terms.values())
     assert loss.item() == pytest.approx(_weighted_sum(method, terms), rel=1e-5)
@@ -90,7 +117,7 @@ def test_round0_has_no_distillation(model: ModalityAwareSegNet) -> None:
     method.on_global_model(model, _global_meta(), current_round=0)
     assert method.teacher is None
     _, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
-    assert set(terms) == {"dice", "bce", "drl", "rcl"}
+    assert {"kd", "proto_kd", "acted_kd"}.isdisjoint(terms)
 
 
 def test_distillation_terms_from_round_1(model: ModalityAwareSegNet) -> None:
@@ -100,7 +127,17 @@ def test_distillation_terms_from_round_1(model: ModalityAwareSegNet) -> None:
     assert method.teacher is not None and method.teacher is not model
     assert not any(p.requires_grad for p in method.teacher.parameters())
     loss, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
-    assert set(terms) == {"dice", "bce", "drl", "rcl", "kd", "proto_kd"}
+    assert set(terms) == {
+        "dice",
+        "bce",
+        "drl",
+        "rcl",
+        "kd",
+        "proto_kd",
+        "self_distill",
+        "acted_kd",
+        "acted_self_distill",
+    }
     assert math.isfinite(loss.item()) and loss.item() == pytest.approx(_weighted_sum(method, terms), rel=1e-5)
     assert terms["kd"] == pytest.approx(0.0, abs=1e-6)  # student == teacher
     assert 0.0 <= terms["proto_kd"] <= 2.0
@@ -121,15 +158,70 @@ def test_kd_start_round_delays_distillation(model: ModalityAwareSegNet) -> None:
     assert "kd" not in terms and "proto_kd" not in terms
 
 
-def test_self_distillation_only_when_every_case_is_complete(model: ModalityAwareSegNet) -> None:
-    """Self-distillation needs all four sequences in every case of the batch."""
+def test_global_teacher_sees_the_sequences_the_student_view_hides(model: ModalityAwareSegNet) -> None:
+    """The frozen global teacher gets the teacher's view (every sequence the site has), the student its dropped
+    view; KD then carries what the hidden sequences show, and acts on every step."""
     method = _method(model)
     method.on_global_model(model, _global_meta(), current_round=1)
-    _, terms = method.training_loss(model, _batch(FULL), epoch=0)
-    assert set(terms) == {"dice", "bce", "drl", "rcl", "kd", "proto_kd", "self_distill"}
-    assert math.isfinite(terms["self_distill"]) and terms["self_distill"] >= 0
-    _, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
-    assert "self_distill" not in terms
+    recorder = _RecordingTeacher(method.teacher)
+    method.teacher = recorder
+    batch = _two_views(student=[[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]], available=FULL)
+    _, terms = method.training_loss(model, batch, epoch=0)
+    assert recorder.masks[0].tolist() == FULL
+    assert torch.equal(recorder.images[0], batch["available_image"])
+    assert torch.count_nonzero(batch["image"][:, 1]) == 0 and torch.count_nonzero(recorder.images[0][:, 1]) > 0
+    assert terms["acted_kd"] == 1.0 and terms["kd"] > 0  # teacher and student saw different inputs
+
+
+@pytest.mark.parametrize("site", [MODALITIES, ("t1", "t2", "flair"), ("t2", "flair")])
+def test_self_distillation_acts_at_every_site_with_two_or_more_sequences(
+    model: ModalityAwareSegNet, site: tuple[str, ...]
+) -> None:
+    """Self-distillation acts on every step at a site with >= 2 sequences: from the teacher's view to the hidden
+    cases' student view where a sequence is hidden, else to a random proper subset (an extra forward pass); its
+    gradient reaches the model."""
+    method = FedKDMethod()
+    method.setup(model, site, CPU)
+    available = [[1.0 if m in site else 0.0 for m in MODALITIES]] * 2
+    one_hidden = [list(available[0]), list(available[1])]
+    one_hidden[1][MODALITIES.index(site[-1])] = 0.0  # the second case's student view lacks one sequence
+    for student in (available, one_hidden):
+        model.zero_grad(set_to_none=True)
+        loss, terms = method.training_loss(model, _two_views(student, available), epoch=0)
+        assert terms["acted_self_distill"] == 1.0 and math.isfinite(terms["self_distill"])
+        only_self = FedKDMethod(dice_weight=0, bce_weight=0, drl_weight=0, rcl_weight=0, self_distill_weight=1.0)
+        only_self.setup(model, site, CPU)
+        with torch.no_grad():
+            model.decoder.head.weight.add_(0.3)  # a model whose views disagree
+        sd_loss, sd_terms = only_self.training_loss(model, _two_views(student, available), epoch=0)
+        assert sd_terms["self_distill"] > 0
+        sd_loss.backward()
+        assert torch.count_nonzero(model.decoder.head.weight.grad) > 0
+
+
+def test_self_distillation_never_at_a_one_sequence_site(model: ModalityAwareSegNet) -> None:
+    method = FedKDMethod()
+    method.setup(model, ("flair",), CPU)
+    only_flair = [[0.0, 0.0, 0.0, 1.0]] * 2
+    _, terms = method.training_loss(model, _two_views(only_flair, only_flair), epoch=0)
+    assert "self_distill" not in terms and "acted_self_distill" not in terms
+
+
+def test_self_distillation_teaches_the_hidden_cases_from_the_teacher_view(model: ModalityAwareSegNet) -> None:
+    """With one case hidden a sequence, the loss equals KD from the model's teacher-view output to that case's
+    student-view output, and nothing of the other case."""
+    from fedbrats.federated.methods.fedkd.distillation import self_distillation_loss
+
+    method = FedKDMethod(dice_weight=0, bce_weight=0, drl_weight=0, rcl_weight=0, self_distill_weight=1.0)
+    method.setup(model, MODALITIES, CPU)
+    batch = _two_views(student=[FULL[0], [1.0, 0.0, 1.0, 1.0]], available=FULL)
+    model.eval()  # no dropout: the outputs below are reproducible
+    loss, _ = method.training_loss(model, batch, epoch=0)
+    with torch.no_grad():
+        full = model(batch["available_image"], batch["available_modality_mask"])["logits"]
+        student = model(batch["image"], batch["modality_mask"])["logits"]
+    expected = self_distillation_loss(full[1:], student[1:], method.kd_temperature)
+    assert loss.item() == pytest.approx(float(expected), rel=1e-4)
 
 
 @pytest.mark.parametrize("term", ["drl", "rcl", "kd", "proto_kd", "self_distill"])
@@ -139,6 +231,7 @@ def test_zero_weight_removes_term(model: ModalityAwareSegNet, term: str) -> None
     method.on_global_model(model, _global_meta(), current_round=1)
     loss, terms = method.training_loss(model, _batch(FULL), epoch=0)
     expected = {"dice", "bce", "drl", "rcl", "kd", "proto_kd", "self_distill"} - {term}
+    expected |= {f"acted_{t}" for t in ("kd", "self_distill") if t in expected}
     assert set(terms) == expected
     assert loss.item() == pytest.approx(_weighted_sum(method, terms), rel=1e-5)
 
@@ -148,9 +241,8 @@ def test_zero_dice_weight_removes_dice_from_loss(model: ModalityAwareSegNet) -> 
     method = _method(model, dice_weight=0.0)
     loss, terms = method.training_loss(model, _batch(PARTIAL), epoch=0)
     assert terms["dice"] > 0
-    others = terms["bce"] * method.weights["bce_weight"]
-    others += terms["drl"] * method.weights["drl_weight"] + terms["rcl"] * method.weights["rcl_weight"]
-    assert loss.item() == pytest.approx(others, rel=1e-5)
+    others = {k: v for k, v in terms.items() if k != "dice"}
+    assert loss.item() == pytest.approx(_weighted_sum(method, others), rel=1e-5)
 
 
 def test_absent_sequence_encoder_gets_no_gradient(model: ModalityAwareSegNet) -> None:

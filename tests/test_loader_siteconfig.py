@@ -146,6 +146,32 @@ def test_train_loader_missing_sequences_stay_zero(fed2018: str) -> None:
     assert seen == 25 * site["num_training"]
 
 
+def test_teacher_view_is_the_sample_before_sequence_dropout(fed2018: str) -> None:
+    """With teacher_view, a batch also holds the same crop with every sequence the site has; dropout shaped only
+    the student's view (image, modality_mask)."""
+    site = _manifest(fed2018)["sites"]["site-2"]  # t1, t2, flair
+    cfg = DataConfig(roi_size=ROI, batch_size=1, modality_dropout=1.0)
+    train, _ = make_loaders(site["datalist"], ("t1", "t2", "flair"), "brats2018", cfg, teacher_view=True)
+    hid_something = 0
+    for _ in range(10):
+        for batch in train:
+            student, available = batch["modality_mask"][0], batch["available_modality_mask"][0]
+            assert available.tolist() == [1.0, 0.0, 1.0, 1.0]
+            assert bool((student <= available).all()) and student.sum() >= 1
+            for c in range(4):
+                full, seen = batch["available_image"][0, c], batch["image"][0, c]
+                if student[c]:
+                    assert torch.equal(full, seen)  # the same crop and augmentation
+                else:
+                    assert torch.count_nonzero(seen) == 0
+                    if available[c]:
+                        assert torch.count_nonzero(full) > 0
+            hid_something += int(student.sum() < available.sum())
+    assert hid_something > 0
+    plain, _ = make_loaders(site["datalist"], ("t1", "t2", "flair"), "brats2018", cfg)
+    assert "available_image" not in next(iter(plain))
+
+
 def test_train_loader_modality_dropout_consistent(fed2018: str) -> None:
     """With modality dropout, every dropped channel is exactly zero and its mask entry 0; absent ones stay off."""
     site = _manifest(fed2018)["sites"]["site-2"]  # t1, t2, flair

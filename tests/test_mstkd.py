@@ -10,7 +10,7 @@ import torch
 
 from fedbrats.constants import modality_combinations
 from fedbrats.federated.methods import build_method
-from fedbrats.federated.methods.mstkd import MSTKDMethod, random_subset_masks
+from fedbrats.federated.methods.mstkd import MSTKDMethod, random_subset_masks, random_subsets_of
 from fedbrats.federated.methods.mstkd.losses import (
     adversarial_loss,
     attention_kd_loss,
@@ -270,25 +270,78 @@ def test_full_site_trains_teacher_and_discriminator_and_student() -> None:
     assert _changed(s0, student)
 
 
-def test_partial_site_trains_the_student_only() -> None:
+def _two_views(student: torch.Tensor, available: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A batch as the loader gives it to a distilling method: the student's view (``student`` mask, image zero-filled
+    accordingly) and the teacher's view (``available``: every sequence the site has)."""
+    batch = _batch(available.shape[0], available)
+    batch["available_image"], batch["available_modality_mask"] = batch["image"], available
+    batch["image"], batch["modality_mask"] = batch["image"] * student[:, :, None, None, None], student
+    return batch
+
+
+class _Recording(torch.nn.Module):
+    """Wraps a network and keeps the sequence masks it was given."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.masks: list[torch.Tensor] = []
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> dict:
+        self.masks.append(mask.clone())
+        return self.net(image, mask)
+
+
+def test_partial_site_has_a_teacher_on_its_own_sequences() -> None:
+    """A site with three sequences keeps a teacher too; it trains on those three whatever the loader hid from the
+    student, and the student's view is a non-empty subset of them."""
     student = _net(0)
     method = _method()
     method.setup(student, ("t1", "t2", "flair"), torch.device("cpu"))
+    assert method.teacher is not None
+    t0 = _params(method.teacher)
+    method.teacher = _Recording(method.teacher)
+    recording_student = _Recording(student)
+    available = torch.tensor([[1.0, 0, 1, 1]] * 2)
+    hidden = torch.tensor([[1.0, 0, 0, 1], [0, 0, 1, 0]])
+    torch.manual_seed(0)
+    loss, terms = method.training_loss(recording_student, _two_views(hidden, available), epoch=0)
+    assert method.teacher.masks[0].tolist() == available.tolist()
+    assert _changed(t0, method.teacher.net)
+    seen = recording_student.masks[0]
+    assert bool((seen.sum(1) >= 1).all()) and bool((seen <= available).all())
+    assert terms["acted_kd"] == 1.0 and {"logit_kd", "hidden_kd", "teacher_dice"} <= set(terms)
+    loss.backward()
+    assert all(p.grad is not None for p in student.head.parameters())
+
+
+def test_one_sequence_site_trains_the_student_only() -> None:
+    student = _net(0)
+    method = _method()
+    method.setup(student, ("flair",), torch.device("cpu"))
     assert method.teacher is None and method.discriminator is None
-    loss, terms = method.training_loss(student, _batch(2, torch.tensor([[1.0, 0, 1, 1]] * 2)), epoch=0)
+    loss, terms = method.training_loss(student, _batch(2, torch.tensor([[0.0, 0, 0, 1]] * 2)), epoch=0)
     assert set(terms) == {"dice", "bce"}
     loss.backward()
     assert all(p.grad is not None for p in student.head.parameters())
 
 
-def test_full_site_batch_with_hidden_sequence_leaves_teacher_unchanged() -> None:
-    student = _net(0)
-    method = _method()
-    method.setup(student, ALL_FOUR, torch.device("cpu"))
-    t0 = _params(method.teacher)
-    _, terms = method.training_loss(student, _batch(2, torch.tensor([[1.0, 1, 1, 1], [1, 0, 1, 1]])), epoch=0)
-    assert set(terms) == {"dice", "bce"}
-    assert not _changed(t0, method.teacher)
+def test_net_only_ablation_keeps_no_teacher_and_the_same_student_views() -> None:
+    """mstkd_net_only: every distillation weight 0, so no teacher is kept; the student still trains on random
+    subsets of the site's sequences, as in MST-KD."""
+    from fedbrats.federated.methods import EXPERIMENTS
+
+    _, training, _ = EXPERIMENTS["mstkd_net_only"]
+    method = _method(**training["method_args"])
+    assert not method.distils and _method().distils
+    student = _Recording(_net(0))
+    method.setup(student.net, ALL_FOUR, torch.device("cpu"))
+    assert method.teacher is None and method.discriminator is None
+    torch.manual_seed(0)
+    for _ in range(20):
+        _, terms = method.training_loss(student, _two_views(torch.ones(2, 4), torch.ones(2, 4)), epoch=0)
+        assert set(terms) == {"dice", "bce"}
+    assert len({tuple(m.tolist()) for batch in student.masks for m in batch}) > 5  # the subsets vary
 
 
 def test_ablation_weights_switch_terms_off() -> None:
@@ -312,6 +365,17 @@ def test_random_subsets_cover_all_fifteen_and_are_never_empty() -> None:
     assert len({tuple(m.tolist()) for m in masks}) == len(modality_combinations()) == 15
     with pytest.raises(ValueError, match="batch_size"):
         random_subset_masks(0)
+
+
+def test_random_subsets_of_the_available_sequences() -> None:
+    """Every non-empty subset of a case's sequences is drawn, and nothing outside them."""
+    torch.manual_seed(0)
+    available = torch.tensor([[1.0, 0, 1, 1], [0, 0, 1, 1]]).repeat(300, 1)
+    masks = random_subsets_of(available)
+    assert bool((masks.sum(1) >= 1).all()) and bool((masks <= available).all())
+    assert len({tuple(m.tolist()) for m in masks[0::2]}) == 7 and len({tuple(m.tolist()) for m in masks[1::2]}) == 3
+    with pytest.raises(ValueError, match="no sequence"):
+        random_subsets_of(torch.tensor([[0.0, 0, 0, 0]]))
 
 
 def test_method_argument_errors() -> None:
@@ -339,8 +403,8 @@ def test_mstkd_two_rounds(tiny_federation: str, tmp_path) -> None:
     overrides = {
         "epochs_per_round": 2,
         "lr": 3e-3,
-        # No sequence dropout: the full site must see complete batches for the teacher and KD terms to appear.
-        "data": {"roi_size": [16, 16, 16], "batch_size": 1, "cache_rate": 1.0, "modality_dropout": 0.0},
+        # The recipe's sequence dropout: the teacher sees the teacher's view whatever the loader hid.
+        "data": {"roi_size": [16, 16, 16], "batch_size": 1, "cache_rate": 1.0},
     }
     result = simulate("mstkd", str(tmp_path), sites_file=tiny_federation, num_rounds=2, training=overrides)
     for name in ("FL_global_model.pt", "best_FL_global_model.pt"):
@@ -367,4 +431,6 @@ def test_mstkd_two_rounds(tiny_federation: str, tmp_path) -> None:
         "disc",
     } <= set(terms)
     assert all(math.isfinite(v) for v in terms.values())
+    for site in ("site-1", "site-2", "site-3"):  # every site with two or more sequences distils on every step
+        assert rounds[1]["sites"][site]["loss_terms"]["acted_kd"] == pytest.approx(1.0), site
     assert set(rounds[1]["sites"]["site-4"]["loss_terms"]) == {"dice", "bce"}, "T1-only site trains the student alone"

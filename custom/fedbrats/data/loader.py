@@ -19,6 +19,7 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import (
     CenterSpatialCropd,
     Compose,
+    CopyItemsd,
     CropForegroundd,
     DeleteItemsd,
     DivisiblePadd,
@@ -40,6 +41,8 @@ from monai.transforms import (
 
 from fedbrats.constants import MODALITIES
 from fedbrats.data.transforms import (
+    AVAILABLE_IMAGE_KEY,
+    AVAILABLE_MASK_KEY,
     MASK_KEY,
     ConvertBraTSLabelsd,
     LoadBraTSCased,
@@ -208,7 +211,9 @@ def _zero_absent_channels(data: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def train_transforms(modalities: Sequence[str], convention: str, cfg: DataConfig, labelled: bool = True) -> Compose:
+def train_transforms(
+    modalities: Sequence[str], convention: str, cfg: DataConfig, labelled: bool = True, teacher_view: bool = False
+) -> Compose:
     """Training pipeline: load available sequences, crop, normalise, random crop/augment, modality dropout.
 
     Args:
@@ -216,6 +221,10 @@ def train_transforms(modalities: Sequence[str], convention: str, cfg: DataConfig
         convention: its label convention.
         cfg: data options.
         labelled: False for a site without labels: images only, uniform random crops (no tumour-centred ones).
+        teacher_view: also give the sample as it was before sequence dropout (the same crop and augmentation, every
+            sequence the site has) under :data:`AVAILABLE_IMAGE_KEY` and :data:`AVAILABLE_MASK_KEY`: the teacher's
+            view of a distilling method, while ``image`` and ``modality_mask`` are the student's (dropout shapes the
+            student's view only).
     """
     keys = ["image", "label"] if labelled else ["image"]
     steps = preprocess_transforms(modalities, convention, cfg.zoom)
@@ -260,9 +269,13 @@ def train_transforms(modalities: Sequence[str], convention: str, cfg: DataConfig
             # The shift adds its offset to every channel: put absent sequences back to exactly zero.
             Lambda(_zero_absent_channels),
         ]
+    typed = [*keys, MASK_KEY]
+    if teacher_view:
+        steps.append(CopyItemsd(["image", MASK_KEY], names=[AVAILABLE_IMAGE_KEY, AVAILABLE_MASK_KEY]))
+        typed += [AVAILABLE_IMAGE_KEY, AVAILABLE_MASK_KEY]
     if cfg.modality_dropout > 0:
         steps.append(ModalityDropoutd("image", prob=cfg.modality_dropout))
-    steps.append(EnsureTyped([*keys, MASK_KEY], dtype=torch.float32, track_meta=False))
+    steps.append(EnsureTyped(typed, dtype=torch.float32, track_meta=False))
     return Compose(steps)
 
 
@@ -407,6 +420,7 @@ def make_loaders(
     cfg: DataConfig,
     divisor: int = SPATIAL_DIVISOR,
     labelled: bool = True,
+    teacher_view: bool = False,
 ) -> tuple[DataLoader, DataLoader]:
     """Training and validation loaders of one site.
 
@@ -418,6 +432,7 @@ def make_loaders(
         divisor: validation volumes are padded to a multiple of this (the network's down-sampling).
         labelled: False for a site without labels: the label paths of its datalist are dropped before anything is
             read, so its batches hold images and sequence masks only.
+        teacher_view: training batches also hold the view before sequence dropout (see :func:`train_transforms`).
     """
     unknown = sorted(set(modalities) - set(MODALITIES))
     if unknown:
@@ -428,7 +443,7 @@ def make_loaders(
         train_entries, val_entries = without_labels(train_entries), without_labels(val_entries)
     train_ds = make_dataset(
         train_entries,
-        train_transforms(modalities, convention, cfg, labelled),
+        train_transforms(modalities, convention, cfg, labelled, teacher_view),
         cfg.cache_rate,
         cfg.max_invalid_fraction,
         f"{datalist} training",

@@ -28,6 +28,10 @@ from fedbrats.data.validation import CaseValidationError, check_label_values, lo
 logger = logging.getLogger(__name__)
 
 MASK_KEY = "modality_mask"
+#: The teacher's view of a training sample: every sequence the site has, before sequence dropout (see
+#: :func:`fedbrats.data.loader.train_transforms` with ``teacher_view``); ``image``/``modality_mask`` are the student's.
+AVAILABLE_IMAGE_KEY = "available_image"
+AVAILABLE_MASK_KEY = "available_modality_mask"
 
 #: Public MONAI modules a bundle config names MONAI's classes by (``monai.transforms.CropForegroundd``): a bare
 #: name would be looked up across all of MONAI, where some names exist twice.
@@ -286,6 +290,27 @@ class ConvertBraTSLabelsd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.converter(d[key])
         return d
+
+
+def teacher_view(batch: Mapping[Hashable, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch's teacher view ``(image, modality_mask)``: every sequence the site has, before sequence
+    dropout; the student's view when the loader gave none (no ``teacher_view`` requested)."""
+    if AVAILABLE_IMAGE_KEY in batch:
+        return batch[AVAILABLE_IMAGE_KEY], batch[AVAILABLE_MASK_KEY]
+    return batch["image"], batch[MASK_KEY]
+
+
+def hidden_cases(student_mask: torch.Tensor, available_mask: torch.Tensor) -> torch.Tensor:
+    """Per case (B,), whether the student's view hides at least one sequence of the teacher's view.
+
+    Raises:
+        ValueError: the masks' shapes differ.
+    """
+    if tuple(student_mask.shape) != tuple(available_mask.shape):
+        raise ValueError(
+            f"student_mask {tuple(student_mask.shape)} and available_mask {tuple(available_mask.shape)} differ in shape"
+        )
+    return ((available_mask > 0) & ~(student_mask > 0)).any(dim=-1)
 
 
 def apply_modality_mask(image: torch.Tensor, mask: torch.Tensor | Sequence[float]) -> torch.Tensor:

@@ -166,7 +166,13 @@ class SiteTrainer:
         self.method.setup(self.model, site.modalities, self.device)
         divisor = int(getattr(model, "spatial_divisor", 8))
         self.train_loader, self.val_loader = make_loaders(
-            site.datalist, site.modalities, site.convention, config.data, divisor, labelled=site.labelled
+            site.datalist,
+            site.modalities,
+            site.convention,
+            config.data,
+            divisor,
+            labelled=site.labelled,
+            teacher_view=self.method.uses_teacher_view,
         )
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=config.lr * self.method.lr_scale, weight_decay=config.weight_decay

@@ -23,11 +23,15 @@ class ClientMethod:
         supports_unlabelled: whether the method can train at a site without labels (its batches then hold no
             ``label``); the trainer refuses an unlabelled site for a method that cannot.
         labelled: whether this site's cases carry labels (set by the trainer before :meth:`setup`).
+        uses_teacher_view: the training batches also carry the teacher's view, every sequence the site has
+            before sequence dropout (:func:`fedbrats.data.transforms.teacher_view`); ``image`` and
+            ``modality_mask`` stay the student's view.
     """
 
     name: ClassVar[str] = "base"
     payload_keys: ClassVar[frozenset[str]] = frozenset()
     supports_unlabelled: ClassVar[bool] = False
+    uses_teacher_view: ClassVar[bool] = False
     labelled: bool = True
 
     @property

@@ -11,7 +11,15 @@ Per batch, with ``f`` the fused content at 1/8 resolution and ``c_m`` each avail
       + w_rcl  * InfoNCE_regions(pool(f, y), pool(c_m, y), P_global)   (region-aware contrast)
       + w_kd   * KL_T(sigmoid(s/T) || sigmoid(t/T)) * T^2              (teacher = frozen global model)
       + w_proto* (1 - cos(pool(f, y), P_global))                        (feature distillation to global prototypes)
-      + w_self * KL_T(full-sequence logits || dropped-sequence logits)  (sites with all four sequences only)
+      + w_self * KL_T(available-sequence logits || student-view logits) (sites with two or more sequences)
+
+Two views of every batch (:func:`fedbrats.data.transforms.teacher_view`): the student's, shaped by sequence
+dropout, which the supervised terms, DRL, RCL and the prototypes use, and the teacher's, every sequence the site
+has. The global teacher always sees the teacher's view, so its knowledge of the sequences the student's view hides
+flows into the student; self-distillation goes from the model's own teacher-view prediction to its student-view
+prediction on the cases whose student view hides a sequence, and, in a batch where none does, to a random proper
+subset of the site's sequences (an extra forward pass). The share of steps each term acted on is logged as
+``acted_<term>`` with the loss terms.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fedbrats.data.transforms import apply_modality_mask
+from fedbrats.data.transforms import apply_modality_mask, hidden_cases, teacher_view
 from fedbrats.federated.methods.base import ClientMethod, check_non_negative
 from fedbrats.federated.methods.fedkd.distillation import prototype_kd_loss, self_distillation_loss
 from fedbrats.federated.methods.fedkd.drl import DRLLoss
@@ -48,8 +56,8 @@ class FedKDMethod(ClientMethod):
         kd_weight: logit distillation from the frozen global model (the teacher).
         kd_temperature: distillation temperature.
         proto_kd_weight: feature distillation of local region embeddings towards the global prototypes.
-        self_distill_weight: at sites with all four sequences, distillation from the full-sequence output to the
-            output with randomly dropped sequences.
+        self_distill_weight: at sites with two or more sequences, distillation from the model's output on every
+            sequence the site has (the teacher's view) to its output on the student's view (sequences hidden).
         kd_start_round: first round with distillation (round 0's global model is untrained).
         min_prototype_cases: a region's prototype is sent only when at least this many cases contributed to it,
             so that no single patient's features leave the site.
@@ -60,6 +68,7 @@ class FedKDMethod(ClientMethod):
 
     name: ClassVar[str] = "fedkd"
     payload_keys: ClassVar[frozenset[str]] = frozenset({"prototypes", "prototype_counts", "prototype_cases"})
+    uses_teacher_view: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -128,6 +137,7 @@ class FedKDMethod(ClientMethod):
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         image, label, mask = batch["image"], batch["label"], batch["modality_mask"]
+        full_image, full_mask = teacher_view(batch)
         out = model(image, mask)
         w = self.weights
         terms: dict[str, torch.Tensor] = self.segmentation_loss.terms(out["logits"], label)
@@ -140,16 +150,19 @@ class FedKDMethod(ClientMethod):
             terms["rcl"] = self.rcl(
                 protos, counts, seq_protos, mask, self.global_protos if self.use_proto_kd else None, self.global_valid
             )
+        acted: dict[str, float] = {}
         if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(image, mask)["logits"]
+            with torch.no_grad():  # the global teacher sees every sequence the site has, the student maybe fewer
+                teacher_logits = self.teacher(full_image, full_mask)["logits"]
             terms["kd"] = logit_kd_loss(out["logits"], teacher_logits, self.kd_temperature)
+            acted["acted_kd"] = 1.0
         if self.use_proto_kd and w["proto_kd_weight"] > 0:
             terms["proto_kd"] = prototype_kd_loss(protos, counts, self.global_protos, self.global_valid)
-        if w["self_distill_weight"] > 0 and bool((mask > 0).all()):
-            dropped_mask = _random_subset_mask(mask)
-            dropped = model(apply_modality_mask(image, dropped_mask), dropped_mask)
-            terms["self_distill"] = self_distillation_loss(out["logits"], dropped["logits"], self.kd_temperature)
+        if w["self_distill_weight"] > 0 and len(self.modalities) > 1:
+            self_distill = self._self_distillation(model, out["logits"], mask, full_image, full_mask)
+            if self_distill is not None:
+                terms["self_distill"] = self_distill
+            acted["acted_self_distill"] = float(self_distill is not None)
         weight_of = {
             "dice": w["dice_weight"],
             "bce": w["bce_weight"],
@@ -160,7 +173,34 @@ class FedKDMethod(ClientMethod):
             "self_distill": w["self_distill_weight"],
         }
         loss = sum(weight_of[k] * v for k, v in terms.items())
-        return loss, {k: float(v.detach()) for k, v in terms.items()}
+        return loss, {**{k: float(v.detach()) for k, v in terms.items()}, **acted}
+
+    def _self_distillation(
+        self,
+        model: torch.nn.Module,
+        student_logits: torch.Tensor,
+        student_mask: torch.Tensor,
+        full_image: torch.Tensor,
+        full_mask: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """Self-distillation from the teacher's view to a view with sequences hidden (None: no case qualifies).
+
+        Where the student's view hides a sequence, the model's own prediction on the teacher's view (one forward
+        pass without gradients) teaches the student's prediction on those cases. In a batch where no case is
+        hidden anything, the student's prediction is the teacher's-view one, and a random proper subset of each
+        case's sequences (a forward pass with gradients) is taught by it.
+        """
+        hidden = hidden_cases(student_mask, full_mask)
+        if bool(hidden.any()):
+            with torch.no_grad():
+                full_logits = model(full_image, full_mask)["logits"]
+            return self_distillation_loss(full_logits[hidden], student_logits[hidden], self.kd_temperature)
+        several = (full_mask > 0).sum(dim=-1) > 1
+        if not bool(several.any()):
+            return None
+        dropped_mask = _random_subset_mask(full_mask)
+        dropped = model(apply_modality_mask(full_image, dropped_mask), dropped_mask)["logits"]
+        return self_distillation_loss(student_logits[several], dropped[several], self.kd_temperature)
 
     def round_payload(self, model: torch.nn.Module, train_loader: Any) -> dict[str, Any]:
         """Region prototypes of this round: the mean fused content per region over the round's training

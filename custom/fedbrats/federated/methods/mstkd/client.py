@@ -5,11 +5,13 @@ Tumor Segmentation" (MST-KDNet, Zhu et al., MICCAI 2025), a centralised method, 
 this project's design (see docs/mstkd.md):
 
 * the trainer's ``model`` is the **student**, the only network that is federated (FedAvg) and deployed;
-* at a site with all four sequences the method keeps a **teacher** of the same architecture and a style
+* at a site with two or more sequences the method keeps a **teacher** of the same architecture and a style
   **discriminator** as local state, each with its own Adam optimiser, and steps both inside
   :meth:`MSTKDMethod.training_loss`; neither ever leaves the site;
-* a batch whose cases all have the four sequences trains the teacher on the full input (Dice) and the student
-  on a per-case random one of the 15 non-empty subsets (zero-filled) with Dice plus distillation:
+* every batch there trains the teacher on the teacher's view (every sequence the site has, before the loader's
+  sequence dropout: :func:`fedbrats.data.transforms.teacher_view`) and the student on a per-case random non-empty
+  subset of those sequences (zero-filled; at a site with all four, one of the 15 subsets, as in the paper) with
+  Dice plus distillation:
 
       L_student = w_dice·Dice(z_s, y)
                 + w_hid·L_hid + w_att·L_att                           (multi-scale transformer KD)
@@ -17,8 +19,9 @@ this project's design (see docs/mstkd.md):
                 + ramp(epoch)·MSE(σ(z_s), σ(z_t))                     (output consistency)
                 + w_gram·L_gram + w_adv·ℓ(D(style_s), real)           (global style matching)
 
-* any other batch (sites lacking a sequence, or cases with sequences hidden by ``modality_dropout``) trains
-  the student alone with Dice on its own zero-filled input.
+* at a site with one sequence there is nothing to distil: the student trains alone on its (dropout-shaped) view.
+
+The share of steps the distillation acted on is logged as ``acted_kd`` with the loss terms.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedbrats.constants import MODALITIES, modality_combinations, modality_mask
-from fedbrats.data.transforms import apply_modality_mask
+from fedbrats.constants import modality_combinations, modality_mask
+from fedbrats.data.transforms import apply_modality_mask, teacher_view
 from fedbrats.federated.methods.base import ClientMethod, check_non_negative
 from fedbrats.federated.methods.mstkd.losses import (
     GAN_MODES,
@@ -65,6 +68,29 @@ def random_subset_masks(batch_size: int, device: torch.device | str = "cpu") -> 
     return SUBSET_MASKS[idx].to(device)
 
 
+def random_subsets_of(available: torch.Tensor) -> torch.Tensor:
+    """Per case, one uniformly drawn non-empty subset of its available sequences, as a (B, 4) float mask.
+
+    With all four sequences available this is :func:`random_subset_masks`'s distribution (one of the 15 subsets).
+    Uses torch's global generator.
+
+    Raises:
+        ValueError: ``available`` is not (B, C), or a case has no available sequence.
+    """
+    if available.ndim != 2:
+        raise ValueError(f"available must be a (batch, sequences) mask, got shape {tuple(available.shape)}")
+    out = torch.zeros_like(available, dtype=torch.float32)
+    for b in range(available.shape[0]):
+        present = torch.nonzero(available[b] > 0).flatten()
+        if present.numel() == 0:
+            raise ValueError(f"available: case {b} has no sequence")
+        pick = int(torch.randint(1, 2 ** present.numel(), (1,)))  # a non-empty bit pattern over the present ones
+        for bit, channel in enumerate(present.tolist()):
+            if pick >> bit & 1:
+                out[b, channel] = 1.0
+    return out
+
+
 class MSTKDMethod(ClientMethod):
     """The site side of MST-KDNet distillation. Every loss weight is an option; 0 switches a term off.
 
@@ -96,6 +122,7 @@ class MSTKDMethod(ClientMethod):
 
     name: ClassVar[str] = "mstkd"
     payload_keys: ClassVar[frozenset[str]] = frozenset()
+    uses_teacher_view: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -160,10 +187,19 @@ class MSTKDMethod(ClientMethod):
         self.teacher_optimizer: torch.optim.Optimizer | None = None
         self.discriminator: StyleDiscriminator | None = None
         self.discriminator_optimizer: torch.optim.Optimizer | None = None
+        self.several_sequences = False
+
+    @property
+    def distils(self) -> bool:
+        """Whether any distillation term has a weight: without one the teacher would teach nothing, so none is
+        kept (the ``mstkd_net_only`` ablation: the same network and student views, no distillation)."""
+        weights = (self.hidden_kd_weight, self.attn_kd_weight, self.logit_kd_weight, self.consistency_weight)
+        return any(w > 0 for w in (*weights, self.gram_weight, self.adv_weight))
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module, modalities: tuple[str, ...], device: torch.device) -> None:
-        """Create the site-local teacher and discriminator (and their Adam optimisers) at a full site.
+        """Create the site-local teacher and discriminator (and their Adam optimisers) at a site with two or more
+        sequences.
 
         Raises:
             ValueError: ``model`` is not an MST-KDNet-style network (no ``style_channels``).
@@ -175,9 +211,12 @@ class MSTKDMethod(ClientMethod):
                 f"method 'mstkd' needs a network with hidden/attn/style outputs (network 'mstkd'), got model "
                 f"{type(model).__name__}"
             )
-        self.full_site = set(modalities) == set(MODALITIES)
-        if not self.full_site:
-            logger.info("mstkd: site has %s, not all four sequences: student-only training", list(modalities))
+        self.several_sequences = len(set(modalities)) > 1
+        if not self.several_sequences:
+            logger.info("mstkd: site has only %s: nothing to distil, student-only training", list(modalities))
+            return
+        if not self.distils:
+            logger.info("mstkd: every distillation weight is 0: no teacher, the student alone on its views")
             return
         # Same architecture as the student; starting from the student's initial weights is as good as any
         # random start, and the teacher never leaves the site, so its initial weights reveal nothing.
@@ -191,7 +230,7 @@ class MSTKDMethod(ClientMethod):
                 self.discriminator.parameters(), lr=self.discriminator_lr, betas=(0.9, 0.99)
             )
         extra = " and style discriminator" if self.discriminator is not None else ""
-        logger.info("mstkd: site has all four sequences: site-local teacher%s", extra)
+        logger.info("mstkd: site has %s: site-local teacher%s", list(modalities), extra)
 
     def on_global_model(self, model: torch.nn.Module, global_meta: dict[str, Any], current_round: int) -> None:
         """Nothing to do: the teacher and discriminator persist across rounds at the site; only the student is
@@ -201,7 +240,7 @@ class MSTKDMethod(ClientMethod):
     def training_loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Student loss of one batch; at a full batch, first steps the teacher and the discriminator.
+        """Student loss of one batch; at a site with a teacher, first steps the teacher and the discriminator.
 
         Returns:
             ``(loss, terms)``: the student's weighted loss (the trainer back-propagates and steps it) and every
@@ -209,16 +248,17 @@ class MSTKDMethod(ClientMethod):
             here and are not part of ``loss``.
         """
         image, label, mask = batch["image"], batch["label"], batch["modality_mask"]
-        if self.teacher is None or not bool((mask > 0).all()):
-            out = model(image, mask)
+        if self.several_sequences:
+            full_image, full_mask = teacher_view(batch)
+            image, mask = full_image, random_subsets_of(full_mask)
+        if self.teacher is None:
+            out = model(apply_modality_mask(image, mask), mask)
             seg = self._segmentation_terms(out["logits"], label)
             return sum(w * v for w, v in seg.values()), {k: float(v.detach()) for k, (_, v) in seg.items()}
 
-        floats: dict[str, float] = {}
-        teacher_out = self._teacher_step(image, mask, label, floats)
-
-        student_mask = random_subset_masks(image.shape[0], image.device)
-        out = model(apply_modality_mask(image, student_mask), student_mask)
+        floats: dict[str, float] = {"acted_kd": 1.0}
+        teacher_out = self._teacher_step(full_image, full_mask, label, floats)
+        out = model(apply_modality_mask(full_image, mask), mask)
         logits = out["logits"]
         ramp = consistency_rampup_weight(epoch, self.consistency_weight, self.rampup_epochs)
         terms: dict[str, tuple[float, torch.Tensor]] = self._segmentation_terms(logits, label)
@@ -281,4 +321,4 @@ class MSTKDMethod(ClientMethod):
         floats["disc"] = float(loss.detach())
 
 
-__all__ = ["SUBSET_MASKS", "MSTKDMethod", "random_subset_masks"]
+__all__ = ["SUBSET_MASKS", "MSTKDMethod", "random_subset_masks", "random_subsets_of"]
