@@ -293,7 +293,7 @@ def test_round_payload_shapes_and_values(model: ModalityAwareSegNet) -> None:
 
     with torch.no_grad():
         fused = model(batch["image"], batch["modality_mask"])["fused"]
-        per_case, per_case_counts = region_prototypes(fused, batch["label"])
+        per_case, per_case_counts = region_prototypes(fused, batch["label"], disjoint=True)
     expected = (per_case * per_case_counts[..., None]).sum(0) / per_case_counts.sum(0)[:, None]
     np.testing.assert_allclose(counts, per_case_counts.sum(0).numpy(), rtol=1e-5)
     np.testing.assert_allclose(protos, expected.numpy(), rtol=1e-4, atol=1e-5)

@@ -415,3 +415,60 @@ def test_fedkd_losses_on_network_outputs_reach_available_encoders_only() -> None
         else:
             assert param.grad is not None and torch.isfinite(param.grad).all(), name
     assert torch.count_nonzero(net.encoders[3].stages[0][0][0].weight.grad) > 0
+
+
+# ------------------------------------------------------------------ the terms as their ideas (issue: distillation)
+
+
+def test_independence_has_a_gradient_on_a_two_sample_batch_only_with_memory() -> None:
+    """Two samples alone: every standardised dimension is +-1, the loss is 1 and has no gradient. With a memory of
+    earlier samples it has one, and descending it lowers the content/style correlation it measures."""
+    from fedbrats.federated.methods.fedkd.drl import DRLLoss, content_style_independence_loss
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    content = torch.randn(2, 2, 6, requires_grad=True)
+    style = torch.randn(2, 2, 3)
+    # Alone, the loss is ~1 whatever the features: nothing to learn from.
+    for other in (content, torch.randn(2, 2, 6), 5 * torch.randn(2, 2, 6)):
+        assert content_style_independence_loss(other, style, mask).item() == pytest.approx(1.0, abs=5e-3)
+    # Memory: style linked to content (a dependence the term should remove from the batch's features).
+    past_style = torch.randn(40, 3)
+    past_content = torch.cat([past_style, past_style], dim=1) + 0.1 * torch.randn(40, 6)
+    with_memory = content_style_independence_loss(content, style, mask, memory=(past_content, past_style))
+    (grad,) = torch.autograd.grad(with_memory, content)
+    assert float(grad.abs().max()) > 1e-4
+    drl = DRLLoss(0.0, 1.0, 0.0, memory_size=4)
+    for _ in range(3):
+        drl(content, style, mask)
+    assert drl._memory is not None and drl._memory[0].shape == (4, 6)  # bounded, newest first
+    drl.reset_memory()
+    assert drl._memory is None
+    # Descending the term on a batch whose features copy the style lowers the measured dependence.
+    batch_style = torch.randn(8, 1, 3)
+    feats = (torch.cat([batch_style, batch_style], dim=2) + 0.1 * torch.randn(8, 1, 6)).requires_grad_(True)
+    ones = torch.ones(8, 1)
+    memory = (torch.randn(8, 6), torch.randn(8, 3))
+    first = content_style_independence_loss(feats, batch_style, ones, memory=memory).item()
+    opt = torch.optim.SGD([feats], lr=10.0)
+    for _ in range(50):
+        opt.zero_grad()
+        content_style_independence_loss(feats, batch_style, ones, memory=memory).backward()
+        opt.step()
+    assert content_style_independence_loss(feats, batch_style, ones, memory=memory).item() < 0.25 * first
+
+
+def test_disjoint_regions_share_no_voxel_and_make_the_nested_ones() -> None:
+    """rcl_regions=disjoint: background, oedema, non-enhancing core and ET never overlap (so no region is a negative
+    of voxels it contains), and they sum to the nested regions."""
+    from fedbrats.federated.methods.fedkd.rcl import region_weights
+
+    label = torch.zeros(1, 3, 8, 8, 8)
+    label[:, 0, 1:7, 1:7, 1:7] = 1
+    label[:, 1, 2:6, 2:6, 2:6] = 1
+    label[:, 2, 3:5, 3:5, 3:5] = 1
+    disjoint = region_weights(label, (8, 8, 8), disjoint=True)
+    nested = region_weights(label, (8, 8, 8))
+    assert float(disjoint.sum(1).max()) == pytest.approx(1.0) and float(nested.sum(1).max()) > 1.5
+    assert torch.allclose(disjoint[:, 1:].sum(1), nested[:, 1])  # oedema + core + ET = WT
+    assert torch.allclose(disjoint[:, 2:].sum(1), nested[:, 2])  # core + ET = TC

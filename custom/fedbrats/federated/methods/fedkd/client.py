@@ -40,6 +40,9 @@ from fedbrats.federated.protocol import GLOBAL_PROTOTYPE_VALID_KEY, GLOBAL_PROTO
 from fedbrats.losses.distillation import logit_kd_loss
 from fedbrats.losses.segmentation import DiceBCELoss
 
+#: The region sets of RCL and the prototypes (see ``rcl_regions``).
+RCL_REGION_SETS: tuple[str, ...] = ("disjoint", "nested")
+
 
 class FedKDMethod(ClientMethod):
     """The site side of FedKD. Every loss term has a weight; 0 switches it off (ablations).
@@ -51,8 +54,15 @@ class FedKDMethod(ClientMethod):
         drl_consistency: DRL content agreement across a case's sequences.
         drl_independence: DRL content/style cross-correlation penalty.
         drl_style: DRL separation of different sequences' style vectors.
+        drl_memory: pooled (content, style) samples of earlier batches over which the independence term's
+            correlation is estimated (a batch alone has too few samples for a gradient at small sites); cleared
+            when a global model arrives.
         rcl_weight: region-aware contrastive learning (RCL).
         rcl_temperature: InfoNCE temperature of RCL.
+        rcl_regions: ``"disjoint"``: background, oedema (WT - TC), non-enhancing core (TC - ET) and ET, so that no
+            region is another's negative while sharing its voxels; ``"nested"``: background, WT, TC, ET (the
+            BraTS evaluation regions, each inside the one before). The region prototypes sent to the server use
+            the same regions.
         kd_weight: logit distillation from the frozen global model (the teacher).
         kd_temperature: distillation temperature.
         proto_kd_weight: feature distillation of local region embeddings towards the global prototypes.
@@ -78,8 +88,10 @@ class FedKDMethod(ClientMethod):
         drl_consistency: float = 1.0,
         drl_independence: float = 0.1,
         drl_style: float = 0.1,
+        drl_memory: int = 64,
         rcl_weight: float = 0.1,
         rcl_temperature: float = 0.07,
+        rcl_regions: str = "disjoint",
         kd_weight: float = 0.5,
         kd_temperature: float = 2.0,
         proto_kd_weight: float = 0.1,
@@ -98,13 +110,16 @@ class FedKDMethod(ClientMethod):
             "self_distill_weight": self_distill_weight,
         }
         check_non_negative(weights)
+        if rcl_regions not in RCL_REGION_SETS:
+            raise ValueError(f"rcl_regions must be one of {RCL_REGION_SETS}, got {rcl_regions!r}")
         self.weights = weights
+        self.disjoint_regions = rcl_regions == "disjoint"
         self.kd_temperature = kd_temperature
         self.kd_start_round = kd_start_round
         self.min_prototype_cases = min_prototype_cases
         self.partial_updates = partial_updates
         self.segmentation_loss = DiceBCELoss(dice_weight, bce_weight)
-        self.drl = DRLLoss(drl_consistency, drl_independence, drl_style)
+        self.drl = DRLLoss(drl_consistency, drl_independence, drl_style, memory_size=drl_memory)
         self.rcl = RegionContrastiveLoss(rcl_temperature)
         self.teacher: torch.nn.Module | None = None
         self.global_protos: torch.Tensor | None = None
@@ -132,6 +147,7 @@ class FedKDMethod(ClientMethod):
             self.global_protos, self.global_valid = None, None
         self.use_proto_kd = use_kd and self.global_protos is not None
         self._reset_prototype_sums()
+        self.drl.reset_memory()  # features of the previous local model say little about the new one
 
     def training_loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int
@@ -143,10 +159,10 @@ class FedKDMethod(ClientMethod):
         terms: dict[str, torch.Tensor] = self.segmentation_loss.terms(out["logits"], label)
         if w["drl_weight"] > 0:
             terms["drl"] = self.drl(out["content"], out["style"], mask)
-        protos, counts = region_prototypes(out["fused"], label)
+        protos, counts = region_prototypes(out["fused"], label, disjoint=self.disjoint_regions)
         self._accumulate_prototypes(protos.detach(), counts.detach(), batch.get("case_id"))
         if w["rcl_weight"] > 0:
-            seq_protos, _ = region_prototypes(out["content"], label)
+            seq_protos, _ = region_prototypes(out["content"], label, disjoint=self.disjoint_regions)
             terms["rcl"] = self.rcl(
                 protos, counts, seq_protos, mask, self.global_protos if self.use_proto_kd else None, self.global_valid
             )

@@ -77,7 +77,13 @@ def _pool(content: Tensor) -> Tensor:
     return content.flatten(3).mean(dim=3) if content.ndim > 3 else content
 
 
-def content_style_independence_loss(content: Tensor, style: Tensor, mask: Tensor, eps: float = 1e-5) -> Tensor:
+def content_style_independence_loss(
+    content: Tensor,
+    style: Tensor,
+    mask: Tensor,
+    eps: float = 1e-5,
+    memory: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """Penalty on any linear dependence between (pooled) content and style.
 
     Choice: the squared cross-correlation. The globally pooled content vectors ``c`` (C dims) and the style
@@ -87,14 +93,21 @@ def content_style_independence_loss(content: Tensor, style: Tensor, mask: Tensor
     network cannot satisfy the loss by shrinking the features; its values lie in [0, 1]. It is 0 when content
     and style are uncorrelated, 1 when every content dimension is a linear function of every style dimension.
 
+    A batch alone holds few samples (at most cases x sequences): with two, every standardised dimension is +-1 and
+    the loss is 1 whatever the features, with no gradient; for independent features it sits near 1/(N-1). With
+    ``memory`` (pooled content and style of earlier batches, constants), the statistics are taken over the batch
+    and the memory together, so the term has a gradient at every batch size and estimates the dependence over
+    many samples; the gradient reaches the batch's features only.
+
     Args:
         content: (B, M, C, ...) per-sequence content (pooled over the trailing spatial dims if present).
         style: (B, M, S) per-sequence style vectors.
         mask: (B, M), ``True`` where the sequence is available.
         eps: added to the variances (a constant dimension then has correlation 0, not NaN).
+        memory: optional ``(content (K, C), style (K, S))`` samples of earlier batches, pooled, detached.
 
     Returns:
-        Scalar loss; 0 (attached to the graph) with fewer than two available (case, sequence) pairs.
+        Scalar loss; 0 (attached to the graph) with fewer than two samples (batch and memory together).
 
     Raises:
         ValueError: on mismatched shapes.
@@ -107,10 +120,19 @@ def content_style_independence_loss(content: Tensor, style: Tensor, mask: Tensor
             f"got {tuple(style.shape)}"
         )
     avail = _bool_mask(mask, content.shape[0], content.shape[1])
-    if int(avail.sum()) < 2:
-        return attached_zero(content, style)
     c = _pool(content)[avail]  # (N, C)
     s = style[avail]  # (N, S)
+    if memory is not None and memory[0].shape[0]:
+        past_c, past_s = memory
+        if past_c.shape[1:] != c.shape[1:] or past_s.shape[1:] != s.shape[1:] or len(past_c) != len(past_s):
+            raise ValueError(
+                f"memory must hold (K, {c.shape[1]}) content and (K, {s.shape[1]}) style samples, got "
+                f"{tuple(past_c.shape)} and {tuple(past_s.shape)}"
+            )
+        c = torch.cat([c, past_c.to(c)], dim=0)
+        s = torch.cat([s, past_s.to(s)], dim=0)
+    if c.shape[0] < 2 or not bool(avail.any()):
+        return attached_zero(content, style)
     c = (c - c.mean(dim=0)) / torch.sqrt(c.var(dim=0, unbiased=False) + eps)
     s = (s - s.mean(dim=0)) / torch.sqrt(s.var(dim=0, unbiased=False) + eps)
     corr = c.t() @ s / c.shape[0]
@@ -161,9 +183,11 @@ class DRLLoss(nn.Module):
         w_independence: weight of :func:`content_style_independence_loss`.
         w_style: weight of :func:`style_separation_loss`.
         style_margin: ``margin`` of :func:`style_separation_loss`.
+        memory_size: pooled (content, style) samples of earlier batches kept for the independence term's
+            statistics (0: the batch alone); see :func:`content_style_independence_loss`.
 
     Raises:
-        ValueError: on a negative weight.
+        ValueError: on a negative weight or memory size.
     """
 
     def __init__(
@@ -172,15 +196,36 @@ class DRLLoss(nn.Module):
         w_independence: float = 0.1,
         w_style: float = 0.1,
         style_margin: float = 0.0,
+        memory_size: int = 64,
     ) -> None:
         super().__init__()
-        for name, value in (("w_consistency", w_consistency), ("w_independence", w_independence), ("w_style", w_style)):
+        for name, value in (
+            ("w_consistency", w_consistency),
+            ("w_independence", w_independence),
+            ("w_style", w_style),
+            ("memory_size", memory_size),
+        ):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         self.w_consistency = w_consistency
         self.w_independence = w_independence
         self.w_style = w_style
         self.style_margin = style_margin
+        self.memory_size = int(memory_size)
+        self.reset_memory()
+
+    def reset_memory(self) -> None:
+        """Forget the samples of earlier batches (e.g. when new global weights arrive)."""
+        self._memory: tuple[Tensor, Tensor] | None = None
+
+    def _remember(self, content: Tensor, style: Tensor, mask: Tensor) -> None:
+        if self.memory_size == 0:
+            return
+        avail = _bool_mask(mask, content.shape[0], content.shape[1])
+        c, s = _pool(content)[avail].detach().float(), style[avail].detach().float()
+        if self._memory is not None:
+            c, s = torch.cat([c, self._memory[0]]), torch.cat([s, self._memory[1]])
+        self._memory = (c[: self.memory_size], s[: self.memory_size])
 
     def terms(self, content: Tensor, style: Tensor, mask: Tensor) -> dict[str, Tensor]:
         """Each weighted term and their sum.
@@ -196,7 +241,10 @@ class DRLLoss(nn.Module):
         """
         zero = attached_zero(content, style)
         consistency = content_consistency_loss(content, mask) if self.w_consistency > 0 else zero
-        independence = content_style_independence_loss(content, style, mask) if self.w_independence > 0 else zero
+        independence = zero
+        if self.w_independence > 0:
+            independence = content_style_independence_loss(content, style, mask, memory=self._memory)
+            self._remember(content, style, mask)
         separation = style_separation_loss(style, mask, margin=self.style_margin) if self.w_style > 0 else zero
         total = self.w_consistency * consistency + self.w_independence * independence + self.w_style * separation
         return {"consistency": consistency, "independence": independence, "style": separation, "total": total}
