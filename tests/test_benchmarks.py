@@ -327,3 +327,17 @@ def test_process_sampler_keeps_reading_a_process_whose_parent_exited() -> None:
     pids = {s.pid for s in sampler.samples if s.ppid == proc.pid}
     assert pids, "the grandchild was never seen in the tree"
     assert any(s.pid in pids and s.t > exited + 0.5 for s in sampler.samples)
+
+
+def test_distill_step_benchmark_reports_each_site(tmp_path: Path) -> None:
+    """benchmarks/distill_step.py times both ways at each kind of site and writes its report (sizes tiny here)."""
+    from benchmarks.distill_step import main as distill_step
+
+    assert distill_step(["--out-dir", str(tmp_path), "--roi", "16", "--steps", "1", "--precision", "fp32"]) == 0
+    with open(tmp_path / "results.json", encoding="utf-8") as f:
+        report = json.load(f)
+    assert set(report["sites"]) == {"all four", "no T1ce", "T2 + FLAIR"}
+    for site in report["sites"].values():
+        assert set(site["seconds_per_step"]) == {"student view only", "two views"}
+        assert site["ratio"] > 0 and all(v > 0 for v in site["seconds_per_step"].values())
+    assert "| all four |" in (tmp_path / "report.md").read_text(encoding="utf-8")
