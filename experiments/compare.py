@@ -331,6 +331,8 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("isofed", "isofed_naive_ssl"),
     ("isofed_no_im", "isofed"),
     ("isofed_slow_unlabelled", "isofed"),
+    ("isofed_handoff_alternate", "isofed"),
+    ("isofed_no_handoff", "isofed"),
     ("isofed_labelled_only", "fedavg"),
     ("isofed", "fedavg"),
 )

@@ -14,7 +14,7 @@ import torch
 from fedbrats.data.site_config import load_site_config, site_config_from_entry
 from fedbrats.federated.client.trainer import SiteTrainer, TrainConfig
 from fedbrats.federated.methods import build_method
-from fedbrats.federated.methods.isofed import IsoFedAggregation, IsoFedMethod, ema_update
+from fedbrats.federated.methods.isofed import HANDOFFS, METHOD, IsoFedAggregation, IsoFedMethod, ema_update
 from fedbrats.federated.protocol import BASE_META_KEYS, HANDOFF_PARAMS_KEY, LABELLED_KEY
 from fedbrats.federated.server.aggregation import SiteUpdate
 from fedbrats.losses.unsupervised import binary_entropy, information_maximisation_loss, information_maximisation_terms
@@ -159,6 +159,8 @@ def test_method_argument_errors() -> None:
             IsoFedMethod(**kwargs)
     with pytest.raises(ValueError, match="mode"):
         IsoFedAggregation(mode="average")
+    with pytest.raises(ValueError, match="handoff"):
+        IsoFedAggregation(handoff="sometimes")
 
 
 # ------------------------------------------------------------------------------- isolated aggregation
@@ -195,6 +197,71 @@ def test_isolated_aggregation_keeps_the_two_models_apart_by_hand() -> None:
     restored.load_state({k: np.asarray(v) for k, v in agg.state().items()})
     assert restored.labelled_sites == {"site-1", "site-3"} and restored.unlabelled_sites == {"site-2", "site-4"}
     assert restored.unlabelled_params["w"][0] == pytest.approx(7.0)
+
+
+#: Per schedule, over rounds 0-3: the model each kind of site trains from ("L" the global θ_L, "U" the hand-off
+#: θ_U), and the history of the deployed θ_L after round 3 (one digit a round: 1 trained at a labelled site, 2 at an
+#: unlabelled one; oldest first).
+SCHEDULES = {
+    "every": ({"labelled": "LUUU", "unlabelled": "LLLL"}, "2121"),
+    "alternate": ({"labelled": "LULU", "unlabelled": "LLUL"}, "1221"),
+    "none": ({"labelled": "LLLL", "unlabelled": "LUUU"}, "1111"),
+}
+
+
+@pytest.mark.parametrize("handoff", HANDOFFS)
+def test_handoff_schedule_over_four_rounds(handoff: str) -> None:
+    """Each site trains from what the task groups hand it (the hand-off, else the global model) and appends a digit
+    to the weights' history; the schedule decides which lineage each kind of site extends."""
+    assert set(SCHEDULES) == set(HANDOFFS)
+    expected_starts, expected_history = SCHEDULES[handoff]
+    sites = {"site-1": True, "site-2": False, "site-3": True, "site-4": False}
+    agg = IsoFedAggregation(handoff=handoff)
+    theta_l = {"w": np.array([0.0], dtype=np.float32)}
+    starts: dict[str, str] = {name: "" for name in sites}
+    for current_round in range(4):
+        if current_round == 2:  # a resumed run picks the schedule up where it was
+            restored = IsoFedAggregation(handoff=handoff)
+            restored.load_state({k: np.asarray(v) for k, v in agg.state().items()})
+            agg = restored
+        groups = agg.task_groups(list(sites))
+        assert sorted(t for group, _ in groups for t in group) == sorted(sites)
+        updates = []
+        for group, extras in groups:
+            for name in group:
+                start = extras.get(HANDOFF_PARAMS_KEY, theta_l)
+                assert start is theta_l or start is agg.unlabelled_params
+                starts[name] += "U" if start is agg.unlabelled_params else "L"
+                digit = 1.0 if sites[name] else 2.0
+                updates.append(_update(name, float(start["w"][0]) * 10 + digit, 1, sites[name]))
+        theta_l = agg.aggregate(theta_l, updates, current_round)
+    for name, labelled in sites.items():
+        assert starts[name] == expected_starts["labelled" if labelled else "unlabelled"], (handoff, name)
+    assert f"{int(theta_l['w'][0])}" == expected_history, "the deployed model is θ_L, with this history"
+    other = "".join("2" if d == "1" else "1" for d in expected_history)
+    assert f"{int(agg.unlabelled_params['w'][0])}" == other
+
+
+def test_handoff_experiments_and_the_default_schedule() -> None:
+    assert IsoFedAggregation().handoff == "every", "the default is IsoFed as it was before the option"
+    experiments = METHOD.experiments
+    assert experiments["isofed_handoff_alternate"] == ("isofed", {}, {"handoff": "alternate"})
+    assert experiments["isofed_no_handoff"] == ("isofed", {}, {"handoff": "none"})
+    assert experiments["isofed_slow_unlabelled"][1] == {"method_args": {"unlabelled_lr_scale": 0.1}}
+    for name in ("isofed_handoff_alternate", "isofed_no_handoff"):
+        IsoFedAggregation(**experiments[name][2])
+
+
+def test_an_unlabelled_site_trains_from_its_hand_off_too() -> None:
+    """Under the "alternate" and "none" schedules an unlabelled site gets θ_U as its hand-off."""
+    method, model = _unlabelled_method(im_steps=0)
+    target = {k: torch.full_like(v, 0.25) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    method.on_global_model(model, {HANDOFF_PARAMS_KEY: {k: v.numpy() for k, v in target.items()}}, 2)
+    method.before_round(model, [], 2)
+    assert all(torch.equal(v, target[k]) for k, v in model.state_dict().items())
+    assert method.teacher is not None and all(
+        torch.equal(v, target[k]) for k, v in method.teacher.state_dict().items()
+    ), "the teacher starts from the hand-off model"
 
 
 def test_baseline_modes_labelled_only_and_joint() -> None:
@@ -280,6 +347,33 @@ def test_unlabelled_lr_scale_slows_only_the_unlabelled_sites(tiny_federation: st
         lrs[bool(hidden)] = trainer.optimizer.param_groups[0]["lr"]
     assert lrs[True] == pytest.approx(0.1 * lrs[False]) and lrs[False] > 0
     assert IsoFedMethod().lr_scale == 1.0
+
+
+def test_unlabelled_lr_scale_shrinks_an_unlabelled_sites_update(tiny_federation: str) -> None:
+    """One Adam step on the same batch from the same weights and seed: the weights move ten times less at 0.1."""
+    site = load_site_config(tiny_federation, "site-4")
+    batch = _batch()
+    moved = {}
+    for scale in (1.0, 0.1):
+        config = TrainConfig.from_dict(
+            {
+                **SMALL,
+                "method": "isofed",
+                "method_args": {"im_steps": 0, "unlabelled_lr_scale": scale},
+                "unlabelled_sites": ["site-4"],
+            }
+        )
+        torch.manual_seed(0)
+        trainer = SiteTrainer(site, config, BraTSSegResNet(init_filters=8))
+        trainer.train_loader = [batch]
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        summary = trainer.train_round(0)
+        assert summary["num_steps"] == 1 and not trainer.method.labelled
+        moved[scale] = float(
+            torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(trainer.model.parameters(), before)))
+        )
+    assert moved[1.0] > 0
+    assert moved[0.1] == pytest.approx(0.1 * moved[1.0], rel=0.05)
 
 
 def test_prepare_marks_unlabelled_sites_and_needs_no_segmentation_there(tmp_path) -> None:

@@ -10,7 +10,8 @@ docs/isofed.md; in short:
 * **cross hand-off**: in round ``r`` every site receives ``θ_L^r`` (the global model, which it scores); a labelled
   site also receives ``θ_U^r`` and trains from it, an unlabelled site trains from ``θ_L^r``. The labelled sites'
   results become ``θ_L^{r+1}``, the unlabelled sites' ``θ_U^{r+1}``. Round 0 starts both from the seeded initial
-  model;
+  model. That is the default schedule, ``handoff="every"``; ``"alternate"`` swaps in odd rounds only and
+  ``"none"`` never (each group trains its own model: the unlabelled sites then receive ``θ_U`` as their hand-off);
 * **self-supervised pre-training** at every site on the model it trains from: ``im_steps`` Adam steps of the
   voxel-wise information-maximisation loss (:mod:`fedbrats.losses.unsupervised`) on its own images;
 * **fine-tuning**: a labelled site with the recipe's Dice + BCE; an unlabelled site as a mean teacher (teacher =
@@ -44,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 #: Modes of :class:`IsoFedAggregation`: IsoFed and its two baselines.
 MODES = ("isolated", "labelled_only", "joint")
+#: Hand-off schedules of :class:`IsoFedAggregation` (mode ``isolated``): the lineages swap every round (IsoFed as
+#: specified, the default), in odd rounds only, or never.
+HANDOFFS = ("every", "alternate", "none")
 #: Prefix of the unlabelled group's weights in ``server_state.npz``.
 _HANDOFF_STATE_PREFIX = "unlabelled_model."
 
@@ -174,7 +178,7 @@ class IsoFedMethod(SupervisedMethod):
             state = {k: torch.as_tensor(np.asarray(v)) for k, v in self.handoff.items()}
             model.load_state_dict(state, strict=True)
             self.handoff = None
-            logger.info("isofed: round %d: starting from the hand-off model (the other group's)", current_round)
+            logger.info("isofed: round %d: starting from the hand-off model (θ_U, not the global θ_L)", current_round)
         self.im_loss = None
         if not self.labelled and not self.unlabelled_training:
             return
@@ -275,21 +279,36 @@ class IsoFedAggregation(WeightedAverage):
     Sites say which group they are in (``labelled`` in their update). With ``mode``:
 
     * ``"isolated"`` (IsoFed): the labelled sites' updates average into ``θ_L`` (the global model every site
-      receives and scores, saved and deployed) and the unlabelled sites' into ``θ_U``, which goes to the labelled
-      sites as their hand-off (:data:`~fedbrats.federated.protocol.HANDOFF_PARAMS_KEY`). A group without an update
-      this round keeps its model; until an unlabelled site has sent an update, labelled sites get no hand-off
-      (they train from ``θ_L``, as in round 0).
+      receives and scores, saved and deployed) and the unlabelled sites' into ``θ_U``. Which of the two each
+      site trains from is the ``handoff`` schedule's: a site that is to train from ``θ_U`` gets it as its
+      hand-off (:data:`~fedbrats.federated.protocol.HANDOFF_PARAMS_KEY`), a site that is to train from ``θ_L``
+      gets none (it trains from the global model it received). A group without an update this round keeps its
+      model; until an unlabelled site has sent an update there is no ``θ_U`` and nobody gets a hand-off (every
+      site trains from ``θ_L``, as in round 0).
     * ``"labelled_only"``: FedAvg over the labelled sites; unlabelled updates are ignored, nobody gets a hand-off.
     * ``"joint"``: FedAvg over every site (naive semi-supervised FedAvg), no hand-off.
 
+    The ``handoff`` schedule (mode ``isolated`` only), for round ``r`` (the round after the last one aggregated):
+
+    * ``"every"`` (the default, and IsoFed as this project had it before the option existed): the lineages swap
+      every round. Labelled sites train from ``θ_U``, unlabelled sites from ``θ_L``; so each chain of weights is
+      trained with labels every other round.
+    * ``"alternate"``: they swap in odd rounds only (as ``"every"``); in even rounds each group trains its own
+      model (labelled sites from ``θ_L``, unlabelled sites from ``θ_U``). Each chain then sees two rounds with
+      labels, two without.
+    * ``"none"``: they never swap: labelled sites only train ``θ_L``, unlabelled sites only ``θ_U``; the deployed
+      ``θ_L`` never passes through an unlabelled site (the unlabelled sites then train for nothing the
+      deployed model uses: the ablation of the hand-off itself).
+
     Args:
         mode: one of :data:`MODES`.
+        handoff: one of :data:`HANDOFFS`.
         weight_by_steps: weight sites by their training steps (True) or equally, within each group.
         rule, trim_fraction, clip_factor: how each weight's values are combined, robustly if asked (see
             :class:`~fedbrats.federated.server.aggregation.WeightedAverage`).
 
     Raises:
-        ValueError: an unknown ``mode``.
+        ValueError: an unknown ``mode`` or ``handoff``.
     """
 
     name = "isofed"
@@ -302,11 +321,17 @@ class IsoFedAggregation(WeightedAverage):
         rule: str = "mean",
         trim_fraction: float = 0.2,
         clip_factor: float = 0.0,
+        handoff: str = "every",
     ) -> None:
-        super().__init__(weight_by_steps, rule, trim_fraction, clip_factor)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if handoff not in HANDOFFS:
+            raise ValueError(f"handoff must be one of {HANDOFFS}, got {handoff!r}")
+        super().__init__(weight_by_steps, rule, trim_fraction, clip_factor)
         self.mode = mode
+        self.handoff = handoff
+        #: The round the next training task is for: the one after the last round aggregated.
+        self.next_round = 0
         self.unlabelled_params: dict[str, np.ndarray] | None = None
         self.labelled_sites: set[str] = set()
         self.unlabelled_sites: set[str] = set()
@@ -325,6 +350,7 @@ class IsoFedAggregation(WeightedAverage):
     def aggregate(
         self, global_params: dict[str, np.ndarray], updates: list[SiteUpdate], current_round: int
     ) -> dict[str, np.ndarray]:
+        self.next_round = current_round + 1
         labelled = [u for u in updates if self.is_labelled(u)]
         unlabelled = [u for u in updates if not self.is_labelled(u)]
         for u in labelled:
@@ -343,19 +369,32 @@ class IsoFedAggregation(WeightedAverage):
             return dict(global_params)
         return super().aggregate(global_params, labelled, current_round)
 
+    def swaps(self, current_round: int) -> bool:
+        """Whether the lineages swap in ``current_round`` (labelled sites train from ``θ_U``, unlabelled ones from
+        ``θ_L``) under the ``handoff`` schedule."""
+        if self.handoff == "every":
+            return True
+        if self.handoff == "alternate":
+            return current_round % 2 == 1
+        return False
+
     def task_groups(self, targets: list[str]) -> list[tuple[list[str], dict[str, Any]]]:
-        """Labelled sites (known from their earlier updates) get the unlabelled group's model as hand-off."""
+        """The sites (groups known from their earlier updates) that train from ``θ_U`` this round get it as their
+        hand-off: the labelled ones in a round where the lineages swap, the unlabelled ones in a round where they
+        do not. A site not yet known trains from ``θ_L``."""
         if self.mode != "isolated" or self.unlabelled_params is None:
             return [(list(targets), {})]
-        receivers = [t for t in targets if t in self.labelled_sites]
-        others = [t for t in targets if t not in self.labelled_sites]
+        group = self.labelled_sites if self.swaps(self.next_round) else self.unlabelled_sites
+        receivers = [t for t in targets if t in group]
+        others = [t for t in targets if t not in group]
         return [(receivers, {HANDOFF_PARAMS_KEY: self.unlabelled_params}), (others, {})]
 
     def state(self) -> dict[str, Any]:
-        """The unlabelled group's model and the two groups (for a resumed run)."""
+        """The unlabelled group's model, the two groups and the next round (for a resumed run)."""
         out: dict[str, Any] = {
             "labelled_sites": sorted(self.labelled_sites),
             "unlabelled_sites": sorted(self.unlabelled_sites),
+            "next_round": self.next_round,
         }
         for name, value in (self.unlabelled_params or {}).items():
             out[_HANDOFF_STATE_PREFIX + name] = value
@@ -364,12 +403,13 @@ class IsoFedAggregation(WeightedAverage):
     def load_state(self, state: dict[str, Any]) -> None:
         self.labelled_sites = {str(s) for s in np.asarray(state.get("labelled_sites", [])).tolist()}
         self.unlabelled_sites = {str(s) for s in np.asarray(state.get("unlabelled_sites", [])).tolist()}
+        self.next_round = int(np.asarray(state.get("next_round", 0)))
         prefix = _HANDOFF_STATE_PREFIX
         params = {k[len(prefix) :]: np.asarray(v) for k, v in state.items() if k.startswith(prefix)}
         self.unlabelled_params = params or None
 
 
-__all__ = ["MODES", "IsoFedAggregation", "IsoFedMethod", "ema_update"]
+__all__ = ["HANDOFFS", "MODES", "IsoFedAggregation", "IsoFedMethod", "ema_update"]
 
 
 #: The synthetic default of the isofed job: the embedded federation's site-1 (all four sequences) and site-3
@@ -404,5 +444,9 @@ METHOD = Method(
         "isofed_no_im": ("isofed", {"method_args": {"im_steps": 0}}, {}),
         # Ablation (ours): the unlabelled sites train at a tenth of the learning rate.
         "isofed_slow_unlabelled": ("isofed", {"method_args": {"unlabelled_lr_scale": 0.1}}, {}),
+        # Ablations (ours) of the hand-off schedule: the lineages swap in odd rounds only, or never (the deployed
+        # model then trains at the labelled sites only; the unlabelled sites train their own, unused, model).
+        "isofed_handoff_alternate": ("isofed", {}, {"handoff": "alternate"}),
+        "isofed_no_handoff": ("isofed", {}, {"handoff": "none"}),
     },
 )
