@@ -112,10 +112,10 @@ def test_masked_error_is_averaged_over_the_masks_covering_each_pixel(monkeypatch
     monkeypatch.setattr(mmccd, "sample_translation", lambda net, condition, steps, generator=None: condition)
     x1 = torch.arange(2 * 32 * 32, dtype=torch.float32).reshape(2, 1, 32, 32) / 1000
     brain = torch.ones_like(x1, dtype=torch.bool)
-    scores = anomaly_scores(net, x1, brain, num_masks=8, steps=1, erode=0, chunk=5)
+    scores = anomaly_scores(net, x1, brain, num_masks=8, steps=1, erosion_disk_radius=0, chunk=5)
     assert torch.allclose(scores, x1**2, rtol=1e-5)
     # The eroded brain mask zeroes the rim.
-    eroded = anomaly_scores(net, x1, brain, num_masks=8, steps=1, erode=1)
+    eroded = anomaly_scores(net, x1, brain, num_masks=8, steps=1, erosion_disk_radius=1)
     assert float(eroded[..., 0, :].abs().sum()) == 0
     assert torch.allclose(eroded[..., 1:-1, 1:-1], (x1**2)[..., 1:-1, 1:-1])
 
@@ -126,9 +126,89 @@ def test_sampling_is_seeded_and_the_map_stays_in_the_brain() -> None:
     x1 = torch.randn(1, 1, 32, 32)
     brain = torch.zeros_like(x1, dtype=torch.bool)
     brain[..., 3:29, 3:29] = True
-    a = anomaly_scores(net, x1, brain, num_masks=8, steps=2, erode=1, seed=3)
-    b = anomaly_scores(net, x1, brain, num_masks=8, steps=2, erode=1, seed=3)
+    a = anomaly_scores(net, x1, brain, num_masks=8, steps=2, erosion_disk_radius=1, seed=3)
+    b = anomaly_scores(net, x1, brain, num_masks=8, steps=2, erosion_disk_radius=1, seed=3)
     assert torch.equal(a, b) and float(a[~brain].abs().sum()) == 0 and float(a[brain].sum()) > 0
+
+
+# ---- the brain mask's erosion ------------------------------------------------------------------------------------
+def test_disk_footprint_is_the_public_codes() -> None:
+    """skimage's ``disk(r)``: the points of the (2r+1)² grid with x² + y² <= r²."""
+    assert mmccd.disk(0).tolist() == [[True]]
+    assert mmccd.disk(1).astype(int).tolist() == [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+    d4 = mmccd.disk(4)
+    assert d4.shape == (9, 9) and d4.dtype == bool and int(d4.sum()) == 49
+    assert d4[4].all() and d4[:, 4].all() and not d4[0, 3] and not d4[1, 1] and d4[1, 2]  # 1² + 2² ... 3² + 2² <= 16
+    assert np.array_equal(d4, d4.T) and np.array_equal(d4, d4[::-1])
+
+
+@pytest.mark.parametrize("radius", [1, 2, 4])
+def test_erosion_by_a_disk_shrinks_a_square_by_the_radius_in_every_plane(radius: int) -> None:
+    """A 20-pixel square loses ``radius`` pixels on each side; each 2-D plane (the last two axes) is eroded on its
+    own, so the first and last slices of a stack keep their squares."""
+    brain = np.zeros((3, 1, 40, 40), dtype=bool)
+    brain[..., 10:30, 10:30] = True
+    eroded = mmccd.erode_brain(brain, radius)
+    side = 20 - 2 * radius
+    expected = np.zeros_like(brain)
+    expected[..., 10 + radius : 30 - radius, 10 + radius : 30 - radius] = True
+    assert eroded.shape == brain.shape and np.array_equal(eroded, expected)
+    assert int(eroded[0, 0].sum()) == side * side
+    assert np.array_equal(mmccd.erode_brain(brain, 0), brain)
+
+
+def test_erosion_of_the_anomaly_map_is_disk_four_by_default() -> None:
+    import inspect
+
+    from fedbrats.evaluation import anomaly
+
+    assert mmccd.EROSION_DISK_RADIUS == 4
+    for fn in (anomaly_scores, MMCCDMethod, anomaly.score_slices, anomaly.anomaly_map_case):
+        assert inspect.signature(fn).parameters["erosion_disk_radius"].default == 4, fn
+    assert MMCCDMethod().erosion_disk_radius == 4
+    # A disk of radius 4 takes 4 pixels off a square's sides where the old 2 iterations took 2.
+    brain = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
+    brain[..., 8:24, 8:24] = True
+    net = ModalityCycleNet(variant="autoencoder", **TINY_NET)
+    scores = anomaly_scores(net, torch.randn(1, 1, 32, 32), brain)
+    assert float(scores[..., :12, :].abs().sum()) == 0 and bool((scores[..., 12:20, 12:20] != 0).all())
+
+
+@pytest.mark.parametrize("bad", [-1, 33, 1000, 2.5, "4", True, None])
+def test_bad_erosion_radii_are_refused_by_name(bad: object) -> None:
+    with pytest.raises(ValueError, match="erosion_disk_radius"):
+        MMCCDMethod(erosion_disk_radius=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="erosion_disk_radius"):
+        mmccd.disk(bad)  # type: ignore[arg-type]
+    net = ModalityCycleNet(variant="autoencoder", **TINY_NET)
+    x1 = torch.zeros(1, 1, 32, 32)
+    with pytest.raises(ValueError, match="erosion_disk_radius"):
+        anomaly_scores(net, x1, x1 > 0, erosion_disk_radius=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        MMCCDMethod(erode=2)  # type: ignore[call-arg]  # the old name is gone
+
+
+def test_the_commands_take_erosion_disk_radius_and_not_erode(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from fedbrats.evaluation import anomaly
+
+    evaluate = ["--model", "m", "--datalist", "d", "--val-datalist", "v"]
+    for add, base in ((anomaly.add_arguments, evaluate), (anomaly.add_map_arguments, ["--model", "m", "--image", "i"])):
+        p = argparse.ArgumentParser()
+        add(p)
+        base = [*base, "--out", "o"]
+        assert p.parse_args(base).erosion_disk_radius == 4
+        args = p.parse_args([*base, "--erosion-disk-radius", "3"])
+        assert args.erosion_disk_radius == 3
+        anomaly.check_erosion_option(args)
+        for bad in ("-1", "33"):
+            with pytest.raises(ValueError, match="--erosion-disk-radius"):
+                anomaly.check_erosion_option(p.parse_args([*base, "--erosion-disk-radius", bad]))
+        for argv in ([*base, "--erode", "2"], [*base, "--erosion-disk-radius", "1.5"]):
+            with pytest.raises(SystemExit):
+                p.parse_args(argv)
+        assert "--erosion-disk-radius" in capsys.readouterr().err
 
 
 # ---- slices ---------------------------------------------------------------------------------------------------
@@ -235,7 +315,7 @@ def test_baselines_train_and_score(variant: str) -> None:
     x1, x2 = torch.randn(2, 1, 32, 32), torch.randn(2, 1, 32, 32)
     terms = translation_terms(net, x1, x2 if variant != "autoencoder" else None)
     assert set(terms) == ({"reconstruct"} if variant == "autoencoder" else {"translate", "back"})
-    scores = anomaly_scores(net, x1, torch.ones_like(x1, dtype=torch.bool), erode=0)
+    scores = anomaly_scores(net, x1, torch.ones_like(x1, dtype=torch.bool), erosion_disk_radius=0)
     assert torch.allclose(scores, (x1 - net(x1)) ** 2)
 
 
@@ -287,6 +367,7 @@ def test_anomaly_eval_chooses_the_threshold_on_validation_and_reports_the_test_s
     assert test["num_slices"] >= 1 and 0 <= test["auroc"] <= 1 and 0 <= test["auprc"] <= 1
     assert results["validation"]["num_slices"] >= 1 and math.isfinite(results["threshold"])
     assert test["dice"] <= test["dice_best_threshold_on_these_slices_optimistic"] + 1e-9
+    assert results["options"]["erosion_disk_radius"] == 4  # the default, recorded with the results
     assert cli_main([*args, "--out", str(out)]) == 1  # never overwrites
     seg_model = tmp_path / "seg"
     seg_model.mkdir()
@@ -316,7 +397,7 @@ def test_anomaly_map_of_a_new_patient_is_on_the_input_grid_and_never_overwrites(
     nib.save(nib.Nifti1Image(volume, affine), tmp_path / "flair.nii.gz")
     out = tmp_path / "map.nii.gz"
     args = ["anomaly", "--model", str(tmp_path / "model.pt"), "--image", str(tmp_path / "flair.nii.gz")]
-    args += ["--out", str(out), "--zoom", "1", "--masks", "8", "--steps", "1", "--erode", "0"]
+    args += ["--out", str(out), "--zoom", "1", "--masks", "8", "--steps", "1", "--erosion-disk-radius", "0"]
     assert cli_main(args) == 0
     result = nib.load(out)
     data = result.get_fdata()

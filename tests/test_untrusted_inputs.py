@@ -108,7 +108,13 @@ def test_anomaly_refuses_its_input_by_a_link_and_impossible_options(tmp_path: Pa
     assert map_main([*base, "--out", str(link), "--overwrite"]) == 1
     assert "input" in caplog.text and Path(flair).read_bytes() == before
     out = str(tmp_path / "m.nii.gz")
-    for option, value in (("--zoom", "0"), ("--zoom", "nan"), ("--erode", "1000"), ("--masks", "0")):
+    for option, value in (
+        ("--zoom", "0"),
+        ("--zoom", "nan"),
+        ("--erosion-disk-radius", "1000"),
+        ("--erosion-disk-radius", "-1"),
+        ("--masks", "0"),
+    ):
         caplog.clear()
         assert map_main([*base, "--out", out, option, value]) == 1
         assert option in caplog.text

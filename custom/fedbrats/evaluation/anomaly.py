@@ -16,12 +16,16 @@ anomaly map, and reports, over the pixels inside the brain:
 * the same for the model-free baseline that scores each pixel by the source's own windowed intensity
   (hyperintense FLAIR alone finds much of the whole tumour).
 
-The test cases are read once, after the threshold is fixed.
+The anomaly map is zero outside each slice's brain mask eroded by a disk of ``--erosion-disk-radius`` pixels
+(default 4, as the public code's ``disk(4)``; the error at the brain's edge is not about tissue); the pixels scored
+are the whole (uneroded) brain's, for the model and the baseline alike. The test cases are read once, after the
+threshold is fixed.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -42,10 +46,13 @@ from fedbrats.data.loader import DataConfig, eval_transforms, make_dataset, prep
 from fedbrats.evaluation.evaluate import check_device, datalist_convention, load_model
 from fedbrats.evaluation.predict import check_volume
 from fedbrats.federated.methods.mmccd import (
+    EROSION_DISK_RADIUS,
+    MAX_EROSION_DISK_RADIUS,
     TRAINING,
     ModalityCycleNet,
     anomaly_scores,
     case_slices,
+    check_erosion_disk_radius,
     plane_offsets,
     unfit_in_plane,
 )
@@ -77,7 +84,7 @@ def score_slices(
     brain_fraction: float = 0.6,
     num_masks: int = 32,
     steps: int = 10,
-    erode: int = 2,
+    erosion_disk_radius: int = EROSION_DISK_RADIUS,
     max_cases: int = 0,
     device: str | torch.device = "cpu",
     precision: str = "auto",
@@ -92,7 +99,8 @@ def score_slices(
         brain_fraction: a central slice has at least this share of its case's largest brain area.
         num_masks: band masks per slice (MMCCD).
         steps: DDIM steps (MMCCD).
-        erode: erosion of the brain mask in pixels.
+        erosion_disk_radius: radius of the disk that erodes each slice's brain mask in the anomaly map (default 4,
+            the public code's ``disk(4)``; 0: none). The pixels scored are the whole brain's either way.
         max_cases: only the first N cases (0: all).
         device: where inference runs.
         precision: ``auto``, ``fp32`` or ``bf16``.
@@ -100,6 +108,7 @@ def score_slices(
     Raises:
         ValueError: a model of another kind, a datalist without labels, or bad options.
     """
+    check_erosion_disk_radius(erosion_disk_radius)
     if not isinstance(model, ModalityCycleNet):
         raise ValueError(f"anomaly-eval needs a modality_cycle model (jobs/mmccd), got {type(model).__name__}")
     entries = read_datalist(datalist, key)
@@ -126,7 +135,13 @@ def score_slices(
             continue
         with autocast(resolved, device):
             scores = anomaly_scores(
-                model, cs.source[z : z + 1].to(device), cs.brain[z : z + 1], num_masks, steps, erode, seed=i
+                model,
+                cs.source[z : z + 1].to(device),
+                cs.brain[z : z + 1],
+                num_masks,
+                steps,
+                erosion_disk_radius,
+                seed=i,
             ).cpu()
         inside = cs.brain[z : z + 1]
         source = cs.source[z : z + 1][inside].numpy()
@@ -161,6 +176,12 @@ def summarize_slices(slices: list[SliceScore], threshold: float) -> dict[str, An
     }
 
 
+#: The defaults of :func:`score_slices`' options (recorded in every result beside the options given).
+SCORING_DEFAULTS: dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(score_slices).parameters.items() if p.kind is p.KEYWORD_ONLY
+}
+
+
 def evaluate_anomaly(
     model: ModalityCycleNet,
     test_datalist: str,
@@ -186,7 +207,8 @@ def evaluate_anomaly(
     baseline = [replace(s, scores=s.intensity) for s in test]
     return {
         "model": {"variant": model.variant, "source": model.source, "target": model.target},
-        "options": {k: v for k, v in options.items() if k != "device"},
+        # Every scoring option, the defaults included, so that a report says how it was scored.
+        "options": {k: v for k, v in (SCORING_DEFAULTS | options).items() if k != "device"},
         "threshold": threshold,
         "validation": {"num_slices": len(val), "dice_at_threshold": val_dice},
         "test": summarize_slices(test, threshold),
@@ -205,7 +227,7 @@ def anomaly_map_case(
     convention: str = "brats2018",
     num_masks: int = 16,
     steps: int = 5,
-    erode: int = 2,
+    erosion_disk_radius: int = EROSION_DISK_RADIUS,
     batch_slices: int = 4,
     device: str | torch.device = "cpu",
     precision: str = "auto",
@@ -223,7 +245,7 @@ def anomaly_map_case(
         convention: BraTS naming convention of the file (only the image is read).
         num_masks: band masks per slice (MMCCD).
         steps: DDIM steps (MMCCD).
-        erode: erosion of the brain mask in pixels.
+        erosion_disk_radius: radius of the disk that erodes each slice's brain mask (default 4; 0: none).
         batch_slices: slices scored together.
         device: where inference runs.
         precision: ``auto``, ``fp32`` or ``bf16``.
@@ -234,6 +256,7 @@ def anomaly_map_case(
     Raises:
         ValueError: a model of another kind, or a missing or unreadable file (named).
     """
+    check_erosion_disk_radius(erosion_disk_radius)
     if not isinstance(model, ModalityCycleNet):
         raise ValueError(f"anomaly maps need a modality_cycle model (jobs/mmccd), got {type(model).__name__}")
     if not os.path.isfile(image_path):
@@ -253,7 +276,7 @@ def anomaly_map_case(
         idx = with_brain[start : start + batch_slices]
         with autocast(resolved, device):
             fitted[idx] = anomaly_scores(
-                model, cs.source[idx].to(device), cs.brain[idx], num_masks, steps, erode, seed=start
+                model, cs.source[idx].to(device), cs.brain[idx], num_masks, steps, erosion_disk_radius, seed=start
             ).cpu()
     # Back from (Z, 1, S, S) slices to the preprocessed volume, then to the input grid.
     planes = unfit_in_plane(fitted[:, 0], tuple(image.shape[1:3]), plane_offsets(image.shape[1:3], model.image_size))
@@ -262,6 +285,26 @@ def anomaly_map_case(
     restored = pipeline.inverse({"image": volume})["image"][0]
     reference = nib.load(image_path)
     return np.asarray(restored, dtype=np.float32), reference.affine, reference.header.copy()
+
+
+def add_erosion_argument(p: argparse.ArgumentParser) -> None:
+    """``--erosion-disk-radius``: the disk that erodes each slice's brain mask (the public code's ``disk(4)``)."""
+    p.add_argument(
+        "--erosion-disk-radius",
+        type=int,
+        default=EROSION_DISK_RADIUS,
+        help=f"radius in pixels of the disk that erodes each slice's brain mask in the anomaly map (default "
+        f"{EROSION_DISK_RADIUS}, the public MMCCD code's disk(4); 0: no erosion; at most {MAX_EROSION_DISK_RADIUS})",
+    )
+
+
+def check_erosion_option(args: argparse.Namespace) -> None:
+    """Refuse an ``--erosion-disk-radius`` outside ``[0, MAX_EROSION_DISK_RADIUS]``, naming the option.
+
+    Raises:
+        ValueError: the radius is out of bounds (argparse refuses one that is not an integer).
+    """
+    check_erosion_disk_radius(args.erosion_disk_radius, "--erosion-disk-radius")
 
 
 #: What ``fedbrats anomaly-eval`` does (its ``--help``).
@@ -279,7 +322,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--masks", type=int, default=32, help="band masks per slice (the paper: 128)")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps per sample (the paper: 100)")
     p.add_argument("--brain-fraction", type=float, default=0.6, help="central slices: share of the largest brain")
-    p.add_argument("--erode", type=int, default=2, help="erosion of the brain mask in pixels")
+    add_erosion_argument(p)
     p.add_argument("--max-cases", type=int, default=0, help="only the first N cases of each list (0: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
@@ -289,6 +332,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``fedbrats anomaly-eval`` with parsed options (errors: :func:`fedbrats.commands.run_command`)."""
     check_device(args.device)
+    check_erosion_option(args)
     if args.out and os.path.exists(args.out):
         raise ValueError(f"--out {args.out!r} exists; choose another path or remove it")
     model = load_model(args.model)
@@ -302,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
         brain_fraction=args.brain_fraction,
         num_masks=args.masks,
         steps=args.steps,
-        erode=args.erode,
+        erosion_disk_radius=args.erosion_disk_radius,
         max_cases=args.max_cases,
         device=args.device,
         precision=args.precision,
@@ -345,26 +389,21 @@ def add_map_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--convention", default="brats2018", help="BraTS naming convention of the file")
     p.add_argument("--masks", type=int, default=16, help="band masks per slice (the paper: 128)")
     p.add_argument("--steps", type=int, default=5, help="DDIM steps per sample (the paper: 100)")
-    p.add_argument("--erode", type=int, default=2, help="erosion of the brain mask in pixels")
+    add_erosion_argument(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
-
-
-#: Largest erosion of the brain mask (pixels) ``fedbrats anomaly`` accepts: beyond it nothing of a slice is left.
-MAX_ERODE = 32
 
 
 def check_map_options(args: argparse.Namespace) -> None:
     """Refuse options of ``fedbrats anomaly`` that cannot work, naming them.
 
     Raises:
-        ValueError: a zoom outside (0, 1] (or not a number), an erosion outside [0, MAX_ERODE], fewer than one mask
-            or step.
+        ValueError: a zoom outside (0, 1] (or not a number), an erosion disk radius outside
+            [0, MAX_EROSION_DISK_RADIUS], fewer than one mask or step.
     """
     if not (isinstance(args.zoom, float) and math.isfinite(args.zoom) and 0.05 <= args.zoom <= 1.0):
         raise ValueError(f"--zoom must be a number in [0.05, 1] (the job's data.zoom), got {args.zoom!r}")
-    if not 0 <= args.erode <= MAX_ERODE:
-        raise ValueError(f"--erode must be 0 to {MAX_ERODE} pixels, got {args.erode}")
+    check_erosion_option(args)
     if args.masks < 1 or args.steps < 1:
         raise ValueError(f"--masks and --steps must be >= 1, got {args.masks} and {args.steps}")
 
@@ -385,7 +424,7 @@ def run_map(args: argparse.Namespace) -> int:
         convention=args.convention,
         num_masks=args.masks,
         steps=args.steps,
-        erode=args.erode,
+        erosion_disk_radius=args.erosion_disk_radius,
         device=args.device,
         precision=args.precision,
     )

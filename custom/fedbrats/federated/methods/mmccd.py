@@ -15,8 +15,8 @@ code; what follows the public code and what is our interpretation or CPU scaling
   **Backward g** (target -> source): a plain UNet regressor trained on real target slices.
 * **Anomaly map**: for a set of band masks covering the slice, sample ``x̂2 = f(masked x1)`` with DDIM, map it back
   ``x̄1 = g(x̂2)``; the squared cycle error ``(x1 - x̄1)²`` counted inside each band, averaged over the masks
-  covering a pixel, times an eroded brain mask. Tissue f never saw (tumour) is translated wrongly, so its error
-  is high.
+  covering a pixel, times the brain mask eroded by a disk of radius 4 (the public code's). Tissue f never saw
+  (tumour) is translated wrongly, so its error is high.
 * **Baselines** (the ``variant`` of the network): ``cyclic_unet``, f a UNet regressor without masks or diffusion,
   the anomaly map the plain cycle error; ``autoencoder``, a reconstruction autoencoder of the source, the map its
   reconstruction error.
@@ -54,6 +54,46 @@ VARIANTS = ("mmccd", "cyclic_unet", "autoencoder")
 BACKGROUND = -3.0
 #: Validation score that selects the best global model.
 KEY_METRIC = f"{METRIC_PREFIX}auroc"
+#: Radius of the disk that erodes the brain mask of every slice in the anomaly map: the public code's ``disk(4)``.
+EROSION_DISK_RADIUS = 4
+#: Largest radius accepted: a disk this wide leaves nothing of a 2 mm head slice (the networks' slices are 128²).
+MAX_EROSION_DISK_RADIUS = 32
+
+
+def check_erosion_disk_radius(radius: Any, name: str = "erosion_disk_radius") -> int:
+    """``radius`` as an int after refusing what is not a whole number in ``[0, MAX_EROSION_DISK_RADIUS]``.
+
+    Raises:
+        ValueError: naming ``name`` (the option as its caller spells it).
+    """
+    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)):
+        raise ValueError(f"{name} must be a whole number of pixels, got {radius!r}")
+    if not 0 <= radius <= MAX_EROSION_DISK_RADIUS:
+        raise ValueError(f"{name} must be 0 to {MAX_EROSION_DISK_RADIUS} pixels, got {radius}")
+    return int(radius)
+
+
+def disk(radius: int) -> np.ndarray:
+    """The ``(2r+1) x (2r+1)`` boolean footprint of the points with ``x² + y² <= r²`` (as scikit-image's
+    ``morphology.disk``, which the public code erodes the brain mask with; r=4 holds 49 points).
+
+    Raises:
+        ValueError: a radius that is not a whole number in ``[0, MAX_EROSION_DISK_RADIUS]``.
+    """
+    r = check_erosion_disk_radius(radius)
+    offsets = np.arange(-r, r + 1)
+    return offsets[:, None] ** 2 + offsets[None, :] ** 2 <= r * r
+
+
+def erode_brain(brain: np.ndarray, radius: int = EROSION_DISK_RADIUS) -> np.ndarray:
+    """Each 2-D plane (the last two axes) of the boolean ``brain`` eroded by :func:`disk` of ``radius``; 0 leaves
+    it as it is. Outside the plane counts as background (scipy's default), as before."""
+    footprint = disk(radius)
+    brain = np.asarray(brain, dtype=bool)
+    if radius == 0:
+        return brain
+    planes = brain.reshape(-1, *brain.shape[-2:])
+    return np.stack([ndimage.binary_erosion(b, structure=footprint) for b in planes]).reshape(brain.shape)
 
 
 # ---- the network ---------------------------------------------------------------------------------------------
@@ -357,12 +397,13 @@ def anomaly_scores(
     brain: torch.Tensor,
     num_masks: int = 16,
     steps: int = 10,
-    erode: int = 2,
+    erosion_disk_radius: int = EROSION_DISK_RADIUS,
     seed: int = 0,
     chunk: int = 32,
 ) -> torch.Tensor:
     """Anomaly map of ``(N, 1, S, S)`` source slices: the masked cycle error (MMCCD) or the plain cycle /
-    reconstruction error (baselines), times the brain mask eroded by ``erode`` pixels.
+    reconstruction error (baselines), times the brain mask of each slice eroded by a disk of
+    ``erosion_disk_radius`` pixels (:func:`erode_brain`).
 
     Args:
         net: the trained networks (evaluation mode is set here).
@@ -370,10 +411,12 @@ def anomaly_scores(
         brain: their brain masks (bool).
         num_masks: band masks per slice (MMCCD only; see :func:`band_masks`).
         steps: DDIM steps per sample (MMCCD only).
-        erode: pixels of erosion of the brain mask (the error at the brain's edge is not about tissue).
+        erosion_disk_radius: radius of the disk that erodes the brain mask (the error at the brain's edge is not
+            about tissue); default 4, the public code's ``disk(4)``; 0: no erosion.
         seed: seed of the sampling noise (the same seed gives the same map).
         chunk: slices x masks per forward pass.
     """
+    check_erosion_disk_radius(erosion_disk_radius)
     net.eval()
     generator = torch.Generator().manual_seed(seed)
     if net.variant == "mmccd":
@@ -393,10 +436,7 @@ def anomaly_scores(
         scores = total / count.clamp(min=1)
     else:
         scores = torch.cat([(x1 - net(x1)) ** 2 for x1 in source.split(chunk)])
-    brain_np = brain.cpu().numpy().astype(bool)
-    if erode > 0:
-        planes = brain_np.reshape(-1, *brain_np.shape[-2:])
-        brain_np = np.stack([ndimage.binary_erosion(b, iterations=erode) for b in planes]).reshape(brain.shape)
+    brain_np = erode_brain(brain.cpu().numpy(), erosion_disk_radius)
     return scores.float() * torch.from_numpy(brain_np).to(scores.device)
 
 
@@ -467,10 +507,11 @@ class MMCCDMethod(ClientMethod):
         brain_fraction: a central slice has at least this share of its case's largest brain area.
         val_masks: band masks per validation slice (the validation is a cheap version of the evaluation).
         val_steps: DDIM steps per validation sample.
-        erode: pixels of erosion of the brain mask in the anomaly map.
+        erosion_disk_radius: radius of the disk that erodes the brain mask in the anomaly map (default 4, the
+            public code's ``disk(4)``; 0: none).
 
     Raises:
-        ValueError: a non-positive count or a fraction outside (0, 1].
+        ValueError: a non-positive count, a fraction outside (0, 1], or a bad erosion radius (named).
     """
 
     name: ClassVar[str] = "mmccd"
@@ -481,20 +522,19 @@ class MMCCDMethod(ClientMethod):
         brain_fraction: float = 0.6,
         val_masks: int = 16,
         val_steps: int = 3,
-        erode: int = 2,
+        erosion_disk_radius: int = EROSION_DISK_RADIUS,
     ) -> None:
         for arg, value in (("slices_per_volume", slices_per_volume), ("val_steps", val_steps)):
             if value < 1:
                 raise ValueError(f"{arg} must be >= 1, got {value}")
         if not 0.0 < brain_fraction <= 1.0:
             raise ValueError(f"brain_fraction must be in (0, 1], got {brain_fraction}")
-        if erode < 0:
-            raise ValueError(f"erode must be >= 0, got {erode}")
+        check_erosion_disk_radius(erosion_disk_radius)
         self.slices_per_volume = slices_per_volume
         self.brain_fraction = brain_fraction
         self.val_masks = val_masks
         self.val_steps = val_steps
-        self.erode = erode
+        self.erosion_disk_radius = erosion_disk_radius
         self.missing: list[str] = []
 
     def setup(self, model: torch.nn.Module, modalities: tuple[str, ...], device: torch.device) -> None:
@@ -558,7 +598,7 @@ class MMCCDMethod(ClientMethod):
                     cs.brain[z : z + 1],
                     self.val_masks,
                     self.val_steps,
-                    self.erode,
+                    self.erosion_disk_radius,
                     seed=i,
                 ).cpu()
             inside = cs.brain[z : z + 1]
