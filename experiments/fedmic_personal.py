@@ -2,7 +2,9 @@
 with that site's sequences.
 
 ``python experiments/fedmic_personal.py --workspace W --out-dir OUT`` reads a finished ``fedbrats simulate fedmic``
-workspace: every site's ``fedmic_personal.pt`` (its run folder) and the server's best global model, and scores each
+workspace: every site's personalised model (its run folder: ``fedmic_personal_best.pt``, the best on the site's
+validation cases, by default; ``--personal last`` for ``fedmic_personal.pt``) and the server's best global model, and
+scores each
 on the federation's test cases with the sequences the site has (the combination it is deployed for). With
 ``--baseline W2`` (a finished run of another job, e.g. FedAvg) its global model is scored the same way. It imports
 the package; the package never imports it.
@@ -23,7 +25,7 @@ import torch
 from fedbrats.constants import REGIONS
 from fedbrats.data.site_config import federation_sites_file, load_site_config
 from fedbrats.evaluation.evaluate import default_test_datalist, evaluate_combinations, load_model
-from fedbrats.federated.methods.fedmic import PERSONAL_STATE_FILE
+from fedbrats.federated.methods.fedmic import PERSONAL_BEST_FILE, PERSONAL_STATE_FILE
 from fedbrats.logging_setup import configure_logging
 from fedbrats.networks import build_network
 from fedbrats.runs import RunFolder
@@ -34,7 +36,8 @@ PROG = "python experiments/fedmic_personal.py"
 
 
 def personal_model(path: str) -> torch.nn.Module:
-    """The personalised network a site saved (its registered network, built from the saved spec)."""
+    """The personalised network a site saved (its registered network, built from the saved spec; the best or the
+    last file)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     network = state["network"]
     model = build_network(network["name"], **network.get("args", {}))
@@ -114,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--roi", type=int, default=32, help="sliding-window side")
     p.add_argument("--zoom", type=float, default=1.0)
+    p.add_argument(
+        "--personal",
+        choices=("best", "last"),
+        default="best",
+        help=f"which personalised model: the best on the site's validation cases ({PERSONAL_BEST_FILE}, written by "
+        f"runs since #28) or the last ({PERSONAL_STATE_FILE})",
+    )
     a = p.parse_args(argv)
     configure_logging("INFO")
     command = " ".join([PROG, *(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))])
@@ -131,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     baseline = global_model(a.baseline) if a.baseline else None
     table: dict[str, Any] = {}
     for site in sites:
-        path = os.path.join(simulated_site_run_dir(a.workspace, site), PERSONAL_STATE_FILE)
+        personal_file = PERSONAL_BEST_FILE if a.personal == "best" else PERSONAL_STATE_FILE
+        path = os.path.join(simulated_site_run_dir(a.workspace, site), personal_file)
         if not os.path.isfile(path):
-            logger.warning("%s: no %s; skipped", site, PERSONAL_STATE_FILE)
+            logger.warning("%s: no %s; skipped (--personal last for the last model)", site, personal_file)
             continue
         combo = [tuple(load_site_config(sites_file, site).modalities)]
         row = {"sequences": "+".join(combo[0])}
@@ -146,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("%s: %s", site, row)
     candidates = ("personalised", "shared (FedMIC global)", "baseline global")
     names = [n for n in candidates if any(n in r for r in table.values())]
-    caption = "Mean Dice on the test cases with each site's own sequences (WT / TC / ET)."
+    caption = (
+        f"Mean Dice on the test cases with each site's own sequences (WT / TC / ET); personalised: the {a.personal} "
+        "model."
+    )
     lines = [f"Produced by `{command}`", "", caption, ""]
     lines += ["| site | sequences | " + " | ".join(names) + " |", "|---|---|" + "--:|" * len(names)]
     for site, row in table.items():
@@ -156,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(a.out_dir, "personal.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(a.out_dir, "personal.json"), "w", encoding="utf-8") as f:
-        json.dump({"command": command, "sites": table}, f, indent=2)
+        json.dump({"command": command, "personal": a.personal, "sites": table}, f, indent=2)
     logger.info("\n%s", "\n".join(lines))
     return 0
 

@@ -28,10 +28,18 @@ from fedbrats.federated.compression.codec import (
     quantize_rows,
     unpack_nibbles,
 )
-from fedbrats.federated.methods.fedmic import PERSONAL_STATE_FILE, FedMICMethod, logits_and_features
+from fedbrats.federated.methods.fedmic import (
+    PERSONAL_BEST_FILE,
+    PERSONAL_KEY_METRIC,
+    PERSONAL_METRIC_PREFIX,
+    PERSONAL_STATE_FILE,
+    FedMICMethod,
+    logits_and_features,
+)
 from fedbrats.federated.protocol import BASE_META_KEYS, SVD_META_KEY
 from fedbrats.losses.distillation import logit_kd_loss
 from fedbrats.losses.mutual import FeatureProjection, adaptive_kd_scale, feature_mse
+from fedbrats.lr_schedule import lr_factor
 from fedbrats.networks.segresnet import BraTSSegResNet
 
 SINGULAR = np.array([4.0, 2.0, 1.0, 0.5])  # squared: 16, 4, 1, 0.25 (total 21.25)
@@ -485,7 +493,7 @@ def test_method_steps_personal_model_and_returns_the_shared_loss(tmp_path) -> No
     changed = [k for k, v in method.personal.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "the personalised model steps inside training_loss"
     assert all(p.grad is None for p in method.personal.parameters())
-    expected_scale = 1 / (terms["dice"] + terms["bce"] + terms["personal_dice"] + terms["personal_bce"])
+    expected_scale = min(1.0, 1 / (terms["dice"] + terms["bce"] + terms["personal_dice"] + terms["personal_bce"]))
     assert terms["kd_scale"] == pytest.approx(expected_scale, rel=1e-4)
     loss.backward()
     assert all(p.grad is not None for p in shared.parameters() if p.requires_grad)
@@ -501,12 +509,166 @@ def test_method_steps_personal_model_and_returns_the_shared_loss(tmp_path) -> No
         assert torch.equal(resumed.personal.state_dict()[k], v)
 
 
+SMALL_PERSONAL = {"name": "segresnet", "args": {"init_filters": 8, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]}}
+
+
+def _small_method(**kwargs: object) -> FedMICMethod:
+    shared = BraTSSegResNet(init_filters=8, blocks_down=(1, 1, 1), blocks_up=(1, 1))
+    method = FedMICMethod(personal_network=SMALL_PERSONAL, **kwargs)
+    method.setup(shared, ("t1", "t1ce", "t2", "flair"), torch.device("cpu"))
+    return method
+
+
+@pytest.mark.parametrize(
+    ("schedule", "factors"),
+    [("poly", [1.0, 0.5**0.9, 0.0]), ("constant", [1.0, 1.0, 1.0])],
+)
+def test_personal_lr_follows_its_schedule_over_the_run(schedule: str, factors: list[float]) -> None:
+    method = _small_method(personal_lr=1e-2, personal_lr_schedule=schedule)
+    assert method.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
+    for progress, factor in zip((0.0, 0.5, 1.0), factors, strict=True):
+        method.on_train_step(progress * 10, progress)
+        assert all(g["lr"] == pytest.approx(1e-2 * factor, abs=1e-12) for g in method.optimizer.param_groups)
+        assert method.current_personal_lr == pytest.approx(1e-2 * factor, abs=1e-12)
+    method.on_train_step(3.0, None)  # the run's length unknown: the rate stays (as the trainer's)
+    assert method.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * factors[-1], abs=1e-12)
+
+
+def test_personal_lr_defaults_to_the_jobs() -> None:
+    method = FedMICMethod(personal_network=SMALL_PERSONAL)
+    assert method.personal_lr_schedule == "poly"
+    method.job_lr = 5e-4  # the trainer sets it before setup
+    method.setup(BraTSSegResNet(init_filters=8, blocks_down=(1, 1, 1), blocks_up=(1, 1)), ("t1",), torch.device("cpu"))
+    assert method.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+    method.on_train_step(5.0, 0.5)
+    assert method.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4 * 0.5**0.9)
+
+
+def test_best_personal_model_is_written_only_when_validation_improves(tmp_path) -> None:
+    method = _small_method()
+    method.use_site_folder(str(tmp_path))
+    best = tmp_path / PERSONAL_BEST_FILE
+    seen: list[str] = []
+
+    def score(dice: float):
+        def fake(model: torch.nn.Module, prefix: str) -> dict[str, float]:
+            assert model is method.personal
+            seen.append(prefix)
+            return {f"{prefix}mean_dice": dice, f"{prefix}dice_WT": dice, f"{prefix}mean_hd95": math.nan}
+
+        return fake
+
+    for current_round, dice, written in ((1, 0.3, True), (2, 0.2, False), (3, 0.3, False), (4, 0.5, True)):
+        method.on_global_model(method.model, {}, current_round)
+        with torch.no_grad():  # a different personalised model each round
+            next(method.personal.parameters()).add_(1.0)
+        metrics = method.site_model_metrics(score(dice))
+        assert metrics == {PERSONAL_KEY_METRIC: dice, "val_personal_dice_WT": dice}, "non-finite scores left out"
+        saved = torch.load(best, weights_only=True)
+        assert (saved["round"] == current_round) is written
+        if written:
+            assert saved[PERSONAL_KEY_METRIC] == dice and set(saved) == {
+                "round",
+                "network",
+                "model",
+                PERSONAL_KEY_METRIC,
+            }
+            for k, v in method.personal.state_dict().items():
+                assert torch.equal(saved["model"][k], v)
+    assert seen == [PERSONAL_METRIC_PREFIX] * 4 and PERSONAL_METRIC_PREFIX == "val_personal_"
+    assert os.stat(best).st_mode & 0o777 == 0o600, "a site-only model: private"
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    resumed = _small_method()
+    resumed.use_site_folder(str(tmp_path))
+    assert resumed.best_dice == 0.5, "a restarted site keeps the best so far"
+
+
+def test_personal_metrics_pass_the_servers_update_checks() -> None:
+    from fedbrats.federated.server.update_checks import metrics_problem
+
+    metrics = {"val_mean_dice": 0.4, PERSONAL_KEY_METRIC: 0.5, "val_personal_dice_WT": 0.6, "val_personal_hd95_WT": 9.0}
+    assert metrics_problem(metrics) is None
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("adaptive", lambda r, raw: raw),
+        ("adaptive_clipped", lambda r, raw: min(raw, 0.8)),
+        ("fixed", lambda r, raw: 0.8),
+        ("ramp", lambda r, raw: 0.8 * min(1.0, r / 4)),
+    ],
+)
+def test_kd_scale_modes_across_rounds(mode: str, expected) -> None:
+    method = FedMICMethod(kd_scale=mode, kd_scale_max=0.8, kd_ramp_rounds=4)
+    for task in (3.0, 0.5, 0.05):  # task losses high (s ~ 0.17) to near zero (s = 10)
+        raw = 1 / (2 * task)
+        for rounds_done in (0.0, 1.0, 2.5, 4.0, 9.0):
+            method.on_train_step(rounds_done, None)
+            value = float(method.kd_scale_value(torch.tensor(task), torch.tensor(task)))
+            assert value == pytest.approx(expected(rounds_done, raw), rel=1e-5)
+            if mode != "adaptive":
+                assert value <= 0.8 + 1e-7, "bounded"
+
+
+def test_kd_scale_default_is_clipped_at_one_and_logged() -> None:
+    method = FedMICMethod()
+    assert (method.kd_scale, method.kd_scale_max, method.kd_ramp_rounds) == ("adaptive_clipped", 1.0, 5)
+    assert float(method.kd_scale_value(torch.tensor(0.01), torch.tensor(0.02))) == pytest.approx(1.0)
+    assert float(method.kd_scale_value(torch.tensor(2.0), torch.tensor(2.0))) == pytest.approx(0.25)
+    method = _small_method(kd_scale="ramp", kd_ramp_rounds=2)
+    method.on_train_step(1.0, 0.25)
+    _, terms = method.training_loss(method.model, _batch(), epoch=0)
+    assert terms["kd_scale"] == pytest.approx(0.5) and terms["personal_lr"] == pytest.approx(3e-3 * 0.75**0.9)
+
+
+def test_the_trainer_drives_the_personal_schedule_and_scores_the_personal_model(tiny_federation: str, tmp_path) -> None:
+    """The trainer's progress reaches the personalised optimiser each step, and its segmentation validation scores
+    the personalised model beside the site's (the same code path, ``val_personal_*``)."""
+    from fedbrats.data.site_config import load_site_config
+    from fedbrats.federated.client.trainer import SiteTrainer, TrainConfig
+
+    shared = BraTSSegResNet(init_filters=8)
+    training = {
+        "method": "fedmic",
+        "method_args": {},  # the default personalised network (a job cannot pass a dict option, see registry)
+        "epochs_per_round": 1,
+        "max_steps_per_epoch": 2,
+        "lr": 2e-3,
+        "data": {"roi_size": [16, 16, 16], "batch_size": 1},
+        "device": "cpu",
+        "precision": "fp32",
+    }
+    trainer = SiteTrainer(load_site_config(tiny_federation, "site-1"), TrainConfig.from_dict(training), shared)
+    trainer.method.use_site_folder(str(tmp_path))
+    steps = trainer.train_round(2, total_rounds=4)["num_steps"]
+    rounds_done = 2 + (steps - 1) / steps  # at the last step of one epoch
+    assert trainer.method.current_personal_lr == pytest.approx(2e-3 * lr_factor("poly", rounds_done / 4))
+    assert trainer.method.current_personal_lr < 2e-3 * 0.99
+    assert trainer.method.rounds_done == pytest.approx(rounds_done)
+    metrics = trainer.validate()
+    assert {"val_mean_dice", PERSONAL_KEY_METRIC, "val_personal_hd95_WT"} <= set(metrics)
+    assert not any(k.startswith("val_personal_mean_dice_min") for k in metrics)
+    assert os.path.isfile(tmp_path / PERSONAL_BEST_FILE)
+    assert set(trainer.validate(model=trainer.method.personal)) == {
+        k for k in metrics if not k.startswith("val_personal")
+    }, "scoring another model adds no personal metrics"
+
+
 def test_method_options_are_checked_by_name() -> None:
     for kwargs, arg in (
         ({"decision_kd_weight": -1.0}, "decision_kd_weight"),
         ({"kd_temperature": 0.0}, "kd_temperature"),
         ({"personal_lr": 0.0}, "personal_lr"),
         ({"personal_network": {"args": {}}}, "personal_network"),
+        ({"kd_scale": "clipped"}, "kd_scale"),
+        ({"kd_scale": None}, "kd_scale"),
+        ({"kd_scale_max": 0.0}, "kd_scale_max"),
+        ({"kd_scale_max": math.inf}, "kd_scale_max"),
+        ({"kd_scale_max": "1"}, "kd_scale_max"),
+        ({"kd_ramp_rounds": 0}, "kd_ramp_rounds"),
+        ({"kd_ramp_rounds": 2.5}, "kd_ramp_rounds"),
+        ({"personal_lr_schedule": "step"}, "personal_lr_schedule"),
     ):
         with pytest.raises(ValueError, match=arg):
             FedMICMethod(**kwargs)

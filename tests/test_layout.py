@@ -43,7 +43,7 @@ def test_fedbrats_compare_points_to_the_experiment_driver(capsys: pytest.Capture
 #: The package's floors, lowest first: a module may import its own floor and those below, never one above. Each
 #: entry is a module prefix (a module takes the floor of its longest matching prefix).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("constants", "utils", "logging_setup", "commands", "precision", "registry", "_moved", "__init__"),
+    ("constants", "utils", "logging_setup", "commands", "precision", "lr_schedule", "registry", "_moved", "__init__"),
     ("data",),
     ("networks", "losses"),
     ("federated.protocol", "runs", "scoring"),

@@ -18,15 +18,13 @@ from fedbrats.data.site_config import SiteConfig
 from fedbrats.federated.methods import ClientMethod, build_method
 from fedbrats.federated.protocol import LOSS_TERMS_KEY, LR_KEY, METRIC_PREFIX, NUM_STEPS_KEY, TRAIN_LOSS_KEY
 from fedbrats.losses.unsupervised import information_maximisation_terms
+from fedbrats.lr_schedule import LR_SCHEDULES, lr_factor
 from fedbrats.precision import autocast, resolve_precision
 from fedbrats.scoring.inference import predict_logits
 from fedbrats.scoring.metrics import logits_to_regions, region_dice, region_hd95, summarize
 from fedbrats.scoring.postprocess import CANDIDATE_METRIC, DEFAULT_CANDIDATES, remove_small_components
 
 logger = logging.getLogger(__name__)
-
-#: Values of :attr:`TrainConfig.lr_schedule`.
-LR_SCHEDULES = ("poly", "cosine", "constant")
 
 
 @dataclass
@@ -113,22 +111,6 @@ class TrainConfig:
         return cls(**values)
 
 
-def lr_factor(schedule: str, progress: float) -> float:
-    """Multiplier of the initial learning rate at ``progress`` (0 at the start of the run, 1 at its end).
-
-    Raises:
-        ValueError: an unknown ``schedule``.
-    """
-    progress = min(max(progress, 0.0), 1.0)
-    if schedule == "poly":
-        return (1.0 - progress) ** 0.9
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "constant":
-        return 1.0
-    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
-
-
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch."""
     random.seed(seed)
@@ -163,6 +145,7 @@ class SiteTrainer:
                 "unlabelled sites (e.g. isofed), or leave the site out"
             )
         self.method.labelled = site.labelled
+        self.method.job_lr = config.lr
         self.method.setup(self.model, site.modalities, self.device)
         divisor = int(getattr(model, "spatial_divisor", 8))
         self.train_loader, self.val_loader = make_loaders(
@@ -227,15 +210,13 @@ class SiteTrainer:
             for batch_idx, batch in enumerate(self.train_loader):
                 if batch_idx >= steps_per_epoch:
                     break
-                if total_rounds:
-                    within = (epoch + batch_idx / max(steps_per_epoch, 1)) / cfg.epochs_per_round
-                    lr = (
-                        cfg.lr
-                        * self.method.lr_scale
-                        * lr_factor(cfg.lr_schedule, (current_round + within) / total_rounds)
-                    )
+                within = (epoch + batch_idx / max(steps_per_epoch, 1)) / cfg.epochs_per_round
+                progress = (current_round + within) / total_rounds if total_rounds else None
+                if progress is not None:
+                    lr = cfg.lr * self.method.lr_scale * lr_factor(cfg.lr_schedule, progress)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
+                self.method.on_train_step(current_round + within, progress)
                 batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 self.optimizer.zero_grad(set_to_none=True)
                 with autocast(self.precision, self.device):
@@ -290,12 +271,17 @@ class SiteTrainer:
         """Dice and HD95 per region of ``model`` (default: the site's) on the site's validation cases, with the
         site's own sequences. Keys start with ``val_``; ``val_mean_dice`` is the model-selection metric.
 
+        When the site's own model is scored (``model`` None or the site's), the method may score more networks
+        of the site the same way (:meth:`ClientMethod.site_model_metrics`, e.g. FedMIC's personalised model:
+        ``val_personal_*``); their metrics are added.
+
         Args:
             model: the network to score (default: the site's).
             postprocess_candidates: minimum connected-component sizes (voxels) to score as well: each adds
                 ``val_mean_dice_min<N>``, the mean Dice after removing smaller components
                 (:mod:`fedbrats.scoring.postprocess`).
         """
+        own_model = model is None or model is self.model
         model = model or self.model
         model.eval()
         own = self.method.validate(model, self.val_loader)
@@ -303,6 +289,31 @@ class SiteTrainer:
             return own
         if not self.site.labelled:
             return self._validate_without_labels(model)
+        metrics = self._segmentation_metrics(model, postprocess_candidates, METRIC_PREFIX)
+        if own_model and metrics:
+            more = self.method.site_model_metrics(self._score_site_model)
+            clash = sorted(k for k in more if k in metrics or not k.startswith(METRIC_PREFIX))
+            if clash:
+                raise ValueError(
+                    f"method {self.method.name!r} reports metrics {clash}: each must start with "
+                    f"{METRIC_PREFIX!r} and differ from the site's model's"
+                )
+            metrics.update(more)
+        return metrics
+
+    def _score_site_model(self, model: torch.nn.Module, prefix: str) -> dict[str, float]:
+        """:meth:`_segmentation_metrics` of another network of the site, keys starting with ``prefix`` (which
+        must start with ``val_`` and be another than the site's model's)."""
+        if not prefix.startswith(METRIC_PREFIX) or prefix == METRIC_PREFIX:
+            raise ValueError(f"prefix must start with {METRIC_PREFIX!r} and name the model, got {prefix!r}")
+        return self._segmentation_metrics(model, (), prefix)
+
+    def _segmentation_metrics(
+        self, model: torch.nn.Module, postprocess_candidates: Sequence[int] = (), prefix: str = METRIC_PREFIX
+    ) -> dict[str, float]:
+        """Dice and HD95 per region of ``model`` on the site's (labelled) validation cases, keys starting with
+        ``prefix`` (the post-processing candidates' keys are :data:`CANDIDATE_METRIC`'s); {} without cases."""
+        model.eval()
         dices, hds = [], []
         candidate_dices: dict[int, list[torch.Tensor]] = {n: [] for n in postprocess_candidates if n > 0}
         for batch in self.val_loader:
@@ -320,7 +331,7 @@ class SiteTrainer:
                 values.append(region_dice(remove_small_components(pred, size), label))
         if not dices:
             return {}
-        metrics = summarize(torch.cat(dices), torch.cat(hds), prefix=METRIC_PREFIX)
+        metrics = summarize(torch.cat(dices), torch.cat(hds), prefix=prefix)
         for size, values in candidate_dices.items():
             metrics[CANDIDATE_METRIC.format(size)] = float(torch.cat(values).float().mean())
         for k, v in metrics.items():

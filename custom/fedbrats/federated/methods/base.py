@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -23,6 +23,8 @@ class ClientMethod:
         supports_unlabelled: whether the method can train at a site without labels (its batches then hold no
             ``label``); the trainer refuses an unlabelled site for a method that cannot.
         labelled: whether this site's cases carry labels (set by the trainer before :meth:`setup`).
+        job_lr: the job's initial learning rate (``training.lr``, before :attr:`lr_scale`), set by the trainer
+            before :meth:`setup`; None outside a trainer.
         uses_teacher_view: the training batches also carry the teacher's view, every sequence the site has
             before sequence dropout (:func:`fedbrats.data.transforms.teacher_view`); ``image`` and
             ``modality_mask`` stay the student's view.
@@ -33,6 +35,7 @@ class ClientMethod:
     supports_unlabelled: ClassVar[bool] = False
     uses_teacher_view: ClassVar[bool] = False
     labelled: bool = True
+    job_lr: float | None = None
 
     @property
     def lr_scale(self) -> float:
@@ -59,6 +62,13 @@ class ClientMethod:
         """Called at the start of a round's local training, after the validation of the received model (e.g. to
         start from other weights, or to pre-train on the site's images). Runs under the trainer's autocast."""
 
+    def on_train_step(self, rounds_done: float, progress: float | None) -> None:
+        """Called before each training batch (before :meth:`training_loss`), with where the run stands:
+        ``rounds_done`` is the round (0-based) plus the share of its local steps already taken, and ``progress`` is
+        ``rounds_done / total_rounds``, the progress that drives the trainer's learning-rate schedule
+        (:func:`fedbrats.lr_schedule.lr_factor`; None where the run's length is unknown and the trainer's rate
+        stays constant). E.g. for a schedule of the method's own optimiser, or weights ramped over rounds."""
+
     def training_loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int
     ) -> tuple[torch.Tensor | None, dict[str, float]]:
@@ -73,6 +83,17 @@ class ClientMethod:
         """The method's own validation scores of ``model`` on the site's validation loader (keys start with
         ``val_``), or None for the trainer's segmentation validation (Dice and HD95 per region)."""
         return None
+
+    def site_model_metrics(self, score: Callable[[torch.nn.Module, str], dict[str, float]]) -> dict[str, float]:
+        """Metrics of the site's other networks, reported beside its model's (e.g. a personalised model's).
+
+        Called each time the site scores its model with the trainer's segmentation validation (every round it
+        validates the received global model, and in the final validation), after that model is scored.
+        ``score(network, prefix)`` is the same validation of ``network`` on the same cases (Dice and HD95 per
+        region, the site's own sequences), keys starting with ``prefix`` (``val_<something>_``). Returns the
+        metrics to add (keys start with ``val_`` and differ from the site's model's); none by default.
+        """
+        return {}
 
     def round_payload(self, model: torch.nn.Module, train_loader: Any) -> dict[str, Any]:
         """Extra items sent with this round's update (numpy arrays, lists or numbers; never tensors)."""

@@ -10,14 +10,18 @@ sequences as this project's design (see docs/fedmic.md):
   folder (:data:`PERSONAL_STATE_FILE`), and is resumed from there;
 * every local step, both learn the task (Dice + BCE) and each distils into the other, at the decision level (binary
   KL between tempered sigmoid outputs) and at the representation level (MSE between bottleneck features, through a
-  learnable 1x1x1 projection of the shared features to the personalised width), each distillation term divided by
-  the sum of the two task losses (FedKD's adaptive weighting):
+  learnable 1x1x1 projection of the shared features to the personalised width), each distillation term weighted by
+  a bounded scale ``s`` (``kd_scale``; by default FedKD's adaptive weight, the inverse of the sum of the two task
+  losses, clipped at ``kd_scale_max``):
 
       L_personal = T_p + s * (w_dec * KL_T(z_p || z_s) + w_rep * MSE(f_p, P(f_s)))
-      L_shared   = T_s + s * (w_dec * KL_T(z_s || z_p) + w_rep * MSE(P(f_s), f_p)),   s = 1 / (T_p + T_s)
+      L_shared   = T_s + s * (w_dec * KL_T(z_s || z_p) + w_rep * MSE(P(f_s), f_p)),   s = min(1 / (T_p + T_s), s_max)
 
   where the other network's output is a constant in each line; the personalised model (with ``P``) steps inside
-  :meth:`FedMICMethod.training_loss`, the trainer steps the shared model with ``L_shared`` (``P`` fixed there).
+  :meth:`FedMICMethod.training_loss`, the trainer steps the shared model with ``L_shared`` (``P`` fixed there);
+* the personalised model has its own learning-rate schedule over the whole run (``personal_lr_schedule``, poly by
+  default, as the trainer's), and is scored on the site's validation cases each time the site validates
+  (``val_personal_*`` metrics); the best by mean Dice is kept beside the last (:data:`PERSONAL_BEST_FILE`).
 
 The updates are SVD-compressed by the job's filters (:mod:`fedbrats.federated.compression`), on by default.
 """
@@ -25,15 +29,19 @@ The updates are SVD-compressed by the job's filters (:mod:`fedbrats.federated.co
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 
 from fedbrats.federated.methods.base import ClientMethod, Job, Method, check_non_negative
+from fedbrats.federated.protocol import METRIC_PREFIX
 from fedbrats.losses.distillation import logit_kd_loss
 from fedbrats.losses.mutual import FeatureProjection, adaptive_kd_scale, feature_mse
 from fedbrats.losses.segmentation import DiceBCELoss
+from fedbrats.lr_schedule import LR_SCHEDULES, lr_factor
 from fedbrats.networks import build_network
 from fedbrats.runs import load_weights_file
 from fedbrats.utils import write_atomic
@@ -42,8 +50,19 @@ logger = logging.getLogger(__name__)
 
 #: The personalised model's file in the site's run folder (weights, projection and optimiser state).
 PERSONAL_STATE_FILE = "fedmic_personal.pt"
+#: The personalised model with the best mean Dice on the site's validation cases so far, in the site's run folder
+#: (weights only: round, network spec, weights and that Dice; no optimiser state).
+PERSONAL_BEST_FILE = "fedmic_personal_best.pt"
 #: The personalised network by default: the common SegResNet with twice the shared model's filters.
 DEFAULT_PERSONAL_NETWORK: dict[str, Any] = {"name": "segresnet", "args": {"init_filters": 16}}
+#: The personalised model's learning rate where neither ``personal_lr`` nor the job's is known (the recipe's).
+FALLBACK_PERSONAL_LR = 3e-3
+#: Prefix of the personalised model's validation metrics (``val_personal_mean_dice``, ...).
+PERSONAL_METRIC_PREFIX = f"{METRIC_PREFIX}personal_"
+#: The personalised model's selection metric.
+PERSONAL_KEY_METRIC = f"{PERSONAL_METRIC_PREFIX}mean_dice"
+#: Values of ``kd_scale``: how the distillation terms are weighted (see :meth:`FedMICMethod.kd_scale_value`).
+KD_SCALES = ("adaptive_clipped", "adaptive", "fixed", "ramp")
 
 
 def logits_and_features(
@@ -79,15 +98,24 @@ class FedMICMethod(ClientMethod):
         decision_kd_weight: decision-level distillation (binary KL of tempered sigmoids), both ways.
         representation_kd_weight: representation-level distillation (feature MSE), both ways.
         kd_temperature: temperature of the decision-level distillation.
-        adaptive: divide the distillation terms by the sum of the two task losses (FedKD); False: plain weights.
+        kd_scale: the scale ``s`` of the distillation terms, one of :data:`KD_SCALES`: ``adaptive_clipped``
+            (default: FedKD's ``1 / (T_p + T_s)``, at most ``kd_scale_max``), ``adaptive`` (unbounded, as before
+            these options), ``fixed`` (``kd_scale_max`` throughout) or ``ramp`` (linear from 0 at the start of the
+            run to ``kd_scale_max`` after ``kd_ramp_rounds`` rounds, then constant).
+        kd_scale_max: the bound of ``adaptive_clipped``, the value of ``fixed``, the end of ``ramp``.
+        kd_ramp_rounds: rounds of the ``ramp``.
         personal_network: the personalised network, ``{"name": ..., "args": {...}}`` of
             :data:`fedbrats.networks.NETWORKS` (default: SegResNet with 16 initial filters).
-        personal_lr: Adam learning rate of the personalised model and the projection (constant).
+        personal_lr: initial Adam learning rate of the personalised model and the projection (None: the job's
+            ``lr``).
+        personal_lr_schedule: its schedule over the whole run, one of
+            :data:`fedbrats.lr_schedule.LR_SCHEDULES` (default ``poly``, as the trainer's; ``constant`` keeps it).
         personal_weight_decay: their Adam weight decay.
 
     Raises:
-        ValueError: a negative weight or weight decay, a non-positive temperature or learning rate, or a personalised
-            network spec without a name.
+        ValueError: a negative weight or weight decay, a non-positive temperature, learning rate or
+            ``kd_scale_max``, an unknown ``kd_scale`` or ``personal_lr_schedule``, ``kd_ramp_rounds`` < 1, or a
+            personalised network spec without a name (each names the option).
     """
 
     name: ClassVar[str] = "fedmic"
@@ -101,9 +129,12 @@ class FedMICMethod(ClientMethod):
         decision_kd_weight: float = 1.0,
         representation_kd_weight: float = 1.0,
         kd_temperature: float = 2.0,
-        adaptive: bool = True,
+        kd_scale: str = "adaptive_clipped",
+        kd_scale_max: float = 1.0,
+        kd_ramp_rounds: int = 5,
         personal_network: dict[str, Any] | None = None,
-        personal_lr: float = 3e-3,
+        personal_lr: float | None = None,
+        personal_lr_schedule: str = "poly",
         personal_weight_decay: float = 1e-5,
     ) -> None:
         check_non_negative(
@@ -117,17 +148,32 @@ class FedMICMethod(ClientMethod):
         )
         if kd_temperature <= 0:
             raise ValueError(f"kd_temperature must be > 0, got {kd_temperature}")
-        if not personal_lr > 0:
-            raise ValueError(f"personal_lr must be > 0, got {personal_lr}")
+        if kd_scale not in KD_SCALES:
+            raise ValueError(f"kd_scale must be one of {KD_SCALES}, got {kd_scale!r}")
+        if (
+            isinstance(kd_scale_max, bool)
+            or not isinstance(kd_scale_max, (int, float))
+            or not 0 < kd_scale_max < math.inf
+        ):
+            raise ValueError(f"kd_scale_max must be a finite number > 0, got {kd_scale_max!r}")
+        if isinstance(kd_ramp_rounds, bool) or not isinstance(kd_ramp_rounds, int) or kd_ramp_rounds < 1:
+            raise ValueError(f"kd_ramp_rounds must be an integer >= 1, got {kd_ramp_rounds!r}")
+        if personal_lr is not None and not personal_lr > 0:
+            raise ValueError(f"personal_lr must be > 0 (or None: the job's lr), got {personal_lr}")
+        if personal_lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"personal_lr_schedule must be one of {LR_SCHEDULES}, got {personal_lr_schedule!r}")
         spec = dict(DEFAULT_PERSONAL_NETWORK if personal_network is None else personal_network)
         if not isinstance(spec.get("name"), str):
             raise ValueError(f"personal_network must be {{'name': ..., 'args': {{...}}}}, got {personal_network!r}")
         self.decision_kd_weight = decision_kd_weight
         self.representation_kd_weight = representation_kd_weight
         self.kd_temperature = kd_temperature
-        self.adaptive = adaptive
+        self.kd_scale = kd_scale
+        self.kd_scale_max = float(kd_scale_max)
+        self.kd_ramp_rounds = kd_ramp_rounds
         self.personal_network = {"name": spec["name"], "args": dict(spec.get("args") or {})}
         self.personal_lr = personal_lr
+        self.personal_lr_schedule = personal_lr_schedule
         self.personal_weight_decay = personal_weight_decay
         self.weights = {"dice": dice_weight, "bce": bce_weight}
         self.segmentation_loss = DiceBCELoss(dice_weight, bce_weight)
@@ -135,6 +181,21 @@ class FedMICMethod(ClientMethod):
         self.projection: FeatureProjection | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.state_path: str | None = None
+        self.best_path: str | None = None
+        #: The best mean Dice of the personalised model on the site's validation cases so far (None: never scored).
+        self.best_dice: float | None = None
+        #: Where the run stands (:meth:`on_train_step`): rounds done, and the run's progress (None: unknown).
+        self.rounds_done = 0.0
+        self.current_round = 0
+        #: The personalised optimiser's current learning rate.
+        self.current_personal_lr = self.initial_personal_lr
+
+    @property
+    def initial_personal_lr(self) -> float:
+        """``personal_lr``, else the job's ``lr`` (set by the trainer), else :data:`FALLBACK_PERSONAL_LR`."""
+        if self.personal_lr is not None:
+            return self.personal_lr
+        return self.job_lr if self.job_lr is not None else FALLBACK_PERSONAL_LR
 
     # ---- set-up and persistence ---------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module, modalities: tuple[str, ...], device: torch.device) -> None:
@@ -159,9 +220,10 @@ class FedMICMethod(ClientMethod):
         self.projection = FeatureProjection(shared_feat.shape[1], personal_feat.shape[1]).to(device)
         self.optimizer = torch.optim.Adam(
             [*self.personal.parameters(), *self.projection.parameters()],
-            lr=self.personal_lr,
+            lr=self.initial_personal_lr,
             weight_decay=self.personal_weight_decay,
         )
+        self.current_personal_lr = self.initial_personal_lr
         n_personal = sum(p.numel() for p in self.personal.parameters())
         n_shared = sum(p.numel() for p in model.parameters())
         logger.info(
@@ -172,11 +234,69 @@ class FedMICMethod(ClientMethod):
         )
 
     def use_site_folder(self, folder: str) -> None:
-        """Keep the personalised model in ``folder`` (:data:`PERSONAL_STATE_FILE`); resume from it if it exists."""
+        """Keep the personalised model in ``folder`` (:data:`PERSONAL_STATE_FILE`, and the best one so far in
+        :data:`PERSONAL_BEST_FILE`); resume from them if they exist."""
         self.state_path = os.path.join(folder, PERSONAL_STATE_FILE)
+        self.best_path = os.path.join(folder, PERSONAL_BEST_FILE)
         if os.path.isfile(self.state_path):
             self.load_state(self.state_path)
             logger.info("fedmic: resumed the personalised model from %s", self.state_path)
+        if os.path.isfile(self.best_path):
+            best = load_weights_file(self.best_path, "FedMIC best personal model file")
+            dice = best.get(PERSONAL_KEY_METRIC) if isinstance(best, dict) else None
+            if not isinstance(dice, float) or not math.isfinite(dice):
+                raise ValueError(f"FedMIC best personal model file {self.best_path!r} is not one this method wrote")
+            self.best_dice = dice
+
+    def on_global_model(self, model: torch.nn.Module, global_meta: dict[str, Any], current_round: int) -> None:
+        """Note the round (for the best personalised model's file)."""
+        self.current_round = current_round
+
+    def on_train_step(self, rounds_done: float, progress: float | None) -> None:
+        """Follow the run: the personalised optimiser's learning rate by ``personal_lr_schedule`` at ``progress``
+        (kept where the run's length is unknown, as the trainer's), and the rounds done for the ``ramp``."""
+        self.rounds_done = rounds_done
+        if progress is None or self.optimizer is None:
+            return
+        self.current_personal_lr = self.initial_personal_lr * lr_factor(self.personal_lr_schedule, progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.current_personal_lr
+
+    def site_model_metrics(self, score: Callable[[torch.nn.Module, str], dict[str, float]]) -> dict[str, float]:
+        """Score the personalised model on the site's validation cases (``val_personal_*``, the trainer's
+        segmentation validation) and keep it in :data:`PERSONAL_BEST_FILE` when its mean Dice beats the best so
+        far. Non-finite scores are left out (logged)."""
+        assert self.personal is not None
+        metrics = score(self.personal, PERSONAL_METRIC_PREFIX)
+        dropped = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+        if dropped:
+            logger.warning("fedmic: personalised model's metrics %s are not finite; not reported", dropped)
+        metrics = {k: float(v) for k, v in metrics.items() if k not in dropped}
+        dice = metrics.get(PERSONAL_KEY_METRIC)
+        if dice is not None and (self.best_dice is None or dice > self.best_dice):
+            self.best_dice = dice
+            if self.best_path:
+                self.save_best(self.best_path, dice)
+                logger.info(
+                    "fedmic: best personalised model so far (%s %.4f, round %d) saved to %s",
+                    PERSONAL_KEY_METRIC,
+                    dice,
+                    self.current_round,
+                    self.best_path,
+                )
+        return metrics
+
+    def save_best(self, path: str, dice: float) -> None:
+        """Write the personalised model's weights (and network spec, round and ``dice``) to ``path``, atomically and
+        readable by its owner only."""
+        assert self.personal is not None
+        state = {
+            "round": self.current_round,
+            "network": self.personal_network,
+            "model": {k: v.detach().cpu().clone() for k, v in self.personal.state_dict().items()},
+            PERSONAL_KEY_METRIC: float(dice),
+        }
+        write_atomic(path, lambda tmp: torch.save(state, tmp), private=True)
 
     def on_round_end(self, model: torch.nn.Module, current_round: int) -> None:
         """Save the personalised model to the site's run folder (it persists across rounds and restarts)."""
@@ -217,6 +337,19 @@ class FedMICMethod(ClientMethod):
             raise ValueError(f"FedMIC personal model file {path!r} does not fit this job's model: {exc}") from None
 
     # ---- the loss of a batch ------------------------------------------------------------------------------
+    def kd_scale_value(self, personal_task: torch.Tensor, shared_task: torch.Tensor) -> torch.Tensor:
+        """The scale ``s`` of the distillation terms now (a detached float32 scalar), by ``kd_scale``:
+        ``adaptive`` ``1 / (T_p + T_s)``; ``adaptive_clipped`` that, at most ``kd_scale_max``; ``fixed``
+        ``kd_scale_max``; ``ramp`` ``kd_scale_max * min(1, rounds_done / kd_ramp_rounds)``."""
+        device = personal_task.device
+        if self.kd_scale in ("adaptive", "adaptive_clipped"):
+            scale = adaptive_kd_scale(personal_task, shared_task)
+            return scale.clamp_max(self.kd_scale_max) if self.kd_scale == "adaptive_clipped" else scale
+        if self.kd_scale == "fixed":
+            return torch.tensor(self.kd_scale_max, device=device)
+        ramp = min(1.0, max(self.rounds_done, 0.0) / self.kd_ramp_rounds)
+        return torch.tensor(self.kd_scale_max * ramp, device=device)
+
     def training_loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -235,7 +368,7 @@ class FedMICMethod(ClientMethod):
         s_terms = self.segmentation_loss.terms(s_logits, label)
         p_task = sum(self.weights[k] * v for k, v in p_terms.items())
         s_task = sum(self.weights[k] * v for k, v in s_terms.items())
-        scale = adaptive_kd_scale(p_task, s_task) if self.adaptive else torch.ones((), device=image.device)
+        scale = self.kd_scale_value(p_task, s_task)
 
         # The personalised model (and the projection) learn from the shared model's outputs as constants.
         p_dec = logit_kd_loss(p_logits.float(), s_logits.detach().float(), self.kd_temperature)
@@ -258,6 +391,7 @@ class FedMICMethod(ClientMethod):
                 "decision_kd": float(s_dec.detach()),
                 "representation_kd": float(s_rep.detach()),
                 "kd_scale": float(scale),
+                "personal_lr": self.current_personal_lr,
                 **{f"personal_{k}": float(v.detach()) for k, v in p_terms.items()},
                 "personal_decision_kd": float(p_dec.detach()),
                 "personal_representation_kd": float(p_rep.detach()),
@@ -266,7 +400,16 @@ class FedMICMethod(ClientMethod):
         return loss, floats
 
 
-__all__ = ["DEFAULT_PERSONAL_NETWORK", "PERSONAL_STATE_FILE", "FedMICMethod", "logits_and_features"]
+__all__ = [
+    "DEFAULT_PERSONAL_NETWORK",
+    "KD_SCALES",
+    "PERSONAL_BEST_FILE",
+    "PERSONAL_KEY_METRIC",
+    "PERSONAL_METRIC_PREFIX",
+    "PERSONAL_STATE_FILE",
+    "FedMICMethod",
+    "logits_and_features",
+]
 
 
 #: FedMIC: a site-local personalised SegResNet and a smaller shared one in mutual distillation; FedAvg of the shared
@@ -288,6 +431,10 @@ METHOD = Method(
         "fedmic": ("fedmic", {}, {}),
         "fedmic_no_decision_kd": ("fedmic", {"method_args": {"decision_kd_weight": 0.0}}, {}),
         "fedmic_no_representation_kd": ("fedmic", {"method_args": {"representation_kd_weight": 0.0}}, {}),
-        "fedmic_fixed_kd_weights": ("fedmic", {"method_args": {"adaptive": False}}, {}),
+        "fedmic_fixed_kd_weights": ("fedmic", {"method_args": {"kd_scale": "fixed"}}, {}),
+        # Declared with the personalised model's fair chance (issue #28), not yet run.
+        "fedmic_unbounded_kd": ("fedmic", {"method_args": {"kd_scale": "adaptive"}}, {}),
+        "fedmic_ramp_kd": ("fedmic", {"method_args": {"kd_scale": "ramp"}}, {}),
+        "fedmic_constant_personal_lr": ("fedmic", {"method_args": {"personal_lr_schedule": "constant"}}, {}),
     },
 )
