@@ -28,12 +28,13 @@ from typing import Any
 
 import torch
 
+from benchmarks.system import cpu_model
 from fedbrats.constants import MODALITIES
 from fedbrats.data.transforms import AVAILABLE_IMAGE_KEY, AVAILABLE_MASK_KEY, ModalityDropout, apply_modality_mask
 from fedbrats.federated.methods import build_method
 from fedbrats.logging_setup import configure_logging
 from fedbrats.networks import build_network
-from fedbrats.precision import autocast, resolve_precision
+from fedbrats.precision import autocast, cpu_has_native_bf16, resolve_precision
 
 logger = logging.getLogger("fedbrats.benchmarks.distill_step")
 
@@ -109,13 +110,22 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--steps must be >= 1 and --roi a multiple of 8")
     configure_logging("INFO")
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     results = {
         name: time_site(sequences, args.roi, args.filters, args.steps, args.precision)
         for name, sequences in SITES.items()
     }
     report = {
         "command": "python benchmarks/distill_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "native_bf16": cpu_has_native_bf16(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            # Other work on the machine slows both ways alike (their steps alternate), but it does slow them.
+            "load_average_1min": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
+        },
         "settings": {"roi": args.roi, "filters": args.filters, "steps": args.steps, "precision": args.precision},
         "sites": results,
     }
@@ -126,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         "# FedKD step: one view vs two views",
         "",
         f"`{report['command']}`; crop {args.roi}³, {args.filters} filters, batch 2, one thread, precision "
-        f"{args.precision}, median of {args.steps} alternating steps.",
+        f"{args.precision}, median of {args.steps} alternating steps. Machine: {report['machine']['cpu']}, "
+        f"{report['machine']['cores']} cores, native bfloat16 {report['machine']['native_bf16']}, load average "
+        f"{report['machine']['load_average_1min']['start']} at the start and "
+        f"{report['machine']['load_average_1min']['end']} at the end (other work slows both ways alike).",
         "",
         "| site | student view only s/step | two views s/step | ratio |",
         "|---|--:|--:|--:|",
