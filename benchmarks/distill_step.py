@@ -24,17 +24,26 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.system import cpu_model
-from fedbrats.constants import MODALITIES
-from fedbrats.data.transforms import AVAILABLE_IMAGE_KEY, AVAILABLE_MASK_KEY, ModalityDropout, apply_modality_mask
-from fedbrats.federated.methods import build_method
-from fedbrats.logging_setup import configure_logging
-from fedbrats.networks import build_network
-from fedbrats.precision import autocast, cpu_has_native_bf16, resolve_precision
+if __name__ == "__main__":  # run as a script: the repository root, not benchmarks/, is where `benchmarks` lives
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.system import cpu_model  # noqa: E402
+from fedbrats.constants import MODALITIES  # noqa: E402
+from fedbrats.data.transforms import (  # noqa: E402
+    AVAILABLE_IMAGE_KEY,
+    AVAILABLE_MASK_KEY,
+    ModalityDropout,
+    apply_modality_mask,
+)
+from fedbrats.federated.methods import build_method  # noqa: E402
+from fedbrats.logging_setup import configure_logging  # noqa: E402
+from fedbrats.networks import build_network  # noqa: E402
+from fedbrats.precision import autocast, cpu_has_native_bf16, resolve_precision  # noqa: E402
 
 logger = logging.getLogger("fedbrats.benchmarks.distill_step")
 
