@@ -67,10 +67,15 @@ def test_fedkd_sixteen_sites_fifty_rounds_no_errors_flat_memory(tmp_path) -> Non
         problems = [line for line in f if re.search(r" - (ERROR|CRITICAL) - |Traceback", line)]
     assert not problems, "".join(problems[:10])
 
-    # FedKD did its work: every loss term from round 1 (self-distillation only where all four sequences are),
-    # prototypes aggregated and saved, models saved and finite.
+    # FedKD did its work: every loss term from round 1 (self-distillation at every site with two or more sequences,
+    # on every step, the global teacher on every step everywhere), prototypes aggregated and saved, models saved and
+    # finite.
     terms = rounds[1]["sites"]
     assert {"dice", "drl", "rcl", "kd", "proto_kd", "self_distill"} <= set(terms["site-1"]["loss_terms"])
+    for site in ("site-1", "site-2", "site-3"):
+        assert terms[site]["loss_terms"]["acted_self_distill"] == pytest.approx(1.0), site
+    for site in terms:
+        assert terms[site]["loss_terms"]["acted_kd"] == pytest.approx(1.0), site
     assert terms["site-4"]["modalities"] == ["t1"] and "self_distill" not in terms["site-4"]["loss_terms"]
     with np.load(os.path.join(run_dir, "server_state.npz")) as state:
         assert state["global_prototypes"].shape[0] == 4 and np.isfinite(state["global_prototypes"]).all()
