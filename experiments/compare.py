@@ -350,11 +350,17 @@ def _pm(stat: dict[str, float] | None, digits: int = 3, runs: int = 2) -> str:
 
 
 def comparison_summary(
-    runs: dict[str, dict[Any, dict[str, Any]]], site_modalities: dict[str, list[str]] | None = None
+    runs: dict[str, dict[Any, dict[str, Any]]],
+    site_modalities: dict[str, list[str]] | None = None,
+    min_site_cases: int = 1,
 ) -> dict[str, Any]:
     """Per method the summary over seeds of its results pooled over the folds (:func:`pool_folds`), with each
     site's Dice on its own sequences where the test cases name their sites; and the paired differences of
-    :data:`PAIRS` (where both were run), over runs and cases."""
+    :data:`PAIRS` (where both were run), over runs and cases.
+
+    A site with fewer than ``min_site_cases`` test cases keeps its case count but no scores (``withheld``): for
+    real patients' data (``--aggregate-only``) a site's mean over one case would be that patient's score.
+    """
     summary = {}
     for name, by_run in runs.items():
         if not by_run:
@@ -367,6 +373,13 @@ def comparison_summary(
             continue
         # "seeds": what the cells summarise (per seed, every fold pooled); "runs": every (fold, seed) run.
         summary[name] = {**seed_summary(pooled), "seeds": sorted(pooled, key=str), "runs": sorted(by_run, key=str)}
+        for site, scores in (summary[name].get("own_sequences") or {}).items():
+            if scores.get("num_cases", 0) < min_site_cases:
+                summary[name]["own_sequences"][site] = {
+                    "modalities": scores.get("modalities"),
+                    "num_cases": scores.get("num_cases", 0),
+                    "withheld": f"fewer than {min_site_cases} test cases: a mean over them would be a case's score",
+                }
     pairs = {}
     for a, b in PAIRS:
         if runs.get(a) and runs.get(b) and set(runs[a]) & set(runs[b]):
@@ -384,6 +397,7 @@ def write_comparison(
     runs: dict[str, dict[Any, dict[str, Any]]],
     commands: list[str],
     site_modalities: dict[str, list[str]] | None = None,
+    min_site_cases: int = 1,
 ) -> str:
     """Write ``comparison.md`` and ``comparison.json`` (summaries over seeds, paired intervals); return the .md.
 
@@ -393,9 +407,10 @@ def write_comparison(
         runs: method -> run name (seed, or ``fold<k>/seed<s>``) -> full results (with per-case values).
         commands: the commands that produced the runs.
         site_modalities: each site's sequences, for the per-site scores on their own sequences.
+        min_site_cases: see :func:`comparison_summary`.
     """
     ordered = {name: runs[name] for name in EXPERIMENTS if runs.get(name)}
-    summary = comparison_summary(ordered, site_modalities)
+    summary = comparison_summary(ordered, site_modalities, min_site_cases)
     with open(os.path.join(out_dir, "comparison.json"), "w", encoding="utf-8") as f:
         json.dump({"sites": sites_file, "commands": commands, **summary}, f, indent=2)
     methods = summary["methods"]
@@ -453,7 +468,14 @@ def write_comparison(
             own = m.get("own_sequences") or {}
             n = len(m["seeds"])
             lines.append(
-                f"| {name} | " + " | ".join(_pm(own.get(s, {}).get("mean_dice"), runs=n) for s in own_sites) + " |"
+                f"| {name} | "
+                + " | ".join(
+                    "withheld (one case)"
+                    if own.get(s, {}).get("withheld")
+                    else _pm(own.get(s, {}).get("mean_dice"), runs=n)
+                    for s in own_sites
+                )
+                + " |"
             )
         lines.append("")
     if summary["paired"]:
@@ -708,7 +730,13 @@ def main(argv: list[str] | None = None) -> int:
         commands.append(f"{command} (this report, from the runs' saved results)")
     shown_sites = portable_path(os.path.join(a.folds, FOLDS_MANIFEST) if a.folds else sites_of_fold[None], placeholders)
     path = write_comparison(
-        a.out_dir, shown_sites, runs, commands, _site_modalities(next(iter(sites_of_fold.values())))
+        a.out_dir,
+        shown_sites,
+        runs,
+        commands,
+        _site_modalities(next(iter(sites_of_fold.values()))),
+        # Real patients: no site score that is one case's score.
+        min_site_cases=2 if a.aggregate_only else 1,
     )
     logger.info("comparison written to %s", path)
     return 0

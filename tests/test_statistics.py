@@ -234,3 +234,23 @@ def test_table_rows_average_cases_then_regions_and_combinations_unweighted() -> 
     other = table_row(torch.ones(5, 3, dtype=torch.float64), torch.zeros(5, 3, dtype=torch.float64), ["t2"])
     # each combination counts once, whatever its number of cases
     assert mean_over_rows([row, other])["mean_dice"] == pytest.approx(0.75)
+
+
+def test_aggregate_reports_withhold_a_site_score_that_is_one_cases_score(tmp_path) -> None:
+    """With min_site_cases=2 (compare.py --aggregate-only) a site with one test case keeps its count, not its score:
+    for real patients that mean would be one patient's Dice."""
+    import json
+
+    from experiments.compare import write_comparison
+
+    dice = np.full((3, 15), 0.5)
+    dice[1] = 0.9  # the lone case of site "two"
+    runs = {"fedavg": {0: results_from(dice, ["a", "b", "c"], ["full", "two", "full"])}}
+    sites = {"full": ["t1", "t1ce", "t2", "flair"], "two": ["t2", "flair"]}
+    text = open(write_comparison(str(tmp_path), "s.json", runs, ["cmd"], sites, min_site_cases=2)).read()
+    assert "withheld (one case)" in text and "0.900" not in text
+    own = json.loads((tmp_path / "comparison.json").read_text())["methods"]["fedavg"]["own_sequences"]
+    assert own["two"]["num_cases"] == 1 and "mean_dice" not in own["two"] and own["two"]["withheld"]
+    assert own["full"]["mean_dice"]["mean"] == pytest.approx(0.5)
+    shown = open(write_comparison(str(tmp_path), "s.json", runs, ["cmd"], sites)).read()
+    assert "0.900" in shown  # synthetic data: every site shown
