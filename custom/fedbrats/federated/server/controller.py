@@ -63,10 +63,9 @@ from fedbrats.networks import build_from_spec, model_spec
 from fedbrats.runs import RunFolder
 from fedbrats.scoring.postprocess import choose_min_component_voxels, write_postprocessing
 
-#: Rounds of every job unless overridden (the jobs list it from here). 13, not 10: the main job (``jobs/fedkd`` on the
-#: synthetic default) ended at a final validation mean Dice of 0.684 / 0.710 / 0.710 with 10 rounds (seeds 0, 1, 2)
-#: and 0.743 / 0.749 / 0.744 with 13 on a 2-core AVX-512 BF16 machine (docs/results.md, "Training recipe"). The
-#: comparisons on the results page pass their rounds explicitly (``--rounds 10``).
+#: Rounds of every job unless overridden (the jobs list it from here). 13, not 10: chosen by an earlier session on the
+#: main job's validation scores over three seeds (docs/results.md, "Training recipe"; today's three seeds with 13
+#: rounds: docs/results/main-job). The comparisons on the results page pass their rounds explicitly (``--rounds 10``).
 DEFAULT_ROUNDS = 13
 
 
