@@ -78,3 +78,19 @@ def nvflare_available() -> None:
         nvflare_cli()
     except DeploymentError as e:
         pytest.skip(f"nvflare CLI unavailable: {e}")
+
+
+class RecordingNetwork(nn.Module):
+    """Wraps a network called as ``net(image, mask)`` and keeps every input it was given (to check which view of a
+    batch a teacher or student saw)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.masks: list[torch.Tensor] = []
+        self.images: list[torch.Tensor] = []
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> dict:
+        self.masks.append(mask.clone())
+        self.images.append(image.clone())
+        return self.net(image, mask)

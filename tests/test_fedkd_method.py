@@ -16,6 +16,7 @@ from fedbrats.federated.methods.fedkd.network import ModalityAwareSegNet
 from fedbrats.federated.methods.fedkd.rcl import region_prototypes
 from fedbrats.federated.methods.supervised import SupervisedMethod
 from fedbrats.networks import BraTSSegResNet
+from tests.helpers import RecordingNetwork
 
 FILTERS = 8
 CONTENT = 4 * FILTERS  # content channels of ModalityAwareSegNet(init_filters=8)
@@ -82,24 +83,6 @@ def _two_views(student: list[list[float]], available: list[list[float]]) -> dict
     return batch
 
 
-class _RecordingTeacher(torch.nn.Module):
-    """Wraps a teacher and keeps the sequence masks it was given."""
-
-    def __init__(self, teacher: torch.nn.Module) -> None:
-        super().__init__()
-        self.teacher = teacher
-        self.masks: list[torch.Tensor] = []
-        self.images: list[torch.Tensor] = []
-
-    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> dict:
-        self.masks.append(mask.clone())
-        self.images.append(image.clone())
-        return self.teacher(image, mask)
-
-
-# ------------------------------------------------------------------------------------------------ loss terms
-
-
 def test_terms_before_any_global_model(model: ModalityAwareSegNet) -> None:
     """Right after setup (no global model yet) the loss is dice + DRL + RCL + self-distillation, finite, and their
     weighted sum."""
@@ -163,7 +146,7 @@ def test_global_teacher_sees_the_sequences_the_student_view_hides(model: Modalit
     view; KD then carries what the hidden sequences show, and acts on every step."""
     method = _method(model)
     method.on_global_model(model, _global_meta(), current_round=1)
-    recorder = _RecordingTeacher(method.teacher)
+    recorder = RecordingNetwork(method.teacher)
     method.teacher = recorder
     batch = _two_views(student=[[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]], available=FULL)
     _, terms = method.training_loss(model, batch, epoch=0)

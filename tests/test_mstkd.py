@@ -25,6 +25,7 @@ from fedbrats.federated.methods.mstkd.network import MSTKDNet, StyleDiscriminato
 from fedbrats.losses.consistency import consistency_rampup_weight, output_consistency_loss, sigmoid_rampup
 from fedbrats.networks import build_from_spec, build_network, model_spec
 from fedbrats.networks.segresnet import BraTSSegResNet
+from tests.helpers import RecordingNetwork
 
 SIZE = 16
 ALL_FOUR = ("t1", "t1ce", "t2", "flair")
@@ -279,19 +280,6 @@ def _two_views(student: torch.Tensor, available: torch.Tensor) -> dict[str, torc
     return batch
 
 
-class _Recording(torch.nn.Module):
-    """Wraps a network and keeps the sequence masks it was given."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.masks: list[torch.Tensor] = []
-
-    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> dict:
-        self.masks.append(mask.clone())
-        return self.net(image, mask)
-
-
 def test_partial_site_has_a_teacher_on_its_own_sequences() -> None:
     """A site with three sequences keeps a teacher too; it trains on those three whatever the loader hid from the
     student, and the student's view is a non-empty subset of them."""
@@ -300,8 +288,8 @@ def test_partial_site_has_a_teacher_on_its_own_sequences() -> None:
     method.setup(student, ("t1", "t2", "flair"), torch.device("cpu"))
     assert method.teacher is not None
     t0 = _params(method.teacher)
-    method.teacher = _Recording(method.teacher)
-    recording_student = _Recording(student)
+    method.teacher = RecordingNetwork(method.teacher)
+    recording_student = RecordingNetwork(student)
     available = torch.tensor([[1.0, 0, 1, 1]] * 2)
     hidden = torch.tensor([[1.0, 0, 0, 1], [0, 0, 1, 0]])
     torch.manual_seed(0)
@@ -334,7 +322,7 @@ def test_net_only_ablation_keeps_no_teacher_and_the_same_student_views() -> None
     _, training, _ = EXPERIMENTS["mstkd_net_only"]
     method = _method(**training["method_args"])
     assert not method.distils and _method().distils
-    student = _Recording(_net(0))
+    student = RecordingNetwork(_net(0))
     method.setup(student.net, ALL_FOUR, torch.device("cpu"))
     assert method.teacher is None and method.discriminator is None
     torch.manual_seed(0)
