@@ -477,8 +477,16 @@ def test_prepare_folds_tests_every_case_once_stratified_by_site(make_dataset, tm
             in_test = sum(institution_of(c) == site for c in test_ids)
             assert in_test in (n_site // 3, -(-n_site // 3))  # floor or ceil of a third of the site
             assert len(own) + in_test == n_site
+            # the site keeps its own test cases, with its own sequences only, for the federated evaluation
+            site_test = dl["test"]
+            assert {e["case_id"] for e in site_test} == {c for c in test_ids if institution_of(c) == site}
+            assert entry["num_test"] == len(site_test)
+            mods = entry["modalities"]
+            assert all((path is not None) == (m in mods) for e in site_test for m, path in zip(MODALITIES, e["image"]))
         assert "central" in sites["sites"]  # --pool
-        assert not {e["case_id"] for e in _load(sites["sites"]["central"]["datalist"])["training"]} & test_ids
+        central = _load(sites["sites"]["central"]["datalist"])
+        assert not {e["case_id"] for e in central["training"]} & test_ids
+        assert {e["case_id"] for e in central["test"]} == test_ids and all(all(e["image"]) for e in central["test"])
     assert sorted(tested) == sorted(IDS_2018)  # every case a test case exactly once
     assert manifest["num_test"] == [len(_load(out / f"fold{k}" / "test.json")["test"]) for k in range(3)]
     assert max(manifest["num_test"]) - min(manifest["num_test"]) <= 1

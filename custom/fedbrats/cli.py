@@ -97,6 +97,11 @@ COMMANDS: dict[str, Command] = {
         "plot a run's curves (validation, training loss, every loss term by round) to PNG",
         description="PLOT_RUN_DESCRIPTION",
     ),
+    "cross-site": Command(
+        "fedbrats.federated.server.cross_site_report",
+        "report a run's cross-site evaluation: model x site matrix of mean Dice (JSON, markdown, heatmap)",
+        description="CROSS_SITE_DESCRIPTION",
+    ),
 }
 #: Commands that moved out of the package (tooling a site or a server never runs), and what replaces them.
 MOVED = {

@@ -29,20 +29,24 @@ defaults are those of :mod:`fedbrats.jobgen`, so ``--export`` with no option wri
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import os
 import sys
 from typing import Any
 
 from nvflare.recipe import PocEnv, ProdEnv, SimEnv
-from nvflare.recipe.spec import ExecEnv, _peek_recipe_args
+from nvflare.recipe.spec import ExecEnv, Recipe, _peek_recipe_args
 
 from fedbrats.commands import run_command
 from fedbrats.data.site_config import SITE_CONFIG_ENV, federation_sites_file
+from fedbrats.evaluation.evaluate import preprocessing_options
 from fedbrats.federated.memory import with_allocator_defaults
+from fedbrats.federated.server.cross_site import BEST_MODEL, FINAL_MODEL
 from fedbrats.federated.tracking import DEFAULT_TRACKING, TRACKERS
 from fedbrats.jobgen import JOBS, JobOptions
-from fedbrats.recipe import FedBratsRecipe
+from fedbrats.recipe import CrossSiteEvaluationRecipe, FedBratsRecipe
+from fedbrats.runs import RunFolder, resolve_checkpoint
 from fedbrats.simulate import parse_overrides, simulate, site_names
 
 logger = logging.getLogger(__name__)
@@ -52,9 +56,14 @@ ENVS = ("sim", "poc", "prod")
 COMPLETED = "FINISHED:COMPLETED"
 
 
-def add_job_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of a job (``fedbrats simulate`` and ``python -m fedbrats.job`` share them)."""
-    parser.add_argument("job", choices=sorted(JOBS))
+#: The pseudo-job of ``python -m fedbrats.job``: the federated (cross-site) evaluation of finished models.
+EVALUATE = "evaluate"
+
+
+def add_job_arguments(parser: argparse.ArgumentParser, evaluate: bool = False) -> None:
+    """The options of a job (``fedbrats simulate`` and ``python -m fedbrats.job`` share them); ``evaluate`` adds the
+    :data:`EVALUATE` pseudo-job (``python -m fedbrats.job``)."""
+    parser.add_argument("job", choices=sorted(JOBS) + ([EVALUATE] if evaluate else []))
     parser.add_argument(
         "--sites", default=None, help="sites.json (default: $FEDBRATS_SITE_CONFIG, else the embedded federation)"
     )
@@ -88,6 +97,13 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tracking-uri", default="", help="MLflow tracking store (default: mlflow.db in the server's job results)"
     )
+    parser.add_argument(
+        "--cross-site-eval",
+        choices=("on", "off"),
+        default="on",
+        help="end the job with the federated evaluation of its models on every site's test cases, the cross-site "
+        "matrix in the server's cross_site_val/ (default: on, where the job's method has one)",
+    )
 
 
 def job_options(args: argparse.Namespace) -> JobOptions:
@@ -111,6 +127,7 @@ def job_options(args: argparse.Namespace) -> JobOptions:
         compression=compression,
         tracking=args.tracking,
         tracking_uri=args.tracking_uri,
+        cross_site_eval=args.cross_site_eval == "on",
     )
     return JobOptions(args.job, **{k: v for k, v in fields.items() if v is not None})
 
@@ -126,7 +143,15 @@ SIMULATE_DESCRIPTION = "Run a job in NVFlare's simulator with overrides (python 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``python -m fedbrats.job``."""
-    add_job_arguments(parser)
+    add_job_arguments(parser, evaluate=True)
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="RUN_OR_BUNDLE",
+        help="evaluate: a finished run's server folder (its final and best global models, and its site models), an "
+        "exported model folder or a checkpoint; repeatable. In prod, a path on the server's machine",
+    )
     parser.add_argument("--env", choices=ENVS, default="sim", help="where to run (default: sim)")
     parser.add_argument("--clients", default=None, help="sim/poc: comma-separated site names (default: --sites')")
     parser.add_argument("--threads", type=int, default=None, help="sim: sites run in parallel (default: all)")
@@ -246,16 +271,71 @@ def run_simulate(args: argparse.Namespace) -> int:
     return run_in_simulator(args, job_options(args))
 
 
+def evaluation_models(paths: list[str]) -> dict[str, str]:
+    """The models of an on-demand cross-site evaluation, by name, from ``--model`` paths.
+
+    A run folder gives its final and best global models (``FL_global_model.pt``, ``best_FL_global_model.pt``) and
+    the site models it holds (named by site); an exported model folder or a checkpoint gives one model, named by
+    the path's last part. With several paths, each name is prefixed by its path's last part.
+
+    Raises:
+        ValueError: no path, a path that holds no model (named), or two models of the same name.
+    """
+    if not paths:
+        raise ValueError("python -m fedbrats.job evaluate needs --model RUN_OR_BUNDLE (a run folder or exported model)")
+    models: dict[str, str] = {}
+    for path in paths:
+        path = os.path.abspath(path)
+        label = os.path.basename(os.path.normpath(path))
+        run = RunFolder(path)
+        found = {name: file for name, file in ((FINAL_MODEL, run.global_model), (BEST_MODEL, run.best_global_model))}
+        found = {name: file for name, file in found.items() if os.path.isfile(file)}
+        if found:
+            for file in sorted(glob.glob(os.path.join(run.site_models, "*.pt"))):
+                found[os.path.splitext(os.path.basename(file))[0]] = file
+        else:
+            found = {label: resolve_checkpoint(path)}
+        for name, file in found.items():
+            key = f"{label}/{name}" if len(paths) > 1 and name != label else name
+            if key in models:
+                raise ValueError(f"--model: two models named {key!r} ({models[key]}, {file}); pass other folders")
+            models[key] = file
+    return models
+
+
+def evaluation_recipe(args: argparse.Namespace, deploy_min_clients: int | None) -> CrossSiteEvaluationRecipe:
+    """The on-demand cross-site evaluation's recipe: ``--model``'s models with the preprocessing they were trained
+    with (recorded beside the first one; see :func:`fedbrats.evaluation.evaluate.preprocessing_options`)."""
+    models = evaluation_models(args.model)
+    roi_size, zoom = preprocessing_options(next(iter(models.values())), None, None, "cross-site evaluation")
+    data = {"roi_size": list(roi_size), "zoom": zoom}
+    logger.info("cross-site evaluation of %s with %s", sorted(models), data)
+    return CrossSiteEvaluationRecipe(
+        models,
+        data,
+        tracking=args.tracking,
+        tracking_uri=args.tracking_uri,
+        deploy_min_clients=deploy_min_clients,
+        byoc=byoc(args),
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run (or, with NVFlare's ``--export``, export) a job's recipe where ``--env`` says."""
-    options = job_options(args)
+    evaluating = args.job == EVALUATE
+    if args.model and not evaluating:
+        raise ValueError(f"--model is an option of `python -m fedbrats.job {EVALUATE}`, not of a training job")
+    options = None if evaluating else job_options(args)
     exporting, _ = _peek_recipe_args()
-    if args.env == "sim" and not exporting:
+    if args.env == "sim" and not exporting and options is not None:
         return run_in_simulator(args, options)
     env = make_env(args)
     deploy_min_clients = env.num_clients if isinstance(env, PocEnv) else None
     # NVFlare's PoC submits a few seconds after starting the sites: wait for all of them, not the first.
-    recipe = FedBratsRecipe(options, byoc=byoc(args), deploy_min_clients=deploy_min_clients)
+    if options is None:
+        recipe: Recipe = evaluation_recipe(args, deploy_min_clients)
+    else:
+        recipe = FedBratsRecipe(options, byoc=byoc(args), deploy_min_clients=deploy_min_clients)
     run = recipe.execute(env)  # exits here after an --export
     logger.info("job %s deployed as %s (%s)", args.job, run.get_job_id(), args.env)
     # clean_up=False: a PoC workspace (and the result downloaded into it) stays; the PoC itself is stopped.

@@ -85,6 +85,8 @@ class JobSpec:
             (:mod:`fedbrats.federated.tracking`).
         tracking_uri: the MLflow tracking store (empty: NVFlare's default, ``mlflow.db`` in the job's result
             folder); only with ``mlflow``.
+        cross_site_eval: the arguments of the federated (cross-site) evaluation that ends the job
+            (:class:`~fedbrats.federated.server.cross_site.FedBratsCrossSiteEval`); None: the job has none.
     """
 
     name: str
@@ -101,6 +103,7 @@ class JobSpec:
     key_metric: str = KEY_METRIC
     tracking: str = DEFAULT_TRACKING
     tracking_uri: str = ""
+    cross_site_eval: dict[str, Any] | None = None
 
 
 def compression_args(
@@ -164,6 +167,8 @@ class JobOptions:
             folder) or ``mlflow`` (needs the package's ``mlflow`` extra at the server).
         tracking_uri: the MLflow tracking store, e.g. ``http://mlflow.example.org:5000`` (empty: an SQLite file in
             the server's job result folder).
+        cross_site_eval: end the job with the federated (cross-site) evaluation of its models on every site's test
+            cases, where the job's method has one (default); False: skip it.
 
     Raises:
         ValueError: ``job`` is not a job, or ``num_rounds`` is not an integer >= 1.
@@ -181,6 +186,7 @@ class JobOptions:
     compression: Mapping[str, Any] | bool | None = None
     tracking: str = DEFAULT_TRACKING
     tracking_uri: str = ""
+    cross_site_eval: bool = True
 
     def __post_init__(self) -> None:
         if self.job not in JOBS:
@@ -233,4 +239,5 @@ def job_spec(options: JobOptions | str, **changes: Any) -> JobSpec:
         key_metric=spec.get("key_metric", KEY_METRIC),
         tracking=tracking,
         tracking_uri=tracking_uri,
+        cross_site_eval=dict(spec["cross_site_eval"]) if options.cross_site_eval and spec["cross_site_eval"] else None,
     )

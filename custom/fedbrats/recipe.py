@@ -41,6 +41,7 @@ from fedbrats.federated.filters import PayloadAuditFilter
 from fedbrats.federated.methods.fedkd.privacy import PrototypePrivacyFilter
 from fedbrats.federated.server.aggregation import STRATEGIES
 from fedbrats.federated.server.controller import FedBratsController
+from fedbrats.federated.server.cross_site import FedBratsCrossSiteEval
 from fedbrats.federated.server.selection import BestModelSelector
 from fedbrats.federated.tracking import MLFLOW_EXPERIMENT, check_tracking
 from fedbrats.jobgen import JOBS, TASK_REQUEST_INTERVAL, JobOptions, JobSpec, job_spec
@@ -202,6 +203,9 @@ class FedBratsRecipe(Recipe):
             **spec.controller_args,
         )
         job.to_server(controller, id="controller")
+        if spec.cross_site_eval is not None:
+            # After the training: every model scored at every site on its own test cases (NVFlare's workflow).
+            job.to_server(FedBratsCrossSiteEval(**spec.cross_site_eval), id="cross_site_eval")
         job.to_server(PTFileModelPersistor(model=spec.network), id=controller.persistor_id)
         job.to_server(built_component(spec.aggregation, STRATEGIES.build), id=controller.aggregation_id)
         job.to_server(BestModelSelector(key_metric=spec.key_metric), id="model_selector")
@@ -250,6 +254,68 @@ class FedBratsRecipe(Recipe):
                 job.to_clients(SVDDecompressor(), filter_type=FilterType.TASK_DATA, tasks=[task])
             for result_filter in result_filters:
                 job.to_clients(result_filter, filter_type=FilterType.TASK_RESULT, tasks=[task])
+
+
+#: The tasks a site answers in an evaluation-only job.
+EVALUATION_TASKS = ["validate", "submit_model"]
+#: The name of the evaluation-only job.
+EVALUATION_JOB = "cross_site_eval"
+
+
+class CrossSiteEvaluationRecipe(Recipe):
+    """The federated (cross-site) evaluation of finished models, on demand, as its own NVFlare job.
+
+    The server runs :class:`~fedbrats.federated.server.cross_site.FedBratsCrossSiteEval` with the given model
+    files; each site runs the package's executor, which scores each model on the site's own test cases
+    (:mod:`fedbrats.federated.client.site_evaluation`) with the preprocessing the models were trained with, and
+    passes every result through the payload audit. Nothing is trained.
+
+    Args:
+        models: model name -> checkpoint file on the server's machine (with its network spec beside it, as a run
+            folder or an exported bundle keeps it).
+        data: the sites' preprocessing (``zoom``, ``roi_size``: the training crop, also the sliding window).
+        tracking: where the server sends the summary (``tensorboard`` or ``mlflow``).
+        tracking_uri: the MLflow store (only with ``mlflow``).
+        deploy_min_clients: see :class:`FedBratsRecipe`.
+        byoc: see :class:`FedBratsRecipe`.
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, str],
+        data: Mapping[str, Any],
+        *,
+        tracking: str = "tensorboard",
+        tracking_uri: str = "",
+        deploy_min_clients: int | None = None,
+        byoc: bool = True,
+    ) -> None:
+        if not models:
+            raise ValueError("models must name at least one model file to evaluate")
+        check_tracking(tracking)
+        training = {"data": dict(data)}
+        TrainConfig.from_dict(training)  # the sites' rules, checked before anything is submitted
+        job = FedJob(
+            name=EVALUATION_JOB,
+            min_clients=deploy_min_clients or 1,
+            meta_props={"description": f"cross-site evaluation of {sorted(models)} on every site's test cases"},
+        )
+        job.set_app_packages([PACKAGE])
+        job.to_server(FedBratsCrossSiteEval(models=dict(models)), id="cross_site_eval")
+        receiver_id = "tb_receiver" if tracking == "tensorboard" else "mlflow_receiver"
+        job.to_server(tracking_receiver(tracking, EVALUATION_JOB, tracking_uri), id=receiver_id)
+        job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
+        if byoc:
+            job.add_file_to_server(APP_CUSTOM_README)
+        job.to_clients(FedBratsExecutor(training=training), tasks=list(EVALUATION_TASKS))
+        job.to_clients(
+            ConvertToFedEvent(events_to_convert=[ANALYTIC_EVENT_TYPE], fed_event_prefix=FED_EVENT_PREFIX),
+            id="event_to_fed",
+        )
+        for task in EVALUATION_TASKS:
+            # What leaves a site is audited, as in training (one chain per task: see FedBratsRecipe).
+            job.to_clients(PayloadAuditFilter(), filter_type=FilterType.TASK_RESULT, tasks=[task])
+        super().__init__(job)
 
 
 def write_job(

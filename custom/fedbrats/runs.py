@@ -40,6 +40,16 @@ RUN_CHECKPOINTS: tuple[str, ...] = (BEST_GLOBAL_MODEL_FILE, GLOBAL_MODEL_FILE)
 SITE_MODELS_DIR = "site_models"
 #: Where NVFlare's TensorBoard receiver streams the sites' scalars (its default folder).
 TB_EVENTS_DIR = "tb_events"
+#: NVFlare's cross-site evaluation folder (``AppConstants.CROSS_VAL_DIR``) and its results file,
+#: ``{data_site: {model_name: metrics}}`` (the metrics of :func:`fedbrats.federated.protocol.cross_site_metric_key`).
+CROSS_SITE_DIR = "cross_site_val"
+CROSS_SITE_RESULTS_FILE = "cross_val_results.json"
+#: The cross-site evaluations that failed, ``{data_site: {model_name: reason}}``, next to the results.
+CROSS_SITE_ERRORS_FILE = "cross_site_errors.json"
+#: The report of the cross-site evaluation (:mod:`fedbrats.federated.server.cross_site_report`), beside the results.
+CROSS_SITE_SUMMARY_FILE = "cross_site_summary.json"
+CROSS_SITE_MATRIX_FILE = "cross_site_matrix.md"
+CROSS_SITE_HEATMAP_FILE = "cross_site_heatmap.png"
 
 #: A site's run folder: one line per result it sent (see :class:`fedbrats.federated.filters.PayloadAuditFilter`).
 PAYLOAD_AUDIT_FILE = "payload_audit.jsonl"
@@ -158,6 +168,36 @@ class RunFolder:
     def tb_events(self) -> str:
         """``tb_events/``: the sites' TensorBoard scalars."""
         return self._file(TB_EVENTS_DIR)
+
+    @property
+    def cross_site_dir(self) -> str:
+        """``cross_site_val/``: NVFlare's cross-site evaluation folder (results, errors, the report)."""
+        return self._file(CROSS_SITE_DIR)
+
+    @property
+    def cross_site_results(self) -> str:
+        """``cross_site_val/cross_val_results.json``: every site's metrics of every model."""
+        return self._file(CROSS_SITE_DIR, CROSS_SITE_RESULTS_FILE)
+
+    @property
+    def cross_site_errors(self) -> str:
+        """``cross_site_val/cross_site_errors.json``: why a site's evaluation of a model failed."""
+        return self._file(CROSS_SITE_DIR, CROSS_SITE_ERRORS_FILE)
+
+    @property
+    def cross_site_summary(self) -> str:
+        """``cross_site_val/cross_site_summary.json``: the report's numbers."""
+        return self._file(CROSS_SITE_DIR, CROSS_SITE_SUMMARY_FILE)
+
+    @property
+    def cross_site_matrix(self) -> str:
+        """``cross_site_val/cross_site_matrix.md``: the report's tables."""
+        return self._file(CROSS_SITE_DIR, CROSS_SITE_MATRIX_FILE)
+
+    @property
+    def cross_site_heatmap(self) -> str:
+        """``cross_site_val/cross_site_heatmap.png``: the model x site matrix of mean Dice."""
+        return self._file(CROSS_SITE_DIR, CROSS_SITE_HEATMAP_FILE)
 
     @property
     def client_config(self) -> str:

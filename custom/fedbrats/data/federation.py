@@ -118,7 +118,7 @@ def make_synthetic_federation(
 
 
 def add_pooled_site(manifest_path: str, name: str = POOLED_SITE, force: bool = False) -> None:
-    """Add a site that holds every site's training and validation cases with all four sequences.
+    """Add a site that holds every site's training, validation and test cases with all four sequences.
 
     This is the centralized upper bound: the same cases, pooled in one place, nothing missing. Running it again
     rebuilds a pooled site it made (marked ``"pooled": true``); a real site of that name is never replaced
@@ -141,7 +141,7 @@ def add_pooled_site(manifest_path: str, name: str = POOLED_SITE, force: bool = F
     if unlabelled:
         logger.info("pooling leaves out the unlabelled site(s) %s: a centralized model trains on labels", unlabelled)
         sites = {k: v for k, v in sites.items() if k not in unlabelled}
-    pooled: dict[str, list] = {"training": [], "validation": []}
+    pooled: dict[str, list] = {"training": [], "validation": [], "test": []}
     base = os.path.dirname(os.path.abspath(manifest_path))
     datalist: dict = {}
     for site, entry in sorted(sites.items()):
@@ -161,6 +161,7 @@ def add_pooled_site(manifest_path: str, name: str = POOLED_SITE, force: bool = F
         "convention": manifest.get("convention", "brats2018"),
         "num_training": len(pooled["training"]),
         "num_validation": len(pooled["validation"]),
+        "num_test": len(pooled["test"]),
         "pooled": True,  # made here: pooling again may rebuild it (see above)
     }
     _write_json(manifest_path, manifest)
@@ -191,7 +192,7 @@ def _with_all_sequences(case: dict, site: str) -> dict:
 
 def ensure_default_federation(cache_dir: str | None = None) -> str:
     """Generate the embedded default federation once (kept in the cache) and return its ``sites.json``."""
-    out_dir = os.path.join(cache_dir or default_cache_dir(), "synthetic-default-v1")
+    out_dir = os.path.join(cache_dir or default_cache_dir(), "synthetic-default-v2")
     manifest = os.path.join(out_dir, "sites.json")
     with _locked(os.path.join(out_dir + ".lock")):
         if not os.path.isfile(manifest):

@@ -666,21 +666,26 @@ def _write_federation(
     test_cases = sorted(c for _, _, test in splits.values() for c in test)
     os.makedirs(out_dir, exist_ok=True)
     manifest_sites: dict[str, Any] = {}
-    for site, (train, val, _) in splits.items():
+    for site, (train, val, test) in splits.items():
         mods = profile[site]
+        labelled = site not in unlabelled
         path = os.path.join(out_dir, f"{site}.json")
         write_json_atomic(
             path,
             _datalist(
                 name=f"fedbrats-{site}",
                 description=(
-                    f"BraTS site {site}: {len(train)} training and {len(val)} validation cases from {data_dir}; "
-                    f"available sequences {mods}"
+                    f"BraTS site {site}: {len(train)} training, {len(val)} validation and {len(test)} test cases "
+                    f"from {data_dir}; available sequences {mods}"
                 ),
                 convention=conv,
                 sections={
-                    "training": [_entry(infos[c], mods, site not in unlabelled) for c in train],
-                    "validation": [_entry(infos[c], mods, site not in unlabelled) for c in val],
+                    "training": [_entry(infos[c], mods, labelled) for c in train],
+                    "validation": [_entry(infos[c], mods, labelled) for c in val],
+                    # The site's own test cases, with its own sequences: what the federated (cross-site) evaluation
+                    # scores there. They are also in the pooled test.json, with all four sequences, for the
+                    # evaluation of a whole federation in one place.
+                    "test": [_entry(infos[c], mods, labelled) for c in sorted(test)],
                 },
             ),
         )
@@ -690,6 +695,7 @@ def _write_federation(
             "convention": conv.name,
             "num_training": len(train),
             "num_validation": len(val),
+            "num_test": len(test),
         }
         if site in unlabelled:
             manifest_sites[site]["labelled"] = False

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from fedbrats.constants import REGIONS, combination_name
+
 # ---- server -> site (the meta of a task) -------------------------------------------------------------------
 #: The network's ``{"path", "args"}`` spec: the architecture is defined once, on the server.
 MODEL_SPEC_KEY = "model_spec"
@@ -85,6 +87,60 @@ SITE_FILLED_KEYS: frozenset[str] = frozenset(
 METRIC_PREFIX = "val_"
 #: The metric that selects the best global model (mean Dice over WT, TC and ET).
 KEY_METRIC = f"{METRIC_PREFIX}mean_dice"
+
+#: Server -> site: the name of the model a ``validate`` task of the cross-site evaluation carries (a global model's
+#: file name or the site whose own model it is). A validate task without it is the training's final validation.
+CROSS_SITE_MODEL_KEY = "cross_site_model"
+
+# ---- site -> server: the cross-site evaluation of one model (aggregates over the site's labelled test cases) ----
+#: Test metric keys start with this, so that they never mix with the validation metrics (:data:`METRIC_PREFIX`).
+TEST_PREFIX = "test_"
+#: How many test cases the site scored: 0 or absent means it has no labelled test cases (and sends no score).
+TEST_NUM_CASES_KEY = f"{TEST_PREFIX}num_cases"
+#: The metrics a site sends per region (``test_dice_WT``) and as the mean over the regions (``test_mean_dice``).
+TEST_METRICS: tuple[str, ...] = ("dice", "hd95")
+#: Infix of the means over the 15 sequence combinations, sent only by a site with all four sequences.
+TEST_ALL15_INFIX = "all15_"
+#: Infix of a single sequence combination's mean Dice (``test_combo_t1+flair_mean_dice``).
+TEST_COMBO_INFIX = "combo_"
+
+
+def cross_site_metric_key(metric: str, region: str | None = None, all15: bool = False) -> str:
+    """The key of a cross-site test metric: ``test_dice_WT``, ``test_mean_hd95``, ``test_all15_dice_ET``, ...
+
+    (Not named ``test_*``: pytest would collect it as a test wherever a test module imports it.)
+
+    Args:
+        metric: one of :data:`TEST_METRICS`.
+        region: a region of :data:`~fedbrats.constants.REGIONS`, or ``None`` for the mean over the regions.
+        all15: the mean over the 15 sequence combinations instead of the site's own sequences.
+
+    Raises:
+        ValueError: an unknown ``metric`` or ``region``.
+    """
+    if metric not in TEST_METRICS:
+        raise ValueError(f"metric must be one of {TEST_METRICS}, got {metric!r}")
+    if region is not None and region not in REGIONS:
+        raise ValueError(f"region must be one of {REGIONS} or None, got {region!r}")
+    name = f"mean_{metric}" if region is None else f"{metric}_{region}"
+    return f"{TEST_PREFIX}{TEST_ALL15_INFIX if all15 else ''}{name}"
+
+
+def cross_site_combination_key(modalities: str | tuple[str, ...] | list[str]) -> str:
+    """The key of one sequence combination's mean Dice: ``test_combo_t1+t1ce+t2+flair_mean_dice``.
+
+    Args:
+        modalities: the combination as a name (``"flair+t1"``) or its sequences, in any order (the key uses the
+            canonical order).
+
+    Raises:
+        ValueError: no known sequence in ``modalities``.
+    """
+    names = modalities.split("+") if isinstance(modalities, str) else list(modalities)
+    name = combination_name(names)
+    if not name:
+        raise ValueError(f"modalities must name at least one sequence of t1, t1ce, t2, flair, got {modalities!r}")
+    return f"{TEST_PREFIX}{TEST_COMBO_INFIX}{name}_mean_dice"
 
 
 def global_task_meta(spec: Mapping[str, Any], keep_local_weights: bool, extras: Mapping[str, Any]) -> dict[str, Any]:

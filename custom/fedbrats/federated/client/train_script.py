@@ -23,25 +23,28 @@ from nvflare.fuel.utils.memory_utils import try_malloc_trim
 
 import fedbrats.federated.methods  # noqa: F401 - registers the methods' own networks and strategies
 from fedbrats.constants import REGIONS
-from fedbrats.data.site_config import resolve_site_config
+from fedbrats.data.site_config import SiteConfig, resolve_site_config
 from fedbrats.federated.client.executor import decode_config
+from fedbrats.federated.client.site_evaluation import score_received_model
 from fedbrats.federated.client.trainer import SiteTrainer, TrainConfig
 from fedbrats.federated.events import SITE_WORK, RoundEventWriter
 from fedbrats.federated.protocol import (
+    CROSS_SITE_MODEL_KEY,
     KEEP_LOCAL_WEIGHTS_KEY,
-    KEY_METRIC,
     METRIC_PREFIX,
     MODEL_SPEC_KEY,
     NUM_STEPS_KEY,
     NVFLARE_NUM_STEPS_KEY,
     SITE_NAME_KEY,
+    TEST_NUM_CASES_KEY,
+    TEST_PREFIX,
     TRAIN_LOSS_KEY,
     site_error_meta,
     site_update_meta,
     to_wire,
 )
 from fedbrats.federated.tracking import site_scalars
-from fedbrats.networks import build_from_spec
+from fedbrats.networks import build_from_spec, model_spec
 from fedbrats.runs import SITE_EVENTS_FILE
 
 logger = logging.getLogger("fedbrats.client")
@@ -106,6 +109,14 @@ def _run(
         answered[0] = False
         meta = input_model.meta or {}
         current_round = input_model.current_round or 0
+        if flare.is_evaluate() and meta.get(CROSS_SITE_MODEL_KEY):
+            _answer_cross_site(site, config, input_model)
+            answered[0] = True
+            continue
+        if flare.is_submit_model():
+            _answer_submit_model(site_name, trainer)
+            answered[0] = True
+            continue
         if trainer is None:
             # The server sends the network's spec with the weights: the architecture is defined once, on the server.
             model = build_from_spec(meta[MODEL_SPEC_KEY])
@@ -127,10 +138,6 @@ def _run(
             # The weights go back unchanged only so that NVFlare's model selector, which ignores metrics-only
             # results, also judges the final global model.
             flare.send(FLModel(params=trainer.weights(), metrics=metrics, meta={SITE_NAME_KEY: site_name}))
-            answered[0] = True
-            continue
-        if flare.is_submit_model():
-            flare.send(FLModel(params=trainer.weights(), meta={SITE_NAME_KEY: site_name}))
             answered[0] = True
             continue
 
@@ -165,6 +172,39 @@ def _run(
         try_malloc_trim()
 
 
+def _answer_cross_site(site: SiteConfig, config: TrainConfig, input_model: FLModel) -> None:
+    """Score a model of the cross-site evaluation on the site's own test cases and send the aggregates back.
+
+    A failure answers this task with its reason (the server names the site and the model, the other results
+    stand) and the site goes on with the next task.
+    """
+    meta = input_model.meta or {}
+    name = meta.get(CROSS_SITE_MODEL_KEY)
+    try:
+        metrics = score_received_model(meta.get(MODEL_SPEC_KEY), input_model.params or {}, site, config)
+    except Exception as exc:  # one model the site cannot score must not end its part of the evaluation
+        logger.exception("site %s: cross-site evaluation of model %s failed", site.site_name, name)
+        flare.send(FLModel(metrics={}, meta=site_error_meta(site.site_name, exc)))
+        return
+    if metrics.get(TEST_NUM_CASES_KEY):
+        logger.info("site %s | cross-site evaluation of %s: %s", site.site_name, name, _fmt(metrics, TEST_PREFIX))
+    else:
+        logger.info("site %s has no labelled test cases: model %s not scored", site.site_name, name)
+    flare.send(FLModel(metrics=metrics, meta={SITE_NAME_KEY: site.site_name}))
+
+
+def _answer_submit_model(site_name: str, trainer: SiteTrainer | None) -> None:
+    """Send the site's own model (:meth:`ClientMethod.submitted_model`: e.g. FedMIC's personalised one) and its
+    network's spec, for the cross-site evaluation; a site that trained nothing in this job says so."""
+    if trainer is None:
+        error = ValueError("this site has no model of its own in this job (it trained nothing)")
+        flare.send(FLModel(metrics={}, meta=site_error_meta(site_name, error)))
+        return
+    model = trainer.method.submitted_model(trainer.model)
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    flare.send(FLModel(params=weights, meta={SITE_NAME_KEY: site_name, MODEL_SPEC_KEY: model_spec(model)}))
+
+
 def _track(writer: SummaryWriter, entry: dict, current_round: int) -> None:
     """Stream a round's curves (:func:`fedbrats.federated.tracking.site_scalars` of ``entry``: ``metrics``,
     ``train_loss``, ``loss_terms``, ``lr``) to the server's tracking receiver, stepped by the round."""
@@ -172,9 +212,9 @@ def _track(writer: SummaryWriter, entry: dict, current_round: int) -> None:
         writer.add_scalar(tag, value, current_round)
 
 
-def _fmt(metrics: dict[str, float]) -> str:
-    keys = tuple(f"{METRIC_PREFIX}dice_{region}" for region in REGIONS) + (KEY_METRIC,)
-    return " ".join(f"{k[len(METRIC_PREFIX) :]}={metrics[k]:.3f}" for k in keys if k in metrics)
+def _fmt(metrics: dict[str, float], prefix: str = METRIC_PREFIX) -> str:
+    keys = tuple(f"{prefix}dice_{region}" for region in REGIONS) + (f"{prefix}mean_dice",)
+    return " ".join(f"{k[len(prefix) :]}={metrics[k]:.3f}" for k in keys if k in metrics)
 
 
 def main(argv: list[str] | None = None) -> None:

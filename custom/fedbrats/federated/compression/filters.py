@@ -54,7 +54,7 @@ from fedbrats.federated.compression.codec import (
     fingerprint,
     to_numpy,
 )
-from fedbrats.federated.protocol import SVD_META_KEY, UPDATE_PROBLEM_KEY
+from fedbrats.federated.protocol import CROSS_SITE_MODEL_KEY, SVD_META_KEY, UPDATE_PROBLEM_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +197,10 @@ class SVDBroadcastCompressor(_ScheduledCompressor):
         self._sent: dict[tuple[str | None, str], tuple[str, dict[str, Any]]] = {}  # (base, global) -> (token, data)
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
+        if (dxo.meta or {}).get(CROSS_SITE_MODEL_KEY):
+            # A model of the cross-site evaluation goes whole: a score must be the model's, not a lossy view's,
+            # and it is not the global model the site's view follows (a site's own model may be another network).
+            return None
         peer = fl_ctx.get_peer_context()
         site = peer.get_identity_name() if peer is not None else None
         if not site:

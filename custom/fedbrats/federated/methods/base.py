@@ -95,6 +95,12 @@ class ClientMethod:
         """
         return {}
 
+    def submitted_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The site's own model for the cross-site evaluation (NVFlare's ``submit_model`` task, asked of the sites
+        of methods whose sites keep models of their own): by default the site's network ``model``. A method with a
+        personalised network returns that one; it may be another architecture (its spec goes with it)."""
+        return model
+
     def round_payload(self, model: torch.nn.Module, train_loader: Any) -> dict[str, Any]:
         """Extra items sent with this round's update (numpy arrays, lists or numbers; never tensors)."""
         return {}
@@ -133,6 +139,11 @@ class Job:
             ``{"energy_start": ..., "energy_end": ...}``; see :mod:`fedbrats.federated.compression`); None: off.
         key_metric: the sites' validation score (higher is better) by which NVFlare's model selector keeps the
             best global model (default: the mean Dice, :data:`fedbrats.federated.protocol.KEY_METRIC`).
+        cross_site_eval: whether the job ends with the federated (cross-site) evaluation of its models on every
+            site's test cases (:mod:`fedbrats.federated.server.cross_site`): a segmentation's Dice and HD95, so off
+            for a method whose network is not a segmenter.
+        submit_site_models: whether that evaluation also asks each site for a model of its own (a personalised
+            model that never leaves the site in training) and scores it at every site.
     """
 
     name: str
@@ -143,6 +154,8 @@ class Job:
     min_clients: int = 0
     compression: Mapping[str, Any] | None = None
     key_metric: str | None = None
+    cross_site_eval: bool = True
+    submit_site_models: bool = False
 
     def definition(self) -> dict[str, Any]:
         """The job as :data:`fedbrats.jobgen.JOBS` holds it."""
@@ -158,6 +171,7 @@ class Job:
             out["compression"] = dict(self.compression)
         if self.key_metric is not None:
             out["key_metric"] = self.key_metric
+        out["cross_site_eval"] = {"submit_site_models": self.submit_site_models} if self.cross_site_eval else None
         return out
 
 

@@ -286,6 +286,17 @@ class FedMICMethod(ClientMethod):
                 )
         return metrics
 
+    def submitted_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The personalised model the site deploys: the best one on its validation cases (:data:`PERSONAL_BEST_FILE`)
+        where it was kept, else the current one."""
+        assert self.personal is not None
+        if self.best_path and os.path.isfile(self.best_path):
+            best = load_weights_file(self.best_path, "FedMIC best personal model file")
+            chosen = build_network(self.personal_network["name"], **self.personal_network["args"])
+            chosen.load_state_dict(best["model"])
+            return chosen
+        return self.personal
+
     def save_best(self, path: str, dice: float) -> None:
         """Write the personalised model's weights (and network spec, round and ``dice``) to ``path``, atomically and
         readable by its owner only."""
@@ -425,6 +436,7 @@ METHOD = Method(
             network={"name": "segresnet", "args": {"init_filters": 8}},
             training={"method": "fedmic"},
             compression={},
+            submit_site_models=True,  # the personalised models, scored at every site (cross-site)
         ),
     ),
     experiments={

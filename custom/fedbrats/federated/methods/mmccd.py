@@ -646,6 +646,7 @@ METHOD = Method(
             network={"name": "modality_cycle", "args": {"variant": "mmccd", "init_filters": 16}},
             training=TRAINING,
             key_metric=KEY_METRIC,
+            cross_site_eval=False,  # not a segmenter: its evaluation is the anomaly maps' (experiments/mmccd_*)
         ),
     ),
 )
