@@ -34,7 +34,7 @@ def _net() -> torch.nn.Module:
 
 def test_a_site_with_all_four_sequences_reports_its_own_and_the_15_combinations(tiny_federation: str) -> None:
     site = _site(tiny_federation, "site-1")
-    metrics = site_test_metrics(_net(), site, TrainConfig.from_dict({"data": DATA}).data)
+    metrics = site_test_metrics(_net(), site, TrainConfig.from_dict({"data": DATA}).data, min_cases=1)
     n = site_test_cases(site)
     assert n >= 1 and metrics[TEST_NUM_CASES_KEY] == n
     for region in REGIONS:
@@ -54,7 +54,7 @@ def test_a_site_with_two_sequences_scores_with_them_only(tiny_federation: str) -
     datalist = json.loads(Path(site.datalist).read_text())
     assert datalist["test"] and all(e["image"][0] is None and e["image"][1] is None for e in datalist["test"])
     model = _net()
-    metrics = site_test_metrics(model, site, TrainConfig.from_dict({"data": DATA}).data)
+    metrics = site_test_metrics(model, site, TrainConfig.from_dict({"data": DATA}).data, min_cases=1)
     assert metrics[TEST_NUM_CASES_KEY] == len(datalist["test"])
     assert cross_site_metric_key("dice", None, all15=True) not in metrics and len(metrics) == 9
     # the same score as the evaluation of that combination where the case has all four sequences
@@ -94,7 +94,7 @@ def test_a_site_without_labelled_test_cases_says_so(tiny_federation: str, tmp_pa
 
 def test_a_received_model_is_built_from_its_spec_and_wrong_weights_are_named(tiny_federation: str) -> None:
     site = _site(tiny_federation, "site-2")
-    config = TrainConfig.from_dict({"data": DATA})
+    config = TrainConfig.from_dict({"data": DATA, "min_test_cases": 1})
     net = _net()
     params = {k: v.numpy() for k, v in net.state_dict().items()}
     metrics = score_received_model(model_spec(net), params, site, config)
@@ -162,3 +162,20 @@ def test_on_demand_models_of_a_run_folder_and_of_an_exported_model(tmp_path: Pat
         evaluation_models([])
     with pytest.raises(ValueError, match="does not exist"):
         evaluation_models([str(tmp_path / "nowhere")])
+
+
+def test_a_site_with_fewer_test_cases_than_the_minimum_sends_the_count_alone(tiny_federation: str) -> None:
+    from fedbrats.federated.server.cross_site_report import cross_site_summary, format_cross_site_markdown
+
+    site = _site(tiny_federation, "site-2")  # one test case in the tiny federation
+    assert site_test_cases(site) == 1
+    metrics = site_test_metrics(_net(), site, TrainConfig.from_dict({"data": DATA}).data, min_cases=2)
+    assert metrics == {TEST_NUM_CASES_KEY: 1.0}  # that patient's score stays at the site
+    scored = site_test_metrics(_net(), site, TrainConfig.from_dict({"data": DATA}).data, min_cases=1)
+    summary = cross_site_summary({"site-2": {FINAL_MODEL: metrics}, "site-1": {FINAL_MODEL: {**scored}}})
+    model = summary["models"][FINAL_MODEL]
+    assert model["withheld"] == {"site-2": 1} and list(model["sites"]) == ["site-1"]
+    assert model["site_weighted_mean"]["num_sites"] == 1
+    assert "withheld (1 case)" in format_cross_site_markdown(summary)
+    with pytest.raises(ValueError, match="min_test_cases"):
+        TrainConfig.from_dict({"min_test_cases": 0})

@@ -37,7 +37,9 @@ def _check_models(run_dir: str) -> None:
 
 def test_fedavg_two_rounds(tiny_federation: str, tmp_path) -> None:
     """FedAvg over 4 sites with missing sequences: models saved, finite decreasing loss, per-round metrics."""
-    result = simulate("fedavg", str(tmp_path), sites_file=tiny_federation, num_rounds=2, training=TINY)
+    # min_test_cases 1: the tiny federation has one test case per site (a real job withholds such a score).
+    training = {**TINY, "min_test_cases": 1}
+    result = simulate("fedavg", str(tmp_path), sites_file=tiny_federation, num_rounds=2, training=training)
     _check_models(result.run_dir)
     rounds = _train_rounds(result.history)
     assert [r["round"] for r in rounds] == [0, 1]
@@ -61,6 +63,37 @@ def test_fedavg_two_rounds(tiny_federation: str, tmp_path) -> None:
         choice = json.load(f)
     assert choice["min_component_voxels"] in (0, 10, 50, 200) and set(choice["scores"]) == {"0", "10", "50", "200"}
     _check_round_events(result.run_dir, str(tmp_path))
+    _check_cross_site(result.run_dir, str(tmp_path))
+
+
+def _check_cross_site(run_dir: str, workspace: str) -> None:
+    """The job ended with the federated evaluation: NVFlare's cross_val_results.json (every site scored the final and
+    the best global model on its own test case, with its own sequences; only site-1 has all four), the matrix, and
+    nothing but aggregates in what the sites sent."""
+    from fedbrats.federated.server.cross_site_report import read_cross_site_results
+    from fedbrats.runs import RunFolder
+
+    run = RunFolder(run_dir)
+    results, errors = read_cross_site_results(run_dir)
+    assert errors == {}
+    sites = ["site-1", "site-2", "site-3", "site-4"]
+    assert sorted(results) == sites
+    for site in sites:
+        assert sorted(results[site]) == ["FL_global_model.pt", "best_FL_global_model.pt"]
+        for metrics in results[site].values():
+            assert metrics["test_num_cases"] == 1 and 0.0 <= metrics["test_mean_dice"] <= 1.0
+            assert ("test_all15_mean_dice" in metrics) == (site == "site-1")
+            assert all(k.startswith("test_") for k in metrics)
+    matrix = open(run.cross_site_matrix, encoding="utf-8").read()
+    assert all(f"{site} (1 case)" in matrix for site in sites) and "global (best)" in matrix
+    assert os.path.getsize(run.cross_site_heatmap) > 0
+    # the payload audit of each site: a cross-site result holds metrics only, every one a test_ aggregate
+    for site in sites:
+        audit = os.path.join(workspace, "sim", site, "simulate_job", "payload_audit.jsonl")
+        lines = [json.loads(line) for line in open(audit, encoding="utf-8")]
+        scored = [e for e in lines if e["task"] == "validate" and "test_num_cases" in e["data"]]
+        assert len(scored) == 2, lines[-3:]
+        assert all(e["kind"] == "METRICS" and all(k.startswith("test_") for k in e["data"]) for e in scored)
 
 
 def _check_round_events(run_dir: str, workspace: str) -> None:
@@ -110,3 +143,9 @@ def test_a_failing_site_does_not_stop_the_federation(tiny_federation, tmp_path) 
         assert "site-4" in r["left_out"] or "site-4" in r["rejected"]
     log = open(os.path.join(str(tmp_path / "run"), "simulator.log"), encoding="utf-8").read()
     assert "missing_t1.nii.gz" in log, "the failing site's error must name the file"
+    # the cross-site evaluation names the failed site per model; the other sites' results stand
+    from fedbrats.federated.server.cross_site_report import read_cross_site_results
+
+    results, errors = read_cross_site_results(result.run_dir)
+    assert sorted(errors) == ["site-4"] and "missing_t1.nii.gz" in " ".join(errors["site-4"].values())
+    assert sorted(results) == ["site-1", "site-2", "site-3"]

@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 PACKAGE = "fedbrats"
 #: The tasks a site's executor answers.
 CLIENT_TASKS = ["train", "validate", "submit_model"]
+#: The tasks whose weights the SVD compression and the privacy filters handle. ``submit_model`` (a site's own
+#: model for the cross-site evaluation) goes whole and audited: a lossy or noised copy would score another model.
+FILTERED_TASKS = ["train", "validate"]
 #: Prefix of the site events NVFlare forwards to the server (the sites' tracking records).
 FED_EVENT_PREFIX = "fed."
 #: What the server's tracking receiver handles: the sites' records (forwarded events) and the server's own (the
@@ -214,7 +217,7 @@ class FedBratsRecipe(Recipe):
         job.to_server(tracking_receiver(spec.tracking, spec.name, spec.tracking_uri), id=receiver_id)
         job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
         if spec.compression is not None:
-            for task in CLIENT_TASKS:
+            for task in FILTERED_TASKS:
                 # The downlink always feeds its error back (the server's per-site views); the option is the uplink's.
                 broadcast = {k: v for k, v in spec.compression.items() if k != "error_feedback"}
                 job.to_server(SVDBroadcastCompressor(**broadcast), filter_type=FilterType.TASK_DATA, tasks=[task])
@@ -244,15 +247,17 @@ class FedBratsRecipe(Recipe):
         # The audit comes last, so it records exactly what leaves the site. One chain per task: NVFlare 2.9 looks a
         # result's filters up by its exact task name (a chain for "*", the Job API's default, matches no task),
         # and the Job API keeps a chain's tasks in a set, whose order would change from one export to the next.
-        result_filters.append(PayloadAuditFilter())
         for task in CLIENT_TASKS:
+            if task not in FILTERED_TASKS:
+                job.to_clients(PayloadAuditFilter(), filter_type=FilterType.TASK_RESULT, tasks=[task])
+                continue
             if svd is not None:
                 # What arrives is audited before anything decodes it; the decompressor keeps the site's view.
                 job.to_clients(
                     PayloadAuditFilter(file_name=PAYLOAD_AUDIT_IN_FILE), filter_type=FilterType.TASK_DATA, tasks=[task]
                 )
                 job.to_clients(SVDDecompressor(), filter_type=FilterType.TASK_DATA, tasks=[task])
-            for result_filter in result_filters:
+            for result_filter in [*result_filters, PayloadAuditFilter()]:
                 job.to_clients(result_filter, filter_type=FilterType.TASK_RESULT, tasks=[task])
 
 

@@ -91,6 +91,23 @@ KEY_METRIC = f"{METRIC_PREFIX}mean_dice"
 #: Server -> site: the name of the model a ``validate`` task of the cross-site evaluation carries (a global model's
 #: file name or the site whose own model it is). A validate task without it is the training's final validation.
 CROSS_SITE_MODEL_KEY = "cross_site_model"
+#: The weights of such a task are named with this prefix: NVFlare's Client API reshapes received weights to the shapes
+#: of the weights the site last sent under the same names, and another network (a site's personalised model) must
+#: not be bent into the shapes of the site's own.
+CROSS_SITE_PARAM_PREFIX = "cross_site_model/"
+
+
+def cross_site_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The weights of a cross-site evaluation task, named apart from the site's own (see the prefix above)."""
+    return {f"{CROSS_SITE_PARAM_PREFIX}{name}": value for name, value in params.items()}
+
+
+def model_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The network's weights out of a cross-site evaluation task's (the inverse of :func:`cross_site_params`; names
+    without the prefix, which the Client API may add, are left out)."""
+    n = len(CROSS_SITE_PARAM_PREFIX)
+    return {name[n:]: value for name, value in params.items() if name.startswith(CROSS_SITE_PARAM_PREFIX)}
+
 
 # ---- site -> server: the cross-site evaluation of one model (aggregates over the site's labelled test cases) ----
 #: Test metric keys start with this, so that they never mix with the validation metrics (:data:`METRIC_PREFIX`).

@@ -73,6 +73,7 @@ def site_test_metrics(
     overlap: float = 0.5,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    min_cases: int = 2,
 ) -> dict[str, float]:
     """Aggregate test metrics of ``model`` on ``site``'s own test cases (see the module docstring).
 
@@ -83,9 +84,12 @@ def site_test_metrics(
         overlap: sliding-window overlap.
         device: where inference runs.
         precision: inference precision.
+        min_cases: below this many test cases only the count is returned (nothing is scored): a score over one
+            case is that patient's.
 
     Returns:
-        ``{"test_num_cases": 0}`` when the site has no labelled test case; otherwise ``test_num_cases``, Dice and
+        ``{"test_num_cases": n}`` alone when the site has fewer than ``min_cases`` labelled test cases (n may be 0);
+        otherwise ``test_num_cases``, Dice and
         HD95 per region and their means with the site's sequences (``test_dice_WT``, ..., ``test_mean_hd95``) and,
         at a site with all four sequences, the mean over the 15 combinations (``test_all15_*``) and each
         combination's mean Dice (:func:`~fedbrats.federated.protocol.cross_site_combination_key`).
@@ -94,8 +98,8 @@ def site_test_metrics(
         ValueError: an unreadable datalist or a test case without one of the site's sequences (named).
     """
     num_cases = site_test_cases(site)
-    if not num_cases:
-        return {TEST_NUM_CASES_KEY: 0.0}
+    if num_cases < max(min_cases, 1):
+        return {TEST_NUM_CASES_KEY: float(num_cases)}
     own = combination_name(list(site.modalities))
     complete = set(site.modalities) == set(MODALITIES)
     results = evaluate_combinations(
@@ -145,4 +149,5 @@ def score_received_model(spec: Any, params: dict[str, Any], site: SiteConfig, co
         overlap=config.val_overlap,
         device=device,
         precision=resolve_precision(config.precision, device),
+        min_cases=config.min_test_cases,
     )

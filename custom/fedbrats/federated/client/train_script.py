@@ -39,6 +39,7 @@ from fedbrats.federated.protocol import (
     TEST_NUM_CASES_KEY,
     TEST_PREFIX,
     TRAIN_LOSS_KEY,
+    model_params,
     site_error_meta,
     site_update_meta,
     to_wire,
@@ -181,15 +182,22 @@ def _answer_cross_site(site: SiteConfig, config: TrainConfig, input_model: FLMod
     meta = input_model.meta or {}
     name = meta.get(CROSS_SITE_MODEL_KEY)
     try:
-        metrics = score_received_model(meta.get(MODEL_SPEC_KEY), input_model.params or {}, site, config)
+        params = model_params(input_model.params or {})
+        metrics = score_received_model(meta.get(MODEL_SPEC_KEY), params, site, config)
     except Exception as exc:  # one model the site cannot score must not end its part of the evaluation
         logger.exception("site %s: cross-site evaluation of model %s failed", site.site_name, name)
         flare.send(FLModel(metrics={}, meta=site_error_meta(site.site_name, exc)))
         return
-    if metrics.get(TEST_NUM_CASES_KEY):
+    if len(metrics) > 1:
         logger.info("site %s | cross-site evaluation of %s: %s", site.site_name, name, _fmt(metrics, TEST_PREFIX))
     else:
-        logger.info("site %s has no labelled test cases: model %s not scored", site.site_name, name)
+        logger.info(
+            "site %s: %d labelled test case(s), fewer than min_test_cases %d: model %s not scored",
+            site.site_name,
+            int(metrics.get(TEST_NUM_CASES_KEY, 0)),
+            config.min_test_cases,
+            name,
+        )
     flare.send(FLModel(metrics=metrics, meta={SITE_NAME_KEY: site.site_name}))
 
 

@@ -58,6 +58,9 @@ class TrainConfig:
         unlabelled_sites: sites that use no labels in this job even where their configuration has them (to
             simulate a semi-supervised federation on a labelled one); a site whose own configuration says
             ``"labelled": false`` is unlabelled whatever this lists.
+        min_test_cases: in the cross-site evaluation, a site sends test scores only over at least this many of its
+            test cases (it sends the count alone otherwise, and the matrix says "withheld"): a score over one case
+            is that patient's, which nothing declares may leave the site.
     """
 
     # The training recipe's values (docs/results.md, "Training recipe", has the runs behind each choice): Dice + BCE
@@ -79,6 +82,7 @@ class TrainConfig:
     device: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     unlabelled_sites: list[str] = field(default_factory=list)
+    min_test_cases: int = 2
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
@@ -97,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"postprocess_candidates must be non-negative integers, got {self.postprocess_candidates}")
         if self.val_every < 1:
             raise ValueError(f"val_every must be >= 1, got {self.val_every}")
+        if isinstance(self.min_test_cases, bool) or not isinstance(self.min_test_cases, int) or self.min_test_cases < 1:
+            raise ValueError(f"min_test_cases must be an integer >= 1, got {self.min_test_cases!r}")
         resolve_precision(self.precision, torch.device("cpu"))  # rejects an unknown value early
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")

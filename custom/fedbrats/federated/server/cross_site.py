@@ -44,6 +44,7 @@ from fedbrats.federated.protocol import (
     SITE_ERROR_KEY,
     SITE_ERROR_MAX_CHARS,
     TEST_PREFIX,
+    cross_site_params,
 )
 from fedbrats.runs import (
     BEST_GLOBAL_MODEL_FILE,
@@ -108,7 +109,9 @@ class FedBratsCrossSiteEval(CrossSiteEval):
         sites = list(self._participating_clients or [])
         self.info(f"cross-site evaluation on {sites}")
         if self.submit_site_models:
-            request = FLModel(params={}, meta={AppConstants.SUBMIT_MODEL_NAME: ModelName.BEST_MODEL})
+            # No params: a site that sends weight differences (its executor's DIFF transfer) would otherwise diff
+            # its own model against this empty request and fail.
+            request = FLModel(metrics={}, meta={AppConstants.SUBMIT_MODEL_NAME: ModelName.BEST_MODEL})
             self.send_model(
                 task_name=AppConstants.TASK_SUBMIT_MODEL,
                 data=request,
@@ -154,6 +157,7 @@ class FedBratsCrossSiteEval(CrossSiteEval):
     # ---- NVFlare's callbacks, with fedbrats' checks ---------------------------------------------------------
     def _send_validation_task(self, model_name: str, model: FLModel) -> None:
         model.meta[CROSS_SITE_MODEL_KEY] = model_name
+        model.params = cross_site_params(model.params or {})
         super()._send_validation_task(model_name, model)
 
     def _receive_local_model_cb(self, model: FLModel) -> None:

@@ -229,7 +229,9 @@ def cross_site_summary(
 
     A site with no test cases (``test_num_cases`` 0 or absent) and a failed (site, model) evaluation are named
     (``no_test_cases``, ``errors``) and left out of the means and of the worst site. A failure recorded in
-    ``errors`` wins over results of the same pair (the evaluator said they are not to be trusted). Each mean is over
+    ``errors`` wins over results of the same pair (the evaluator said they are not to be trusted). A site that sent
+    its case count without scores (fewer than the job's ``min_test_cases``) is under the model's ``withheld`` (site
+    -> cases) and left out likewise. Each mean is over
     the sites that have that score (a NaN score leaves its site out of that mean only).
 
     Args:
@@ -256,6 +258,7 @@ def cross_site_summary(
         scored: dict[str, dict[str, Any]] = {}
         failed: dict[str, str] = {}
         empty: list[str] = []
+        withheld: dict[str, int] = {}
         for site in sites:
             if model in errors.get(site, {}):
                 failed[site] = errors[site][model]
@@ -268,13 +271,19 @@ def cross_site_summary(
             if num_cases <= 0:
                 empty.append(site)
                 continue
+            if _finite(metrics.get(cross_site_metric_key("dice"))) is None:
+                # The site counted its cases but sent no score: too few to be anyone's but a patient's.
+                withheld[site] = num_cases
+                continue
             scored[site] = _site_entry(metrics, num_cases)
         no_cases.update(empty)
         all15 = {s: {**e["all15"], "num_cases": e["num_cases"]} for s, e in scored.items() if "all15" in e}
         summary["models"][model] = {
-            "label": model_label(model),
+            # A model named like a site is that site's own (local-only, personalised): said, beside its column.
+            "label": f"{model} (own model)" if model in sites else model_label(model),
             "sites": scored,
             "no_test_cases": empty,
+            "withheld": withheld,
             "errors": failed,
             "worst_site": _worst(scored),
             "site_weighted_mean": _aggregate(scored, weighted=True),
@@ -298,7 +307,10 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def _site_cases(summary: Mapping[str, Any], site: str) -> str:
     """A site's test cases over the models it scored: ``4 cases``, ``4-5 cases``, or ``no test cases``."""
-    counts = sorted({m["sites"][site]["num_cases"] for m in summary["models"].values() if site in m["sites"]})
+    counts = sorted(
+        {m["sites"][site]["num_cases"] for m in summary["models"].values() if site in m["sites"]}
+        | {m["withheld"][site] for m in summary["models"].values() if site in m.get("withheld", {})}
+    )
     if not counts:
         return "no test cases" if site in summary["no_test_cases"] else "not scored"
     text = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
@@ -312,6 +324,9 @@ def _cell(model: Mapping[str, Any], site: str) -> str:
         return "failed"
     if site in model["no_test_cases"]:
         return "no cases"
+    if site in model.get("withheld", {}):
+        n = model["withheld"][site]
+        return f"withheld ({n} case{'' if n == 1 else 's'})"
     return "–"
 
 
@@ -391,6 +406,13 @@ def format_cross_site_markdown(summary: Mapping[str, Any]) -> str:
     lines.append("")
     if summary["no_test_cases"]:
         lines += [f"Sites without test cases (left out): {', '.join(summary['no_test_cases'])}.", ""]
+    withheld = sorted({site for model in models.values() for site in model.get("withheld", {})})
+    if withheld:
+        lines += [
+            f"Sites that withheld their scores (fewer test cases than the job's min_test_cases; a score over one case "
+            f"is that patient's): {', '.join(withheld)}.",
+            "",
+        ]
     if summary["errors"]:
         lines += ["Failed evaluations (left out):", ""]
         lines += [
