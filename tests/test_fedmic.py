@@ -682,7 +682,7 @@ def test_method_options_are_checked_by_name() -> None:
 
 
 def test_job_turns_compression_on_and_any_job_can() -> None:
-    from fedbrats.recipe import CLIENT_TASKS, job_files
+    from fedbrats.recipe import FILTERED_TASKS, job_files
 
     def configs(name: str, **options) -> dict[str, dict]:
         files = job_files(name, **options)
@@ -695,13 +695,17 @@ def test_job_turns_compression_on_and_any_job_can() -> None:
         return {chain["tasks"][0]: [f["path"].rsplit(".", 1)[-1] for f in chain["filters"]] for chain in chains}
 
     def every_task(names: list[str]) -> dict[str, list[str]]:
-        return {task: names for task in CLIENT_TASKS}
+        # train and validate; a site's own model for the cross-site evaluation (submit_model) goes whole, audited
+        return {task: names for task in FILTERED_TASKS}
 
     fedmic = configs("fedmic")
     assert filters(fedmic, "server", "task_data_filters") == every_task(["SVDBroadcastCompressor"])
     assert filters(fedmic, "server", "task_result_filters") == every_task(["SVDDecompressor"])
     assert filters(fedmic, "client", "task_data_filters") == every_task(["PayloadAuditFilter", "SVDDecompressor"])
-    assert filters(fedmic, "client", "task_result_filters") == every_task(["SVDUpdateCompressor", "PayloadAuditFilter"])
+    assert filters(fedmic, "client", "task_result_filters") == {
+        **every_task(["SVDUpdateCompressor", "PayloadAuditFilter"]),
+        "submit_model": ["PayloadAuditFilter"],
+    }
     audit_in = fedmic["client"]["task_data_filters"][0]["filters"][0]["args"]
     assert audit_in == {"file_name": "payload_audit_in.jsonl"}
     assert fedmic["client"]["executors"][0]["executor"]["args"]["params_transfer_type"] == "DIFF"
@@ -713,7 +717,7 @@ def test_job_turns_compression_on_and_any_job_can() -> None:
         on = configs(job, num_rounds=3, compression={"energy_end": 0.99})
         for side, kind in (("server", "task_data_filters"), ("client", "task_result_filters")):
             compressors = [f for chain in on[side][kind] for f in chain["filters"] if ".SVD" in f["path"]]
-            assert len(compressors) == len(CLIENT_TASKS)
+            assert len(compressors) == len(FILTERED_TASKS)
             assert all(f["args"] == {"energy_end": 0.99, "num_rounds": 3} for f in compressors), "defaults left out"
         assert on["client"]["executors"][0]["executor"]["args"]["params_transfer_type"] == "DIFF"
     with pytest.raises(ValueError, match="energy_start"):

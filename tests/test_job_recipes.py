@@ -72,11 +72,14 @@ def test_privacy_filters_keep_their_arguments_in_the_export() -> None:
     chains = client["task_result_filters"]
     assert [c["tasks"] for c in chains] == [["train"], ["validate"], ["submit_model"]], "NVFlare matches exact names"
     privacy_filter = "fedbrats.federated.methods.fedkd.privacy.PrototypePrivacyFilter"
-    for chain in chains:
+    audit = "fedbrats.federated.filters.PayloadAuditFilter"
+    for chain in chains[:2]:
         paths = [f["path"] for f in chain["filters"]]
-        assert paths == [SVT, privacy_filter, "fedbrats.federated.filters.PayloadAuditFilter"], "the audit comes last"
+        assert paths == [SVT, privacy_filter, audit], "the audit comes last"
         assert chain["filters"][0]["args"]["fraction"] == 0.5
         assert chain["filters"][1]["args"] == {"clip_norm": 2.0, "noise_multiplier": 0.5, "seed": 3}
+    # a site's own model for the cross-site evaluation goes whole (a noised copy would score another model), audited
+    assert [f["path"] for f in chains[2]["filters"]] == [audit]
 
 
 class _ForgetfulFilter(Filter):

@@ -50,6 +50,13 @@ def test_poc_two_sites_one_round_then_nothing_left(tmp_path: Path, tiny_job: str
     assert report.global_model and os.path.isfile(report.global_model)
     checkpoint = torch.load(report.global_model, weights_only=True)
     assert checkpoint["model"] and all(isinstance(v, torch.Tensor) for v in checkpoint["model"].values())
+    # the federated evaluation ran at the end: its results and matrix came back with the job, from every site
+    from fedbrats.federated.server.cross_site_report import read_cross_site_results
+
+    results, errors = read_cross_site_results(report.result_dir)
+    assert errors == {} and sorted(results) == ["site-1", "site-2"]
+    assert all("test_num_cases" in metrics for site in results.values() for metrics in site.values())
+    assert list(Path(report.result_dir).rglob("cross_site_matrix.md"))
     # timings of every step and of the round were measured and reported
     saved = json.loads((out / "run_report.json").read_text())
     for key in ("prepare_s", "start_s", "job_s", "download_s", "stop_s", "gone_s"):
