@@ -179,3 +179,21 @@ def test_a_site_with_fewer_test_cases_than_the_minimum_sends_the_count_alone(tin
     assert "withheld (1 case)" in format_cross_site_markdown(summary)
     with pytest.raises(ValueError, match="min_test_cases"):
         TrainConfig.from_dict({"min_test_cases": 0})
+
+
+def test_after_training_only_the_sites_of_the_final_validation_are_asked(tmp_path: Path, monkeypatch) -> None:
+    """A site that crashed in training may be connected again without running the job: asking it would hold the
+    evaluation for its whole timeout."""
+    workflow = FedBratsCrossSiteEval()
+    monkeypatch.setattr(workflow, "get_run_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(workflow, "warning", lambda *a, **k: None)
+    assert workflow._live_sites(["A", "B"]) == ["A", "B"]  # no training record: every connected site
+    history = [{"round": 0, "sites": {"A": {}, "B": {}}}, {"round": 1, "final_validation": True, "sites": {"A": {}}}]
+    (tmp_path / "metrics.json").write_text(json.dumps(history))
+    assert workflow._live_sites(["A", "B"]) == ["A"]
+    workflow._json_val_results = {"A": {FINAL_MODEL: {"test_num_cases": 2.0}}}
+    workflow._name_silent_sites(["A"], left_out=["B"])
+    assert "final validation" in workflow._errors["B"][FINAL_MODEL]
+    on_demand = FedBratsCrossSiteEval(models={"m": str(tmp_path / "m.pt")})
+    monkeypatch.setattr(on_demand, "get_run_dir", lambda: str(tmp_path))
+    assert on_demand._live_sites(["A", "B"]) == ["A", "B"]  # an evaluation-only job asks every site

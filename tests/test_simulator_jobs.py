@@ -87,6 +87,16 @@ def _check_cross_site(run_dir: str, workspace: str) -> None:
     matrix = open(run.cross_site_matrix, encoding="utf-8").read()
     assert all(f"{site} (1 case)" in matrix for site in sites) and "global (best)" in matrix
     assert os.path.getsize(run.cross_site_heatmap) > 0
+    # the summary went to the tracking receiver (TensorBoard here), under the server's name
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    server_events = [d for d in os.listdir(run.tb_events) if d not in sites]
+    tags = []
+    for name in server_events:
+        events = EventAccumulator(os.path.join(run.tb_events, name))
+        events.Reload()
+        tags += events.Tags()["scalars"]
+    assert "cross_site/global_final/site_weighted_mean_dice" in tags, tags
     # the payload audit of each site: a cross-site result holds metrics only, every one a test_ aggregate
     for site in sites:
         audit = os.path.join(workspace, "sim", site, "simulate_job", "payload_audit.jsonl")

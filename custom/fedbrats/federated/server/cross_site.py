@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import time
@@ -106,7 +107,9 @@ class FedBratsCrossSiteEval(CrossSiteEval):
     # ---- the workflow -------------------------------------------------------------------------------------
     def run(self) -> None:
         """Send each model to every site, wait for the scores, write the results, the errors and the report."""
-        sites = list(self._participating_clients or [])
+        connected = list(self._participating_clients or [])
+        sites = self._live_sites(connected)
+        self._participating_clients = sites
         self.info(f"cross-site evaluation on {sites}")
         if self.submit_site_models:
             # No params: a site that sends weight differences (its executor's DIFF transfer) would otherwise diff
@@ -134,12 +137,35 @@ class FedBratsCrossSiteEval(CrossSiteEval):
                 self.info("abort signal: the cross-site evaluation stops")
                 return
             time.sleep(self._task_check_period)
-        self._name_silent_sites(sites)
+        self._name_silent_sites(sites, left_out=[site for site in connected if site not in sites])
         self.save_results()
         write_json_atomic(RunFolder(self.get_run_dir()).cross_site_errors, self._errors)
         if self.write_report:
             self._report()
         self.info("cross-site evaluation done")
+
+    def _live_sites(self, connected: list[str]) -> list[str]:
+        """The sites to ask: after training in the same job, those that answered its final validation.
+
+        A site that crashed during the training may still be connected (a restarted site logs in again) without
+        running this job, and would never answer: waiting for it would hold the job for the whole validation
+        timeout. The sites left out are named in the errors file.
+        """
+        if self.models:  # an evaluation-only job: every site it was deployed to
+            return connected
+        metrics_file = RunFolder(self.get_run_dir()).metrics
+        try:
+            with open(metrics_file, encoding="utf-8") as f:
+                history = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return connected  # no training record to go by
+        final = next((r for r in reversed(history) if isinstance(r, dict) and r.get("final_validation")), None)
+        if final is None:
+            return connected
+        answered = set(final.get("sites") or {})
+        for site in sorted(set(connected) - answered):
+            self.warning(f"cross-site evaluation: {site} did not answer the final validation; it is not asked")
+        return [site for site in connected if site in answered]
 
     def _server_model_files(self) -> dict[str, str]:
         """The models the server sends: ``models``, or this run's final and best global models and site models."""
@@ -190,8 +216,9 @@ class FedBratsCrossSiteEval(CrossSiteEval):
     def _record_error(self, site: str, model_name: str, reason: str) -> None:
         self._errors.setdefault(site, {})[model_name] = reason
 
-    def _name_silent_sites(self, sites: list[str]) -> None:
-        """A (site, model) pair without a score or an error: the site never answered (timed out or left)."""
+    def _name_silent_sites(self, sites: list[str], left_out: list[str]) -> None:
+        """A (site, model) pair without a score or an error: the site never answered (timed out or left), or was not
+        asked (``left_out``: it did not answer the training's final validation)."""
         models: set[str] = set()
         for site in sites:
             models |= set(self._json_val_results.get(site, {})) | set(self._errors.get(site, {}))
@@ -199,6 +226,9 @@ class FedBratsCrossSiteEval(CrossSiteEval):
             for name in sorted(models):
                 if name not in self._json_val_results.get(site, {}) and name not in self._errors.get(site, {}):
                     self._record_error(site, name, "no answer (the site timed out or left)")
+        for site in left_out:
+            for name in sorted(models):
+                self._record_error(site, name, "not asked: the site did not answer the training's final validation")
 
     def _report(self) -> None:
         from fedbrats.federated.server.cross_site_report import (
