@@ -559,6 +559,26 @@ def _saved_runs(
     return runs
 
 
+def copy_cross_site_reports(
+    workspace: str, out_dir: str, names: list[str], seeds: list[int], folds: list[int | None] | None = None
+) -> list[str]:
+    """The federated (cross-site) evaluation of each run that had one, as its report (matrix, heatmap, summary: site
+    aggregates only) in ``out_dir/<name>[/fold<f>]/seed<k>/cross_site/``; returns the folders written."""
+    from fedbrats.federated.server.cross_site_report import write_cross_site_report
+
+    written = []
+    for name in names:
+        for fold in folds or [None]:
+            for seed in seeds:
+                run_dir = simulated_run_dir(run_folder(workspace, name, seed, fold))
+                if not os.path.isfile(RunFolder(run_dir).cross_site_results):
+                    continue
+                out = os.path.join(out_dir, name, *([] if fold is None else [fold_dir_name(fold)]), f"seed{seed}")
+                write_cross_site_report(run_dir, out_dir=os.path.join(out, "cross_site"))
+                written.append(os.path.join(out, "cross_site"))
+    return written
+
+
 def _without_per_case(results: dict[str, Any]) -> dict[str, Any]:
     out = dict(results)
     out["combinations"] = {
@@ -724,6 +744,8 @@ def main(argv: list[str] | None = None) -> int:
                     results["mean_over_combinations"]["mean_dice"],
                 )
     runs = _saved_runs(a.workspace, names, seeds, folds)
+    for folder in copy_cross_site_reports(a.workspace, a.out_dir, names, seeds, folds):
+        logger.info("federated (cross-site) evaluation: %s", folder)
     _name_case_sites(runs, [default_test_datalist(f, "compare's test set") for f in sites_of_fold.values()])
     commands = sorted({r.get("command", "") for by_seed in runs.values() for r in by_seed.values()} - {""})
     if a.report_only:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from experiments.compare import COMPRESSION, EXPERIMENTS, PAIRS, PRIVACY, _average_results, compression_of
@@ -170,3 +172,21 @@ def test_cross_validation_runs_are_named_by_fold_and_pooled_in_the_report(tmp_pa
         "fold1/seed0",
         "fold1/seed1",
     }
+
+
+def test_each_runs_cross_site_evaluation_is_reported_beside_its_results(tmp_path) -> None:
+    import json
+
+    from experiments.compare import copy_cross_site_reports, run_folder
+    from fedbrats.runs import RunFolder
+    from fedbrats.simulate import simulated_run_dir
+
+    metrics = {"test_num_cases": 3.0, "test_mean_dice": 0.6, **{f"test_dice_{r}": 0.6 for r in REGIONS}}
+    run = RunFolder(simulated_run_dir(run_folder(str(tmp_path / "ws"), "fedavg", 0, 1)))
+    os.makedirs(os.path.dirname(run.cross_site_results))
+    with open(run.cross_site_results, "w", encoding="utf-8") as f:
+        json.dump({"CBICA": {"FL_global_model.pt": metrics}}, f)
+    written = copy_cross_site_reports(str(tmp_path / "ws"), str(tmp_path / "out"), ["fedavg", "fedkd"], [0], [0, 1])
+    assert written == [str(tmp_path / "out" / "fedavg" / "fold1" / "seed0" / "cross_site")]  # runs without none
+    matrix = open(os.path.join(written[0], "cross_site_matrix.md"), encoding="utf-8").read()
+    assert "CBICA (3 cases)" in matrix and "0.600" in matrix
