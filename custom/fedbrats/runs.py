@@ -274,6 +274,19 @@ class ModelFolder:
 
 
 # ---- reading checkpoints and specs --------------------------------------------------------------------------
+def find_in_one_run(path: str, *parts: str, what: str) -> str | None:
+    """The file ``<run>/<parts...>`` of the one run folder nested one to three levels below ``path`` (a simulator
+    workspace holds its run in ``<workspace>/server/simulate_job``), or None when there is none.
+
+    Raises:
+        ValueError: several runs below ``path`` hold such a file (named); ``what`` says what else to pass.
+    """
+    found = sorted({p for depth in range(1, 4) for p in glob.glob(os.path.join(path, *["*"] * depth, *parts))})
+    if len(found) > 1:
+        raise ValueError(f"folder {path!r} holds several runs {found}; pass one run folder or {what}")
+    return found[0] if found else None
+
+
 def resolve_checkpoint(path: str) -> str:
     """The weights file behind a checkpoint path, an exported model folder or a federated run folder.
 
@@ -297,13 +310,9 @@ def resolve_checkpoint(path: str) -> str:
             return candidate
     # A simulator workspace nests the run folder (e.g. <workspace>/server/simulate_job/app_server).
     for name in RUN_CHECKPOINTS:
-        found = sorted(
-            {p for depth in range(1, 4) for p in glob.glob(os.path.join(path, *["*"] * depth, SERVER_APP_DIR, name))}
-        )
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            raise ValueError(f"folder {path!r} holds several runs {found}; pass one run folder or checkpoint")
+        found = find_in_one_run(path, SERVER_APP_DIR, name, what="checkpoint")
+        if found:
+            return found
     raise ValueError(
         f"folder {path!r} holds no model: expected models/{EXPORTED_MODEL_FILE} (exported model) or "
         f"{SERVER_APP_DIR}/{RUN_CHECKPOINTS[0]} / {SERVER_APP_DIR}/{RUN_CHECKPOINTS[1]} (federated run)"

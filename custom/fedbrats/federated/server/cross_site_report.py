@@ -17,7 +17,6 @@ Nothing is read from the models or the data, so it works on a downloaded run fol
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import math
 import os
@@ -45,6 +44,7 @@ from fedbrats.runs import (
     CROSS_SITE_SUMMARY_FILE,
     GLOBAL_MODEL_FILE,
     RunFolder,
+    find_in_one_run,
     read_json,
 )
 from fedbrats.utils import write_atomic, write_json_atomic
@@ -81,17 +81,9 @@ def _results_file(run_dir_or_file: str) -> str:
         if os.path.isfile(candidate):
             return candidate
     # A simulator workspace nests the run folder (e.g. <workspace>/server/simulate_job/cross_site_val).
-    found = sorted(
-        {
-            p
-            for depth in range(1, 4)
-            for p in glob.glob(os.path.join(path, *["*"] * depth, CROSS_SITE_DIR, CROSS_SITE_RESULTS_FILE))
-        }
-    )
-    if len(found) == 1:
-        return found[0]
-    if len(found) > 1:
-        raise ValueError(f"folder {path!r} holds several runs {found}; pass one run folder or results file")
+    found = find_in_one_run(path, CROSS_SITE_DIR, CROSS_SITE_RESULTS_FILE, what="results file")
+    if found:
+        return found
     raise ValueError(
         f"folder {path!r} holds no {CROSS_SITE_DIR}/{CROSS_SITE_RESULTS_FILE}: did the job run its cross-site "
         "evaluation? Pass the server's run folder or the results file"
@@ -330,6 +322,11 @@ def _cell(model: Mapping[str, Any], site: str) -> str:
     return "–"
 
 
+def _table_head(header: Sequence[str]) -> list[str]:
+    """A markdown table's header row and its separator (the first column left-aligned, the numbers right)."""
+    return ["| " + " | ".join(header) + " |", "|---|" + "|".join(["--:"] * (len(header) - 1)) + "|"]
+
+
 def format_cross_site_markdown(summary: Mapping[str, Any]) -> str:
     """Markdown of :func:`cross_site_summary`: the model x site matrix of mean Dice, the per-region means, the
     15-combination means where sites have them, and the sites without test cases and the failed evaluations.
@@ -350,8 +347,7 @@ def format_cross_site_markdown(summary: Mapping[str, Any]) -> str:
         "",
         "## Mean Dice per model and site",
         "",
-        "| " + " | ".join(header) + " |",
-        "|---|" + "|".join(["--:"] * (len(header) - 1)) + "|",
+        *_table_head(header),
     ]
     for model in models.values():
         worst = model["worst_site"]
@@ -371,8 +367,7 @@ def format_cross_site_markdown(summary: Mapping[str, Any]) -> str:
         "",
         "Dice higher is better; HD95 in mm, lower is better.",
         "",
-        "| " + " | ".join(region_header) + " |",
-        "|---|" + "|".join(["--:"] * (len(region_header) - 1)) + "|",
+        *_table_head(region_header),
     ]
     for model in models.values():
         mean = model["site_weighted_mean"]
