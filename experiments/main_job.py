@@ -108,8 +108,32 @@ def run_seed(job_dir: str, workspace: str, seed: int) -> dict[str, Any]:
     seconds = time.monotonic() - started
     if code != 0:
         raise RuntimeError(f"seed {seed}: the simulator exited with {code}; see {log}")
-    result = final_validation(os.path.join(sim_ws, "server", "simulate_job"))
-    return {"seed": seed, "wall_seconds": round(seconds, 1), **result}
+    run_dir = os.path.join(sim_ws, "server", "simulate_job")
+    result = final_validation(run_dir)
+    return {"seed": seed, "wall_seconds": round(seconds, 1), "run_dir": run_dir, **result}
+
+
+def copy_cross_site(run: dict[str, Any], out_dir: str) -> str | None:
+    """The federated (cross-site) evaluation the job ended with, as its report in ``out_dir/seed<k>/cross_site``
+    (None when the run had none); the site-weighted mean Dice of the final global model goes into ``run``."""
+    from fedbrats.federated.server.cross_site_report import (
+        cross_site_summary,
+        read_cross_site_results,
+        write_cross_site_report,
+    )
+
+    if not run.get("run_dir") or not os.path.isfile(RunFolder(run["run_dir"]).cross_site_results):
+        return None
+    folder = os.path.join(out_dir, f"seed{run['seed']}", "cross_site")
+    write_cross_site_report(run["run_dir"], out_dir=folder)
+    summary = cross_site_summary(*read_cross_site_results(run["run_dir"]))
+    final = summary["models"].get("FL_global_model.pt") or {}
+    run["cross_site"] = {
+        "report": os.path.relpath(folder, out_dir),
+        "final_site_weighted_mean_dice": (final.get("site_weighted_mean") or {}).get("mean_dice"),
+        "final_worst_site": final.get("worst_site"),
+    }
+    return folder
 
 
 def write_report(out_dir: str, runs: list[dict[str, Any]], command: str, job_dir: str) -> None:
@@ -121,6 +145,9 @@ def write_report(out_dir: str, runs: list[dict[str, Any]], command: str, job_dir
         "torch": torch.__version__,
         "os": platform.platform(),
     }
+    for run in runs:
+        copy_cross_site(run, out_dir)
+    runs = [{k: v for k, v in r.items() if k != "run_dir"} for r in runs]  # a path of this machine: not reported
     means = [r["mean_dice"] for r in runs]
     summary = {"mean_over_seeds": sum(means) / len(means), "lowest": min(means), "highest": max(means)}
     os.makedirs(out_dir, exist_ok=True)
@@ -152,6 +179,24 @@ def write_report(out_dir: str, runs: list[dict[str, Any]], command: str, job_dir
         f"{summary['highest']:.3f}.",
         "",
     ]
+    evaluated = [r for r in runs if r.get("cross_site")]
+    if evaluated:
+        lines += [
+            "The federated evaluation the job ended with (each site scores the final and the best global model on "
+            "its own test cases, with its own sequences):",
+            "",
+            "| seed | final model, site-weighted mean Dice | worst site | matrix |",
+            "|--:|--:|--|--|",
+        ]
+        for r in evaluated:
+            worst = r["cross_site"]["final_worst_site"] or {}
+            weighted = r["cross_site"]["final_site_weighted_mean_dice"]
+            lines.append(
+                f"| {r['seed']} | {'n/a' if weighted is None else f'{weighted:.3f}'} | "
+                f"{worst.get('site', 'n/a')} ({worst.get('mean_dice', float('nan')):.3f}) | "
+                f"[{r['cross_site']['report']}]({r['cross_site']['report']}/cross_site_matrix.md) |"
+            )
+        lines.append("")
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
 

@@ -38,3 +38,26 @@ def test_the_report_holds_each_seeds_final_validation(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert report["mean_over_seeds"] == 0.7 and len(report["runs"]) == 2 and "native_bfloat16" in report["machine"]
     assert "| 1 | 1 | 0.700 | 0.800 | 0.700 | 0.600 | 0.700 | 101.0 |" in (tmp_path / "out" / "report.md").read_text()
+    # a run that ended with the federated evaluation: its matrix beside the report, no machine path in it
+    run_dir = tmp_path / "run"
+    (run_dir / "cross_site_val").mkdir(parents=True)
+    scores = {
+        "test_num_cases": 2.0,
+        "test_mean_dice": 0.5,
+        "test_dice_WT": 0.6,
+        "test_dice_TC": 0.5,
+        "test_dice_ET": 0.4,
+    }
+    (run_dir / "cross_site_val" / "cross_val_results.json").write_text(
+        json.dumps(
+            {
+                "site-1": {"FL_global_model.pt": scores},
+                "site-2": {"FL_global_model.pt": {**scores, "test_mean_dice": 0.3}},
+            }
+        )
+    )
+    write_report(str(tmp_path / "out2"), [{**runs[0], "run_dir": str(run_dir)}], "cmd", "jobs/fedkd")
+    assert (tmp_path / "out2" / "seed0" / "cross_site" / "cross_site_matrix.md").is_file()
+    saved = json.loads((tmp_path / "out2" / "results.json").read_text())["runs"][0]
+    assert "run_dir" not in saved and saved["cross_site"]["final_worst_site"] == {"site": "site-2", "mean_dice": 0.3}
+    assert "| 0 | 0.400 | site-2 (0.300) |" in (tmp_path / "out2" / "report.md").read_text()
