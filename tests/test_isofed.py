@@ -451,3 +451,18 @@ def test_isofed_two_rounds(tiny_federation: str, tmp_path) -> None:
             assert not {"dice", "bce"} & set(terms), f"{site} sent supervised loss terms"
             if "labelled" in record["meta"]:
                 assert record["meta"]["labelled"] == {"type": "bool", "value": False}
+
+
+def test_the_alternate_schedule_keeps_the_round_after_a_round_without_updates() -> None:
+    """Round 2 aggregated nothing (every site failed): round 3 is odd, so the lineages swap (the controller says
+    which round it sends; the round after the last aggregated one would be 2, and even)."""
+    agg = IsoFedAggregation(handoff="alternate")
+    theta = {"w": np.array([0.0], dtype=np.float32)}
+    for current_round in (0, 1):
+        agg.begin_round(current_round)
+        updates = [_update("site-1", 1.0, 1, True), _update("site-2", 2.0, 1, False)]
+        theta = agg.aggregate(theta, updates, current_round)
+    agg.begin_round(2)  # no update arrives: aggregate is never called for round 2
+    agg.begin_round(3)
+    receivers = [group for group, extras in agg.task_groups(["site-1", "site-2"]) if extras]
+    assert receivers == [["site-1"]], "round 3 swaps: the labelled site trains from θ_U"

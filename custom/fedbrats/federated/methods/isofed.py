@@ -330,7 +330,8 @@ class IsoFedAggregation(WeightedAverage):
         super().__init__(weight_by_steps, rule, trim_fraction, clip_factor)
         self.mode = mode
         self.handoff = handoff
-        #: The round the next training task is for: the one after the last round aggregated.
+        #: The round the next training task is for (the controller says so before each round: after a round without
+        #: any usable update, the one after the last aggregated round would be one behind).
         self.next_round = 0
         self.unlabelled_params: dict[str, np.ndarray] | None = None
         self.labelled_sites: set[str] = set()
@@ -368,6 +369,10 @@ class IsoFedAggregation(WeightedAverage):
             logger.warning("round %d: no labelled site's update; the labelled model is unchanged", current_round)
             return dict(global_params)
         return super().aggregate(global_params, labelled, current_round)
+
+    def begin_round(self, current_round: int) -> None:
+        """The round whose training task the controller sends next: the schedule's parity comes from it."""
+        self.next_round = current_round
 
     def swaps(self, current_round: int) -> bool:
         """Whether the lineages swap in ``current_round`` (labelled sites train from ``θ_U``, unlabelled ones from

@@ -89,6 +89,10 @@ class AggregationStrategy(FLComponent):
         """Extras sent to every site with the global model (numpy arrays or lists, never tensors)."""
         return {}
 
+    def begin_round(self, current_round: int) -> None:
+        """Called by the controller before it sends round ``current_round``'s training task (a round without any
+        usable update is begun too, but never aggregated); nothing by default."""
+
     def task_groups(self, targets: list[str]) -> list[tuple[list[str], dict[str, Any]]]:
         """The targets of a training task in groups, each with extras for its sites only (beyond
         :meth:`global_meta`); default one group without extras. Every target must be in exactly one group."""

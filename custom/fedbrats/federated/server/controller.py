@@ -193,6 +193,7 @@ class FedBratsController(ModelController):
             self.fl_ctx.set_prop(AppConstants.CURRENT_ROUND, current_round, private=True, sticky=True)
             self.event(AppEventType.ROUND_STARTED)
             targets = self.sample_clients()
+            strategy.begin_round(current_round)
             self.info(f"round {current_round}/{self.num_rounds - 1}: sending the global model to {targets}")
             self._event(ROUND_START, targets=list(targets))
             results = self._collect("train", self._outgoing(global_params, spec, current_round), targets, global_params)
