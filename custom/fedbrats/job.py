@@ -46,8 +46,9 @@ from fedbrats.federated.server.cross_site import BEST_MODEL, FINAL_MODEL
 from fedbrats.federated.tracking import DEFAULT_TRACKING, TRACKERS
 from fedbrats.jobgen import JOBS, JobOptions
 from fedbrats.recipe import CrossSiteEvaluationRecipe, FedBratsRecipe
-from fedbrats.runs import RunFolder, resolve_checkpoint
+from fedbrats.runs import CROSS_SITE_DIR, CROSS_SITE_RESULTS_FILE, RunFolder, find_in_one_run, resolve_checkpoint
 from fedbrats.simulate import parse_overrides, simulate, site_names
+from fedbrats.utils import deep_merge
 
 logger = logging.getLogger(__name__)
 
@@ -308,11 +309,12 @@ def evaluation_recipe(args: argparse.Namespace, deploy_min_clients: int | None) 
     with (recorded beside the first one; see :func:`fedbrats.evaluation.evaluate.preprocessing_options`)."""
     models = evaluation_models(args.model)
     roi_size, zoom = preprocessing_options(next(iter(models.values())), None, None, "cross-site evaluation")
-    data = {"roi_size": list(roi_size), "zoom": zoom}
-    logger.info("cross-site evaluation of %s with %s", sorted(models), data)
+    # --set adds the sites' other options (val_overlap, precision, device, num_threads, min_test_cases).
+    training = deep_merge({"data": {"roi_size": list(roi_size), "zoom": zoom}}, parse_overrides(args.set))
+    logger.info("cross-site evaluation of %s with %s", sorted(models), training)
     return CrossSiteEvaluationRecipe(
         models,
-        data,
+        training,
         tracking=args.tracking,
         tracking_uri=args.tracking_uri,
         deploy_min_clients=deploy_min_clients,
@@ -342,7 +344,22 @@ def run(args: argparse.Namespace) -> int:
     result = run.get_result(timeout=args.timeout, clean_up=False)
     status = run.get_status()
     logger.info("%s ended with status %s; result %s", args.job, status, result)
+    if evaluating:
+        return _evaluation_outcome(result, status)
     return 0 if status == COMPLETED and result else 1
+
+
+def _evaluation_outcome(result: str | None, status: str | None) -> int:
+    """0 when the evaluation's results came back (the simulator reports no status, so the file decides), else 1."""
+    try:
+        found = find_in_one_run(result, CROSS_SITE_DIR, CROSS_SITE_RESULTS_FILE, what="result") if result else None
+    except ValueError:
+        found = None
+    if found and status in (None, COMPLETED):
+        logger.info("cross-site evaluation: results in %s, the matrix beside them", found)
+        return 0
+    logger.error("cross-site evaluation: no results came back (status %s, result %s)", status, result)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

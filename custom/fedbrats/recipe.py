@@ -278,7 +278,9 @@ class CrossSiteEvaluationRecipe(Recipe):
     Args:
         models: model name -> checkpoint file on the server's machine (with its network spec beside it, as a run
             folder or an exported bundle keeps it).
-        data: the sites' preprocessing (``zoom``, ``roi_size``: the training crop, also the sliding window).
+        training: the sites' options (:class:`~fedbrats.federated.client.trainer.TrainConfig`): ``data``'s ``zoom``
+            and ``roi_size`` (the training crop, also the sliding window) as the models were trained, and e.g.
+            ``val_overlap``, ``precision``, ``min_test_cases``.
         tracking: where the server sends the summary (``tensorboard`` or ``mlflow``).
         tracking_uri: the MLflow store (only with ``mlflow``).
         deploy_min_clients: see :class:`FedBratsRecipe`.
@@ -288,7 +290,7 @@ class CrossSiteEvaluationRecipe(Recipe):
     def __init__(
         self,
         models: Mapping[str, str],
-        data: Mapping[str, Any],
+        training: Mapping[str, Any],
         *,
         tracking: str = "tensorboard",
         tracking_uri: str = "",
@@ -298,7 +300,7 @@ class CrossSiteEvaluationRecipe(Recipe):
         if not models:
             raise ValueError("models must name at least one model file to evaluate")
         check_tracking(tracking)
-        training = {"data": dict(data)}
+        training = dict(training)
         TrainConfig.from_dict(training)  # the sites' rules, checked before anything is submitted
         job = FedJob(
             name=EVALUATION_JOB,
