@@ -197,3 +197,18 @@ def test_after_training_only_the_sites_of_the_final_validation_are_asked(tmp_pat
     on_demand = FedBratsCrossSiteEval(models={"m": str(tmp_path / "m.pt")})
     monkeypatch.setattr(on_demand, "get_run_dir", lambda: str(tmp_path))
     assert on_demand._live_sites(["A", "B"]) == ["A", "B"]  # an evaluation-only job asks every site
+
+
+def test_a_report_that_cannot_be_drawn_leaves_the_saved_results_and_the_job(tmp_path: Path, monkeypatch) -> None:
+    import fedbrats.federated.server.cross_site as cross_site
+
+    def broken(run_dir: str) -> dict[str, str]:
+        raise RuntimeError("no display")
+
+    logged: list[str] = []
+    workflow = FedBratsCrossSiteEval()
+    monkeypatch.setattr(cross_site, "write_cross_site_report", broken)
+    monkeypatch.setattr(workflow, "get_run_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(workflow, "exception", logged.append)
+    workflow._report()  # no exception: the job goes on
+    assert logged and "no display" in logged[0]

@@ -47,6 +47,11 @@ from fedbrats.federated.protocol import (
     TEST_PREFIX,
     cross_site_params,
 )
+from fedbrats.federated.server.cross_site_report import (
+    cross_site_scalars,
+    cross_site_summary,
+    write_cross_site_report,
+)
 from fedbrats.runs import (
     BEST_GLOBAL_MODEL_FILE,
     CROSS_SITE_DIR,
@@ -231,17 +236,11 @@ class FedBratsCrossSiteEval(CrossSiteEval):
                 self._record_error(site, name, "not asked: the site did not answer the training's final validation")
 
     def _report(self) -> None:
-        from fedbrats.federated.server.cross_site_report import (
-            cross_site_scalars,
-            cross_site_summary,
-            write_cross_site_report,
-        )
-
         try:
             written = write_cross_site_report(self.get_run_dir())
             summary = cross_site_summary(self._json_val_results, self._errors)
-        except ValueError as exc:  # a report that cannot be drawn must not fail a job whose results are saved
-            self.error(f"cross-site evaluation: the report could not be written: {exc}")
+        except Exception as exc:  # a report that cannot be drawn must not fail a job whose results are saved
+            self.exception(f"cross-site evaluation: the report could not be written ({exc}); the results stand")
             return
         self.info(f"cross-site evaluation: matrix in {written}")
         for tag, value in cross_site_scalars(summary).items():
