@@ -145,13 +145,21 @@ def test_on_demand_models_of_a_run_folder_and_of_an_exported_model(tmp_path: Pat
 
     run = tmp_path / "run"
     (run / "app_server").mkdir(parents=True)
-    (run / "site_models").mkdir()
-    for path in (run / "app_server" / FINAL_MODEL, run / "app_server" / BEST_MODEL, run / "site_models" / "A.pt"):
+    for path in (run / "app_server" / FINAL_MODEL, run / "app_server" / BEST_MODEL):
         path.write_bytes(b"x")
     assert evaluation_models([str(run)]) == {
         FINAL_MODEL: str(run / "app_server" / FINAL_MODEL),
         BEST_MODEL: str(run / "app_server" / BEST_MODEL),
-        "A": str(run / "site_models" / "A.pt"),
+    }
+    # a local-only run: its global model is the untrained initial one, its site models are the result
+    local = tmp_path / "local"
+    (local / "app_server").mkdir(parents=True)
+    (local / "site_models").mkdir()
+    for path in (local / "app_server" / FINAL_MODEL, local / "site_models" / "A.pt", local / "site_models" / "B.pt"):
+        path.write_bytes(b"x")
+    assert evaluation_models([str(local)]) == {
+        "A": str(local / "site_models" / "A.pt"),
+        "B": str(local / "site_models" / "B.pt"),
     }
     bundle = tmp_path / "bundle" / "models"
     bundle.mkdir(parents=True)

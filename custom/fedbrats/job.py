@@ -29,7 +29,6 @@ defaults are those of :mod:`fedbrats.jobgen`, so ``--export`` with no option wri
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import os
 import sys
@@ -42,11 +41,11 @@ from fedbrats.commands import run_command
 from fedbrats.data.site_config import SITE_CONFIG_ENV, federation_sites_file
 from fedbrats.evaluation.evaluate import preprocessing_options
 from fedbrats.federated.memory import with_allocator_defaults
-from fedbrats.federated.server.cross_site import BEST_MODEL, FINAL_MODEL
+from fedbrats.federated.server.cross_site import run_model_files
 from fedbrats.federated.tracking import DEFAULT_TRACKING, TRACKERS
 from fedbrats.jobgen import JOBS, JobOptions
 from fedbrats.recipe import CrossSiteEvaluationRecipe, FedBratsRecipe
-from fedbrats.runs import CROSS_SITE_DIR, CROSS_SITE_RESULTS_FILE, RunFolder, find_in_one_run, resolve_checkpoint
+from fedbrats.runs import CROSS_SITE_DIR, CROSS_SITE_RESULTS_FILE, find_in_one_run, resolve_checkpoint
 from fedbrats.simulate import parse_overrides, simulate, site_names
 from fedbrats.utils import deep_merge
 
@@ -150,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="RUN_OR_BUNDLE",
-        help="evaluate: a finished run's server folder (its final and best global models, and its site models), an "
+        help="evaluate: a finished run's server folder (its final and best global models, or its site models), an "
         "exported model folder or a checkpoint; repeatable. In prod, a path on the server's machine",
     )
     parser.add_argument("--env", choices=ENVS, default="sim", help="where to run (default: sim)")
@@ -275,9 +274,10 @@ def run_simulate(args: argparse.Namespace) -> int:
 def evaluation_models(paths: list[str]) -> dict[str, str]:
     """The models of an on-demand cross-site evaluation, by name, from ``--model`` paths.
 
-    A run folder gives its final and best global models (``FL_global_model.pt``, ``best_FL_global_model.pt``) and
-    the site models it holds (named by site); an exported model folder or a checkpoint gives one model, named by
-    the path's last part. With several paths, each name is prefixed by its path's last part.
+    A run folder gives its final and best global models (``FL_global_model.pt``, ``best_FL_global_model.pt``) or,
+    for local-only training, the site models it holds (named by site:
+    :func:`~fedbrats.federated.server.cross_site.run_model_files`); an exported model folder or a checkpoint gives
+    one model, named by the path's last part. With several paths, each name is prefixed by its path's last part.
 
     Raises:
         ValueError: no path, a path that holds no model (named), or two models of the same name.
@@ -288,14 +288,7 @@ def evaluation_models(paths: list[str]) -> dict[str, str]:
     for path in paths:
         path = os.path.abspath(path)
         label = os.path.basename(os.path.normpath(path))
-        run = RunFolder(path)
-        found = {name: file for name, file in ((FINAL_MODEL, run.global_model), (BEST_MODEL, run.best_global_model))}
-        found = {name: file for name, file in found.items() if os.path.isfile(file)}
-        if found:
-            for file in sorted(glob.glob(os.path.join(run.site_models, "*.pt"))):
-                found[os.path.splitext(os.path.basename(file))[0]] = file
-        else:
-            found = {label: resolve_checkpoint(path)}
+        found = run_model_files(path) or {label: resolve_checkpoint(path)}
         for name, file in found.items():
             key = f"{label}/{name}" if len(paths) > 1 and name != label else name
             if key in models:

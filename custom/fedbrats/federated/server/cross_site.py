@@ -4,12 +4,12 @@
 (its ``submit_model`` and ``validate`` tasks, its result callbacks and its ``cross_site_val/cross_val_results.json``,
 ``{site: {model: metrics}}``), with what fedbrats needs beyond it:
 
-- the models: the run's final and best global models and the sites' own models the server holds (``site_models/``,
-  local-only training), read as weights only (never unpickled objects) with the run's network spec; or given model
-  files (the on-demand evaluation of a finished run or an exported bundle). NVFlare's workflow asks its persistor,
-  which knows one network and no site models. A job whose sites keep models of their own (FedMIC's personalised
-  model, which never leaves the site during training) also asks each site for it (``submit_model``), with its
-  network's spec, and sends it to every other site;
+- the models: the run's final and best global models, or, for local-only training (whose global model stays the
+  untrained initial one), the sites' own models the server holds (``site_models/``), read as weights only (never
+  unpickled objects) with the run's network spec; or given model files (the on-demand evaluation of a finished run
+  or an exported bundle). NVFlare's workflow asks its persistor, which knows one network and no site models. A job
+  whose sites keep models of their own (FedMIC's personalised model, which never leaves the site during training)
+  also asks each site for it (``submit_model``), with its network's spec, and sends it to every other site;
 - each model goes with its network's spec, so a site builds it without having trained (an evaluation-only job), and
   is marked (:data:`~fedbrats.federated.protocol.CROSS_SITE_MODEL_KEY`) so that the site scores it on its test cases
   (:mod:`fedbrats.federated.client.site_evaluation`), not on its validation cases, and the SVD compression lets it
@@ -176,13 +176,9 @@ class FedBratsCrossSiteEval(CrossSiteEval):
         """The models the server sends: ``models``, or this run's final and best global models and site models."""
         if self.models:
             return dict(self.models)
-        run = RunFolder(self.get_run_dir())
-        files = {FINAL_MODEL: run.global_model, BEST_MODEL: run.best_global_model}
-        files = {name: path for name, path in files.items() if os.path.isfile(path)}
-        for path in sorted(glob.glob(os.path.join(run.site_models, "*.pt"))):
-            files[os.path.splitext(os.path.basename(path))[0]] = path
+        files = run_model_files(self.get_run_dir())
         if not files:
-            self.warning(f"cross-site evaluation: no model in {run.path} (the training saved none)")
+            self.warning(f"cross-site evaluation: no model in {self.get_run_dir()} (the training saved none)")
         return files
 
     # ---- NVFlare's callbacks, with fedbrats' checks ---------------------------------------------------------
@@ -247,6 +243,17 @@ class FedBratsCrossSiteEval(CrossSiteEval):
             dxo = create_analytic_dxo(tag, value, AnalyticsDataType.SCALAR, global_step=0)
             with self.engine.new_context() as fl_ctx:
                 send_analytic_dxo(self, dxo, fl_ctx, event_type=ANALYTIC_EVENT_TYPE)
+
+
+def run_model_files(run_dir: str) -> dict[str, str]:
+    """A run folder's models by name: the final and best global models, or, where the run kept site models (local
+    training: its global model is the untrained initial one), each site's own model, named by the site."""
+    run = RunFolder(run_dir)
+    site_models = sorted(glob.glob(os.path.join(run.site_models, "*.pt")))
+    if site_models:
+        return {os.path.splitext(os.path.basename(path))[0]: path for path in site_models}
+    files = {FINAL_MODEL: run.global_model, BEST_MODEL: run.best_global_model}
+    return {name: path for name, path in files.items() if os.path.isfile(path)}
 
 
 def result_problem(model: FLModel) -> str | None:
