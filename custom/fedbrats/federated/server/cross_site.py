@@ -74,7 +74,7 @@ class FedBratsCrossSiteEval(CrossSiteEval):
     Args:
         models: model name -> checkpoint file (a global model, a site's model or an exported ``model.pt``), each
             with its network spec found beside it (:func:`fedbrats.runs.find_model_spec`). Empty (the default):
-            this run's final and best global models and the site models the server holds.
+            this run's models (:func:`run_model_files`).
         submit_site_models: also ask every site for its own model (``submit_model``) and score it everywhere.
         participating_clients: the sites (default: every site connected when the workflow starts).
         submit_model_timeout: seconds to wait for a site's own model.
@@ -115,6 +115,13 @@ class FedBratsCrossSiteEval(CrossSiteEval):
         connected = list(self._participating_clients or [])
         sites = self._live_sites(connected)
         self._participating_clients = sites
+        files = self._server_model_files()
+        if not sites:
+            self.warning("cross-site evaluation: no site to evaluate on (none answered the final validation)")
+            self._name_silent_sites([], left_out=connected, models=set(files))
+            self.save_results()
+            write_json_atomic(RunFolder(self.get_run_dir()).cross_site_errors, self._errors)
+            return
         self.info(f"cross-site evaluation on {sites}")
         if self.submit_site_models:
             # No params: a site that sends weight differences (its executor's DIFF transfer) would otherwise diff
@@ -127,7 +134,7 @@ class FedBratsCrossSiteEval(CrossSiteEval):
                 timeout=self._submit_model_timeout,
                 callback=self._receive_local_model_cb,
             )
-        for name, checkpoint in self._server_model_files().items():
+        for name, checkpoint in files.items():
             try:
                 spec = spec_from_json(find_model_spec(checkpoint))
                 params = {k: v.numpy() for k, v in load_state_dict(checkpoint).items()}
@@ -142,7 +149,7 @@ class FedBratsCrossSiteEval(CrossSiteEval):
                 self.info("abort signal: the cross-site evaluation stops")
                 return
             time.sleep(self._task_check_period)
-        self._name_silent_sites(sites, left_out=[site for site in connected if site not in sites])
+        self._name_silent_sites(sites, [site for site in connected if site not in sites], set(files))
         self.save_results()
         write_json_atomic(RunFolder(self.get_run_dir()).cross_site_errors, self._errors)
         if self.write_report:
@@ -217,10 +224,11 @@ class FedBratsCrossSiteEval(CrossSiteEval):
     def _record_error(self, site: str, model_name: str, reason: str) -> None:
         self._errors.setdefault(site, {})[model_name] = reason
 
-    def _name_silent_sites(self, sites: list[str], left_out: list[str]) -> None:
+    def _name_silent_sites(self, sites: list[str], left_out: list[str], models: set[str] | None = None) -> None:
         """A (site, model) pair without a score or an error: the site never answered (timed out or left), or was not
-        asked (``left_out``: it did not answer the training's final validation)."""
-        models: set[str] = set()
+        asked (``left_out``: it did not answer the training's final validation). ``models``: names known besides
+        those of the results."""
+        models = set(models or ())
         for site in sites:
             models |= set(self._json_val_results.get(site, {})) | set(self._errors.get(site, {}))
         for site in sites:
