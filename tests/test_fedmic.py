@@ -36,7 +36,13 @@ from fedbrats.federated.methods.fedmic import (
     FedMICMethod,
     logits_and_features,
 )
-from fedbrats.federated.protocol import BASE_META_KEYS, SVD_META_KEY
+from fedbrats.federated.protocol import (
+    BASE_META_KEYS,
+    CROSS_SITE_PARAM_PREFIX,
+    MODEL_SPEC_KEY,
+    SVD_META_KEY,
+    TEST_PREFIX,
+)
 from fedbrats.losses.distillation import logit_kd_loss
 from fedbrats.losses.mutual import FeatureProjection, adaptive_kd_scale, feature_mse
 from fedbrats.lr_schedule import lr_factor
@@ -760,8 +766,9 @@ TINY = {"epochs_per_round": 1, "data": {"roi_size": [16, 16, 16], "batch_size": 
 
 @pytest.mark.integration
 def test_fedmic_two_rounds_and_payload_audit(tiny_federation: str, tmp_path) -> None:
-    """jobs/fedmic runs 2 rounds; what crosses the wire is the shared model only (compressed from round 1 on),
-    never the personalised model, which stays in each site's run folder."""
+    """jobs/fedmic runs 2 rounds; what crosses the wire in training is the shared model only (compressed from round 1
+    on), never the personalised model, which stays in each site's run folder until the federated evaluation at the
+    end: then each site submits it once, whole, and sends aggregate test scores of every model."""
     from fedbrats.networks import build_from_spec
     from fedbrats.runs import PAYLOAD_AUDIT_FILE, PAYLOAD_AUDIT_IN_FILE
     from fedbrats.simulate import simulate, simulator_workspace
@@ -787,7 +794,16 @@ def test_fedmic_two_rounds_and_payload_audit(tiny_federation: str, tmp_path) -> 
         assert personal["round"] == 1
         personal_shapes = {k: list(v.shape) for k, v in personal["model"].items()}
         with open(os.path.join(run_dir, PAYLOAD_AUDIT_FILE), encoding="utf-8") as f:
-            sent = [json.loads(line) for line in f]
+            everything = [json.loads(line) for line in f]
+        # The federated evaluation: aggregate test scores of each of the 6 models (2 global, 4 personalised) ...
+        scores = [r for r in everything if r["kind"] == "METRICS"]
+        assert len(scores) == 6 and all(k.startswith(TEST_PREFIX) for r in scores for k in r["data"])
+        assert all(d["type"] == "float" for r in scores for d in r["data"].values())
+        # ... and the site's best personalised model, submitted once, whole, with its network spec
+        submitted = [r for r in everything if MODEL_SPEC_KEY in r["meta"]]
+        assert len(submitted) == 1 and set(submitted[0]["meta"]) - allowed_meta <= {MODEL_SPEC_KEY}
+        assert {k: d["shape"] for k, d in submitted[0]["data"].items()} == personal_shapes
+        sent = [r for r in everything if r not in scores and r not in submitted]
         train = [r for r in sent if "num_steps" in r["meta"]]
         assert [r["round"] for r in train] == [0, 1] and all(r["kind"] == "WEIGHT_DIFF" for r in train)
         for record in sent:
@@ -803,6 +819,11 @@ def test_fedmic_two_rounds_and_payload_audit(tiny_federation: str, tmp_path) -> 
         assert any(personal_shapes[k] != shared_shapes.get(k) for k in personal_shapes)
         with open(os.path.join(run_dir, PAYLOAD_AUDIT_IN_FILE), encoding="utf-8") as f:
             arrived = [json.loads(line) for line in f]
+        # The models of the federated evaluation arrive whole (never as factors), under their own names.
+        evaluated = [r for r in arrived if any(k.startswith(CROSS_SITE_PARAM_PREFIX) for k in r["data"])]
+        assert len(evaluated) == 6 and all(r["kind"] == "WEIGHTS" for r in evaluated)
+        assert not any("items" in d for r in evaluated for d in r["data"].values())
+        arrived = [r for r in arrived if r not in evaluated and r["kind"] != "METRICS"]
         # The training rounds share one filter pair (the "train" chain): full weights first, then differences. The
         # final validation is another task, whose pair has no view of the site yet: it gets the full model.
         training, final = arrived[:-1], arrived[-1]

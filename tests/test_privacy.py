@@ -12,7 +12,7 @@ from fedbrats.federated.filters import describe
 from fedbrats.federated.methods.fedkd import FedKDMethod
 from fedbrats.federated.methods.fedkd.network import parameter_modality
 from fedbrats.federated.methods.fedkd.privacy import privatize_prototypes
-from fedbrats.federated.protocol import BASE_META_KEYS
+from fedbrats.federated.protocol import BASE_META_KEYS, TEST_PREFIX
 from tests.helpers import NVFLARE_ITEMS, audit_records
 
 TINY = {"epochs_per_round": 1, "data": {"roi_size": [16, 16, 16], "batch_size": 1}}
@@ -68,6 +68,11 @@ def test_payload_audit_holds_only_declared_items(tiny_federation: str, tmp_path)
     allowed_meta = BASE_META_KEYS | FedKDMethod.payload_keys | NVFLARE_ITEMS | {"site_name"}
     for site in ("site-1", "site-2", "site-3", "site-4"):
         records = audit_records(str(tmp_path), site)
+        # The federated evaluation at the end: per model (final, best) aggregate test scores, scalars only.
+        scores = [r for r in records if r["kind"] == "METRICS"]
+        assert len(scores) == 2 and all(k.startswith(TEST_PREFIX) for r in scores for k in r["data"])
+        assert all(d["type"] == "float" for r in scores for d in r["data"].values())
+        records = [r for r in records if r not in scores]
         train = [r for r in records if r["round"] == 0 and r["kind"] == "WEIGHTS" and "prototypes" in r["meta"]]
         assert train, f"{site}: no training result audited"
         # Training updates leave out the encoders of sequences the site lacks (partial updates).
