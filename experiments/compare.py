@@ -436,8 +436,9 @@ def write_comparison(
         ("mean_over_combinations", "Mean over the 15 sequence combinations"),
         ("full_modality", "All four sequences"),
     ):
-        lines += [f"### {title}", "", "| Method | runs | Dice WT | Dice TC | Dice ET | Dice mean | HD95 mean |"]
-        lines.append("|---|--:|--:|--:|--:|--:|--:|")
+        # The test cases of each method's runs: a method run on fewer folds is scored on fewer cases.
+        lines += [f"### {title}", "", "| Method | runs | cases | Dice WT | Dice TC | Dice ET | Dice mean | HD95 mean |"]
+        lines.append("|---|--:|--:|--:|--:|--:|--:|--:|")
         for name, m in methods.items():
             row = m.get(part)
             if not row:
@@ -445,21 +446,17 @@ def write_comparison(
             n = len(m["seeds"])
             cells = [_pm(row["dice"][r], runs=n) for r in ("WT", "TC", "ET")]
             cells += [_pm(row["mean_dice"], runs=n), _pm(row["mean_hd95"], 1, runs=n)]
-            lines.append(f"| {name} | {len(m['runs'])} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {len(m['runs'])} | {_num_cases(ordered[name])} | " + " | ".join(cells) + " |")
         lines.append("")
     own_sites = sorted({site for m in methods.values() for site in m.get("own_sequences", {})})
     if own_sites:
         first = next(m["own_sequences"] for m in methods.values() if m.get("own_sequences"))
-        headers = [
-            f"{site} ({'+'.join(first[site]['modalities'])}, {first[site]['num_cases']} cases)"
-            for site in own_sites
-            if site in first
-        ]
+        headers = [f"{site} ({'+'.join(first[site]['modalities'])})" for site in own_sites if site in first]
         lines += [
             "### Each site on its own sequences",
             "",
             "Mean Dice (WT/TC/ET) of each site's test cases with the sequences the site has (the client metric of "
-            "FedMEMA and FedMEPD).",
+            "FedMEMA and FedMEPD), with the number of the site's cases each method's runs scored.",
             "",
             "| Method | " + " | ".join(headers) + " |",
             "|---|" + "|".join(["--:"] * len(headers)) + "|",
@@ -472,7 +469,7 @@ def write_comparison(
                 + " | ".join(
                     "withheld (one case)"
                     if own.get(s, {}).get("withheld")
-                    else _pm(own.get(s, {}).get("mean_dice"), runs=n)
+                    else f"{_pm(own.get(s, {}).get('mean_dice'), runs=n)} ({own.get(s, {}).get('num_cases', '?')})"
                     for s in own_sites
                 )
                 + " |"
