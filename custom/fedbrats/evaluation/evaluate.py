@@ -6,7 +6,9 @@ that lacks those sequences feeds the network (absent channels are zero after the
 non-zero voxels). One table therefore shows how much each sequence matters to a model and how gracefully the
 model degrades when sequences are missing.
 
-Also here: turning a checkpoint, a federated run folder or an exported model folder into a ready network
+The scoring loop itself is :func:`fedbrats.scoring.combinations.evaluate_combinations` (a site's part of the federated
+evaluation runs it too); this module is the command around it. Also here: turning a checkpoint, a federated run
+folder or an exported model folder into a ready network
 (:func:`load_model`), used by the prediction and export commands too.
 """
 
