@@ -208,9 +208,15 @@ def _answer_submit_model(site_name: str, trainer: SiteTrainer | None) -> None:
         error = ValueError("this site has no model of its own in this job (it trained nothing)")
         flare.send(FLModel(metrics={}, meta=site_error_meta(site_name, error)))
         return
-    model = trainer.method.submitted_model(trainer.model)
-    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    flare.send(FLModel(params=weights, meta={SITE_NAME_KEY: site_name, MODEL_SPEC_KEY: model_spec(model)}))
+    try:
+        model = trainer.method.submitted_model(trainer.model)
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        spec = model_spec(model)
+    except Exception as exc:  # e.g. an unreadable personalised model file: said, and the site goes on
+        logger.exception("site %s: its own model cannot be submitted", site_name)
+        flare.send(FLModel(metrics={}, meta=site_error_meta(site_name, exc)))
+        return
+    flare.send(FLModel(params=weights, meta={SITE_NAME_KEY: site_name, MODEL_SPEC_KEY: spec}))
 
 
 def _track(writer: SummaryWriter, entry: dict, current_round: int) -> None:
