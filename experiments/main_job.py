@@ -116,17 +116,14 @@ def run_seed(job_dir: str, workspace: str, seed: int) -> dict[str, Any]:
 def copy_cross_site(run: dict[str, Any], out_dir: str) -> str | None:
     """The federated (cross-site) evaluation the job ended with, as its report in ``out_dir/seed<k>/cross_site``
     (None when the run had none); the site-weighted mean Dice of the final global model goes into ``run``."""
-    from fedbrats.federated.server.cross_site_report import (
-        cross_site_summary,
-        read_cross_site_results,
-        write_cross_site_report,
-    )
+    from fedbrats.federated.server.cross_site_report import write_cross_site_report
 
     if not run.get("run_dir") or not os.path.isfile(RunFolder(run["run_dir"]).cross_site_results):
         return None
     folder = os.path.join(out_dir, f"seed{run['seed']}", "cross_site")
-    write_cross_site_report(run["run_dir"], out_dir=folder)
-    summary = cross_site_summary(*read_cross_site_results(run["run_dir"]))
+    written = write_cross_site_report(run["run_dir"], out_dir=folder)
+    with open(written["summary"], encoding="utf-8") as f:
+        summary = json.load(f)
     final = summary["models"].get("FL_global_model.pt") or {}
     run["cross_site"] = {
         "report": os.path.relpath(folder, out_dir),

@@ -15,13 +15,12 @@ import json
 import logging
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedbrats.constants import MODALITIES, REGIONS, combination_name
 from fedbrats.data.loader import DataConfig
 from fedbrats.data.site_config import SiteConfig
-from fedbrats.federated.client.trainer import TrainConfig
+from fedbrats.federated.client.trainer import TrainConfig, as_state_dict
 from fedbrats.federated.protocol import (
     TEST_METRICS,
     TEST_NUM_CASES_KEY,
@@ -134,13 +133,11 @@ def score_received_model(spec: Any, params: dict[str, Any], site: SiteConfig, co
             cannot be scored.
     """
     model = build_from_spec(spec)
-    state = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v) for k, v in params.items()}
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(as_state_dict(params), strict=True)
     except RuntimeError as exc:
         raise ValueError(f"the weights sent do not fit the network {spec.get('path')!r}: {exc}") from None
-    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = config.torch_device()
     torch.set_num_threads(config.num_threads)
     return site_test_metrics(
         model,

@@ -107,6 +107,11 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
+    def torch_device(self) -> torch.device:
+        """Where the site computes: CUDA if ``device`` asks for it, or is ``auto`` and a GPU is there; else the CPU."""
+        use_cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+        return torch.device("cuda" if use_cuda else "cpu")
+
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> TrainConfig:
         """Build from a job-config mapping, rejecting unknown keys by name."""
@@ -115,6 +120,11 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
         return cls(**values)
+
+
+def as_state_dict(params: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Weights received as arrays or tensors, as tensors (for ``load_state_dict``)."""
+    return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)) for k, v in params.items()}
 
 
 def seed_everything(seed: int) -> None:
@@ -140,8 +150,7 @@ class SiteTrainer:
         self.config = config
         torch.set_num_threads(config.num_threads)
         seed_everything(config.seed + sum(map(ord, site.site_name)))
-        use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.device = config.torch_device()
         self.precision = resolve_precision(config.precision, self.device)
         self.model = model.to(self.device)
         self.method: ClientMethod = build_method(config.method, **config.method_args)
@@ -175,8 +184,7 @@ class SiteTrainer:
 
     def load_weights(self, params: dict[str, Any]) -> None:
         """Load (global) weights; arrays or tensors, strict on names and shapes."""
-        state = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v) for k, v in params.items()}
-        self.model.load_state_dict(state, strict=True)
+        self.model.load_state_dict(as_state_dict(params), strict=True)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The current weights on the CPU."""

@@ -49,7 +49,6 @@ from fedbrats.federated.protocol import (
 )
 from fedbrats.federated.server.cross_site_report import (
     cross_site_scalars,
-    cross_site_summary,
     write_cross_site_report,
 )
 from fedbrats.runs import (
@@ -242,7 +241,8 @@ class FedBratsCrossSiteEval(CrossSiteEval):
     def _report(self) -> None:
         try:
             written = write_cross_site_report(self.get_run_dir())
-            summary = cross_site_summary(self._json_val_results, self._errors)
+            with open(written["summary"], encoding="utf-8") as f:
+                summary = json.load(f)  # the report's own summary: computed once
         except Exception as exc:  # a report that cannot be drawn must not fail a job whose results are saved
             self.exception(f"cross-site evaluation: the report could not be written ({exc}); the results stand")
             return
